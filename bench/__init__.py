@@ -1,0 +1,1 @@
+"""Benchmarks: `pgcg bench drain`, `pgcg bench rebalance`."""

@@ -1,0 +1,1 @@
+"""The consumer: membership, owned partitions, per-key FIFO claim/handle/ack loop."""

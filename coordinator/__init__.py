@@ -1,0 +1,1 @@
+"""The coordinator: leader election, assignment and fenced rebalancing."""

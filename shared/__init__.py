@@ -1,0 +1,1 @@
+"""Library code shared by the pgcg consumer and coordinator."""

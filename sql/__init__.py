@@ -1,0 +1,1 @@
+"""SQL shipped with pgcg: numbered migrations and named queries, read with importlib.resources."""
