@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pgcg.coordinator.assignor import Move, assign, moves
 
 # A tiny alphabet so ids collide in sort order often and tie-breaks get exercised.

@@ -1,0 +1,55 @@
+"""The state one consumer process shares between its loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgcg.consumer.assignment import Assignment
+from pgcg.consumer.handlers import RetryPolicy
+from pgcg.consumer.member import Membership
+from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.shared.loops import Signal
+from pgcg.shared.settings import Settings
+
+
+@dataclass
+class Wakeups:
+    fetch: Signal = field(default_factory=Signal)  # new rows may be there, or room freed up
+    dispatch: Signal = field(default_factory=Signal)  # keys may be ready, or slots free
+    heartbeat: Signal = field(default_factory=Signal)  # assignments may have changed
+    release: Signal = field(default_factory=Signal)  # a revoked partition may be drained
+    acks: Signal = field(default_factory=Signal)  # results wait to be written
+
+
+@dataclass
+class Context:
+    settings: Settings
+    dsn: str
+    membership: Membership
+    scheduler: KeyScheduler
+    assignment: Assignment
+    retry: RetryPolicy
+    wake: Wakeups = field(default_factory=Wakeups)
+    stopping: bool = False
+    running: int = 0  # handlers executing right now
+
+    @property
+    def group(self) -> str:
+        return self.membership.group
+
+    @property
+    def topic(self) -> str:
+        return self.membership.topic
+
+    @property
+    def member_id(self) -> str:
+        return self.membership.member_id
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.membership.fields
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        """The (group, topic, member) every fenced statement carries, plus its own values."""
+        return {"group": self.group, "topic": self.topic, "member": self.member_id, **extra}

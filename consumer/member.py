@@ -1,0 +1,168 @@
+"""Group membership: join, heartbeat on a dedicated connection, the lease, and leave."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pgcg.shared import names
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable, InvalidInput, UnknownTopic
+from pgcg.shared.queries import Queries
+
+log = logging.getLogger("pgcg.consumer.member")
+Q = Queries("consumer")
+
+
+def new_member_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class AssignmentRow:
+    partition: int
+    epoch: int
+    state: str
+    revoke_in: float | None  # seconds until the leader forces the hand-off
+
+
+class Lease:
+    """How long this member may trust what it owns, on its own monotonic clock.
+
+    The database expires a member `session_timeout` after its last heartbeat *arrived*;
+    we count from when the heartbeat was *sent* and subtract a margin, so the member
+    always stops before anyone else can be given its partitions.
+    """
+
+    def __init__(self, session_timeout: float, margin: float) -> None:
+        self.session_timeout = session_timeout
+        self.margin = margin
+        self.until = 0.0
+
+    def renewed(self, sent_at: float) -> None:
+        self.until = sent_at + self.session_timeout - self.margin
+
+    def valid(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) < self.until
+
+    def remaining(self, now: float | None = None) -> float:
+        return self.until - (time.monotonic() if now is None else now)
+
+    def expire(self) -> None:
+        self.until = 0.0
+
+
+class Membership:
+    """One member's row in consumer_groups; `member_id` changes when it has to rejoin."""
+
+    def __init__(
+        self, dsn: str, group: str, topic: str, *, session_timeout: float, lease_margin: float
+    ) -> None:
+        self.dsn = dsn
+        self.group = names.group_name(group)
+        self.topic = names.topic_name(topic)
+        self.session_timeout = session_timeout
+        self.member_id = new_member_id()
+        self.lease = Lease(session_timeout, lease_margin)
+        self.partitions = 0
+        self._conn: AsyncConn | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"group": self.group, "member_id": self.member_id, "topic": self.topic}
+
+    async def _connection(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(self.dsn, application_name=f"pgcg-member:{self.group}")
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def join(self, *, rejoin: bool = False) -> None:
+        """Insert our member row (subscribing the group to the topic on first use)."""
+        if rejoin:
+            self.member_id = new_member_id()
+        params = {
+            "group": self.group,
+            "topic": self.topic,
+            "member": self.member_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "session_timeout_ms": round(self.session_timeout * 1000),
+            "event": "join",
+        }
+        conn = await self._connection()
+        try:
+            with translated(self.dsn):
+                async with conn.transaction():
+                    row = await (await conn.execute(Q.topic_partitions, params)).fetchone()
+                    if row is None:
+                        raise UnknownTopic(
+                            f"unknown topic {self.topic!r}: create it with "
+                            f"`pgcg topic create {self.topic}`"
+                        )
+                    self.partitions = int(row["partitions"])
+                    params["partitions"] = self.partitions
+                    await conn.execute(Q.subscribe, params)
+                    sub = await (await conn.execute(Q.subscription, params)).fetchone()
+                    if sub is not None and sub["topic"] != self.topic:
+                        raise InvalidInput(
+                            f"group {self.group!r} consumes topic {sub['topic']!r}, not "
+                            f"{self.topic!r}: a group consumes one topic; use another group name"
+                        )
+                    await conn.execute(Q.ensure_assignment_rows, params)
+                    sent = time.monotonic()
+                    await conn.execute(Q.join, params)
+                    await conn.execute(Q.notify_coordinator, params)
+        except DatabaseUnavailable:
+            await self._drop_connection()
+            raise
+        self.lease.renewed(sent)
+        log.info(
+            "joined group %s as %s",
+            self.group,
+            self.member_id,
+            extra={"action": "member_joined", **self.fields, "rejoin": rejoin},
+        )
+
+    async def heartbeat(self) -> list[AssignmentRow] | None:
+        """Renew the lease; our assignments, or None if we were expelled from the group."""
+        conn = await self._connection()
+        sent = time.monotonic()
+        try:
+            with translated(self.dsn):
+                rows = await (
+                    await conn.execute(Q.heartbeat, {"group": self.group, "member": self.member_id})
+                ).fetchall()
+        except DatabaseUnavailable:
+            await self._drop_connection()
+            raise
+        if not rows or not rows[0]["alive"]:
+            return None
+        self.lease.renewed(sent)
+        return [
+            AssignmentRow(r["partition"], r["epoch"], r["state"], r["revoke_in"])
+            for r in rows
+            if r["partition"] is not None
+        ]
+
+    async def leave(self) -> None:
+        params = {"group": self.group, "member": self.member_id, "event": "leave"}
+        conn = await self._connection()
+        with translated(self.dsn):
+            async with conn.transaction():
+                await conn.execute(Q.leave, params)
+                await conn.execute(Q.notify_coordinator, params)
+        self.lease.expire()
+        log.info("left group %s", self.group, extra={"action": "member_left", **self.fields})
+
+    async def close(self) -> None:
+        await self._drop_connection()

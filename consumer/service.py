@@ -1,0 +1,360 @@
+"""One consumer member: wires membership, fetcher, scheduler, handlers and acker together,
+and owns shutdown.
+
+Loops (all in one task group, all cancellable):
+  heartbeat  renew the lease, read assignments, rejoin when expelled
+  listener   LISTEN for new messages and assignment changes (a hint; polling backs it up)
+  fetcher    claim rows of owned partitions
+  dispatcher hand due heads of idle keys to handlers, up to `concurrency`
+  acker      write results in fenced batches
+  releaser   release revoked partitions once drained (or at their deadline)
+  watchdog   self-fence when the lease runs out
+
+SIGTERM/SIGINT: stop claiming, let in-flight handlers finish up to the drain deadline,
+write their results, release every partition, leave the group, exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+import traceback
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from psycopg import sql
+
+from pgcg.consumer import handlers
+from pgcg.consumer.acker import MAX_ERROR_TEXT, Acker, Result
+from pgcg.consumer.assignment import Assignment, Owned
+from pgcg.consumer.context import Context
+from pgcg.consumer.fetcher import Fetcher
+from pgcg.consumer.handlers import Handler, RetryPolicy
+from pgcg.consumer.member import Membership
+from pgcg.consumer.message import Claimed
+from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.shared import names
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.loops import reconnecting
+from pgcg.shared.queries import Queries
+from pgcg.shared.settings import Settings
+
+log = logging.getLogger("pgcg.consumer")
+Q = Queries("consumer")
+
+
+class Consumer:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str,
+        topic: str,
+        handler: Handler,
+        dsn: str | None = None,
+    ) -> None:
+        dsn = dsn or settings.dsn()
+        membership = Membership(
+            dsn,
+            group,
+            topic,
+            session_timeout=settings.session_timeout,
+            lease_margin=settings.lease_margin,
+        )
+        scheduler = KeyScheduler()
+        self.ctx = Context(
+            settings=settings,
+            dsn=dsn,
+            membership=membership,
+            scheduler=scheduler,
+            assignment=Assignment(scheduler, membership.fields, settings.lease_margin),
+            retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
+        )
+        self.handler = handler
+        self.fetcher = Fetcher(self.ctx)
+        self.acker = Acker(self.ctx)
+        self.joined = anyio.Event()
+        self.stopped = False
+        self._tg: TaskGroup
+
+    @property
+    def member_id(self) -> str:
+        return self.ctx.member_id
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        ctx = self.ctx
+        await ctx.membership.join()
+        self.joined.set()
+        try:
+            async with anyio.create_task_group() as outer:
+                if install_signal_handlers:
+                    outer.start_soon(self._signals, outer)
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    tg.start_soon(self._heartbeat_loop)
+                    tg.start_soon(self._listener_loop)
+                    tg.start_soon(self.fetcher.run)
+                    tg.start_soon(self._dispatch_loop)
+                    tg.start_soon(self.acker.run)
+                    tg.start_soon(self._release_loop)
+                    tg.start_soon(self._watchdog_loop)
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        if self.ctx.stopping:
+            return
+        self.ctx.stopping = True
+        self._tg.start_soon(self._drain_and_leave)
+
+    async def _signals(self, outer: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                log.info(
+                    "received %s: draining",
+                    signal.Signals(signum).name,
+                    extra={"action": "shutdown_requested", **self.ctx.fields},
+                )
+                self.stop()
+
+    async def _drain_and_leave(self) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        started = time.monotonic()
+        # Buffered but unstarted messages are simply released with their partitions.
+        for partition in list(ctx.assignment.owned):
+            ctx.scheduler.drop_partition(partition, keep_busy=True)
+        with anyio.move_on_after(settings.drain_deadline):
+            while ctx.scheduler.busy() > 0:
+                await ctx.wake.release.wait(0.5)
+        in_flight = ctx.scheduler.busy()
+        if in_flight:
+            log.warning(
+                "drain deadline reached with %s messages in flight: cancelling them",
+                in_flight,
+                extra={"action": "drain_deadline", **ctx.fields},
+            )
+            for owned in ctx.assignment.owned.values():
+                for scope in owned.scopes:
+                    scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await self.acker.flush()
+                await self._release(list(ctx.assignment.owned.values()), reason="shutdown")
+                await ctx.membership.leave()
+            except DatabaseUnavailable as exc:
+                log.error(
+                    "could not leave the group cleanly (%s); the coordinator will expire "
+                    "this member after its session timeout",
+                    exc,
+                    extra={"action": "leave_failed", **ctx.fields},
+                )
+        log.info(
+            "stopped after draining for %.2fs",
+            time.monotonic() - started,
+            extra={"action": "consumer_stopped", **ctx.fields},
+        )
+        self.stopped = True
+        self._tg.cancel_scope.cancel()
+
+    async def _close(self) -> None:
+        await self.fetcher.close()
+        await self.acker.close()
+        await self.ctx.membership.close()
+
+    # -- membership --------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        ctx = self.ctx
+        # Heartbeats go on while draining: the lease must outlive the in-flight handlers.
+        while True:
+            try:
+                rows = await ctx.membership.heartbeat()
+            except DatabaseUnavailable as exc:
+                log.warning(
+                    "heartbeat failed: %s (lease left %.1fs)",
+                    exc,
+                    ctx.membership.lease.remaining(),
+                    extra={"action": "heartbeat_failed", **ctx.fields},
+                )
+                await ctx.wake.heartbeat.wait(min(1.0, ctx.settings.heartbeat_interval))
+                continue
+            if rows is None and ctx.stopping:
+                ctx.assignment.lose_all("expelled while draining")
+                return
+            if rows is None:
+                log.warning(
+                    "expelled from the group (missed heartbeats): rejoining",
+                    extra={"action": "member_expelled", **ctx.fields},
+                )
+                ctx.assignment.lose_all("expelled from the group")
+                async for attempt in reconnecting(log, "rejoin", **ctx.fields):
+                    with attempt:
+                        await ctx.membership.join(rejoin=True)
+                continue
+            changes = ctx.assignment.apply(rows)
+            if changes.started or changes.resumed:
+                ctx.wake.fetch.set()
+            if changes.revoked:
+                ctx.wake.release.set()
+            await ctx.wake.heartbeat.wait(ctx.settings.heartbeat_interval)
+
+    async def _watchdog_loop(self) -> None:
+        ctx = self.ctx
+        lease = ctx.membership.lease
+        while True:
+            remaining = lease.remaining()
+            if remaining <= 0 and ctx.assignment.owned:
+                log.error(
+                    "lease expired %.1fs ago without a successful heartbeat: self-fencing",
+                    -remaining,
+                    extra={"action": "lease_expired", **ctx.fields},
+                )
+                ctx.assignment.lose_all("lease expired")
+            await anyio.sleep(max(remaining, 0.2) if remaining > 0 else 0.2)
+
+    async def _listener_loop(self) -> None:
+        ctx = self.ctx
+        topic_channel = names.topic_channel(ctx.topic)
+        group_channel = names.group_channel(ctx.group)
+        while True:
+            conn: AsyncConn | None = None
+            try:
+                async for attempt in reconnecting(log, "listen", **ctx.fields):
+                    with attempt:
+                        conn = await connect(ctx.dsn, application_name="pgcg-listener")
+                        with translated(ctx.dsn):
+                            for channel in (topic_channel, group_channel):
+                                await conn.execute(
+                                    sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+                                )
+                # NOTIFYs sent while we were away are lost: catch up now.
+                ctx.wake.fetch.set()
+                ctx.wake.heartbeat.set()
+                assert conn is not None
+                with translated(ctx.dsn):
+                    async with contextlib.aclosing(conn.notifies()) as notifies:
+                        async for note in notifies:
+                            if note.channel == group_channel:
+                                ctx.wake.heartbeat.set()
+                            elif self._mine(note.payload):
+                                ctx.wake.fetch.set()
+            except DatabaseUnavailable as exc:
+                log.warning(
+                    "listener lost its connection: %s", exc, extra={"action": "listen_lost"}
+                )
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+
+    def _mine(self, payload: str) -> bool:
+        owned = self.ctx.assignment.owned
+        try:
+            return any(int(p) in owned for p in payload.split(","))
+        except ValueError:
+            return True
+
+    # -- handling ----------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        ctx = self.ctx
+        while True:
+            now = time.monotonic()
+            free = ctx.settings.concurrency - ctx.running
+            if free > 0 and not ctx.stopping and ctx.membership.lease.valid(now):
+                for item in ctx.scheduler.take(now, free):
+                    owned = ctx.assignment.current(item.partition, item.epoch)
+                    if owned is None or owned.state != "assigned":
+                        continue  # dropped with its partition; the scheduler forgot it too
+                    ctx.running += 1
+                    self._tg.start_soon(self._handle, item, owned)
+            next_due = ctx.scheduler.next_due()
+            timeout = None if next_due is None else next_due - time.monotonic()
+            if ctx.running >= ctx.settings.concurrency:
+                timeout = None
+            await ctx.wake.dispatch.wait(timeout)
+
+    async def _handle(self, item: Claimed, owned: Owned) -> None:
+        ctx = self.ctx
+        error: str | None = None
+        try:
+            with anyio.CancelScope() as scope:
+                owned.scopes.add(scope)
+                try:
+                    with anyio.fail_after(ctx.settings.visibility_timeout):
+                        await handlers.call(self.handler, item.message)
+                except TimeoutError:
+                    error = (
+                        f"handler stuck: no result within {ctx.settings.visibility_timeout}s "
+                        "(PGCG_VISIBILITY_TIMEOUT)"
+                    )
+                except Exception as exc:
+                    error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
+                    log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
+                finally:
+                    owned.scopes.discard(scope)
+        finally:
+            ctx.running -= 1
+            ctx.wake.dispatch.set()
+        if scope.cancelled_caught:
+            return  # the partition was lost or the drain time ran out: no result to write
+        self.acker.submit(Result(item, error))
+
+    # -- revocation --------------------------------------------------------------------------
+
+    async def _release_loop(self) -> None:
+        ctx = self.ctx
+        while True:
+            now = time.monotonic()
+            ready = ctx.assignment.releasable(now)
+            if ready and not ctx.stopping:
+                await self.acker.flush()
+                try:
+                    await self._release(ready, reason="revoked")
+                except DatabaseUnavailable as exc:
+                    log.warning("release failed: %s", exc, extra={"action": "release_failed"})
+            deadline = ctx.assignment.next_revoke_deadline()
+            await ctx.wake.release.wait(
+                None if deadline is None else max(deadline - time.monotonic(), 0.05)
+            )
+
+    async def _release(self, parts: list[Owned], *, reason: str) -> None:
+        ctx = self.ctx
+        if not parts:
+            return
+        conn = await connect(ctx.dsn, application_name="pgcg-release")
+        try:
+            with translated(ctx.dsn):
+                cur = await conn.execute(
+                    Q.release,
+                    ctx.params(
+                        partitions=[p.partition for p in parts], epochs=[p.epoch for p in parts]
+                    ),
+                )
+                rows = {r["partition"]: r for r in await cur.fetchall()}
+        finally:
+            await conn.close()
+        for part in parts:
+            ctx.assignment.owned.pop(part.partition, None)
+            ctx.scheduler.drop_partition(part.partition)
+            row: dict[str, Any] | None = rows.get(part.partition)
+            log.info(
+                "partition %s released (%s) to %s",
+                part.partition,
+                reason,
+                (row or {}).get("new_owner") or "nobody",
+                extra={"action": "partition_released", **ctx.fields,
+                       "partition": part.partition, "epoch": part.epoch,
+                       "new_epoch": (row or {}).get("epoch"), "reason": reason,
+                       "to_member": (row or {}).get("new_owner"), "fenced": row is None},
+            )  # fmt: skip

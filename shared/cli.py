@@ -1,0 +1,395 @@
+"""The `pgcg` command. Every Settings field is also a flag (--session-timeout, ...), taken
+from the one Settings class so flags, environment variables and defaults never drift.
+
+Exit codes: 0 ok; 1 failure (e.g. a demo or chaos check found a violation); 2 bad
+usage or input; 3 unknown topic or group; 4 database unreachable; 5 schema not migrated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+import pydantic
+
+from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
+from pgcg.shared.settings import Settings
+from pgcg.shared.telemetry import setup_logging
+
+log = logging.getLogger("pgcg.cli")
+
+F = Callable[..., Any]
+
+
+def _settings_from(overrides: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'/'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def with_settings(*fields: str) -> Callable[[F], F]:
+    """Add a flag per named Settings field (all of them if none named); the command then
+    receives `settings`. Flags override PGCG_* environment variables."""
+
+    def decorate(fn: F) -> F:
+        chosen = fields or tuple(Settings.model_fields)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            overrides = {name: kwargs.pop(name, None) for name in chosen}
+            settings = _settings_from(overrides)
+            setup_logging(settings.log_level, settings.log_format)
+            return fn(*args, settings=settings, **kwargs)
+
+        for name in reversed(chosen):
+            info = Settings.model_fields[name]
+            env = f"PGCG_{name.upper()}"
+            wrapper = click.option(
+                f"--{name.replace('_', '-')}",
+                name,
+                default=None,
+                show_default=False,
+                help=f"{info.description or ''} [env {env}; default {info.default!r}]".strip(),
+            )(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def run_cli(fn: F) -> F:
+    """Turn pgcg errors into one line on stderr and their exit code; no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PgcgError as exc:
+            click.echo(f"pgcg: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Every flag has an environment variable (PGCG_<NAME>); see README.md.",
+)
+@click.version_option(package_name="pgcg")
+def main() -> None:
+    """pgcg: consumer groups on PostgreSQL.
+
+    \b
+    Quick start:
+      pgcg demo                       # throwaway PostgreSQL, coordinators, consumers, faults
+      pgcg migrate                    # create/upgrade the schema in PGCG_DATABASE_URL
+      pgcg topic create orders        # 16 partitions
+      pgcg consumer --group billing --topic orders --handler myapp.handlers:handle
+      pgcg coordinator                # run two or more
+      pgcg status --watch
+    """
+
+
+# -- schema and topics --------------------------------------------------------------------
+
+
+@main.command()
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def migrate(settings: Settings) -> None:
+    """Create or upgrade the pgcg schema. Safe to run from many pods at once.
+
+    \b
+    Example:
+      PGCG_DATABASE_URL=postgresql://app@db/app pgcg migrate
+    """
+    from pgcg.shared.migrate import migrate as apply
+
+    applied = apply(settings.dsn())
+    if applied:
+        click.echo("applied " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied))
+    else:
+        click.echo("schema is up to date")
+
+
+@main.group()
+def topic() -> None:
+    """Create and list topics."""
+
+
+@topic.command("create")
+@click.argument("name")
+@click.option("--partitions", type=int, default=16, show_default=True,
+              help="Fixed for the topic's lifetime.")  # fmt: skip
+@click.option("--if-not-exists", is_flag=True, help="Succeed if it exists with this count.")
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def topic_create(name: str, partitions: int, if_not_exists: bool, settings: Settings) -> None:
+    """Create topic NAME with its partition tables.
+
+    \b
+    Example:
+      pgcg topic create orders --partitions 32
+    """
+    import anyio
+
+    from pgcg.shared.db import connect
+    from pgcg.shared.producer import create_topic
+
+    async def go() -> bool:
+        conn = await connect(settings.dsn())
+        async with conn:
+            return await create_topic(conn, name, partitions)
+
+    created = anyio.run(go)
+    if not created and not if_not_exists:
+        raise InvalidInput(f"topic {name!r} already exists (pass --if-not-exists to accept)")
+    click.echo(f"topic {name} {'created' if created else 'exists'} ({partitions} partitions)")
+
+
+@topic.command("list")
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def topic_list(settings: Settings) -> None:
+    """List topics and their partition counts."""
+    from pgcg.shared.db import connect_sync, translated
+
+    with connect_sync(settings.dsn()) as conn, translated():
+        for row in conn.execute("SELECT name, partitions FROM pgcg.topics ORDER BY name"):
+            click.echo(f"{row['name']}\t{row['partitions']}")
+
+
+# -- producing ----------------------------------------------------------------------------
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{where} is not valid JSON: {exc}") from None
+
+
+@main.command()
+@click.option("--topic", "topic_", required=True, help="Topic to enqueue into.")
+@click.option("--key", help="Ordering key (single-message mode).")
+@click.option("--payload", help="JSON payload (single-message mode).")
+@click.option("--header", "headers", multiple=True, help="name=value, repeatable.")
+@click.option("--dedup-key", help="Skip if a pending message of this key has it.")
+@click.option("--delay", type=float, default=0.0, help="Seconds before it may be handled.")
+@click.option("--batch-size", type=int, default=1000, show_default=True,
+              help="Messages per statement when reading JSON lines.")  # fmt: skip
+@with_settings("database_url", "max_payload_bytes", "log_level", "log_format")
+@run_cli
+def produce(
+    topic_: str,
+    key: str | None,
+    payload: str | None,
+    headers: tuple[str, ...],
+    dedup_key: str | None,
+    delay: float,
+    batch_size: int,
+    settings: Settings,
+) -> None:
+    """Enqueue one message, or JSON lines from stdin.
+
+    \b
+    One message:
+      pgcg produce --topic orders --key customer-42 --payload '{"total": 10}'
+    JSON lines ({"key": ..., "payload": ..., "headers": {}, "dedup_key": ..., "delay": 0}):
+      cat orders.jsonl | pgcg produce --topic orders
+    A bad line stops the run: nothing of its batch is written, earlier batches are.
+    """
+    from pgcg.shared.db import connect_sync
+    from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+
+    def header_map(items: tuple[str, ...]) -> dict[str, str]:
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise InvalidInput(f"--header {item!r} must look like name=value")
+            out[name] = value
+        return out
+
+    dsn = settings.dsn()
+    if key is not None or payload is not None:
+        if key is None or payload is None:
+            raise InvalidInput("single-message mode needs both --key and --payload")
+        msg = OutgoingMessage(
+            key, _parse_json(payload, "--payload"), header_map(headers), dedup_key, delay
+        )
+        with connect_sync(dsn) as conn:
+            (done,) = enqueue_many_sync(
+                conn, topic_, [msg], max_payload_bytes=settings.max_payload_bytes
+            )
+        click.echo(json.dumps({"id": done.id, "partition": done.partition}))
+        return
+
+    total = 0
+    batch: list[OutgoingMessage] = []
+    with connect_sync(dsn) as conn:
+
+        def flush() -> None:
+            nonlocal total
+            if batch:
+                enqueue_many_sync(conn, topic_, batch, max_payload_bytes=settings.max_payload_bytes)
+                total += len(batch)
+                batch.clear()
+
+        for n, line in enumerate(sys.stdin, start=1):
+            if not line.strip():
+                continue
+            doc = _parse_json(line, f"line {n}")
+            if not isinstance(doc, dict) or "key" not in doc or "payload" not in doc:
+                raise InvalidInput(f"line {n}: expected an object with 'key' and 'payload'")
+            batch.append(
+                OutgoingMessage(
+                    doc["key"], doc["payload"], doc.get("headers") or {},
+                    doc.get("dedup_key"), float(doc.get("delay") or 0),
+                )
+            )  # fmt: skip
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    click.echo(json.dumps({"enqueued": total}))
+
+
+# -- consuming ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--group", required=True, help="Consumer group name.")
+@click.option("--topic", "topic_", required=True, help="Topic the group consumes.")
+@click.option("--handler", "handler_spec", required=True, help="package.module:function")
+@click.option("--embedded-coordinator", is_flag=True,
+              help="Also run a coordinator in this process (small deployments).")  # fmt: skip
+@with_settings()
+@run_cli
+def consumer(
+    group: str, topic_: str, handler_spec: str, embedded_coordinator: bool, settings: Settings
+) -> None:
+    """Run one member of GROUP, consuming TOPIC with your handler.
+
+    \b
+    The handler is `async def handle(message) -> None` (a sync function runs in a
+    thread); raising an exception retries the message with backoff, up to
+    --max-attempts, then dead-letters it. `def handle(message, tx)` runs in
+    transactional mode (see README). Example:
+      pgcg consumer --group billing --topic orders --handler myapp.handlers:handle
+    """
+    from pgcg.consumer.handlers import load
+    from pgcg.consumer.runner import run_consumer
+
+    handler = load(handler_spec)
+    run_consumer(settings, group=group, topic=topic_, handler=handler,
+                 embedded_coordinator=embedded_coordinator)  # fmt: skip
+
+
+# -- dead letters -------------------------------------------------------------------------
+
+
+def _dlq_filter(fn: F) -> F:
+    for decorator in reversed(
+        [
+            click.option("--topic", "topic_", help="Only this topic."),
+            click.option("--key", help="Only this ordering key."),
+            click.option("--since", type=click.DateTime(), help="Dead-lettered at or after."),
+            click.option("--until", type=click.DateTime(), help="Dead-lettered before."),
+            click.option("--limit", type=int, default=1000, show_default=True),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
+def _filter(topic_: str | None, key: str | None, since: datetime | None,
+            until: datetime | None, limit: int) -> Any:  # fmt: skip
+    from pgcg.shared.dlq import Filter
+
+    return Filter(topic_, key, since, until, limit)
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead letters."""
+
+
+@dlq.command("list")
+@_dlq_filter
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
+    """List dead letters, oldest first.
+
+    \b
+    Example:
+      pgcg dlq list --topic orders --key customer-42 --since 2026-01-01
+    """
+    from pgcg.shared import dlq as dead
+    from pgcg.shared.db import connect_sync
+
+    with connect_sync(settings.dsn()) as conn:
+        rows = dead.list_dead(conn, _filter(**flt))
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        else:
+            click.echo(
+                f"{row['message_id']}\t{row['topic']}\t{row['key']}\t{row['attempts']}\t"
+                f"{row['dead_at']:%Y-%m-%d %H:%M:%S}\t{(row['last_error'] or '')[:80]}"
+            )
+
+
+@dlq.command("replay")
+@_dlq_filter
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def dlq_replay(settings: Settings, **flt: Any) -> None:
+    """Put dead letters back in their queue, ahead of newer messages of the same key.
+
+    \b
+    Example:
+      pgcg dlq replay --topic orders --key customer-42
+    """
+    from pgcg.shared import dlq as dead
+    from pgcg.shared.db import connect_sync
+
+    with connect_sync(settings.dsn()) as conn:
+        rows = dead.replay(conn, _filter(**flt))
+    click.echo(json.dumps({"replayed": len(rows)}))
+
+
+@dlq.command("purge")
+@_dlq_filter
+@click.option("--all", "everything", is_flag=True, help="Purge without any filter.")
+@with_settings("database_url", "log_level", "log_format")
+@run_cli
+def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
+    """Delete dead letters for good.
+
+    \b
+    Example:
+      pgcg dlq purge --topic orders --until 2026-01-01
+    """
+    from pgcg.shared import dlq as dead
+    from pgcg.shared.db import connect_sync
+
+    with connect_sync(settings.dsn()) as conn:
+        count = dead.purge(conn, _filter(**flt), everything=everything)
+    click.echo(json.dumps({"purged": count}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Connections, and the one place that turns driver errors into pgcg's error types."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgcg.shared.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    InvalidInput,
+    PgcgError,
+    SchemaNotMigrated,
+    UnknownTopic,
+)
+
+AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
+
+_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password replaced, safe for logs and error messages."""
+    return _PASSWORD.sub(r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
+
+
+def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
+    """The pgcg error for a driver error, or None when it has no better name."""
+    if isinstance(exc, PgcgError):
+        return exc
+    where = f" at {redact(dsn)}" if dsn else ""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate == "PGC01":
+        topic = str(exc).split("unknown topic", 1)[-1].strip().splitlines()[0]
+        return UnknownTopic(f"unknown topic {topic}: create it with `pgcg topic create {topic}`")
+    if sqlstate == "PGC02":
+        return InvalidInput(str(exc).splitlines()[0] + " (the partition count is fixed)")
+    if isinstance(exc, pg_errors.InvalidSchemaName | pg_errors.UndefinedTable) or (
+        isinstance(exc, pg_errors.UndefinedFunction) and "pgcg." in str(exc)
+    ):
+        return SchemaNotMigrated(
+            f"the pgcg schema is missing or out of date{where}: run `pgcg migrate` first"
+        )
+    if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
+        return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+        first = (str(exc).strip().splitlines() or ["connection failed"])[0]
+        if "invalid dsn" in first or 'missing "="' in first or "invalid URI" in first:
+            return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
+        return DatabaseUnavailable(
+            f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
+            "the server is running."
+        )
+    if isinstance(exc, psycopg.ProgrammingError) and "dsn" in str(exc).lower():
+        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {exc}")
+    return None
+
+
+@contextlib.contextmanager
+def translated(dsn: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except PgcgError:
+        raise
+    except (psycopg.Error, OSError) as exc:
+        better = translate(exc, dsn)
+        if better is None:
+            raise
+        raise better from exc
+
+
+async def connect(
+    dsn: str, *, autocommit: bool = True, application_name: str = "pgcg"
+) -> AsyncConn:
+    """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one)."""
+    with translated(dsn):
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            application_name=application_name,
+            connect_timeout=10,
+        )
+
+
+def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dict[str, Any]]:
+    with translated(dsn):
+        return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=10)
+
+
+async def open_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, name: str = "pgcg"
+) -> AsyncConnectionPool[AsyncConn]:
+    async def configure(conn: AsyncConn) -> None:
+        await conn.set_autocommit(True)
+
+    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        name=name,
+        kwargs={"row_factory": dict_row, "application_name": name, "connect_timeout": 10},
+        configure=configure,
+    )
+    with translated(dsn):
+        await pool.open(wait=True, timeout=15)
+    return pool

@@ -1,0 +1,61 @@
+"""Small pieces every background loop uses: a wake-up signal and reconnect backoff."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anyio
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from pgcg.shared.errors import DatabaseUnavailable
+
+
+class Signal:
+    """A level-triggered wake-up: set() any number of times, wait() returns once and resets.
+
+    Loops wait on it with a timeout, so a missed set() only delays work, never loses it.
+    """
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True if set, False on timeout."""
+        if not self._event.is_set():
+            if timeout is None or math.isinf(timeout):
+                await self._event.wait()
+            else:
+                with anyio.move_on_after(max(timeout, 0)):
+                    await self._event.wait()
+        was_set = self._event.is_set()
+        if was_set:
+            self._event = anyio.Event()
+        return was_set
+
+
+def reconnecting(log: logging.Logger, what: str, **fields: object) -> AsyncRetrying:
+    """Retry forever on DatabaseUnavailable, with full-jitter backoff up to 5 s.
+
+    Giving up is the owner's decision (a lease that runs out, a shutdown), not this loop's.
+    """
+
+    def before_sleep(state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        exc = outcome.exception() if outcome is not None else None
+        log.warning(
+            "%s: database unavailable, retrying: %s",
+            what,
+            exc,
+            extra={"action": "db_retry", **fields},
+        )
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(DatabaseUnavailable),
+        wait=wait_random_exponential(multiplier=0.2, max=5.0),
+        before_sleep=before_sleep,
+        reraise=True,
+    )

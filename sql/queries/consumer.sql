@@ -1,0 +1,192 @@
+-- Statements of the consumer (consumer/member.py, assignment.py, fetcher.py, acker.py).
+--
+-- Fencing: every statement that acts on a partition names the (member, epoch) it believes
+-- owns it and locks that assignment row FOR SHARE, so an epoch bump by the coordinator
+-- either waits for the statement or makes it match nothing. Zero rows means "lost it".
+
+-- name: topic_partitions
+SELECT partitions FROM pgcg.topics WHERE name = %(topic)s
+
+-- name: subscribe
+INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%(group)s, %(topic)s)
+ON CONFLICT (group_name) DO NOTHING
+
+-- name: subscription
+SELECT topic FROM pgcg.subscriptions WHERE group_name = %(group)s
+
+-- name: ensure_assignment_rows
+INSERT INTO pgcg.partition_assignments (group_name, topic, partition)
+SELECT %(group)s, %(topic)s, p FROM generate_series(0, %(partitions)s - 1) AS p
+ON CONFLICT DO NOTHING
+
+-- name: join
+INSERT INTO pgcg.consumer_groups (group_name, member_id, host, pid, session_timeout_ms)
+VALUES (%(group)s, %(member)s, %(host)s, %(pid)s, %(session_timeout_ms)s)
+
+-- name: notify_coordinator
+SELECT pg_notify('pgcg.coordinator', json_build_object(
+    'group', %(group)s::text, 'event', %(event)s::text, 'member', %(member)s::text)::text)
+
+-- name: heartbeat
+-- The heartbeat and the member's view of its assignments in one round trip. `alive` is
+-- false once the coordinator expelled us: stop everything and rejoin.
+WITH me AS (
+    UPDATE pgcg.consumer_groups SET last_heartbeat = now()
+    WHERE group_name = %(group)s AND member_id = %(member)s
+    RETURNING member_id
+)
+SELECT me.member_id IS NOT NULL AS alive, pa.partition, pa.epoch, pa.state,
+       extract(epoch FROM pa.revoke_deadline - now())::float8 AS revoke_in
+FROM (SELECT 1) AS one
+LEFT JOIN me ON true
+LEFT JOIN pgcg.partition_assignments AS pa
+       ON pa.group_name = %(group)s AND pa.member_id = me.member_id
+ORDER BY pa.partition
+
+-- name: leave
+DELETE FROM pgcg.consumer_groups WHERE group_name = %(group)s AND member_id = %(member)s
+
+-- name: adopt
+-- A partition (re)started in memory: rows we claimed earlier under this same epoch (before
+-- a self-fence or a claim whose answer was lost) are put back so the next claim sees them.
+UPDATE pgcg.messages AS m
+SET claim_epoch = NULL, claimed_by = NULL
+FROM (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.partition = %(partition)s AND pa.epoch = %(epoch)s
+    FOR SHARE
+) AS o
+WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.claim_epoch = o.epoch
+
+-- name: claim
+-- Claim the oldest unclaimed rows of each owned partition, up to a limit per partition,
+-- including rows not yet due: the scheduler must see a waiting head to block its key.
+-- A row claimed under an older epoch and never finished was lost to a crash or a forced
+-- hand-off: that counts as a failed delivery.
+WITH owned AS (
+    SELECT pa.partition, pa.epoch
+    FROM pgcg.partition_assignments AS pa
+    JOIN unnest(%(partitions)s::int[], %(epochs)s::bigint[]) AS want(partition, epoch)
+      ON want.partition = pa.partition AND want.epoch = pa.epoch
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+      AND pa.member_id = %(member)s AND pa.state = 'assigned'
+    FOR SHARE OF pa
+), picked AS (
+    SELECT c.partition, c.id, o.epoch
+    FROM owned AS o
+    CROSS JOIN LATERAL (
+        SELECT m.partition, m.id FROM pgcg.messages AS m
+        WHERE m.topic = %(topic)s AND m.partition = o.partition
+          AND m.claim_epoch IS DISTINCT FROM o.epoch
+        ORDER BY m.id
+        LIMIT %(limit)s
+    ) AS c
+)
+UPDATE pgcg.messages AS m
+SET claim_epoch = p.epoch,
+    claimed_by = %(member)s,
+    attempts = m.attempts + (m.claimed_by IS NOT NULL)::int,
+    locked_until = now() + %(visibility_s)s * interval '1 second'
+FROM picked AS p
+WHERE m.topic = %(topic)s AND m.partition = p.partition AND m.id = p.id
+RETURNING m.id, m.partition, m.key, m.payload, m.headers, m.attempts, m.enqueued_at,
+          p.epoch, greatest(extract(epoch FROM m.available_at - now()), 0)::float8 AS due_in
+
+-- name: ack
+-- One statement for a whole batch; each row is checked against its own partition's epoch,
+-- so a stale entry neither lets the others through nor blocks them. Returns what was acked.
+WITH batch AS (
+    SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[])
+        AS b(partition, epoch, id)
+), owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.state IN ('assigned', 'revoking')
+      AND pa.partition = ANY(%(partitions)s::int[])
+    FOR SHARE
+)
+DELETE FROM pgcg.messages AS m
+USING batch AS b JOIN owned AS o ON o.partition = b.partition AND o.epoch = b.epoch
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: nack
+-- Failed deliveries: count the attempt, wait before the next one. The key stays blocked.
+WITH batch AS (
+    SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                         %(delays_ms)s::bigint[], %(errors)s::text[])
+        AS b(partition, epoch, id, delay_ms, error)
+), owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.state IN ('assigned', 'revoking')
+      AND pa.partition = ANY(%(partitions)s::int[])
+    FOR SHARE
+)
+UPDATE pgcg.messages AS m
+SET attempts = m.attempts + 1,
+    available_at = now() + b.delay_ms * interval '1 millisecond',
+    last_error = b.error,
+    claimed_by = NULL,
+    progress = NULL
+FROM batch AS b JOIN owned AS o ON o.partition = b.partition AND o.epoch = b.epoch
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: dead_letter
+-- The last failure: the message leaves the queue and enters dead_letters atomically.
+WITH batch AS (
+    SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                         %(errors)s::text[])
+        AS b(partition, epoch, id, error)
+), owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.state IN ('assigned', 'revoking')
+      AND pa.partition = ANY(%(partitions)s::int[])
+    FOR SHARE
+), gone AS (
+    DELETE FROM pgcg.messages AS m
+    USING batch AS b JOIN owned AS o ON o.partition = b.partition AND o.epoch = b.epoch
+    WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+    RETURNING m.*, b.error
+)
+INSERT INTO pgcg.dead_letters
+    (message_id, topic, partition, key, payload, headers, enqueued_at, attempts, last_error,
+     group_name, member_id)
+SELECT g.id, g.topic, g.partition, g.key, g.payload, g.headers, g.enqueued_at,
+       g.attempts + 1, g.error, %(group)s, %(member)s
+FROM gone AS g
+RETURNING message_id AS id
+
+-- name: release
+-- Hand revoked (or, on leave, all) partitions on: to the target the leader chose, else to
+-- nobody, with the epoch bumped either way. Rows we claimed but did not finish are
+-- unclaimed so the next owner takes them without counting a failed attempt.
+WITH released AS (
+    UPDATE pgcg.partition_assignments AS pa
+    SET member_id = pa.target_member_id,
+        state = CASE WHEN pa.target_member_id IS NULL THEN 'unassigned' ELSE 'assigned' END,
+        epoch = pa.epoch + 1,
+        target_member_id = NULL,
+        revoke_deadline = NULL,
+        assigned_at = now()
+    FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[]) AS r(partition, epoch)
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+      AND pa.partition = r.partition AND pa.epoch = r.epoch AND pa.member_id = %(member)s
+    RETURNING pa.partition, pa.epoch, pa.member_id AS new_owner, r.epoch AS old_epoch
+), unclaimed AS (
+    UPDATE pgcg.messages AS m
+    SET claim_epoch = NULL, claimed_by = NULL, locked_until = NULL, progress = NULL
+    FROM released AS r
+    WHERE m.topic = %(topic)s AND m.partition = r.partition AND m.claim_epoch = r.old_epoch
+    RETURNING 1
+)
+SELECT r.partition, r.epoch, r.new_owner,
+       (SELECT count(*) FROM unclaimed) AS unclaimed,
+       pg_notify('pgcg.g.' || %(group)s::text, 'assignment'),
+       pg_notify('pgcg.coordinator', json_build_object(
+           'group', %(group)s::text, 'event', 'release', 'member', %(member)s::text)::text)
+FROM released AS r
+ORDER BY r.partition

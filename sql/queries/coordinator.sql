@@ -1,0 +1,121 @@
+-- Statements of the coordinator (coordinator/elector.py, rebalancer.py).
+--
+-- Every write the leader makes runs in a transaction that first locks its own leader row
+-- with `lock_leadership`: a deposed leader finds no row and writes nothing, and a
+-- standby's takeover waits until an in-flight rebalance has committed.
+
+-- name: ensure_leader_row
+INSERT INTO pgcg.coordinator_leader (scope) VALUES (%(scope)s) ON CONFLICT DO NOTHING
+
+-- name: try_lock
+SELECT pg_try_advisory_lock(%(lock_class)s, hashtext(%(scope)s)) AS locked
+
+-- name: unlock
+SELECT pg_advisory_unlock(%(lock_class)s, hashtext(%(scope)s)) AS unlocked
+
+-- name: take_leadership
+UPDATE pgcg.coordinator_leader
+SET leader_epoch = leader_epoch + 1, leader_id = %(leader)s, backend_pid = pg_backend_pid(),
+    heartbeat_at = now(), elected_at = now()
+WHERE scope = %(scope)s
+RETURNING leader_epoch
+
+-- name: leader_heartbeat
+-- Renew only while still within the leader timeout: a leader that was paused past it
+-- must step down even if nobody has deposed it yet.
+UPDATE pgcg.coordinator_leader SET heartbeat_at = now()
+WHERE scope = %(scope)s AND leader_epoch = %(leader_epoch)s AND leader_id = %(leader)s
+  AND heartbeat_at > now() - %(leader_timeout_s)s * interval '1 second'
+RETURNING leader_epoch
+
+-- name: lock_leadership
+SELECT leader_epoch FROM pgcg.coordinator_leader
+WHERE scope = %(scope)s AND leader_epoch = %(leader_epoch)s AND leader_id = %(leader)s
+  AND heartbeat_at > now() - %(leader_timeout_s)s * interval '1 second'
+FOR UPDATE
+
+-- name: stale_leader
+-- A leader whose heartbeat is older than the timeout (paused, or its host partitioned):
+-- its backend is terminated so the advisory lock frees up.
+SELECT backend_pid, leader_id, leader_epoch,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent_s
+FROM pgcg.coordinator_leader
+WHERE scope = %(scope)s AND backend_pid IS NOT NULL
+  AND heartbeat_at < now() - %(leader_timeout_s)s * interval '1 second'
+
+-- name: terminate_backend
+SELECT pg_terminate_backend(%(pid)s) AS terminated
+
+-- name: leader_of
+SELECT leader_epoch, leader_id, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent_s
+FROM pgcg.coordinator_leader WHERE scope = %(scope)s
+
+-- name: groups
+SELECT group_name, topic FROM pgcg.subscriptions ORDER BY group_name
+
+-- name: expire_members
+DELETE FROM pgcg.consumer_groups
+WHERE group_name = %(group)s
+  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
+RETURNING member_id, extract(epoch FROM now() - last_heartbeat)::float8 AS silent_s
+
+-- name: live_members
+SELECT member_id, host, pid FROM pgcg.consumer_groups
+WHERE group_name = %(group)s ORDER BY joined_at, member_id
+
+-- name: assignments_for_update
+SELECT partition, member_id, epoch, state, target_member_id,
+       revoke_deadline IS NOT NULL AND revoke_deadline <= now() AS overdue
+FROM pgcg.partition_assignments
+WHERE group_name = %(group)s AND topic = %(topic)s
+ORDER BY partition
+FOR UPDATE
+
+-- name: assign
+-- Give partitions to a member outright with a new epoch: unowned ones, ones whose owner
+-- died, and forced hand-offs whose drain deadline passed.
+UPDATE pgcg.partition_assignments AS pa
+SET member_id = a.member_id, state = 'assigned', epoch = pa.epoch + 1,
+    target_member_id = NULL, revoke_deadline = NULL, assigned_at = now()
+FROM unnest(%(partitions)s::int[], %(members)s::text[]) AS a(partition, member_id)
+WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = a.partition
+RETURNING pa.partition, pa.epoch, pa.member_id
+
+-- name: revoke
+-- Ask live owners to drain and release; the epoch stays until they do (or the deadline).
+UPDATE pgcg.partition_assignments AS pa
+SET state = 'revoking', target_member_id = a.target,
+    revoke_deadline = coalesce(pa.revoke_deadline,
+                               now() + %(drain_deadline_s)s * interval '1 second')
+FROM unnest(%(partitions)s::int[], %(targets)s::text[]) AS a(partition, target)
+WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = a.partition
+RETURNING pa.partition
+
+-- name: unrevoke
+-- The leader changed its mind (the target left): the owner keeps the partition.
+UPDATE pgcg.partition_assignments AS pa
+SET state = 'assigned', target_member_id = NULL, revoke_deadline = NULL
+WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = ANY(%(partitions)s)
+RETURNING pa.partition
+
+-- name: unassign
+-- Owners that are gone and nobody to take over (no live members).
+UPDATE pgcg.partition_assignments AS pa
+SET member_id = NULL, state = 'unassigned', epoch = pa.epoch + 1,
+    target_member_id = NULL, revoke_deadline = NULL
+WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = ANY(%(partitions)s)
+RETURNING pa.partition
+
+-- name: next_generation
+UPDATE pgcg.subscriptions SET generation = generation + 1
+WHERE group_name = %(group)s RETURNING generation
+
+-- name: record_rebalance
+INSERT INTO pgcg.rebalances
+    (group_name, generation, leader_epoch, reason, members, moves, started_at, duration_ms)
+VALUES (%(group)s, %(generation)s, %(leader_epoch)s, %(reason)s, %(members)s, %(moves)s,
+        %(started_at)s, %(duration_ms)s)
+
+-- name: notify_group
+SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')

@@ -1,0 +1,23 @@
+-- Statements of shared/migrate.py. The version table lives outside the numbered
+-- migrations because it records them.
+
+-- name: create_version_table
+CREATE SCHEMA IF NOT EXISTS pgcg;
+CREATE TABLE IF NOT EXISTS pgcg.schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: lock
+SELECT pg_advisory_xact_lock(%(lock)s)
+
+-- name: applied_versions
+SELECT version FROM pgcg.schema_migrations
+
+-- name: record
+INSERT INTO pgcg.schema_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: current_version
+SELECT CASE WHEN to_regclass('pgcg.schema_migrations') IS NULL THEN 0
+            ELSE (SELECT coalesce(max(version), 0) FROM pgcg.schema_migrations) END AS version

@@ -1,0 +1,84 @@
+"""Test fixtures: a real PostgreSQL for the session, a fresh migrated database per test.
+
+With PGCG_TEST_DATABASE_URL set, that server is used (the URL's user must be allowed to
+create databases); otherwise a throwaway server is started for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgcg.shared.migrate import migrate
+from pgcg.shared.throwaway import ThrowawayPostgres
+
+TEMPLATE = "pgcg_test_template"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """Admin URL of the server the tests use."""
+    url = os.environ.get("PGCG_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = ThrowawayPostgres()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: str) -> str:
+    with _admin(pg_server) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    migrate(make_conninfo(pg_server, dbname=TEMPLATE))
+    return TEMPLATE
+
+
+def _fresh_db(pg_server: str, template: str) -> Iterator[str]:
+    name = f"pgcg_test_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield make_conninfo(pg_server, dbname=name)
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh database with the pgcg schema."""
+    yield from _fresh_db(pg_server, template_db)
+
+
+@pytest.fixture
+def empty_dsn(pg_server: str) -> Iterator[str]:
+    """A fresh database without any pgcg objects."""
+    yield from _fresh_db(pg_server, "template0")
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        yield conn

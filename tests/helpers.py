@@ -1,0 +1,71 @@
+"""Test helpers: waiting on conditions with deadlines, direct assignment, recording handlers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import psycopg
+
+from pgcg.shared.queries import Queries
+
+COORD = Queries("coordinator")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `cond` until truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def await_for(
+    cond: Callable[[], Any | Awaitable[Any]], timeout: float = 20.0, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+def assign(
+    conn: psycopg.Connection[Any], group: str, topic: str, partitions: list[int], member: str
+) -> None:
+    """Give partitions to a member outright, with the coordinator's own statement."""
+    conn.execute(
+        COORD.assign,
+        {
+            "group": group,
+            "topic": topic,
+            "partitions": partitions,
+            "members": [member] * len(partitions),
+        },
+    )
+    conn.execute(COORD.notify_group, {"group": group})
+
+
+def owners(conn: psycopg.Connection[Any], group: str) -> dict[int, tuple[str | None, int, str]]:
+    rows = conn.execute(
+        "SELECT partition, member_id, epoch, state FROM pgcg.partition_assignments "
+        "WHERE group_name = %s ORDER BY partition",
+        (group,),
+    ).fetchall()
+    return {r["partition"]: (r["member_id"], r["epoch"], r["state"]) for r in rows}
+
+
+def pending(conn: psycopg.Connection[Any], topic: str) -> int:
+    row = conn.execute("SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,))
+    return int(row.fetchone()["n"])  # type: ignore[index]
