@@ -296,6 +296,26 @@ def consumer(
                  embedded_coordinator=embedded_coordinator)  # fmt: skip
 
 
+@main.command()
+@click.option("--group", "groups", multiple=True,
+              help="Lead only this group (repeatable); default: every group.")  # fmt: skip
+@with_settings()
+@run_cli
+def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
+    """Run a coordinator. Run two or more: one leads each group, the rest stand by.
+
+    \b
+    Example:
+      pgcg coordinator                 # lead whichever groups it wins
+      pgcg coordinator --group billing
+    """
+    import anyio
+
+    from pgcg.coordinator.service import Coordinator
+
+    anyio.run(Coordinator(settings, groups=list(groups) or None).run)
+
+
 # -- dead letters -------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgcg.shared.errors import (
     ConfigError,
+    Contention,
     DatabaseUnavailable,
     InvalidInput,
     PgcgError,
@@ -48,6 +49,11 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
         return SchemaNotMigrated(
             f"the pgcg schema is missing or out of date{where}: run `pgcg migrate` first"
         )
+    if isinstance(
+        exc,
+        pg_errors.DeadlockDetected | pg_errors.SerializationFailure | pg_errors.LockNotAvailable,
+    ):
+        return Contention(f"transient conflict in the database, retrying: {str(exc).strip()}")
     if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
         return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):

@@ -48,6 +48,10 @@ class DatabaseUnavailable(PgcgError):
     exit_code = 4
 
 
+class Contention(DatabaseUnavailable):
+    """A deadlock, serialization failure or lock timeout: transient, retry the statement."""
+
+
 class SchemaNotMigrated(PgcgError):
     """The pgcg schema is missing or older than this code expects."""
 

@@ -71,6 +71,7 @@ WITH owned AS (
       ON want.partition = pa.partition AND want.epoch = pa.epoch
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
       AND pa.member_id = %(member)s AND pa.state = 'assigned'
+    ORDER BY pa.partition
     FOR SHARE OF pa
 ), picked AS (
     SELECT c.partition, c.id, o.epoch
@@ -104,6 +105,7 @@ WITH batch AS (
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
       AND pa.state IN ('assigned', 'revoking')
       AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
     FOR SHARE
 )
 DELETE FROM pgcg.messages AS m
@@ -122,6 +124,7 @@ WITH batch AS (
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
       AND pa.state IN ('assigned', 'revoking')
       AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
     FOR SHARE
 )
 UPDATE pgcg.messages AS m
@@ -145,6 +148,7 @@ WITH batch AS (
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
       AND pa.state IN ('assigned', 'revoking')
       AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
     FOR SHARE
 ), gone AS (
     DELETE FROM pgcg.messages AS m
@@ -164,7 +168,15 @@ RETURNING message_id AS id
 -- Hand revoked (or, on leave, all) partitions on: to the target the leader chose, else to
 -- nobody, with the epoch bumped either way. Rows we claimed but did not finish are
 -- unclaimed so the next owner takes them without counting a failed attempt.
-WITH released AS (
+WITH locked AS (
+    -- Assignment rows are locked in partition order everywhere, so we never deadlock
+    -- with a rebalance that locks the whole group.
+    SELECT pa.partition FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+      AND pa.partition = ANY(%(partitions)s::int[]) AND pa.member_id = %(member)s
+    ORDER BY pa.partition
+    FOR UPDATE
+), released AS (
     UPDATE pgcg.partition_assignments AS pa
     SET member_id = pa.target_member_id,
         state = CASE WHEN pa.target_member_id IS NULL THEN 'unassigned' ELSE 'assigned' END,
@@ -173,6 +185,7 @@ WITH released AS (
         revoke_deadline = NULL,
         assigned_at = now()
     FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[]) AS r(partition, epoch)
+    JOIN locked AS l ON l.partition = r.partition
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
       AND pa.partition = r.partition AND pa.epoch = r.epoch AND pa.member_id = %(member)s
     RETURNING pa.partition, pa.epoch, pa.member_id AS new_owner, r.epoch AS old_epoch

@@ -1,0 +1,204 @@
+"""Leader election, per group: an advisory lock on a dedicated session, and a leader row
+whose epoch fences every write the leader makes.
+
+The lock alone does not fence: a paused leader keeps its connection and its lock. So the
+leader renews a heartbeat in its row; a standby that sees the heartbeat older than the
+leader timeout terminates the silent leader's backend, which frees the lock, and takes
+over with the epoch bumped. The old leader, when it wakes, finds its connection gone or
+its epoch stale, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.queries import Queries
+
+log = logging.getLogger("pgcg.coordinator.elector")
+Q = Queries("coordinator")
+
+# Advisory lock namespace (first key of the two-key form); the second is hashtext(group).
+LOCK_CLASS = 0x7067
+
+
+def new_leader_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Leadership:
+    group: str
+    epoch: int
+    renewed_sent_at: float  # monotonic time the last successful renewal was sent
+
+
+class Elector:
+    """Holds the coordinator's one dedicated session: the advisory locks live on it, and
+    the rebalancer's writes run on it too, so terminating it stops both at once."""
+
+    def __init__(self, dsn: str, *, leader_timeout: float, leader_id: str | None = None) -> None:
+        self.dsn = dsn
+        self.leader_timeout = leader_timeout
+        self.margin = max(1.0, leader_timeout * 0.2)
+        self.leader_id = leader_id or new_leader_id()
+        self.conn_lock = anyio.Lock()
+        self._conn: AsyncConn | None = None
+        self._leading: dict[str, Leadership] = {}
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"leader_id": self.leader_id}
+
+    async def connection(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._leading.clear()  # the locks died with the old session
+            self._conn = await connect(self.dsn, application_name="pgcg-coordinator")
+        return self._conn
+
+    async def close(self) -> None:
+        async with self.conn_lock:
+            if self._conn is not None and not self._conn.closed:
+                for group in list(self._leading):
+                    await self._step_down(group, "shutdown")
+                await self._conn.close()
+            self._conn = None
+            self._leading.clear()
+
+    def leader_epoch(self, group: str, now: float | None = None) -> int | None:
+        """Our leader epoch for `group` if we may act as its leader right now.
+
+        Trusted only until the last renewal + leader timeout - margin (monotonic): past
+        that a standby may already have taken over.
+        """
+        lead = self._leading.get(group)
+        if lead is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if now > lead.renewed_sent_at + self.leader_timeout - self.margin:
+            return None
+        return lead.epoch
+
+    def leading(self) -> list[str]:
+        return [g for g in self._leading if self.leader_epoch(g) is not None]
+
+    async def tick(self, groups: list[str]) -> list[str]:
+        """One election round over `groups`; returns the groups we newly lead."""
+        elected: list[str] = []
+        async with self.conn_lock:
+            try:
+                conn = await self.connection()
+                for group in groups:
+                    if group in self._leading:
+                        await self._renew(conn, group)
+                    elif await self._try_lead(conn, group):
+                        elected.append(group)
+                for group in [g for g in self._leading if g not in groups]:
+                    await self._step_down(group, "group gone")
+            except DatabaseUnavailable as exc:
+                if self._leading:
+                    log.error(
+                        "lost the coordinator connection: stepping down from %s (%s)",
+                        sorted(self._leading),
+                        exc,
+                        extra={"action": "leader_lost", **self.fields},
+                    )
+                self._leading.clear()
+                if self._conn is not None:
+                    await self._conn.close()
+                self._conn = None
+        return elected
+
+    def _params(self, group: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "scope": group,
+            "leader": self.leader_id,
+            "lock_class": LOCK_CLASS,
+            "leader_timeout_s": self.leader_timeout,
+            **extra,
+        }
+
+    async def _renew(self, conn: AsyncConn, group: str) -> None:
+        lead = self._leading[group]
+        sent = time.monotonic()
+        with translated(self.dsn):
+            row = await (
+                await conn.execute(Q.leader_heartbeat, self._params(group, leader_epoch=lead.epoch))
+            ).fetchone()
+        if row is None:
+            log.error(
+                "leadership of %s lost (epoch %s moved on or heartbeat too old): stepping down",
+                group,
+                lead.epoch,
+                extra={"action": "leader_deposed", "group": group,
+                       "leader_epoch": lead.epoch, **self.fields},
+            )  # fmt: skip
+            await self._step_down(group, "deposed")
+            return
+        lead.renewed_sent_at = sent
+
+    async def _try_lead(self, conn: AsyncConn, group: str) -> bool:
+        params = self._params(group)
+        with translated(self.dsn):
+            await conn.execute(Q.ensure_leader_row, params)
+            locked = (await (await conn.execute(Q.try_lock, params)).fetchone() or {}).get("locked")
+            if not locked:
+                await self._depose_if_silent(conn, group)
+                return False
+            sent = time.monotonic()
+            row = await (await conn.execute(Q.take_leadership, params)).fetchone()
+        assert row is not None
+        self._leading[group] = Leadership(group, int(row["leader_epoch"]), sent)
+        log.info(
+            "elected leader of group %s at leader epoch %s",
+            group,
+            row["leader_epoch"],
+            extra={"action": "leader_elected", "group": group,
+                   "leader_epoch": row["leader_epoch"], **self.fields},
+        )  # fmt: skip
+        return True
+
+    async def _depose_if_silent(self, conn: AsyncConn, group: str) -> None:
+        stale = await (await conn.execute(Q.stale_leader, self._params(group))).fetchone()
+        if stale is None:
+            return
+        await conn.execute(Q.terminate_backend, {"pid": stale["backend_pid"]})
+        log.warning(
+            "leader %s of group %s silent for %.1fs: terminated its session",
+            stale["leader_id"],
+            group,
+            stale["silent_s"],
+            extra={"action": "leader_terminated", "group": group,
+                   "leader_epoch": stale["leader_epoch"], "silent_leader": stale["leader_id"],
+                   **self.fields},
+        )  # fmt: skip
+
+    async def resign(self, group: str, reason: str) -> None:
+        async with self.conn_lock:
+            await self._step_down(group, reason)
+
+    async def _step_down(self, group: str, reason: str) -> None:
+        lead = self._leading.pop(group, None)
+        if lead is None or self._conn is None or self._conn.closed:
+            return
+        try:
+            with translated(self.dsn):
+                await self._conn.execute(Q.unlock, self._params(group))
+        except DatabaseUnavailable:
+            pass  # the lock went with the session
+        log.info(
+            "stepped down as leader of %s (%s)",
+            group,
+            reason,
+            extra={"action": "leader_stepped_down", "group": group,
+                   "leader_epoch": lead.epoch, **self.fields},
+        )  # fmt: skip

@@ -1,0 +1,204 @@
+"""A coordinator process: elects itself leader of the groups it can, rebalances them.
+
+Loops (one task group): elector (every second), listener (joins, leaves and releases
+NOTIFY us; a hint only), sweeper (expire members and force overdue hand-offs every
+heartbeat interval; full safety-net rebalance every rebalance interval), rebalancer
+(works through the groups marked dirty by the others, one transaction each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+
+import anyio
+from anyio.abc import TaskGroup
+from psycopg import sql
+
+from pgcg.coordinator.elector import Elector
+from pgcg.coordinator.rebalancer import LostLeadership, Outcome, rebalance
+from pgcg.shared import names
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.loops import Signal, reconnecting
+from pgcg.shared.queries import Queries
+from pgcg.shared.settings import Settings
+
+log = logging.getLogger("pgcg.coordinator")
+Q = Queries("coordinator")
+
+ELECTION_INTERVAL = 1.0
+
+
+class Coordinator:
+    def __init__(
+        self, settings: Settings, *, groups: list[str] | None = None, dsn: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn or settings.dsn()
+        self.only = [names.group_name(g) for g in groups] if groups else None
+        self.elector = Elector(self.dsn, leader_timeout=settings.leader_timeout)
+        self.topics: dict[str, str] = {}  # group -> topic
+        self.dirty: dict[str, str] = {}  # group -> reason of the pending rebalance
+        self.wake = Signal()
+        self.outcomes: list[Outcome] = []  # recent history, for tests and the demo
+        self.ready = anyio.Event()
+        self._stopped = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    @property
+    def leader_id(self) -> str:
+        return self.elector.leader_id
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if install_signal_handlers:
+                tg.start_soon(self._signals)
+            tg.start_soon(self._election_loop)
+            tg.start_soon(self._listener_loop)
+            tg.start_soon(self._sweep_loop)
+            tg.start_soon(self._rebalance_loop)
+            await self._stopped.wait()
+            tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self.elector.close()
+        log.info("coordinator stopped", extra={"action": "coordinator_stopped",
+                                               "leader_id": self.leader_id})  # fmt: skip
+
+    async def run_until_stopped(self) -> None:
+        await self.run(install_signal_handlers=False)
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for _ in received:
+                log.info("stopping", extra={"action": "shutdown_requested",
+                                            "leader_id": self.leader_id})  # fmt: skip
+                self._stopped.set()
+
+    def mark(self, group: str, reason: str) -> None:
+        if group not in self.dirty:
+            self.dirty[group] = reason
+        self.wake.set()
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def _election_loop(self) -> None:
+        while True:
+            try:
+                await self._refresh_groups()
+            except DatabaseUnavailable as exc:
+                log.warning("cannot list groups: %s", exc, extra={"action": "db_retry"})
+            for group in await self.elector.tick(sorted(self.topics)):
+                self.mark(group, "leader elected")
+            self.ready.set()
+            await anyio.sleep(ELECTION_INTERVAL)
+
+    async def _refresh_groups(self) -> None:
+        async with self.elector.conn_lock:
+            conn = await self.elector.connection()
+            with translated(self.dsn):
+                rows = await (await conn.execute(Q.groups)).fetchall()
+        self.topics = {
+            r["group_name"]: r["topic"]
+            for r in rows
+            if self.only is None or r["group_name"] in self.only
+        }
+
+    async def _listener_loop(self) -> None:
+        while True:
+            conn: AsyncConn | None = None
+            try:
+                async for attempt in reconnecting(log, "coordinator listen"):
+                    with attempt:
+                        conn = await connect(self.dsn, application_name="pgcg-coord-listen")
+                        with translated(self.dsn):
+                            await conn.execute(
+                                sql.SQL("LISTEN {}").format(
+                                    sql.Identifier(names.COORDINATOR_CHANNEL)
+                                )
+                            )
+                # Catch up on whatever happened while we were not listening.
+                for group in self.elector.leading():
+                    self.mark(group, "listener reconnected")
+                assert conn is not None
+                with translated(self.dsn):
+                    async with contextlib.aclosing(conn.notifies()) as notifies:
+                        async for note in notifies:
+                            self._on_notify(note.payload)
+            except DatabaseUnavailable as exc:
+                log.warning("listener lost: %s", exc, extra={"action": "listen_lost"})
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+            group, kind, member = event["group"], event["event"], event.get("member")
+        except (ValueError, KeyError, TypeError):
+            return
+        self.mark(group, f"member {kind}" + (f" ({member})" if member else ""))
+
+    async def _sweep_loop(self) -> None:
+        last_full = time.monotonic()
+        while True:
+            await anyio.sleep(self.settings.heartbeat_interval)
+            full = time.monotonic() - last_full >= self.settings.rebalance_interval
+            if full:
+                last_full = time.monotonic()
+            for group in self.elector.leading():
+                self.mark(group, "periodic" if full else "sweep")
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await self.wake.wait(None)
+            while self.dirty:
+                group, reason = next(iter(self.dirty.items()))
+                del self.dirty[group]
+                await self.rebalance_group(group, reason)
+
+    async def rebalance_group(self, group: str, reason: str) -> Outcome | None:
+        epoch = self.elector.leader_epoch(group)
+        if epoch is None:
+            return None
+        topic = self.topics.get(group)
+        if topic is None:
+            await self._refresh_groups()
+            topic = self.topics.get(group)
+            if topic is None:
+                return None
+        try:
+            async with self.elector.conn_lock:
+                conn = await self.elector.connection()
+                outcome = await rebalance(
+                    conn,
+                    group=group,
+                    topic=topic,
+                    leader_id=self.leader_id,
+                    leader_epoch=epoch,
+                    leader_timeout=self.settings.leader_timeout,
+                    drain_deadline=self.settings.drain_deadline,
+                    reason=reason,
+                )
+        except LostLeadership as exc:
+            log.error("%s: stepping down", exc, extra={"action": "leader_deposed",
+                                                      "group": group, "leader_epoch": epoch})  # fmt: skip
+            await self.elector.resign(group, "deposed")
+            return None
+        except DatabaseUnavailable as exc:
+            log.warning("rebalance of %s failed: %s", group, exc,
+                        extra={"action": "rebalance_failed", "group": group})  # fmt: skip
+            self.mark(group, reason)
+            await anyio.sleep(0.5)
+            return None
+        if outcome is not None:
+            self.outcomes = [*self.outcomes[-99:], outcome]
+        return outcome
