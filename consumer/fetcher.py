@@ -106,6 +106,8 @@ class Fetcher:
                 headers=_headers(r["headers"]),
                 attempt=r["attempts"] + 1,
                 enqueued_at=r["enqueued_at"],
+                member_id=ctx.member_id,
+                epoch=r["epoch"],
             )
             items.append(Claimed(message, r["epoch"], now + r["due_in"]))
         added = ctx.scheduler.add(items, now)

@@ -17,6 +17,10 @@ class Message:
     headers: dict[str, str]
     attempt: int  # 1 on the first delivery
     enqueued_at: datetime
+    # Who handles this delivery: the member and the partition epoch it holds. Useful in
+    # logs and journals; a result written under a stale epoch is rejected.
+    member_id: str = ""
+    epoch: int = 0
 
 
 @dataclass(slots=True, eq=False)

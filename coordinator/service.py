@@ -189,8 +189,11 @@ class Coordinator:
                     reason=reason,
                 )
         except LostLeadership as exc:
-            log.error("%s: stepping down", exc, extra={"action": "leader_deposed",
-                                                      "group": group, "leader_epoch": epoch})  # fmt: skip
+            log.error(
+                "%s: stepping down",
+                exc,
+                extra={"action": "leader_deposed", "group": group, "leader_epoch": epoch},
+            )
             await self.elector.resign(group, "deposed")
             return None
         except DatabaseUnavailable as exc:
