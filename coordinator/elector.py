@@ -54,6 +54,7 @@ class Elector:
         self.conn_lock = anyio.Lock()
         self._conn: AsyncConn | None = None
         self._leading: dict[str, Leadership] = {}
+        self._standing_by: set[str] = set()
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -61,6 +62,12 @@ class Elector:
 
     async def connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
+            if self._leading:
+                log.error(
+                    "coordinator session lost: no longer leader of %s",
+                    sorted(self._leading),
+                    extra={"action": "leader_lost", **self.fields},
+                )
             self._leading.clear()  # the locks died with the old session
             self._conn = await connect(self.dsn, application_name="pgcg-coordinator")
         return self._conn
@@ -152,8 +159,16 @@ class Elector:
             await conn.execute(Q.ensure_leader_row, params)
             locked = (await (await conn.execute(Q.try_lock, params)).fetchone() or {}).get("locked")
             if not locked:
+                if group not in self._standing_by:
+                    self._standing_by.add(group)
+                    log.info(
+                        "standing by for group %s",
+                        group,
+                        extra={"action": "standby", "group": group, **self.fields},
+                    )
                 await self._depose_if_silent(conn, group)
                 return False
+            self._standing_by.discard(group)
             sent = time.monotonic()
             row = await (await conn.execute(Q.take_leadership, params)).fetchone()
         assert row is not None
