@@ -149,6 +149,10 @@ class Consumer:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.acker.flush()
+                # Partitions handed to us while we drained are released too.
+                rows = await ctx.membership.heartbeat()
+                if rows is not None:
+                    ctx.assignment.apply(rows)
                 await self._release(list(ctx.assignment.owned.values()), reason="shutdown")
                 await ctx.membership.leave()
             except DatabaseUnavailable as exc:

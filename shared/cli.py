@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import pydantic
@@ -47,7 +47,10 @@ def with_settings(*fields: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             overrides = {name: kwargs.pop(name, None) for name in chosen}
-            settings = _settings_from(overrides)
+            try:
+                settings = _settings_from(overrides)
+            except PgcgError as exc:
+                _fail(exc)
             setup_logging(settings.log_level, settings.log_format)
             return fn(*args, settings=settings, **kwargs)
 
@@ -66,6 +69,11 @@ def with_settings(*fields: str) -> Callable[[F], F]:
     return decorate
 
 
+def _fail(exc: PgcgError) -> NoReturn:
+    click.echo(f"pgcg: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
 def run_cli(fn: F) -> F:
     """Turn pgcg errors into one line on stderr and their exit code; no tracebacks."""
 
@@ -74,8 +82,7 @@ def run_cli(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except PgcgError as exc:
-            click.echo(f"pgcg: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         except KeyboardInterrupt:
             sys.exit(130)
 
@@ -125,7 +132,12 @@ def migrate(settings: Settings) -> None:
 
 @main.group()
 def topic() -> None:
-    """Create and list topics."""
+    """Create and list topics.
+
+    \b
+    Example:
+      pgcg topic create orders --partitions 16
+    """
 
 
 @topic.command("create")
@@ -162,7 +174,12 @@ def topic_create(name: str, partitions: int, if_not_exists: bool, settings: Sett
 @with_settings("database_url", "log_level", "log_format")
 @run_cli
 def topic_list(settings: Settings) -> None:
-    """List topics and their partition counts."""
+    """List topics and their partition counts.
+
+    \b
+    Example:
+      pgcg topic list
+    """
     from pgcg.shared.db import connect_sync, translated
 
     with connect_sync(settings.dsn()) as conn, translated():
@@ -204,7 +221,7 @@ def produce(
     """Enqueue one message, or JSON lines from stdin.
 
     \b
-    One message:
+    Example, one message:
       pgcg produce --topic orders --key customer-42 --payload '{"total": 10}'
     JSON lines ({"key": ..., "payload": ..., "headers": {}, "dedup_key": ..., "delay": 0}):
       cat orders.jsonl | pgcg produce --topic orders
@@ -316,6 +333,47 @@ def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
     anyio.run(Coordinator(settings, groups=list(groups) or None).run)
 
 
+# -- watching ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--group", help="Only this group.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="--watch period.")
+@with_settings("database_url", "leader_timeout", "log_level", "log_format")
+@run_cli
+def status(
+    group: str | None, as_json: bool, watch: bool, interval: float, settings: Settings
+) -> None:
+    """Leader and its epoch, members, partitions with owner, epoch, state and lag.
+
+    \b
+    Examples:
+      pgcg status
+      pgcg status --group billing --json | jq '.groups[0].lag_total'
+      pgcg status --watch
+    """
+    import time
+
+    from pgcg.shared import names
+    from pgcg.shared import status as st
+    from pgcg.shared.db import connect_sync
+
+    if group is not None:
+        names.group_name(group)
+    with connect_sync(settings.dsn()) as conn:
+        while True:
+            snapshot = st.collect(conn, group, leader_timeout=settings.leader_timeout)
+            text = st.to_json(snapshot) if as_json else st.render(snapshot)
+            if watch and not as_json:
+                click.clear()
+            click.echo(text)
+            if not watch:
+                return
+            time.sleep(interval)
+
+
 # -- dead letters -------------------------------------------------------------------------
 
 
@@ -342,7 +400,12 @@ def _filter(topic_: str | None, key: str | None, since: datetime | None,
 
 @main.group()
 def dlq() -> None:
-    """Inspect, replay and purge dead letters."""
+    """Inspect, replay and purge dead letters.
+
+    \b
+    Example:
+      pgcg dlq list --topic orders
+    """
 
 
 @dlq.command("list")
@@ -409,6 +472,15 @@ def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
     with connect_sync(settings.dsn()) as conn:
         count = dead.purge(conn, _filter(**flt), everything=everything)
     click.echo(json.dumps({"purged": count}))
+
+
+def _register() -> None:
+    from pgcg.shared.demo import demo
+
+    main.add_command(demo)
+
+
+_register()
 
 
 if __name__ == "__main__":

@@ -64,8 +64,12 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
             f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
             "the server is running."
         )
-    if isinstance(exc, psycopg.ProgrammingError) and "dsn" in str(exc).lower():
-        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {exc}")
+    text = str(exc).lower()
+    if isinstance(exc, psycopg.ProgrammingError) and (
+        "dsn" in text or "connection info" in text or "uri" in text
+    ):
+        first = str(exc).strip().splitlines()[0]
+        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
     return None
 
 
