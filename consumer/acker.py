@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import anyio
+
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Claimed
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -39,6 +41,9 @@ class Acker:
         self.ctx = ctx
         self._pending: list[Result] = []
         self._conn: AsyncConn | None = None
+        # A flush returns only when everything submitted before it is written, even if
+        # another task's flush had already taken that batch (a release waits for it).
+        self._flush_lock = anyio.Lock()
 
     def submit(self, result: Result) -> None:
         self._pending.append(result)
@@ -63,11 +68,12 @@ class Acker:
             await self.flush()
 
     async def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            async for attempt in reconnecting(log, "ack", **self.ctx.fields):
-                with attempt:
-                    await self._write(batch, retried=attempt.retry_state.attempt_number > 1)
+        async with self._flush_lock:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                async for attempt in reconnecting(log, "ack", **self.ctx.fields):
+                    with attempt:
+                        await self._write(batch, retried=attempt.retry_state.attempt_number > 1)
 
     async def _write(self, batch: list[Result], *, retried: bool) -> None:
         ctx = self.ctx
