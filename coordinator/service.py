@@ -54,6 +54,13 @@ class Coordinator:
         return self.elector.leader_id
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
+        # Fail fast, with the one-line error, on a missing schema or a wrong URL.
+        await self._refresh_groups()
+        log.info(
+            "coordinator started",
+            extra={"action": "coordinator_started", "leader_id": self.leader_id,
+                   "groups": self.only or "all"},
+        )  # fmt: skip
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if install_signal_handlers:

@@ -69,6 +69,13 @@ def with_settings(*fields: str) -> Callable[[F], F]:
     return decorate
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def _fail(exc: PgcgError) -> NoReturn:
     click.echo(f"pgcg: error: {exc}", err=True)
     sys.exit(exc.exit_code)
@@ -83,6 +90,13 @@ def run_cli(fn: F) -> F:
             return fn(*args, **kwargs)
         except PgcgError as exc:
             _fail(exc)
+        except BaseExceptionGroup as group:
+            # A loop inside a task group failed with one of ours: report it like any other.
+            leaves = _leaves(group)
+            first = next((e for e in leaves if isinstance(e, PgcgError)), None)
+            if first is None:
+                raise
+            _fail(first)
         except KeyboardInterrupt:
             sys.exit(130)
 

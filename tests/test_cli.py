@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -163,3 +164,15 @@ def test_demo_passes_its_own_check() -> None:
     for event in ("killed consumer-", "started consumer-", "paused coord-", "SIGTERM to",
                   "rebalance #", "lost=0 order_violations=0 concurrent_violations=0"):  # fmt: skip
         assert event in out, event
+
+
+def test_coordinator_and_consumer_refuse_an_unmigrated_database(empty_dsn: str) -> None:
+    for args in (["coordinator"], ["consumer", "--group", "g", "--topic", "t", "--handler",
+                                   "pgcg.shared.journal:record"]):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "pgcg.shared.cli", *args],
+            env={**os.environ, "PGCG_DATABASE_URL": empty_dsn},
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 5, result.stderr
+        assert "run `pgcg migrate`" in result.stderr and "Traceback" not in result.stderr
