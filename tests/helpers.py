@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,3 +70,15 @@ def owners(conn: psycopg.Connection[Any], group: str) -> dict[int, tuple[str | N
 def pending(conn: psycopg.Connection[Any], topic: str) -> int:
     row = conn.execute("SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,))
     return int(row.fetchone()["n"])  # type: ignore[index]
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The documented key hash: first 4 bytes of md5(UTF-8 key), big-endian, mod partitions."""
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "big") % partitions
+
+
+def key_in(partition: int, partitions: int, prefix: str = "key") -> str:
+    """The first `prefix-N` key that hashes to `partition`."""
+    return next(
+        k for n in range(100_000) if partition_of(k := f"{prefix}-{n}", partitions) == partition
+    )

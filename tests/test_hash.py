@@ -3,7 +3,6 @@ enqueue stores each message in exactly that partition (its own child table)."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import psycopg
@@ -11,12 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
-
-
-def reference(key: str, partitions: int) -> int:
-    """First 4 bytes of md5(UTF-8 key) as an unsigned big-endian integer, mod partitions."""
-    return int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "big") % partitions
-
+from tests.helpers import partition_of as reference
 
 # Anything PostgreSQL text can hold: no NUL, no lone surrogates (not encodable as UTF-8).
 keys = st.text(
