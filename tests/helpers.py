@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 
 from pgcg.shared.queries import Queries
+
+if TYPE_CHECKING:
+    from pgcg.consumer.service import Consumer
 
 COORD = Queries("coordinator")
 
@@ -82,3 +87,18 @@ def key_in(partition: int, partitions: int, prefix: str = "key") -> str:
     return next(
         k for n in range(100_000) if partition_of(k := f"{prefix}-{n}", partitions) == partition
     )
+
+
+@contextlib.asynccontextmanager
+async def running(*consumers: Consumer) -> AsyncIterator[None]:
+    """Run consumers in this test's event loop; stop them (gracefully) on the way out."""
+    async with anyio.create_task_group() as tg:
+        for consumer in consumers:
+            tg.start_soon(functools.partial(consumer.run, install_signal_handlers=False))
+        for consumer in consumers:
+            await consumer.joined.wait()
+        try:
+            yield
+        finally:
+            for consumer in consumers:
+                consumer.stop()

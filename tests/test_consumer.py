@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import collections
-import contextlib
-import functools
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -19,7 +16,7 @@ from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, key_in, pending
+from tests.helpers import assign, await_for, key_in, pending, running
 
 pytestmark = pytest.mark.anyio
 
@@ -95,21 +92,6 @@ async def test_drains_in_key_order(db: psycopg.Connection[Any], dsn: str) -> Non
 
 
 # -- more scenarios --------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running(*consumers: Consumer) -> AsyncIterator[None]:
-    """Run consumers in this test's event loop; stop them (gracefully) on the way out."""
-    async with anyio.create_task_group() as tg:
-        for consumer in consumers:
-            tg.start_soon(functools.partial(consumer.run, install_signal_handlers=False))
-        for consumer in consumers:
-            await consumer.joined.wait()
-        try:
-            yield
-        finally:
-            for consumer in consumers:
-                consumer.stop()
 
 
 def enqueue(db: psycopg.Connection[Any], *messages: tuple[str, Any]) -> list[int]:
