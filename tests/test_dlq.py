@@ -4,9 +4,6 @@ needs a filter, and the `pgcg dlq` commands."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -189,46 +186,38 @@ async def test_replay_into_a_live_consumer_keeps_order(
 # -- pgcg dlq --------------------------------------------------------------------------------
 
 
-def pgcg(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgcg.shared.cli", *args],
-        env={**os.environ, "PGCG_DATABASE_URL": dsn, "PGCG_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def test_cli_dlq_list_json(letters: psycopg.Connection[Any], dsn: str) -> None:
-    done = pgcg(dsn, "dlq", "list", "--json", "--topic", "orders", "--key", "a")
-    assert done.returncode == 0, done.stderr
+async def test_cli_dlq_list_json(letters: psycopg.Connection[Any], dsn: str, cli: Any) -> None:
+    done = cli(dsn, "dlq", "list", "--json", "--topic", "orders", "--key", "a")
+    assert done.exit_code == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["message_id"] for r in rows] == [1, 4]
     assert rows[0]["payload"] == {"m": 1}
     assert rows[0]["key"] == "a" and rows[0]["topic"] == "orders"
     assert datetime.fromisoformat(rows[0]["dead_at"]) == T0 + timedelta(hours=1)
 
-    since = pgcg(dsn, "dlq", "list", "--json", "--since", "2026-03-01 16:00:00")
+    since = cli(dsn, "dlq", "list", "--json", "--since", "2026-03-01 16:00:00")
     assert [json.loads(line)["message_id"] for line in since.stdout.splitlines()] == [4, 5, 6]
 
-    table = pgcg(dsn, "dlq", "list", "--key", "c")
-    assert table.returncode == 0
+    table = cli(dsn, "dlq", "list", "--key", "c")
+    assert table.exit_code == 0
     assert table.stdout.split("\t")[:4] == ["5", "orders", "c", "3"]
 
 
-async def test_cli_dlq_purge_and_replay(letters: psycopg.Connection[Any], dsn: str) -> None:
-    refused = pgcg(dsn, "dlq", "purge")
-    assert refused.returncode == 2
+async def test_cli_dlq_purge_and_replay(
+    letters: psycopg.Connection[Any], dsn: str, cli: Any
+) -> None:
+    refused = cli(dsn, "dlq", "purge")
+    assert refused.exit_code == 2
     assert refused.stderr.count("\n") == 1 and "--all" in refused.stderr
     assert len(listed(letters)) == 6
 
     letters.execute("SELECT pgcg.create_topic('orders', 1)")
-    replayed = pgcg(dsn, "dlq", "replay", "--topic", "orders", "--key", "c")
+    replayed = cli(dsn, "dlq", "replay", "--topic", "orders", "--key", "c")
     assert json.loads(replayed.stdout) == {"replayed": 1}
     assert [r["id"] for r in letters.execute("SELECT id FROM pgcg.messages")] == [5]
 
-    purged = pgcg(dsn, "dlq", "purge", "--topic", "billing")
+    purged = cli(dsn, "dlq", "purge", "--topic", "billing")
     assert json.loads(purged.stdout) == {"purged": 2}
-    everything = pgcg(dsn, "dlq", "purge", "--all")
+    everything = cli(dsn, "dlq", "purge", "--all")
     assert json.loads(everything.stdout) == {"purged": 3}
     assert listed(letters) == []

@@ -229,8 +229,14 @@ def pgcg(
     )
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, says: str) -> None:
-    assert done.returncode == code, done
+def assert_one_line_error(done: Any, code: int, says: str) -> None:
+    """A subprocess.CompletedProcess or a click Result: exit code, one line, no traceback."""
+    if isinstance(done, subprocess.CompletedProcess):
+        returncode = done.returncode
+    else:
+        returncode = done.exit_code
+        assert isinstance(done.exception, SystemExit), done.exception  # not a crash
+    assert returncode == code, done
     assert done.stderr.startswith("pgcg: error: "), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr
@@ -287,38 +293,49 @@ def test_cli_produce_json_lines(db: psycopg.Connection[Any], dsn: str, topic: st
     ],
 )
 def test_cli_bad_json_line_writes_nothing_of_its_batch(
-    db: psycopg.Connection[Any], dsn: str, topic: str, bad_line: str, code: int, says: str
-) -> None:
+    db: psycopg.Connection[Any], dsn: str, topic: str, bad_line: str, code: int, says: str,
+    cli: Any,
+) -> None:  # fmt: skip
     lines = ['{"key": "a", "payload": 1}', '{"key": "b", "payload": 2}', bad_line]
-    done = pgcg(dsn, "produce", "--topic", topic, stdin="\n".join(lines) + "\n")
+    done = cli(dsn, "produce", "--topic", topic, stdin="\n".join(lines) + "\n")
     assert_one_line_error(done, code, says)
     assert done.stdout == ""
     assert pending(db, topic) == 0
 
 
-def test_cli_bad_line_keeps_earlier_batches(
+def test_cli_bad_json_line_from_a_real_process(
     db: psycopg.Connection[Any], dsn: str, topic: str
 ) -> None:
+    """What a user's terminal shows: one line on stderr, exit code 2, nothing written."""
+    lines = ['{"key": "a", "payload": 1}', '{"key": "k", "payload": "\\u0000"}']
+    done = pgcg(dsn, "produce", "--topic", topic, stdin="\n".join(lines) + "\n")
+    assert_one_line_error(done, 2, "NUL")
+    assert pending(db, topic) == 0
+
+
+def test_cli_bad_line_keeps_earlier_batches(
+    db: psycopg.Connection[Any], dsn: str, topic: str, cli: Any
+) -> None:
     lines = [json.dumps({"key": "a", "payload": i}) for i in range(4)] + ["{oops"]
-    done = pgcg(dsn, "produce", "--topic", topic, "--batch-size", "2", stdin="\n".join(lines))
+    done = cli(dsn, "produce", "--topic", topic, "--batch-size", "2", stdin="\n".join(lines))
     assert_one_line_error(done, 2, "line 5 is not valid JSON")
     assert pending(db, topic) == 4
 
 
-def test_cli_produce_errors(db: psycopg.Connection[Any], dsn: str, topic: str) -> None:
+def test_cli_produce_errors(db: psycopg.Connection[Any], dsn: str, topic: str, cli: Any) -> None:
     assert_one_line_error(
-        pgcg(dsn, "produce", "--topic", topic, "--key", "k", "--payload", "{x"), 2, "--payload"
+        cli(dsn, "produce", "--topic", topic, "--key", "k", "--payload", "{x"), 2, "--payload"
     )
     assert_one_line_error(
-        pgcg(dsn, "produce", "--topic", "nope", "--key", "k", "--payload", "1"), 3, "nope"
+        cli(dsn, "produce", "--topic", "nope", "--key", "k", "--payload", "1"), 3, "nope"
     )
     assert_one_line_error(
-        pgcg(dsn, "produce", "--topic", "No", "--key", "k", "--payload", "1"), 2, "topic name"
+        cli(dsn, "produce", "--topic", "No", "--key", "k", "--payload", "1"), 2, "topic name"
     )
     assert_one_line_error(
-        pgcg(dsn, "produce", "--topic", topic, "--key", "k", "--payload", '"abcdef"',
-             PGCG_MAX_PAYLOAD_BYTES="4"),
+        cli(dsn, "produce", "--topic", topic, "--key", "k", "--payload", '"abcdef"',
+            PGCG_MAX_PAYLOAD_BYTES="4"),
         2, "PGCG_MAX_PAYLOAD_BYTES",
     )  # fmt: skip
-    assert_one_line_error(pgcg(dsn, "produce", "--topic", topic, "--key", "k"), 2, "--payload")
+    assert_one_line_error(cli(dsn, "produce", "--topic", topic, "--key", "k"), 2, "--payload")
     assert pending(db, topic) == 0

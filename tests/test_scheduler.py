@@ -189,7 +189,7 @@ class SchedulerModel(RuleBasedStateMachine):
             )
 
 
-SchedulerModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+SchedulerModel.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 TestScheduler = SchedulerModel.TestCase
 
 
