@@ -16,7 +16,7 @@ from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, key_in, pending, running
+from tests.helpers import assign, await_for, key_in, owners, pending, running
 
 pytestmark = pytest.mark.anyio
 
@@ -319,3 +319,48 @@ async def test_delayed_retry_blocks_its_key_after_a_hand_off(
         await await_for(lambda: any(i == b for _, i, _ in handled), what="B handled")
     assert handled[1:] == [("second", a, 2), ("second", b, 2)]
     assert pending(db, TOPIC) == 0
+
+
+async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revoked partition drains its in-flight work. A message that fails meanwhile is
+    not retried here (the row keeps its retry time for the next owner): the partition
+    is released as soon as the failure is written, not at the drain deadline."""
+    caplog.set_level(logging.INFO, logger="pgcg")
+    setup_topic(db, partitions=1)
+    (first,) = enqueue(db, ("k", "A"))
+    gate = anyio.Event()
+    attempts: list[int] = []
+
+    async def handler(message: Message) -> None:
+        attempts.append(message.attempt)
+        await gate.wait()
+        raise RuntimeError("downstream is down")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    # Full jitter can draw a delay of ~0: the retry is due at once, the worst case.
+    consumer.ctx.retry = FixedRetry(max_attempts=3, delay=0)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: attempts == [1], what="A in flight")
+        # what the coordinator's revoke does: drain by a deadline far away, then release
+        db.execute(
+            "UPDATE pgcg.partition_assignments SET state = 'revoking', "
+            "revoke_deadline = now() + interval '30 seconds' WHERE group_name = %s",
+            (GROUP,),
+        )
+        db.execute("SELECT pg_notify('pgcg.g.' || %s, 'assignment')", (GROUP,))
+        await await_for(lambda: actions(caplog, "partition_revoking"), what="revoke seen")
+        gate.set()
+        await await_for(lambda: actions(caplog, "partition_released"), 60, "released")
+    assert not actions(caplog, "drain_deadline")
+    assert attempts == [1]
+    assert owners(db, GROUP)[0] == (None, 2, "unassigned")
+    row = db.execute(
+        "SELECT attempts, claim_epoch, last_error, available_at > now() - interval '1 minute' "
+        "AS retry_time_kept FROM pgcg.messages WHERE id = %s",
+        (first,),
+    ).fetchone()
+    assert row is not None and row["attempts"] == 1 and row["claim_epoch"] is None
+    assert "downstream is down" in row["last_error"]
