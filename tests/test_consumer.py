@@ -140,11 +140,13 @@ async def test_many_keys_keep_order_under_concurrency(
     assert all(seqs == sorted(seqs) for seqs in by_key.values())
 
 
-async def test_zombie_ack_is_rejected_while_owned_partitions_still_ack(
-    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("outcome", ["ack", "retry", "dead_letter"])
+async def test_zombie_result_is_rejected_while_owned_partitions_still_ack(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture, outcome: str
 ) -> None:
-    """The partition's epoch moves on while a handler runs: its ack must change nothing,
-    and the ack of a partition still owned, written in the same period, must go through."""
+    """The partition's epoch moves on while a handler runs: its result (ack, retry or dead
+    letter) must change nothing, and the ack of a partition still owned, written in the
+    same period, must go through."""
     caplog.set_level(logging.INFO, logger="pgcg")
     setup_topic(db, partitions=2)
     stale, owned = enqueue(db, (key_in(0, 2), "stale"), (key_in(1, 2), "owned"))
@@ -155,12 +157,15 @@ async def test_zombie_ack_is_rejected_while_owned_partitions_still_ack(
     async def handler(message: Message) -> None:
         started.add(message.id)
         await gate.wait()
+        if message.id == stale and message.attempt == 1 and outcome != "ack":
+            raise RuntimeError("zombie failure")
         handled.append((message.id, message.attempt))
 
-    # Heartbeats far apart and a long lease: between the epoch bump and the ack, nothing
-    # but the ack itself may notice the change (the blocker below makes sure of it).
+    # Heartbeats far apart and a long lease: between the epoch bump and the result, nothing
+    # but the fenced write itself may notice the change (the blocker below makes sure).
     consumer = Consumer(
-        settings(heartbeat_interval=2, session_timeout=20),
+        settings(heartbeat_interval=2, session_timeout=20,
+                 max_attempts=1 if outcome == "dead_letter" else 3),
         group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
     )  # fmt: skip
     async with running(consumer):
@@ -168,7 +173,7 @@ async def test_zombie_ack_is_rejected_while_owned_partitions_still_ack(
         await await_for(lambda: started == {stale, owned}, what="both handlers running")
         with psycopg.connect(dsn) as blocker:
             # Hold the member row so the heartbeat (which would see the new epoch and
-            # cancel the handler before it can ack) waits until the acks are written.
+            # cancel the handler before it can finish) waits until the results are written.
             blocker.execute(
                 "SELECT 1 FROM pgcg.consumer_groups WHERE member_id = %s FOR UPDATE",
                 (consumer.member_id,),
@@ -181,16 +186,21 @@ async def test_zombie_ack_is_rejected_while_owned_partitions_still_ack(
             gate.set()
             await await_for(lambda: actions(caplog, "ack_rejected"), what="ack_rejected log")
             await await_for(lambda: owned not in row_ids(db), what="the owned partition's ack")
-            assert stale in row_ids(db), "a zombie's ack deleted a message"
+            row = db.execute(
+                "SELECT attempts, last_error FROM pgcg.messages WHERE id = %s", (stale,)
+            ).fetchone()
+            assert row == {"attempts": 0, "last_error": None}, "a zombie's result was written"
+            assert db.execute("SELECT * FROM pgcg.dead_letters").fetchall() == []
             (rejected,) = actions(caplog, "ack_rejected")
             assert (rejected.partition, rejected.count) == (0, 1)  # type: ignore[attr-defined]
-            assert handled == [(stale, 1), (owned, 1)] or handled == [(owned, 1), (stale, 1)]
+            assert (owned, 1) in handled
             blocker.rollback()
         # The member still owns partition 0, under the new epoch: the message comes back
         # as a new delivery (the lost claim counts as an attempt) and is acked this time.
         await await_for(lambda: stale not in row_ids(db), what="redelivery under the new epoch")
     assert (stale, 2) in handled
     assert len(actions(caplog, "ack_rejected")) == 1
+    assert db.execute("SELECT * FROM pgcg.dead_letters").fetchall() == []
 
 
 async def test_always_failing_message_is_dead_lettered_before_its_key_moves_on(
@@ -364,3 +374,30 @@ async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
     ).fetchone()
     assert row is not None and row["attempts"] == 1 and row["claim_epoch"] is None
     assert "downstream is down" in row["last_error"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: the claim fills the prefetch window with messages of a key blocked "
+    "behind a retry, then stops claiming, so every other key of the member waits for that "
+    "retry (up to retry_max). Fix needs the claim to skip keys that cannot move.",
+)
+async def test_a_key_waiting_for_its_retry_does_not_starve_other_keys(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    setup_topic(db, partitions=2)
+    hot = key_in(0, 2, "hot")
+    first, *_ = enqueue(db, *[(hot, {"seq": i}) for i in range(60)])
+    others = enqueue(db, *[(key_in(p, 2, f"other{n}"), n) for n in range(10) for p in (0, 1)])
+    handled: list[int] = []
+
+    async def handler(message: Message) -> None:
+        if message.id == first and message.attempt == 1:
+            raise RuntimeError("downstream is down")
+        handled.append(message.id)
+
+    consumer = Consumer(settings(prefetch=20), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    consumer.ctx.retry = FixedRetry(max_attempts=3, delay=60)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0, 1], consumer.member_id)
+        await await_for(lambda: set(others) <= set(handled), 5, "other keys handled")
