@@ -133,14 +133,9 @@ def test_concurrent_migrate_commands(empty_dsn: str) -> None:
     assert stdout == [f"applied {everything}", "schema is up to date", "schema is up to date"]
 
 
-def test_using_an_unmigrated_database_says_run_migrate(empty_dsn: str) -> None:
+def test_using_an_unmigrated_database_says_run_migrate(empty_dsn: str, cli: Any) -> None:
     with connect(empty_dsn) as conn, pytest.raises(SchemaNotMigrated, match="pgcg migrate"):
         enqueue_many_sync(conn, "t", [OutgoingMessage("k", 1)])
-    env = {**os.environ, "PGCG_DATABASE_URL": empty_dsn}
-    done = subprocess.run(
-        [sys.executable, "-m", "pgcg.shared.cli", "produce", "--topic", "t", "--key", "k",
-         "--payload", "1"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 5
+    done = cli(empty_dsn, "produce", "--topic", "t", "--key", "k", "--payload", "1")
+    assert done.exit_code == 5
     assert done.stderr.count("\n") == 1 and "pgcg migrate" in done.stderr
