@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
@@ -113,13 +113,16 @@ class Acker:
             if item.id not in done:
                 continue
             if item.id in delay_of:
+                # The nack counted the failure in the row; the retry is delivered from
+                # memory, so it must count there too, or max_attempts is never reached.
+                item.message = replace(item.message, attempt=item.message.attempt + 1)
                 ctx.scheduler.defer(item, now + delay_of[item.id], now)
                 log.info(
                     "message %s failed (attempt %s), retry in %.2fs: %s",
-                    item.id, item.message.attempt, delay_of[item.id], result.error,
+                    item.id, item.message.attempt - 1, delay_of[item.id], result.error,
                     extra={"action": "message_retry", **ctx.fields, "partition": item.partition,
                            "epoch": item.epoch, "message_id": item.id,
-                           "attempt": item.message.attempt},
+                           "attempt": item.message.attempt - 1},
                 )  # fmt: skip
             else:
                 ctx.scheduler.finish(item, now)

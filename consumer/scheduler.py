@@ -138,6 +138,12 @@ class KeyScheduler:
         if queue is None:
             return
         item.due = due
+        if len(queue.items) > 1 and queue.items[1].id < item.id:
+            # A lower id arrived while this head was being handled and had to queue behind
+            # it. The head is no longer in flight, so the key is back to plain id order:
+            # the order a new owner reading the rows would see, and the one insert() gives
+            # a lower id that arrives while the head waits for its retry.
+            queue.items = deque(sorted(queue.items, key=lambda c: c.id))
         self._schedule(item.key, queue, now)
 
     def _release(self, item: Claimed) -> _KeyQueue | None:

@@ -279,7 +279,11 @@ class Consumer:
                 for item in ctx.scheduler.take(now, free):
                     owned = ctx.assignment.current(item.partition, item.epoch)
                     if owned is None or owned.state != "assigned":
-                        continue  # dropped with its partition; the scheduler forgot it too
+                        # Not ours to start (a revoked partition's head whose retry came
+                        # due while draining): forget it, or it stays busy and holds the
+                        # release until the drain deadline. Its row is the next owner's.
+                        ctx.scheduler.finish(item, now)
+                        continue
                     ctx.running += 1
                     self._tg.start_soon(self._handle, item, owned)
             next_due = ctx.scheduler.next_due()

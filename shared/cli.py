@@ -284,10 +284,14 @@ def produce(
             doc = _parse_json(line, f"line {n}")
             if not isinstance(doc, dict) or "key" not in doc or "payload" not in doc:
                 raise InvalidInput(f"line {n}: expected an object with 'key' and 'payload'")
+            try:
+                delay = float(doc.get("delay") or 0)
+            except (TypeError, ValueError):
+                raise InvalidInput(f"line {n}: delay must be a number of seconds") from None
             batch.append(
                 OutgoingMessage(
                     doc["key"], doc["payload"], doc.get("headers") or {},
-                    doc.get("dedup_key"), float(doc.get("delay") or 0),
+                    doc.get("dedup_key"), delay,
                 )
             )  # fmt: skip
             if len(batch) >= batch_size:

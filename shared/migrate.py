@@ -73,6 +73,10 @@ def migrate(dsn: str) -> list[Migration]:
 
 
 def current_version(conn: psycopg.Connection[dict[str, object]]) -> int:
+    """The latest applied migration; 0 for a database pgcg never touched."""
+    exists = conn.execute(Q.version_table_exists).fetchone()
+    if not exists or not exists["present"]:
+        return 0
     row = conn.execute(Q.current_version).fetchone()
     return int(row["version"]) if row else 0  # type: ignore[call-overload]
 

@@ -42,6 +42,25 @@ class Enqueued:
     partition: int
 
 
+def _text_problem(value: Any) -> str | None:
+    """Why PostgreSQL text or jsonb cannot hold this value's strings, or None if it can."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "contains a NUL character, which PostgreSQL text cannot hold"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "contains a lone surrogate, which is not valid Unicode"
+        return None
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = (x for kv in value.items() for x in kv)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    return next((p for p in map(_text_problem, items) if p is not None), None)
+
+
 def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict[str, list[Any]]:
     keys: list[str] = []
     payloads: list[str] = []
@@ -58,6 +77,17 @@ def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict
             text = json.dumps(msg.payload, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"{where}: the payload is not JSON-serialisable: {exc}") from exc
+        # json.dumps escapes NUL and lone surrogates, which jsonb then refuses mid-batch;
+        # only look closer when an escape that could be one is there at all.
+        for name, value in (
+            ("ordering key", msg.key),
+            ("dedup key", msg.dedup_key),
+            ("headers", msg.headers),
+            ("payload", msg.payload if ("\\u0000" in text or "\\ud" in text) else None),
+        ):
+            problem = _text_problem(value)
+            if problem:
+                raise InvalidInput(f"{where}: the {name} {problem}")
         if len(text.encode()) > max_payload_bytes:
             raise PayloadTooLarge(
                 f"{where}: the payload is {len(text.encode())} bytes, over the limit of "

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 
 from pgcg.shared.queries import Queries
+
+if TYPE_CHECKING:
+    from pgcg.consumer.service import Consumer
 
 COORD = Queries("coordinator")
 
@@ -69,3 +75,30 @@ def owners(conn: psycopg.Connection[Any], group: str) -> dict[int, tuple[str | N
 def pending(conn: psycopg.Connection[Any], topic: str) -> int:
     row = conn.execute("SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,))
     return int(row.fetchone()["n"])  # type: ignore[index]
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The documented key hash: first 4 bytes of md5(UTF-8 key), big-endian, mod partitions."""
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "big") % partitions
+
+
+def key_in(partition: int, partitions: int, prefix: str = "key") -> str:
+    """The first `prefix-N` key that hashes to `partition`."""
+    return next(
+        k for n in range(100_000) if partition_of(k := f"{prefix}-{n}", partitions) == partition
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(*consumers: Consumer) -> AsyncIterator[None]:
+    """Run consumers in this test's event loop; stop them (gracefully) on the way out."""
+    async with anyio.create_task_group() as tg:
+        for consumer in consumers:
+            tg.start_soon(functools.partial(consumer.run, install_signal_handlers=False))
+        for consumer in consumers:
+            await consumer.joined.wait()
+        try:
+            yield
+        finally:
+            for consumer in consumers:
+                consumer.stop()

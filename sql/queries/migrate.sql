@@ -18,6 +18,10 @@ SELECT version FROM pgcg.schema_migrations
 -- name: record
 INSERT INTO pgcg.schema_migrations (version, name) VALUES (%(version)s, %(name)s)
 
+-- name: version_table_exists
+-- Asked on its own: a statement that names a missing table fails when it is parsed, even
+-- inside a CASE branch that would never run.
+SELECT to_regclass('pgcg.schema_migrations') IS NOT NULL AS present
+
 -- name: current_version
-SELECT CASE WHEN to_regclass('pgcg.schema_migrations') IS NULL THEN 0
-            ELSE (SELECT coalesce(max(version), 0) FROM pgcg.schema_migrations) END AS version
+SELECT coalesce(max(version), 0) AS version FROM pgcg.schema_migrations
