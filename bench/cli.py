@@ -64,6 +64,13 @@ def bench() -> None:
     show_default=True,
     help="Messages per enqueue / raw INSERT statement.",
 )
+@click.option(
+    "--producers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Producer connections enqueueing at once (keys split between them).",
+)
 @click.option("--no-raw", is_flag=True, help="Skip the raw PostgreSQL baseline.")
 @click.option(
     "--timeout",

@@ -14,6 +14,7 @@ _wait_empty), bounded by `timeout`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pgcg.bench.cpu import CpuMeter, postmaster_pid
 from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
 from pgcg.bench.handlers import HANDLERS
 from pgcg.bench.members import BenchError, ConsumerProcesses
+from pgcg.bench.producers import run_producers, split_by_key
 from pgcg.bench.raw import raw_baseline
 from pgcg.shared.db import connect_sync
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
@@ -45,6 +47,7 @@ class DrainOptions:
     prefetch: int = 1_000
     handlers: list[str] = field(default_factory=lambda: ["noop", "sleep1ms"])
     batch_size: int = 1_000
+    producers: int = 1
     timeout: float = 300.0
     poll_interval: float = 0.05
     raw: bool = True
@@ -60,8 +63,8 @@ def _workload(opts: DrainOptions) -> list[OutgoingMessage]:
 
 
 def run_drain(opts: DrainOptions) -> dict[str, Any]:
-    if opts.messages < 1 or opts.keys < 1 or opts.consumers < 1:
-        raise ValueError("messages, keys and consumers must be at least 1")
+    if min(opts.messages, opts.keys, opts.consumers, opts.producers, opts.batch_size) < 1:
+        raise ValueError("messages, keys, consumers, producers and batch size must be >= 1")
     unknown = [h for h in opts.handlers if h not in HANDLERS]
     if unknown:
         raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
@@ -75,11 +78,11 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
         result["server"] = db.server_info()
         result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
         if opts.raw:
+            rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
             result["raw"] = raw_baseline(
                 db.dsn,
                 CpuMeter([], postmaster_pid(db.throwaway.pgdata) if db.throwaway else None),
-                [m.key for m in workload],
-                [f'{{"seq":{m.payload["seq"]}}}' for m in workload],
+                split_by_key(rows, lambda n: n % opts.keys, opts.producers),
                 batch_size=opts.batch_size,
                 connections=opts.consumers,
                 table_name=f"bench_raw_{unique_suffix()}",
@@ -102,7 +105,7 @@ def _pgcg_run(
     with connect_sync(db.dsn) as conn:
         conn.execute("SELECT pgcg.create_topic(%s, %s)", (topic, opts.partitions))
     try:
-        enqueue = _enqueue(db.dsn, topic, workload, opts.batch_size)
+        enqueue = _enqueue(db.dsn, topic, opts, workload)
         drain = _drain(db, opts, handler, topic, group)
     finally:
         drop_topic(db.dsn, topic, group)
@@ -110,15 +113,14 @@ def _pgcg_run(
 
 
 def _enqueue(
-    dsn: str, topic: str, workload: list[OutgoingMessage], batch_size: int
+    dsn: str, topic: str, opts: DrainOptions, workload: list[OutgoingMessage]
 ) -> dict[str, Any]:
-    with connect_sync(dsn) as conn:
-        started = time.perf_counter()
-        for at in range(0, len(workload), batch_size):
-            enqueue_many_sync(conn, topic, workload[at : at + batch_size])
-        elapsed = time.perf_counter() - started
-    return {"messages": len(workload), "batch": batch_size, "seconds": round(elapsed, 3),
-            "msgs_per_s": round(len(workload) / elapsed)}  # fmt: skip
+    slices = split_by_key(workload, lambda n: n % opts.keys, opts.producers)
+    elapsed = run_producers(
+        dsn, slices, opts.batch_size, lambda conn, batch: enqueue_many_sync(conn, topic, batch)
+    )
+    return {"messages": len(workload), "batch": opts.batch_size, "producers": opts.producers,
+            "seconds": round(elapsed, 3), "msgs_per_s": round(len(workload) / elapsed)}  # fmt: skip
 
 
 def _drain(

@@ -3,6 +3,7 @@ with `DELETE … FOR UPDATE SKIP LOCKED … RETURNING` in batches of 100 from P 
 
 No partitions, no ordering per key, no fencing: what any queue on this server could do at
 best, so pgcg's numbers can be read as a ratio rather than against another machine.
+Inserts use the same batches, producers and binary arrays as pgcg's enqueue.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import threading
 import time
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from pgcg.bench.cpu import CpuMeter
+from pgcg.bench.producers import run_producers
 from pgcg.shared.db import connect_sync
 
 DRAIN_BATCH = 100
@@ -28,7 +31,7 @@ CREATE TABLE {table} (
 """
 _INSERT = """
 INSERT INTO {table} (key, payload)
-SELECT * FROM unnest(%(keys)s::text[], %(payloads)s::text[]::jsonb[])
+SELECT * FROM unnest(%(keys)b::text[], %(payloads)b::text[]::jsonb[])
 """
 _DRAIN = """
 DELETE FROM {table} WHERE id IN (
@@ -40,32 +43,35 @@ DELETE FROM {table} WHERE id IN (
 def raw_baseline(
     dsn: str,
     meter: CpuMeter,
-    keys: list[str],
-    payloads: list[str],
+    slices: list[list[tuple[str, str]]],
     *,
     batch_size: int,
     connections: int,
     table_name: str,
     timeout: float,
 ) -> dict[str, Any]:
+    """`slices`: (key, JSON text) rows per producer connection, as in pgcg's enqueue."""
     table = sql.Identifier("pgcg", table_name)
+    messages = sum(len(s) for s in slices)
     with connect_sync(dsn) as conn:
         conn.execute(sql.SQL(_CREATE).format(table=table))
         try:
             insert = sql.SQL(_INSERT).format(table=table)
-            started = time.perf_counter()
-            for at in range(0, len(keys), batch_size):
-                batch = slice(at, at + batch_size)
-                conn.execute(insert, {"keys": keys[batch], "payloads": payloads[batch]})
-            insert_s = time.perf_counter() - started
+
+            def send(producer: psycopg.Connection[Any], batch: list[tuple[str, str]]) -> None:
+                keys, payloads = zip(*batch, strict=True)
+                producer.execute(insert, {"keys": list(keys), "payloads": list(payloads)})
+
+            insert_s = run_producers(dsn, slices, batch_size, send)
             drained, drain_s, cpu = _drain(
                 dsn, sql.SQL(_DRAIN).format(table=table), connections, timeout, meter
             )
         finally:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
     return {
-        "insert": {"messages": len(keys), "seconds": round(insert_s, 3),
-                   "msgs_per_s": round(len(keys) / insert_s)},
+        "insert": {"messages": messages, "seconds": round(insert_s, 3),
+                   "msgs_per_s": round(messages / insert_s), "producers": len(slices),
+                   "batch": batch_size},
         "drain": {"messages": drained, "seconds": round(drain_s, 3),
                   "msgs_per_s": round(drained / drain_s), "connections": connections,
                   "batch": DRAIN_BATCH, "cpu": cpu},
