@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from psycopg import sql
 
@@ -75,6 +76,7 @@ class Consumer:
             retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
         )
         self.handler = handler
+        self._call = handlers.caller(handler)
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
         self.joined = anyio.Event()
@@ -144,8 +146,7 @@ class Consumer:
                 extra={"action": "drain_deadline", **ctx.fields},
             )
             for owned in ctx.assignment.owned.values():
-                for scope in owned.scopes:
-                    scope.cancel()
+                owned.cancel_handlers()
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.acker.flush()
@@ -267,47 +268,73 @@ class Consumer:
     # -- handling ----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
+        """Start handler slots for ready keys, up to `concurrency`. A slot that finishes a
+        message takes the next ready one itself (see _handler_slot), so this loop mostly
+        starts slots when work arrives after a quiet spell, or when slots ended."""
         ctx = self.ctx
         while True:
             now = time.monotonic()
-            free = ctx.settings.concurrency - ctx.running
-            if free > 0 and not ctx.stopping and ctx.membership.lease.valid(now):
-                for item in ctx.scheduler.take(now, free):
-                    owned = ctx.assignment.current(item.partition, item.epoch)
-                    if owned is None or owned.state != "assigned":
-                        continue  # dropped with its partition; the scheduler forgot it too
-                    ctx.running += 1
-                    self._tg.start_soon(self._handle, item, owned)
+            while ctx.running < ctx.settings.concurrency:
+                ready = self._next_ready(now)
+                if ready is None:
+                    break
+                ctx.running += 1
+                self._tg.start_soon(self._handler_slot, *ready)
             next_due = ctx.scheduler.next_due()
             timeout = None if next_due is None else next_due - time.monotonic()
             if ctx.running >= ctx.settings.concurrency:
                 timeout = None
             await ctx.wake.dispatch.wait(timeout)
 
-    async def _handle(self, item: Claimed, owned: Owned) -> None:
+    def _next_ready(self, now: float) -> tuple[Claimed, Owned] | None:
+        """The due head of an idle key, its key now busy; None if nothing may start."""
         ctx = self.ctx
-        error: str | None = None
+        if ctx.stopping or not ctx.membership.lease.valid(now):
+            return None
+        while taken := ctx.scheduler.take(now, 1):
+            item = taken[0]
+            owned = ctx.assignment.current(item.partition, item.epoch)
+            if owned is not None and owned.state == "assigned":
+                return item, owned
+            # Dropped with its partition; the scheduler forgot it too.
+        return None
+
+    async def _handler_slot(self, item: Claimed, owned: Owned) -> None:
+        """One of `concurrency` handler slots: handle `item`, then the next ready message,
+        until none is ready. Starting a task per message cost more CPU than a no-op
+        handler; a slot yields between messages so the other loops keep running."""
+        ctx = self.ctx
         try:
-            with anyio.CancelScope() as scope:
-                owned.scopes.add(scope)
-                try:
-                    with anyio.fail_after(ctx.settings.visibility_timeout):
-                        await handlers.call(self.handler, item.message)
-                except TimeoutError:
-                    error = (
-                        f"handler stuck: no result within {ctx.settings.visibility_timeout}s "
-                        "(PGCG_VISIBILITY_TIMEOUT)"
-                    )
-                except Exception as exc:
-                    error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
-                    log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
-                finally:
-                    owned.scopes.discard(scope)
+            while True:
+                await self._handle(item, owned)
+                await anyio.lowlevel.checkpoint()
+                ready = self._next_ready(time.monotonic())
+                if ready is None:
+                    return
+                item, owned = ready
         finally:
             ctx.running -= 1
             ctx.wake.dispatch.set()
+
+    async def _handle(self, item: Claimed, owned: Owned) -> None:
+        ctx = self.ctx
+        error: str | None = None
+        timeout = ctx.settings.visibility_timeout
+        # One scope for both ways a handler ends early: its own deadline (stuck), and
+        # cancel_handlers() when the partition goes (no result to write).
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+            owned.scopes.add(scope)
+            try:
+                await self._call(item.message)
+            except Exception as exc:
+                error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
+                log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
+            finally:
+                owned.scopes.discard(scope)
         if scope.cancelled_caught:
-            return  # the partition was lost or the drain time ran out: no result to write
+            if owned.handlers_cancelled:
+                return  # the partition was lost or the drain time ran out
+            error = f"handler stuck: no result within {timeout}s (PGCG_VISIBILITY_TIMEOUT)"
         self.acker.submit(Result(item, error))
 
     # -- revocation --------------------------------------------------------------------------
