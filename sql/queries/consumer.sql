@@ -97,8 +97,9 @@ SET claim_epoch = (SELECT o.epoch FROM owned AS o WHERE o.partition = m.partitio
 WHERE m.topic = %(topic)s
   AND m.partition = ANY (%(partitions)s::int[])
   AND m.id = ANY (ARRAY(SELECT id FROM picked))
-RETURNING m.id, m.partition, m.key, m.payload, m.headers, m.attempts, m.enqueued_at,
-          m.claim_epoch AS epoch,
+RETURNING m.id, m.partition, m.key, m.payload,
+          nullif(m.headers, '{}'::jsonb) AS headers,  -- most have none: nothing to parse
+          m.attempts, m.enqueued_at, m.claim_epoch AS epoch,
           greatest(extract(epoch FROM m.available_at - now()), 0)::float8 AS due_in
 
 -- name: ack
