@@ -5,7 +5,8 @@ Loops (all in one task group, all cancellable):
   heartbeat  renew the lease, read assignments, rejoin when expelled
   listener   LISTEN for new messages and assignment changes (a hint; polling backs it up)
   fetcher    claim rows of owned partitions
-  dispatcher hand due heads of idle keys to handlers, up to `concurrency`
+  dispatcher put workers (up to `concurrency`) on due heads of idle keys
+  stuck sweep cancel handlers past the visibility timeout
   acker      write results in fenced batches
   releaser   release revoked partitions once drained (or at their deadline)
   watchdog   self-fence when the lease runs out
@@ -20,23 +21,21 @@ import contextlib
 import logging
 import signal
 import time
-import traceback
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.consumer import handlers
-from pgcg.consumer.acker import MAX_ERROR_TEXT, Acker, Result
+from pgcg.consumer.acker import Acker
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.fetcher import Fetcher
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
-from pgcg.consumer.message import Claimed
 from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.consumer.workers import Workers
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
@@ -76,9 +75,9 @@ class Consumer:
             retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
         )
         self.handler = handler
-        self._call = handlers.caller(handler)
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
+        self.workers = Workers(self.ctx, handlers.caller(handler), self.acker.submit)
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -103,6 +102,7 @@ class Consumer:
                     tg.start_soon(self._listener_loop)
                     tg.start_soon(self.fetcher.run)
                     tg.start_soon(self._dispatch_loop)
+                    tg.start_soon(self.workers.sweep_stuck)
                     tg.start_soon(self.acker.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
@@ -268,74 +268,14 @@ class Consumer:
     # -- handling ----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        """Start handler slots for ready keys, up to `concurrency`. A slot that finishes a
-        message takes the next ready one itself (see _handler_slot), so this loop mostly
-        starts slots when work arrives after a quiet spell, or when slots ended."""
+        """Put workers on ready keys (see workers.py); woken by claims, acks and the
+        earliest retry becoming due."""
         ctx = self.ctx
         while True:
-            now = time.monotonic()
-            while ctx.running < ctx.settings.concurrency:
-                ready = self._next_ready(now)
-                if ready is None:
-                    break
-                ctx.running += 1
-                self._tg.start_soon(self._handler_slot, *ready)
+            self.workers.dispatch(self._tg, time.monotonic())
             next_due = ctx.scheduler.next_due()
             timeout = None if next_due is None else next_due - time.monotonic()
-            if ctx.running >= ctx.settings.concurrency:
-                timeout = None
             await ctx.wake.dispatch.wait(timeout)
-
-    def _next_ready(self, now: float) -> tuple[Claimed, Owned] | None:
-        """The due head of an idle key, its key now busy; None if nothing may start."""
-        ctx = self.ctx
-        if ctx.stopping or not ctx.membership.lease.valid(now):
-            return None
-        while taken := ctx.scheduler.take(now, 1):
-            item = taken[0]
-            owned = ctx.assignment.current(item.partition, item.epoch)
-            if owned is not None and owned.state == "assigned":
-                return item, owned
-            # Dropped with its partition; the scheduler forgot it too.
-        return None
-
-    async def _handler_slot(self, item: Claimed, owned: Owned) -> None:
-        """One of `concurrency` handler slots: handle `item`, then the next ready message,
-        until none is ready. Starting a task per message cost more CPU than a no-op
-        handler; a slot yields between messages so the other loops keep running."""
-        ctx = self.ctx
-        try:
-            while True:
-                await self._handle(item, owned)
-                await anyio.lowlevel.checkpoint()
-                ready = self._next_ready(time.monotonic())
-                if ready is None:
-                    return
-                item, owned = ready
-        finally:
-            ctx.running -= 1
-            ctx.wake.dispatch.set()
-
-    async def _handle(self, item: Claimed, owned: Owned) -> None:
-        ctx = self.ctx
-        error: str | None = None
-        timeout = ctx.settings.visibility_timeout
-        # One scope for both ways a handler ends early: its own deadline (stuck), and
-        # cancel_handlers() when the partition goes (no result to write).
-        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
-            owned.scopes.add(scope)
-            try:
-                await self._call(item.message)
-            except Exception as exc:
-                error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
-                log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
-            finally:
-                owned.scopes.discard(scope)
-        if scope.cancelled_caught:
-            if owned.handlers_cancelled:
-                return  # the partition was lost or the drain time ran out
-            error = f"handler stuck: no result within {timeout}s (PGCG_VISIBILITY_TIMEOUT)"
-        self.acker.submit(Result(item, error))
 
     # -- revocation --------------------------------------------------------------------------
 
