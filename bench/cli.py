@@ -147,6 +147,19 @@ def _text(result: dict[str, Any]) -> str:
             f"{handler:<9} drain   {d['msgs_per_s']:>9,} msgs/s  "
             f"violations={d['key_order_violations']} handled={d['handled']}"
         )
+        cpu = d.get("cpu")
+        if cpu and cpu.get("postgres_s") is not None:
+            lines.append(
+                f"{handler:<9} cpu     consumers {cpu['consumers_s']} s, postgres "
+                f"{cpu['postgres_s']} s, other processes {cpu['other_s']} s in "
+                f"{cpu['wall_s']} s on {cpu['cores']} cores "
+                f"({cpu['msgs_per_cpu_s']:,} msgs per CPU-second)"
+            )
+    host = result["host"]
+    lines.append(
+        f"host load average {host['loadavg_at_start'][0]:.1f} at start, "
+        f"{host['loadavg_at_end'][0]:.1f} at end ({host['cpus']} CPUs)"
+    )
     for name, value in result["ratios"].items():
         lines.append(f"ratio {name}: {value}")
     for name, target in result["targets"].items():
