@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, replace
 
 import anyio
+from psycopg.rows import tuple_row
 
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Claimed
@@ -148,8 +149,9 @@ class Acker:
             ids=[i.id for i in items],
             **columns,
         )
-        cur = await conn.execute(query, params)
-        return {row["id"] for row in await cur.fetchall()}
+        async with conn.cursor(row_factory=tuple_row) as cur:  # one id per row: no dicts
+            await cur.execute(query, params)
+            return {row[0] for row in await cur.fetchall()}
 
     async def _settle_rejected(
         self, conn: AsyncConn, rejected: list[Claimed], retried: bool

@@ -25,6 +25,14 @@ class Owned:
     adopted: bool = False  # our earlier claims under this epoch were put back (see adopt)
     revoke_by: float | None = None  # monotonic: cancel in-flight work and release by then
     scopes: set[anyio.CancelScope] = field(default_factory=set)
+    # Set once its handlers were cancelled (partition lost, drain time up): a cancelled
+    # handler then writes no result, where one cancelled by its own deadline is stuck.
+    handlers_cancelled: bool = False
+
+    def cancel_handlers(self) -> None:
+        self.handlers_cancelled = True
+        for scope in self.scopes:
+            scope.cancel()
 
 
 @dataclass
@@ -105,8 +113,7 @@ class Assignment:
         owned = self.owned.pop(partition, None)
         if owned is None:
             return
-        for scope in owned.scopes:
-            scope.cancel()
+        owned.cancel_handlers()
         dropped = self.scheduler.drop_partition(partition)
         log.warning(
             "partition %s lost (%s)",
@@ -137,8 +144,7 @@ class Assignment:
             if self.scheduler.busy(owned.partition) == 0:
                 ready.append(owned)
             elif owned.revoke_by is not None and now >= owned.revoke_by:
-                for scope in owned.scopes:
-                    scope.cancel()
+                owned.cancel_handlers()
                 log.warning(
                     "partition %s: drain deadline reached, cancelling %s handlers",
                     owned.partition,

@@ -21,6 +21,8 @@ MIN_POLL = 0.05
 
 
 def _headers(raw: Any) -> dict[str, str]:
+    if raw is None:  # the claim returns null for empty headers
+        return {}
     if isinstance(raw, str):
         raw = json.loads(raw)
     return {str(k): str(v) for k, v in (raw or {}).items()}

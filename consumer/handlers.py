@@ -58,17 +58,28 @@ def wants_transaction(handler: Handler) -> bool:
     return len(params) >= 2
 
 
+def is_async(handler: Handler) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - callable objects too
+    )
+
+
 async def call(handler: Handler, message: Message, *extra: Any) -> None:
     """Run an async handler in this task, a sync one in a worker thread."""
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 - callable objects too
-    ):
+    if is_async(handler):
         result: Awaitable[Any] = handler(message, *extra)
         await result
         return
     result = await anyio.to_thread.run_sync(partial(handler, message, *extra))
     if inspect.isawaitable(result):
         await result
+
+
+def caller(handler: Handler) -> Callable[[Message], Awaitable[None]]:
+    """`call` bound to one handler, with the async-or-thread decision made once."""
+    if is_async(handler):
+        return handler  # type: ignore[no-any-return]
+    return partial(call, handler)
 
 
 class RetryPolicy:

@@ -79,8 +79,12 @@ class KeyScheduler:
 
     # -- handing out -----------------------------------------------------------------------
 
-    def take(self, now: float, limit: int) -> list[Claimed]:
-        """Up to `limit` heads of idle keys that are due; their keys become busy."""
+    def ready_count(self, now: float) -> int:
+        """How many idle keys have a due head (what take() could hand out now)."""
+        self._promote(now)
+        return len(self._ready)
+
+    def _promote(self, now: float) -> None:
         while self._timed and self._timed[0][0] <= now:
             _, head_id, key = heapq.heappop(self._timed)
             queue = self._keys.get(key)
@@ -91,6 +95,10 @@ class KeyScheduler:
                     self._ready[key] = None
                 else:
                     heapq.heappush(self._timed, (queue.items[0].due, head_id, key))
+
+    def take(self, now: float, limit: int) -> list[Claimed]:
+        """Up to `limit` heads of idle keys that are due; their keys become busy."""
+        self._promote(now)
         taken: list[Claimed] = []
         while self._ready and len(taken) < limit:
             key = next(iter(self._ready))

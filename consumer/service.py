@@ -5,7 +5,8 @@ Loops (all in one task group, all cancellable):
   heartbeat  renew the lease, read assignments, rejoin when expelled
   listener   LISTEN for new messages and assignment changes (a hint; polling backs it up)
   fetcher    claim rows of owned partitions
-  dispatcher hand due heads of idle keys to handlers, up to `concurrency`
+  dispatcher put workers (up to `concurrency`) on due heads of idle keys
+  stuck sweep cancel handlers past the visibility timeout
   acker      write results in fenced batches
   releaser   release revoked partitions once drained (or at their deadline)
   watchdog   self-fence when the lease runs out
@@ -20,7 +21,6 @@ import contextlib
 import logging
 import signal
 import time
-import traceback
 from typing import Any
 
 import anyio
@@ -28,14 +28,14 @@ from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.consumer import handlers
-from pgcg.consumer.acker import MAX_ERROR_TEXT, Acker, Result
+from pgcg.consumer.acker import Acker
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.fetcher import Fetcher
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
-from pgcg.consumer.message import Claimed
 from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.consumer.workers import Workers
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
@@ -77,6 +77,7 @@ class Consumer:
         self.handler = handler
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
+        self.workers = Workers(self.ctx, handlers.caller(handler), self.acker.submit)
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -101,6 +102,7 @@ class Consumer:
                     tg.start_soon(self._listener_loop)
                     tg.start_soon(self.fetcher.run)
                     tg.start_soon(self._dispatch_loop)
+                    tg.start_soon(self.workers.sweep_stuck)
                     tg.start_soon(self.acker.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
@@ -144,8 +146,7 @@ class Consumer:
                 extra={"action": "drain_deadline", **ctx.fields},
             )
             for owned in ctx.assignment.owned.values():
-                for scope in owned.scopes:
-                    scope.cancel()
+                owned.cancel_handlers()
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.acker.flush()
@@ -271,52 +272,14 @@ class Consumer:
     # -- handling ----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
+        """Put workers on ready keys (see workers.py); woken by claims, acks and the
+        earliest retry becoming due."""
         ctx = self.ctx
         while True:
-            now = time.monotonic()
-            free = ctx.settings.concurrency - ctx.running
-            if free > 0 and not ctx.stopping and ctx.membership.lease.valid(now):
-                for item in ctx.scheduler.take(now, free):
-                    owned = ctx.assignment.current(item.partition, item.epoch)
-                    if owned is None or owned.state != "assigned":
-                        # Not ours to start (a revoked partition's head whose retry came
-                        # due while draining): forget it, or it stays busy and holds the
-                        # release until the drain deadline. Its row is the next owner's.
-                        ctx.scheduler.finish(item, now)
-                        continue
-                    ctx.running += 1
-                    self._tg.start_soon(self._handle, item, owned)
+            self.workers.dispatch(self._tg, time.monotonic())
             next_due = ctx.scheduler.next_due()
             timeout = None if next_due is None else next_due - time.monotonic()
-            if ctx.running >= ctx.settings.concurrency:
-                timeout = None
             await ctx.wake.dispatch.wait(timeout)
-
-    async def _handle(self, item: Claimed, owned: Owned) -> None:
-        ctx = self.ctx
-        error: str | None = None
-        try:
-            with anyio.CancelScope() as scope:
-                owned.scopes.add(scope)
-                try:
-                    with anyio.fail_after(ctx.settings.visibility_timeout):
-                        await handlers.call(self.handler, item.message)
-                except TimeoutError:
-                    error = (
-                        f"handler stuck: no result within {ctx.settings.visibility_timeout}s "
-                        "(PGCG_VISIBILITY_TIMEOUT)"
-                    )
-                except Exception as exc:
-                    error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
-                    log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
-                finally:
-                    owned.scopes.discard(scope)
-        finally:
-            ctx.running -= 1
-            ctx.wake.dispatch.set()
-        if scope.cancelled_caught:
-            return  # the partition was lost or the drain time ran out: no result to write
-        self.acker.submit(Result(item, error))
 
     # -- revocation --------------------------------------------------------------------------
 

@@ -64,6 +64,12 @@ WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.claim_epoch = o.ep
 -- including rows not yet due: the scheduler must see a waiting head to block its key.
 -- A row claimed under an older epoch and never finished was lost to a crash or a forced
 -- hand-off: that counts as a failed delivery.
+--
+-- The UPDATE finds its rows by id list (an index lookup per owned partition), not by a
+-- join with the picked rows: the planner costs a join against the partitioned table as
+-- if every partition were probed per row, and picked a hash join over a full scan of
+-- the topic instead, once per owned partition, so a claim cost O(backlog). The epoch
+-- comes from `owned`, which only holds partitions this member owns at that epoch.
 WITH owned AS (
     SELECT pa.partition, pa.epoch
     FROM pgcg.partition_assignments AS pa
@@ -74,10 +80,10 @@ WITH owned AS (
     ORDER BY pa.partition
     FOR SHARE OF pa
 ), picked AS (
-    SELECT c.partition, c.id, o.epoch
+    SELECT c.id
     FROM owned AS o
     CROSS JOIN LATERAL (
-        SELECT m.partition, m.id FROM pgcg.messages AS m
+        SELECT m.id FROM pgcg.messages AS m
         WHERE m.topic = %(topic)s AND m.partition = o.partition
           AND m.claim_epoch IS DISTINCT FROM o.epoch
         ORDER BY m.id
@@ -85,14 +91,17 @@ WITH owned AS (
     ) AS c
 )
 UPDATE pgcg.messages AS m
-SET claim_epoch = p.epoch,
+SET claim_epoch = (SELECT o.epoch FROM owned AS o WHERE o.partition = m.partition),
     claimed_by = %(member)s,
     attempts = m.attempts + (m.claimed_by IS NOT NULL)::int,
     locked_until = now() + %(visibility_s)s * interval '1 second'
-FROM picked AS p
-WHERE m.topic = %(topic)s AND m.partition = p.partition AND m.id = p.id
-RETURNING m.id, m.partition, m.key, m.payload, m.headers, m.attempts, m.enqueued_at,
-          p.epoch, greatest(extract(epoch FROM m.available_at - now()), 0)::float8 AS due_in
+WHERE m.topic = %(topic)s
+  AND m.partition = ANY (%(partitions)s::int[])
+  AND m.id = ANY (ARRAY(SELECT id FROM picked))
+RETURNING m.id, m.partition, m.key, m.payload,
+          nullif(m.headers, '{}'::jsonb) AS headers,  -- most have none: nothing to parse
+          m.attempts, m.enqueued_at, m.claim_epoch AS epoch,
+          greatest(extract(epoch FROM m.available_at - now()), 0)::float8 AS due_in
 
 -- name: ack
 -- One statement for a whole batch; each row is checked against its own partition's epoch,

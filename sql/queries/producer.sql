@@ -2,14 +2,16 @@
 
 -- name: enqueue
 -- Payloads travel as JSON text and are cast once on the server; ids come back in input order.
+-- The arrays go in binary (the `b` placeholders): in text format psycopg quotes and
+-- regex-escapes every JSON payload on the client, which took 40 percent of a producer's CPU.
 SELECT ord, id, partition
 FROM pgcg.enqueue(
     %(topic)s,
-    %(keys)s::text[],
-    %(payloads)s::text[]::jsonb[],
-    %(headers)s::text[]::jsonb[],
-    %(dedup_keys)s::text[],
-    %(delays_ms)s::bigint[]
+    %(keys)b::text[],
+    %(payloads)b::text[]::jsonb[],
+    %(headers)b::text[]::jsonb[],
+    %(dedup_keys)b::text[],
+    %(delays_ms)b::bigint[]
 )
 
 -- name: create_topic

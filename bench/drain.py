@@ -1,0 +1,270 @@
+"""`pgcg bench drain`: enqueue N messages over K keys, drain them in key order with P real
+consumer processes, and compare with the raw PostgreSQL limit measured on the same server
+in the same run.
+
+Phases, each on its own fresh topic/table:
+  raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
+  <handler> for each handler: batched enqueue (pgcg.enqueue), then P consumers drain with
+           the partitions assigned directly and evenly (the coordinator's `assign`)
+
+Drain time runs from the commit of the assignment to the first poll that finds the topic
+empty; the poll is a count(*), at most `poll_interval` apart near the end (see
+_wait_empty), bounded by `timeout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgcg.bench.cpu import CpuMeter, postmaster_pid
+from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
+from pgcg.bench.handlers import HANDLERS
+from pgcg.bench.members import BenchError, ConsumerProcesses
+from pgcg.bench.producers import run_producers, split_by_key
+from pgcg.bench.raw import raw_baseline
+from pgcg.shared.db import connect_sync
+from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from pgcg.shared.queries import Queries
+
+COORD = Queries("coordinator")
+
+TARGETS = {"drain_noop_msgs_per_s": 20_000, "enqueue_msgs_per_s": 100_000}
+
+
+@dataclass
+class DrainOptions:
+    messages: int = 100_000
+    keys: int = 1_000
+    consumers: int = 2
+    partitions: int = 16
+    concurrency: int = 100
+    prefetch: int = 1_000
+    handlers: list[str] = field(default_factory=lambda: ["noop", "sleep1ms"])
+    batch_size: int = 1_000
+    producers: int = 1
+    timeout: float = 300.0
+    poll_interval: float = 0.05
+    raw: bool = True
+    database_url: str | None = None
+    profile_dir: str | None = None
+    statement_stats: bool = False
+
+
+def _workload(opts: DrainOptions) -> list[OutgoingMessage]:
+    """Keys round-robin, so every key has N/K messages spread over the whole run; `seq` is
+    the producer's order, which the handlers check per key."""
+    return [OutgoingMessage(f"key-{i % opts.keys}", {"seq": i}) for i in range(opts.messages)]
+
+
+def run_drain(opts: DrainOptions) -> dict[str, Any]:
+    if min(opts.messages, opts.keys, opts.consumers, opts.producers, opts.batch_size) < 1:
+        raise ValueError("messages, keys, consumers, producers and batch size must be >= 1")
+    unknown = [h for h in opts.handlers if h not in HANDLERS]
+    if unknown:
+        raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
+    workload = _workload(opts)
+    result: dict[str, Any] = {"config": {k: v for k, v in asdict(opts).items()
+                                         if k != "database_url"}}  # fmt: skip
+    with bench_database(opts.database_url) as db:
+        if opts.statement_stats:
+            result["config"]["statement_stats"] = db.enable_statement_stats()
+            opts.statement_stats = result["config"]["statement_stats"]
+        result["server"] = db.server_info()
+        result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+        if opts.raw:
+            rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
+            result["raw"] = raw_baseline(
+                db.dsn,
+                CpuMeter([], postmaster_pid(db.throwaway.pgdata) if db.throwaway else None),
+                split_by_key(rows, lambda n: n % opts.keys, opts.producers),
+                batch_size=opts.batch_size,
+                connections=opts.consumers,
+                table_name=f"bench_raw_{unique_suffix()}",
+                timeout=opts.timeout,
+            )
+        result["pgcg"] = {}
+        for handler in opts.handlers:
+            result["pgcg"][handler] = _pgcg_run(db, opts, handler, workload)
+    result["host"]["loadavg_at_end"] = os.getloadavg()
+    result["ratios"] = _ratios(result)
+    result["targets"] = _targets(result)
+    return result
+
+
+def _pgcg_run(
+    db: BenchDatabase, opts: DrainOptions, handler: str, workload: list[OutgoingMessage]
+) -> dict[str, Any]:
+    suffix = unique_suffix()
+    topic, group = f"bench_{suffix}", f"bench-{suffix}"
+    with connect_sync(db.dsn) as conn:
+        conn.execute("SELECT pgcg.create_topic(%s, %s)", (topic, opts.partitions))
+    try:
+        enqueue = _enqueue(db.dsn, topic, opts, workload)
+        drain = _drain(db, opts, handler, topic, group)
+    finally:
+        drop_topic(db.dsn, topic, group)
+    return {"enqueue": enqueue, "drain": drain}
+
+
+def _enqueue(
+    dsn: str, topic: str, opts: DrainOptions, workload: list[OutgoingMessage]
+) -> dict[str, Any]:
+    slices = split_by_key(workload, lambda n: n % opts.keys, opts.producers)
+    elapsed = run_producers(
+        dsn, slices, opts.batch_size, lambda conn, batch: enqueue_many_sync(conn, topic, batch)
+    )
+    return {"messages": len(workload), "batch": opts.batch_size, "producers": opts.producers,
+            "seconds": round(elapsed, 3), "msgs_per_s": round(len(workload) / elapsed)}  # fmt: skip
+
+
+def _drain(
+    db: BenchDatabase, opts: DrainOptions, handler: str, topic: str, group: str
+) -> dict[str, Any]:
+    settings = {"concurrency": opts.concurrency, "prefetch": opts.prefetch}
+    with (
+        tempfile.TemporaryDirectory(prefix="pgcg-bench-") as workdir,
+        connect_sync(db.dsn) as conn,
+    ):
+        members = ConsumerProcesses(
+            db.dsn, group=group, topic=topic, handler=HANDLERS[handler], count=opts.consumers,
+            workdir=Path(workdir), settings=settings,
+        )  # fmt: skip
+        with members:
+            member_ids = members.wait_joined(conn)
+            if opts.profile_dir:
+                members.start_profilers(Path(opts.profile_dir))
+            if opts.statement_stats:
+                conn.execute("SELECT pg_stat_statements_reset()")
+            meter = CpuMeter(
+                [p.pid for p in members.procs],
+                postmaster_pid(db.throwaway.pgdata) if db.throwaway else None,
+            )
+            cpu_start = meter.sample()
+            partitions = list(range(opts.partitions))
+            with conn.transaction():
+                conn.execute(COORD.assign, {
+                    "group": group, "topic": topic, "partitions": partitions,
+                    "members": [member_ids[p % len(member_ids)] for p in partitions],
+                })  # fmt: skip
+                conn.execute(COORD.notify_group, {"group": group})
+            started = time.perf_counter()
+            wall_started = time.time()
+            left = _wait_empty(conn, topic, started + opts.timeout, opts.poll_interval)
+            elapsed = time.perf_counter() - started
+            cpu = CpuMeter.report(cpu_start, meter.sample(), opts.messages)
+            members.stop_profilers()
+            if left:
+                raise BenchError(
+                    f"{handler}: {left} of {opts.messages} messages still queued after "
+                    f"{opts.timeout}s (--timeout)"
+                )
+        reports = members.reports()
+        summary = _summarise(opts, elapsed, wall_started, reports)
+        summary["cpu"] = cpu
+        if opts.statement_stats:
+            # What PostgreSQL spent its time on during this drain (and the shutdown after).
+            summary["statements"] = _top_statements(conn)
+    return summary
+
+
+def _wait_empty(conn: Any, topic: str, deadline: float, interval: float) -> int:
+    """Poll count(*) until the topic is empty. A count scans the whole topic and competes
+    with the consumers for the same CPUs, so the wait between polls follows the observed
+    drain rate (a quarter of the expected time left, at most 1 s) and shrinks to
+    `interval` near the end: a dozen polls per run instead of hundreds."""
+    previous: tuple[float, int] | None = None
+    while True:
+        now = time.perf_counter()
+        left = int(
+            conn.execute(
+                "SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,)
+            ).fetchone()["n"]
+        )
+        if left == 0 or now > deadline:
+            return left
+        wait = interval
+        if previous is not None and previous[1] > left:
+            rate = (previous[1] - left) / (now - previous[0])
+            wait = min(max(left / rate / 4, interval), 1.0)
+        previous = (now, left)
+        time.sleep(wait)
+
+
+def _summarise(
+    opts: DrainOptions, elapsed: float, wall_started: float, reports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    seen: dict[str, int] = {}
+    for report in reports:
+        for key in report["keys"]:
+            seen[key] = seen.get(key, 0) + 1
+    handled = sum(r["handled"] for r in reports)
+    last_at = max((r["last_at"] for r in reports), default=wall_started)
+    return {
+        "messages": opts.messages,
+        "seconds": round(elapsed, 3),
+        "msgs_per_s": round(opts.messages / elapsed),
+        # When the last handler finished, from the handlers' own clocks: the empty-queue
+        # poll adds up to one poll interval plus the last ack on top of this.
+        "handled_in_s": round(last_at - wall_started, 3),
+        "handled": handled,
+        "key_order_violations": sum(r["violations"] for r in reports),
+        "duplicates": sum(r["duplicates"] for r in reports),
+        "key_overlaps": sum(r["overlaps"] for r in reports),
+        "keys_in_several_processes": sum(1 for n in seen.values() if n > 1),
+        "processes_reporting": len(reports),
+        "consumers": opts.consumers,
+        "concurrency": opts.concurrency,
+    }
+
+
+def _top_statements(conn: Any, limit: int = 8) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT calls, round(total_exec_time::numeric, 1) AS total_ms, "
+        "round(mean_exec_time::numeric, 3) AS mean_ms, rows, "
+        "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query "
+        "FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT %s",
+        (limit,),
+    ).fetchall()
+    return [{**r, "total_ms": float(r["total_ms"]), "mean_ms": float(r["mean_ms"])}
+            for r in rows]  # fmt: skip
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    raw = result.get("raw")
+    if not raw:
+        return {}
+    ratios = {}
+    for handler, run in result["pgcg"].items():
+        ratios[f"drain_{handler}_vs_raw_drain"] = round(
+            run["drain"]["msgs_per_s"] / raw["drain"]["msgs_per_s"], 3
+        )
+        ours, theirs = run["drain"].get("cpu") or {}, raw["drain"].get("cpu") or {}
+        if ours.get("msgs_per_cpu_s") and theirs.get("msgs_per_cpu_s"):
+            ratios[f"drain_{handler}_vs_raw_drain_per_cpu_s"] = round(
+                ours["msgs_per_cpu_s"] / theirs["msgs_per_cpu_s"], 3
+            )
+        ratios[f"enqueue_{handler}_run_vs_raw_insert"] = round(
+            run["enqueue"]["msgs_per_s"] / raw["insert"]["msgs_per_s"], 3
+        )
+    return ratios
+
+
+def _targets(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    runs = result["pgcg"]
+    if "noop" in runs:
+        got = runs["noop"]["drain"]["msgs_per_s"]
+        want = TARGETS["drain_noop_msgs_per_s"]
+        out["drain_noop"] = {"target": want, "measured": got, "met": got >= want}
+    if runs:
+        got = max(r["enqueue"]["msgs_per_s"] for r in runs.values())
+        want = TARGETS["enqueue_msgs_per_s"]
+        out["enqueue"] = {"target": want, "measured": got, "met": got >= want}
+    out["key_order_violations"] = sum(r["drain"]["key_order_violations"] for r in runs.values())
+    return out
