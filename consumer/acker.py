@@ -135,6 +135,11 @@ class Acker:
                                "partition": item.partition, "epoch": item.epoch,
                                "message_id": item.id, "attempt": item.message.attempt},
                     )  # fmt: skip
+        if delay_of or ctx.scheduler.held_released:
+            # A key now waits (its later messages can go back to the table), or a held key
+            # moved on (its later messages can be claimed again).
+            ctx.scheduler.held_released = False
+            ctx.wake.fetch.set()
         ctx.wake.dispatch.set()
         ctx.wake.release.set()
         if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:

@@ -68,6 +68,7 @@ class Fetcher:
     async def fetch_once(self) -> int:
         """One claim round; returns how many messages were added."""
         ctx = self.ctx
+        await self._trim_waiting()
         room = ctx.settings.prefetch - ctx.scheduler.buffered()
         owned = ctx.assignment.claimable()
         if not owned or room <= 0 or not ctx.membership.lease.valid():
@@ -88,6 +89,7 @@ class Fetcher:
                     partitions=[o.partition for o in owned],
                     epochs=[o.epoch for o in owned],
                     limit=max(1, room // len(owned)),
+                    skip_keys=ctx.scheduler.held_keys(),
                     visibility_s=ctx.settings.visibility_timeout,
                 ),
             )
@@ -116,6 +118,26 @@ class Fetcher:
         log.debug("claimed %s", added, extra={"action": "claimed", **ctx.fields, "count": added})
         ctx.wake.dispatch.set()
         return len(rows)
+
+    async def _trim_waiting(self) -> None:
+        """Put back the later messages of keys whose head waits (see KeyScheduler)."""
+        ctx = self.ctx
+        tail = ctx.scheduler.trim_waiting(time.monotonic())
+        if not tail:
+            return
+        conn = await self._connection()
+        with translated(ctx.dsn):
+            await conn.execute(
+                Q.unclaim,
+                ctx.params(
+                    partitions=sorted({c.partition for c in tail}), ids=[c.id for c in tail]
+                ),
+            )
+        log.debug(
+            "put back %s messages of keys waiting for a retry",
+            len(tail),
+            extra={"action": "unclaimed", **ctx.fields, "count": len(tail)},
+        )
 
     async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
         with translated(self.ctx.dsn):

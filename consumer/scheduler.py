@@ -47,6 +47,10 @@ class KeyScheduler:
         self._known: set[int] = set()
         self._buffered_by_partition: dict[int, int] = {}
         self._busy_by_partition: dict[int, int] = {}
+        # Keys whose head waits for its time and whose later messages went back to the
+        # table (see trim_waiting); the fetcher does not claim them until the head is done.
+        self._held: dict[str, int] = {}  # key -> partition
+        self.held_released = False  # a held key moved on: its later messages are claimable
 
     # -- adding --------------------------------------------------------------------------
 
@@ -135,6 +139,8 @@ class KeyScheduler:
         queue.items.popleft()
         self._known.discard(item.id)
         self._buffered_by_partition[item.partition] -= 1
+        if self._held.pop(item.key, None) is not None:
+            self.held_released = True
         if queue.items:
             self._schedule(item.key, queue, now)
         else:
@@ -162,6 +168,39 @@ class KeyScheduler:
         self._busy_by_partition[item.partition] -= 1
         return queue
 
+    def trim_waiting(self, now: float) -> list[Claimed]:
+        """Keys whose head is not due (a retry, a delay) keep only that head in memory.
+
+        Their later messages cannot move before the head anyway; kept in memory they would
+        fill the prefetch window and starve every other key. Returns the dropped messages,
+        which the caller puts back in the table; `held_keys()` names the keys the next
+        claims must skip until the head is done.
+        """
+        trimmed: list[Claimed] = []
+        for _, head_id, key in self._timed:
+            queue = self._keys.get(key)
+            if (
+                queue is None
+                or queue.busy
+                or not queue.items
+                or queue.items[0].id != head_id
+                or queue.items[0].due <= now
+            ):
+                continue
+            self._held[key] = queue.partition
+            if len(queue.items) > 1:
+                head = queue.items.popleft()
+                tail = list(queue.items)
+                queue.items = deque([head])
+                for item in tail:
+                    self._known.discard(item.id)
+                self._buffered_by_partition[queue.partition] -= len(tail)
+                trimmed.extend(tail)
+        return trimmed
+
+    def held_keys(self) -> list[str]:
+        return list(self._held)
+
     # -- partitions ------------------------------------------------------------------------
 
     def drop_partition(self, partition: int, *, keep_busy: bool = False) -> list[Claimed]:
@@ -185,6 +224,8 @@ class KeyScheduler:
             del self._keys[key]
         for item in dropped:
             self._known.discard(item.id)
+        for key in [k for k, p in self._held.items() if p == partition]:
+            del self._held[key]
         self._buffered_by_partition[partition] = self._buffered_by_partition.get(
             partition, 0
         ) - len(dropped)

@@ -320,14 +320,23 @@ async def test_delayed_retry_blocks_its_key_after_a_hand_off(
 
         await await_for(failed_once, what="A's failure recorded, its retry not yet due")
         await await_for(lambda: ("first", other, 1) in handled, what="the other key handled")
+
+        def b_put_back() -> bool:
+            row = db.execute("SELECT claimed_by FROM pgcg.messages WHERE id = %s", (b,))
+            found = row.fetchone()
+            return bool(found and found["claimed_by"] is None)
+
+        await await_for(b_put_back, what="the first owner put B back behind waiting A")
         assign(db, GROUP, TOPIC, [0], second.member_id)
         await await_for(
-            lambda: second.ctx.scheduler.buffered() == 2, what="the new owner claimed A and B"
+            lambda: second.ctx.scheduler.held_keys() == ["k"],
+            what="the new owner holds key k behind A, from the rows alone",
         )
         assert second.ctx.scheduler.next_due() is not None, "A should still be waiting"
         assert not any(i == b for _, i, _ in handled)
         await await_for(lambda: any(i == b for _, i, _ in handled), what="B handled")
-    assert handled[1:] == [("second", a, 2), ("second", b, 2)]
+    # B was never delivered before, so it is on its first attempt.
+    assert handled[1:] == [("second", a, 2), ("second", b, 1)]
     assert pending(db, TOPIC) == 0
 
 
@@ -376,12 +385,6 @@ async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
     assert "downstream is down" in row["last_error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the claim fills the prefetch window with messages of a key blocked "
-    "behind a retry, then stops claiming, so every other key of the member waits for that "
-    "retry (up to retry_max). Fix needs the claim to skip keys that cannot move.",
-)
 async def test_a_key_waiting_for_its_retry_does_not_starve_other_keys(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
@@ -401,3 +404,37 @@ async def test_a_key_waiting_for_its_retry_does_not_starve_other_keys(
     async with running(consumer):
         assign(db, GROUP, TOPIC, [0, 1], consumer.member_id)
         await await_for(lambda: set(others) <= set(handled), 5, "other keys handled")
+        # The waiting key holds only its head: its later messages went back to the table.
+        held = db.execute(
+            "SELECT count(*) FILTER (WHERE claim_epoch IS NOT NULL) AS claimed, count(*) AS n "
+            "FROM pgcg.messages WHERE key = %s",
+            (hot,),
+        ).fetchone()
+        assert held is not None and held["n"] == 60 and held["claimed"] == 1
+        assert first not in handled and not set(handled) - set(others)
+
+
+async def test_a_waiting_key_resumes_in_order_without_extra_attempts(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    setup_topic(db, partitions=1)
+    hot = key_in(0, 1, "hot")
+    ids = enqueue(db, *[(hot, {"seq": i}) for i in range(40)])
+    others = enqueue(db, *[(key_in(0, 1, f"other{n}"), n) for n in range(10)])
+    handled: list[Message] = []
+
+    async def handler(message: Message) -> None:
+        if message.id == ids[0] and message.attempt == 1:
+            raise RuntimeError("downstream is down")
+        handled.append(message)
+
+    consumer = Consumer(settings(prefetch=10), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    consumer.ctx.retry = FixedRetry(max_attempts=3, delay=1.0)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: len(handled) == 50, 20, "everything handled")
+    hot_handled = [m for m in handled if m.key == hot]
+    assert [m.id for m in hot_handled] == ids
+    assert hot_handled[0].attempt == 2
+    assert all(m.attempt == 1 for m in hot_handled[1:]), "put-back messages counted an attempt"
+    assert {m.id for m in handled} >= set(others)

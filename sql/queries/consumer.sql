@@ -86,6 +86,7 @@ WITH owned AS (
         SELECT m.id FROM pgcg.messages AS m
         WHERE m.topic = %(topic)s AND m.partition = o.partition
           AND m.claim_epoch IS DISTINCT FROM o.epoch
+          AND m.key <> ALL (%(skip_keys)s::text[])  -- keys held behind a waiting head
         ORDER BY m.id
         LIMIT %(limit)s
     ) AS c
@@ -102,6 +103,23 @@ RETURNING m.id, m.partition, m.key, m.payload,
           nullif(m.headers, '{}'::jsonb) AS headers,  -- most have none: nothing to parse
           m.attempts, m.enqueued_at, m.claim_epoch AS epoch,
           greatest(extract(epoch FROM m.available_at - now()), 0)::float8 AS due_in
+
+-- name: unclaim
+-- Later messages of a key whose head waits for a retry go back to the table (fenced like
+-- a claim), so they do not fill the prefetch window; claimed_by is cleared, so claiming
+-- them again counts no failed attempt.
+WITH owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
+    FOR SHARE
+)
+UPDATE pgcg.messages AS m
+SET claim_epoch = NULL, claimed_by = NULL, locked_until = NULL
+FROM owned AS o
+WHERE m.topic = %(topic)s AND m.partition = ANY(%(partitions)s::int[])
+  AND m.id = ANY(%(ids)s::bigint[]) AND m.partition = o.partition AND m.claim_epoch = o.epoch
 
 -- name: ack
 -- One statement for a whole batch; each row is checked against its own partition's epoch,
