@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pgcg.consumer import observer
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Claimed
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -125,6 +126,7 @@ class Acker:
                                "partition": item.partition, "epoch": item.epoch,
                                "message_id": item.id, "attempt": item.message.attempt},
                     )  # fmt: skip
+        observer.record_results(ctx, batch, done, delay_of)  # processed/retried/dead counters
         ctx.wake.dispatch.set()
         ctx.wake.release.set()
         if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:

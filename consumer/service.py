@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
-from pgcg.consumer import handlers
+from pgcg.consumer import handlers, observer
 from pgcg.consumer.acker import MAX_ERROR_TEXT, Acker, Result
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
@@ -71,10 +71,12 @@ class Consumer:
             dsn=dsn,
             membership=membership,
             scheduler=scheduler,
-            assignment=Assignment(scheduler, membership.fields, settings.lease_margin),
+            # A callable: the member id in log fields changes when the member rejoins.
+            assignment=Assignment(scheduler, lambda: membership.fields, settings.lease_margin),
             retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
         )
-        self.handler = handler
+        # A `process <topic>` span and duration per call (observer.py); same signature.
+        self.handler = observer.instrument(handler, self.ctx)
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
         self.joined = anyio.Event()
@@ -348,13 +350,14 @@ class Consumer:
             ctx.assignment.owned.pop(part.partition, None)
             ctx.scheduler.drop_partition(part.partition)
             row: dict[str, Any] | None = rows.get(part.partition)
-            log.info(
-                "partition %s released (%s) to %s",
-                part.partition,
-                reason,
-                (row or {}).get("new_owner") or "nobody",
-                extra={"action": "partition_released", **ctx.fields,
-                       "partition": part.partition, "epoch": part.epoch,
-                       "new_epoch": (row or {}).get("epoch"), "reason": reason,
-                       "to_member": (row or {}).get("new_owner"), "fenced": row is None},
-            )  # fmt: skip
+            with ctx.assignment.releasing(part, row, reason):  # ends its revoke span
+                log.info(
+                    "partition %s released (%s) to %s",
+                    part.partition,
+                    reason,
+                    (row or {}).get("new_owner") or "nobody",
+                    extra={"action": "partition_released", **ctx.fields,
+                           "partition": part.partition, "epoch": part.epoch,
+                           "new_epoch": (row or {}).get("epoch"), "reason": reason,
+                           "to_member": (row or {}).get("new_owner"), "fenced": row is None},
+                )  # fmt: skip
