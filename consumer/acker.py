@@ -108,7 +108,6 @@ class Acker:
             if item.id not in done:
                 continue
             if item.id in delay_of:
-                ctx.scheduler.defer(item, now + delay_of[item.id], now)
                 log.info(
                     "message %s failed (attempt %s), retry in %.2fs: %s",
                     item.id, item.message.attempt, delay_of[item.id], result.error,
@@ -116,6 +115,7 @@ class Acker:
                            "epoch": item.epoch, "message_id": item.id,
                            "attempt": item.message.attempt},
                 )  # fmt: skip
+                ctx.scheduler.defer(item, now + delay_of[item.id], now)  # advances the attempt
             else:
                 ctx.scheduler.finish(item, now)
                 if not result.ok:
