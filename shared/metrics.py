@@ -83,6 +83,8 @@ _lock = threading.Lock()
 
 def add_source(gauge: str, source: Source) -> Callable[[], None]:
     """Report readings of `gauge` from `source`; returns the function that stops it."""
+    if gauge not in GAUGES:
+        raise KeyError(f"no gauge {gauge!r}: declare it in GAUGES")
     with _lock:
         _sources[gauge].append(source)
 
@@ -114,6 +116,8 @@ GAUGES = {
     "pgcg.consumer.in_flight": ("{message}", "Handler calls running now."),
     "pgcg.consumer.heartbeat.age": ("s", "Seconds since the last successful heartbeat was sent."),
     "pgcg.coordinator.leader": ("1", "1 where this coordinator leads the group, 0 on standby."),
+    "pgcg.group.lag": ("{message}", "Messages waiting per partition (from the group's leader)."),
+    "pgcg.group.lag.age": ("s", "Age of the oldest waiting message per partition (leader)."),
 }
 for _name, (_unit, _description) in GAUGES.items():
     meter.create_observable_gauge(
