@@ -58,6 +58,7 @@ class Assignment:
         self._fields = fields
         self.margin = margin
         self.owned: dict[int, Owned] = {}
+        self._handing_off: set[int] = set()  # our release of these is in flight
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -71,6 +72,8 @@ class Assignment:
         seen: set[int] = set()
         for row in rows:
             seen.add(row.partition)
+            if row.partition in self._handing_off:
+                continue  # our own release decides; the next heartbeat sees the result
             mine = self.owned.get(row.partition)
             if mine is not None and mine.epoch != row.epoch:
                 # Same partition, new epoch: whatever we held under the old one is void.
@@ -120,7 +123,7 @@ class Assignment:
                 mine.revoke_by = None
                 changes.resumed.append(mine)
                 _end_revoke(mine, "resumed")
-        for partition in [p for p in self.owned if p not in seen]:
+        for partition in [p for p in self.owned if p not in seen | self._handing_off]:
             owned = self.owned[partition]
             self.lose(partition, "no longer assigned to us")
             changes.lost.append(owned)
@@ -191,6 +194,18 @@ class Assignment:
     def next_revoke_deadline(self) -> float | None:
         deadlines = [o.revoke_by for o in self.owned.values() if o.revoke_by is not None]
         return min(deadlines) if deadlines else None
+
+    @contextlib.contextmanager
+    def handing_off(self, parts: Iterable[Owned]) -> Iterator[None]:
+        """Around our release statement: a heartbeat that reads the assignments meanwhile
+        must not take the partitions' disappearance for a loss (a false `partition_lost`
+        warning, and a revocation recorded as lost although it was handed over)."""
+        partitions = {p.partition for p in parts}
+        self._handing_off |= partitions
+        try:
+            yield
+        finally:
+            self._handing_off -= partitions
 
     @contextlib.contextmanager
     def releasing(

@@ -336,7 +336,7 @@ class Consumer:
             return
         conn = await connect(ctx.dsn, application_name="pgcg-release")
         try:
-            with translated(ctx.dsn):
+            with ctx.assignment.handing_off(parts), translated(ctx.dsn):
                 cur = await conn.execute(
                     Q.release,
                     ctx.params(
