@@ -293,7 +293,14 @@ def event_span(
     with tracer.start_as_current_span(name, links=links, start_time=start_time) as span:
         if span.is_recording():
             span.set_attributes({**_group_attributes(fields), **_clean(attributes)})
-        yield span
+        try:
+            yield span
+        except BaseException as exc:
+            # The SDK marks only Exceptions; a cancellation (shutdown, a lost session)
+            # that cut the event short must not look like a success either.
+            if not isinstance(exc, Exception) and span.is_recording():
+                failed(span, exc, f"interrupted ({type(exc).__name__})")
+            raise
 
 
 def start_span(
