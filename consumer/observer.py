@@ -9,12 +9,14 @@ histogram record (a no-op without a MeterProvider) to each handler call.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from pgcg.consumer import handlers
@@ -51,9 +53,13 @@ def instrument(handler: Handler, ctx: Context) -> Handler:
     while the handler runs, so the handler's own spans, queries and logs join the trace.
     functools.wraps keeps the handler's signature visible (inspect.signature follows
     __wrapped__), so transactional-mode detection still sees the user's parameters.
+    This runs once per delivery: the span's context is attached directly (not through
+    the use_span generator), the handler's kind is resolved once, and constant attributes
+    are built once.
     """
     attributes = group_attributes(ctx)
     failed_attributes: dict[str, dict[str, Any]] = {}
+    call = _resolved(handler)
 
     def error_attributes(error_type: str) -> dict[str, Any]:
         if error_type not in failed_attributes:
@@ -63,22 +69,17 @@ def instrument(handler: Handler, ctx: Context) -> Handler:
     @functools.wraps(handler, updated=())
     async def observed(message: Message, *extra: Any) -> None:
         span = tracing.process_span(message, ctx.group) if tracing.enabled() else None
+        token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
         started = time.perf_counter()
         try:
-            if span is None:
-                await handlers.call(handler, message, *extra)
-            else:
-                with trace.use_span(
-                    span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-                ):
-                    await handlers.call(handler, message, *extra)
-                    if log.isEnabledFor(logging.DEBUG):
-                        log.debug(
-                            "message %s handled in %.2f ms",
-                            message.id,
-                            (time.perf_counter() - started) * 1000,
-                            extra=_message_fields(ctx, message, "message_handled"),
-                        )
+            await call(message, *extra)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "message %s handled in %.2f ms",
+                    message.id,
+                    (time.perf_counter() - started) * 1000,
+                    extra=_message_fields(ctx, message, "message_handled"),
+                )
         except BaseException as exc:
             cancelled = not isinstance(exc, Exception)
             error_type = "cancelled" if cancelled else type(exc).__qualname__
@@ -97,11 +98,24 @@ def instrument(handler: Handler, ctx: Context) -> Handler:
                         span.set_attribute("pgcg.outcome", "dead_letter" if exhausted else "retry")
                 span.end()
             raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         metrics.process_duration.record(time.perf_counter() - started, attributes)
         if span is not None:
             span.end()
 
     return observed
+
+
+def _resolved(handler: Handler) -> Callable[..., Awaitable[Any]]:
+    """What handlers.call would do for this handler, decided once: an async handler is
+    awaited directly, anything else goes through handlers.call (a worker thread)."""
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - callable objects too
+    ):
+        return handler  # type: ignore[no-any-return]
+    return functools.partial(handlers.call, handler)
 
 
 def _message_fields(ctx: Context, message: Message, action: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +55,28 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _NOOP = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
 
 
+_enabled = False
+_checked_at = -1.0
+
+
 def enabled() -> bool:
-    """Whether an SDK tracer provider is installed (by setup_tracing, or by the app)."""
-    return not isinstance(
+    """Whether an SDK tracer provider is installed (by setup_tracing, or by the app).
+
+    Asked once per message, so it must be cheaper than the API's lookup (an environment
+    read and a type check, a few microseconds): a provider can be installed only once
+    and never removed, so True is final; False is re-checked at most once a second.
+    """
+    global _enabled, _checked_at
+    if _enabled:
+        return True
+    now = time.monotonic()
+    if now - _checked_at < 1.0:
+        return False
+    _checked_at = now
+    _enabled = not isinstance(
         trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
     )
+    return _enabled
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -141,7 +159,14 @@ def setup_tracing(service_name: str) -> bool:
     if provider is None:
         return False
     trace.set_tracer_provider(provider)  # flushed and shut down at exit by the SDK
+    recheck()
     return True
+
+
+def recheck() -> None:
+    """Make the next enabled() look again (after installing a provider by hand)."""
+    global _checked_at
+    _checked_at = -1.0
 
 
 def instrument_psycopg() -> None:

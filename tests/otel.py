@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+from pgcg.shared import tracing
 from pgcg.shared.metrics import setup_metrics
 from pgcg.shared.tracing import resource
 
@@ -60,6 +61,7 @@ def install() -> Otel:
     provider = TracerProvider(resource=resource("pgcg-tests"))
     provider.add_span_processor(SimpleSpanProcessor(spans))
     trace.set_tracer_provider(provider)
+    tracing.recheck()
     reader = InMemoryMetricReader()
     registry = setup_metrics("pgcg-tests", prometheus=True, extra_readers=[reader])
     assert registry is not None, "a MeterProvider was installed before the tests' own"
