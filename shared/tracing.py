@@ -264,7 +264,6 @@ def process_span(message: Any, group: str) -> Span:
                 PARTITION: str(message.partition),
                 MESSAGE_ID: str(message.id),
                 CLIENT_ID: message.member_id,
-                "pgcg.message.key": message.key,
                 "pgcg.attempt": message.attempt,
                 "pgcg.epoch": message.epoch,
             }
