@@ -8,10 +8,14 @@ database of one throwaway PostgreSQL, and the modes are interleaved so a change 
 machine's load hits them alike. With tracing on, the producer side runs traced too, so
 the messages carry traceparent headers as in production, and spans go through a
 BatchSpanProcessor to an exporter that drops them (the export's network cost is the
-collector's, not the consumer's). Reported: messages per second from the assignment of
-the partitions to the last handler call, the median per mode, and how much longer the
-drain took than with tracing off. --work-ms gives the handler that much (async) work, a
-closer picture of a real handler than the no-op, which shows pgcg's own cost alone.
+collector's, not the consumer's). Reported per mode, as the median of the runs: messages
+per second from the assignment of the partitions to the last handler call, and the CPU
+time the consumer process (all its threads, so the span processor's too) spent per
+message over that window; then how much more of each tracing costs than off. On a
+shared or busy machine the wall-clock rate swings with other load; the CPU time per
+message is the steadier measure of what tracing adds. --work-ms gives the handler that
+much (async) work, a closer picture of a real handler than the no-op, which shows pgcg's
+own cost alone.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ def run_once(dsn: str, mode: str, messages: int, work_ms: float = 0.0) -> dict[s
             await consumer.joined.wait()
             with psycopg.connect(dsn, autocommit=True) as conn:
                 started = time.perf_counter()
+                cpu_started = time.process_time()
                 conn.execute(
                     coordinator.assign,
                     {
@@ -115,10 +120,11 @@ def run_once(dsn: str, mode: str, messages: int, work_ms: float = 0.0) -> dict[s
                 conn.execute(coordinator.notify_group, {"group": GROUP})
             await done.wait()
             elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
             consumer.stop()
-        return elapsed
+        return elapsed, cpu
 
-    elapsed = anyio.run(main)
+    elapsed, cpu = anyio.run(main)
     spans = 0
     if tracing is not None:
         provider, exporter = tracing
@@ -126,7 +132,8 @@ def run_once(dsn: str, mode: str, messages: int, work_ms: float = 0.0) -> dict[s
         spans = exporter.exported
         provider.shutdown()
     return {"mode": mode, "messages": messages, "work_ms": work_ms, "seconds": elapsed,
-            "rate": messages / elapsed, "spans": spans}  # fmt: skip
+            "rate": messages / elapsed, "cpu_us": cpu / messages * 1e6,
+            "spans": spans}  # fmt: skip
 
 
 # -- the comparison (parent process) -------------------------------------------------------------
@@ -161,19 +168,25 @@ def compare(messages: int, repeats: int, work_ms: float = 0.0) -> dict[str, Any]
                 runs[mode].append(result)
                 print(
                     f"round {round_ + 1}: {mode:<8} {result['rate']:>8.0f} msg/s "
+                    f"{result['cpu_us']:>7.1f} us CPU/msg "
                     f"({result['seconds']:.2f}s, {result['spans']} spans)",
                     file=sys.stderr,
                 )
                 with psycopg.connect(server.url, autocommit=True) as admin:
                     admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    median = {mode: statistics.median(r["rate"] for r in rs) for mode, rs in runs.items()}
+    rate = {mode: statistics.median(r["rate"] for r in rs) for mode, rs in runs.items()}
+    cpu = {mode: statistics.median(r["cpu_us"] for r in rs) for mode, rs in runs.items()}
     return {
         "messages": messages,
         "repeats": repeats,
         "work_ms": work_ms,
-        "median_rate": {m: round(v) for m, v in median.items()},
-        "overhead": {
-            m: f"{(median['off'] / v - 1) * 100:+.1f}%" for m, v in median.items() if m != "off"
+        "median_rate_msg_s": {m: round(v) for m, v in rate.items()},
+        "median_cpu_us_per_msg": {m: round(v, 1) for m, v in cpu.items()},
+        "wall_time_vs_off": {
+            m: f"{(rate['off'] / v - 1) * 100:+.1f}%" for m, v in rate.items() if m != "off"
+        },
+        "cpu_per_msg_vs_off": {
+            m: f"{(v / cpu['off'] - 1) * 100:+.1f}%" for m, v in cpu.items() if m != "off"
         },
         "runs": runs,
     }

@@ -370,3 +370,27 @@ def test_unsupported_exporters_say_what_to_do(clean_env: pytest.MonkeyPatch) -> 
         provider = build_tracer_provider("pgcg-x")
         assert provider is not None
         provider.shutdown()
+
+
+def test_psycopg_queries_become_child_spans(dsn: str, otel: Otel) -> None:
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+    from pgcg.shared.telemetry import setup_telemetry
+
+    setup_telemetry(settings(instrument_psycopg=True), "pgcg-tests")
+    try:
+        with (
+            trace.get_tracer("tests").start_as_current_span("handler work") as parent,
+            psycopg.connect(dsn, autocommit=True) as conn,
+        ):
+            conn.execute("SELECT 42 AS answer_to_psycopg_spans")
+    finally:
+        PsycopgInstrumentor().uninstrument()
+    (query,) = [
+        s
+        for s in otel.finished()
+        if "answer_to_psycopg_spans" in str((s.attributes or {}).get("db.statement", ""))
+        or "answer_to_psycopg_spans" in str((s.attributes or {}).get("db.query.text", ""))
+    ]
+    assert query.parent is not None
+    assert query.parent.span_id == parent.get_span_context().span_id
