@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import anyio
 from psycopg.rows import tuple_row
 
+from pgcg.consumer import observer
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Claimed
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -125,6 +126,7 @@ class Acker:
                            "epoch": item.epoch, "message_id": item.id,
                            "attempt": item.message.attempt - 1},
                 )  # fmt: skip
+                ctx.scheduler.defer(item, now + delay_of[item.id], now)  # advances the attempt
             else:
                 ctx.scheduler.finish(item, now)
                 if not result.ok:
@@ -140,6 +142,7 @@ class Acker:
             # moved on (its later messages can be claimed again).
             ctx.scheduler.held_released = False
             ctx.wake.fetch.set()
+        observer.record_results(ctx, batch, done, delay_of)  # processed/retried/dead counters
         ctx.wake.dispatch.set()
         ctx.wake.release.set()
         if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:

@@ -1,18 +1,26 @@
 """What this member owns, as last read from partition_assignments, and the transitions:
-started, revoked (drain, then release) and lost (stop at once)."""
+started, revoked (drain, then release) and lost (stop at once).
+
+Each transition is also a span: `pgcg partition assign` and `pgcg partition lost` are
+instants; `pgcg partition revoke` lasts from the revocation to the release (the drain
+time), and records how it ended. Their log records carry the span's trace id.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from opentelemetry import trace
 
 from pgcg.consumer.member import AssignmentRow
 from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.shared import tracing
 
 log = logging.getLogger("pgcg.consumer.assignment")
 
@@ -34,6 +42,8 @@ class Owned:
         for scope in self.scopes:
             scope.cancel()
 
+    revoke_span: trace.Span | None = None  # open from the revocation to the release
+
 
 @dataclass
 class Changes:
@@ -48,16 +58,21 @@ class Changes:
 
 class Assignment:
     def __init__(
-        self, scheduler: KeyScheduler, fields: Callable[[], dict[str, Any]], margin: float
+        self,
+        scheduler: KeyScheduler,
+        fields: dict[str, Any] | Callable[[], dict[str, Any]],
+        margin: float,
     ) -> None:
         self.scheduler = scheduler
-        self._fields = fields  # a callable: the member id changes when the member rejoins
+        self._fields = fields
         self.margin = margin
         self.owned: dict[int, Owned] = {}
+        self._handing_off: set[int] = set()  # our release of these is in flight
 
     @property
     def fields(self) -> dict[str, Any]:
-        return self._fields()
+        """group, member_id, topic for log records (the member id changes on rejoin)."""
+        return self._fields() if callable(self._fields) else self._fields
 
     def apply(self, rows: Iterable[AssignmentRow], now: float | None = None) -> Changes:
         """Reconcile with the database's view; the database is the source of truth."""
@@ -66,6 +81,8 @@ class Assignment:
         seen: set[int] = set()
         for row in rows:
             seen.add(row.partition)
+            if row.partition in self._handing_off:
+                continue  # our own release decides; the next heartbeat sees the result
             mine = self.owned.get(row.partition)
             if mine is not None and mine.epoch != row.epoch:
                 # Same partition, new epoch: whatever we held under the old one is void.
@@ -76,33 +93,46 @@ class Assignment:
                 mine = Owned(row.partition, row.epoch, "assigned")
                 self.owned[row.partition] = mine
                 changes.started.append(mine)
-                log.info(
-                    "partition %s assigned at epoch %s",
-                    row.partition,
-                    row.epoch,
-                    extra={"action": "partition_assigned", **self.fields,
-                           "partition": row.partition, "epoch": row.epoch},
-                )  # fmt: skip
+                with tracing.event_span(
+                    "pgcg partition assign", self.fields, **_partition(row.partition, row.epoch)
+                ):
+                    log.info(
+                        "partition %s assigned at epoch %s",
+                        row.partition,
+                        row.epoch,
+                        extra={"action": "partition_assigned", **self.fields,
+                               "partition": row.partition, "epoch": row.epoch},
+                    )  # fmt: skip
             if row.state == "revoking" and mine.state != "revoking":
                 mine.state = "revoking"
                 # Leave ourselves a margin: released before the leader forces it.
                 mine.revoke_by = now + max((row.revoke_in or 0.0) - self.margin, 0.0)
                 dropped = self.scheduler.drop_partition(row.partition, keep_busy=True)
                 changes.revoked.append(mine)
-                log.info(
-                    "partition %s revoked, draining %s in flight",
-                    row.partition,
-                    self.scheduler.busy(row.partition),
-                    extra={"action": "partition_revoking", **self.fields,
-                           "partition": row.partition, "epoch": row.epoch,
-                           "dropped": len(dropped)},
+                in_flight = self.scheduler.busy(row.partition)
+                mine.revoke_span = tracing.start_span(
+                    "pgcg partition revoke",
+                    self.fields,
+                    **_partition(row.partition, row.epoch),
+                    **{"pgcg.in_flight": in_flight, "pgcg.dropped": len(dropped),
+                       "pgcg.drain_deadline_s": row.revoke_in},
                 )  # fmt: skip
+                with _current(mine.revoke_span):
+                    log.info(
+                        "partition %s revoked, draining %s in flight",
+                        row.partition,
+                        in_flight,
+                        extra={"action": "partition_revoking", **self.fields,
+                               "partition": row.partition, "epoch": row.epoch,
+                               "dropped": len(dropped)},
+                    )  # fmt: skip
             elif row.state == "assigned" and mine.state == "revoking":
                 # The leader changed its mind (the target left): keep the partition.
                 mine.state = "assigned"
                 mine.revoke_by = None
                 changes.resumed.append(mine)
-        for partition in [p for p in self.owned if p not in seen]:
+                _end_revoke(mine, "resumed")
+        for partition in [p for p in self.owned if p not in seen | self._handing_off]:
             owned = self.owned[partition]
             self.lose(partition, "no longer assigned to us")
             changes.lost.append(owned)
@@ -115,14 +145,23 @@ class Assignment:
             return
         owned.cancel_handlers()
         dropped = self.scheduler.drop_partition(partition)
-        log.warning(
-            "partition %s lost (%s)",
-            partition,
-            reason,
-            extra={"action": "partition_lost", **self.fields, "partition": partition,
-                   "epoch": owned.epoch, "reason": reason, "dropped": len(dropped),
-                   "cancelled": len(owned.scopes)},
-        )  # fmt: skip
+        _end_revoke(owned, "lost", reason)
+        with tracing.event_span(
+            "pgcg partition lost",
+            self.fields,
+            **_partition(partition, owned.epoch),
+            **{"pgcg.reason": reason, "pgcg.dropped": len(dropped),
+               "pgcg.cancelled": len(owned.scopes)},
+        ) as span:  # fmt: skip
+            span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+            log.warning(
+                "partition %s lost (%s)",
+                partition,
+                reason,
+                extra={"action": "partition_lost", **self.fields, "partition": partition,
+                       "epoch": owned.epoch, "reason": reason, "dropped": len(dropped),
+                       "cancelled": len(owned.scopes)},
+            )  # fmt: skip
 
     def lose_all(self, reason: str) -> None:
         for partition in list(self.owned):
@@ -144,6 +183,10 @@ class Assignment:
             if self.scheduler.busy(owned.partition) == 0:
                 ready.append(owned)
             elif owned.revoke_by is not None and now >= owned.revoke_by:
+                if owned.revoke_span is not None:
+                    owned.revoke_span.add_event(
+                        "drain deadline reached", {"pgcg.cancelled": len(owned.scopes)}
+                    )
                 owned.cancel_handlers()
                 log.warning(
                     "partition %s: drain deadline reached, cancelling %s handlers",
@@ -158,3 +201,64 @@ class Assignment:
     def next_revoke_deadline(self) -> float | None:
         deadlines = [o.revoke_by for o in self.owned.values() if o.revoke_by is not None]
         return min(deadlines) if deadlines else None
+
+    @contextlib.contextmanager
+    def handing_off(self, parts: Iterable[Owned]) -> Iterator[None]:
+        """Around our release statement: a heartbeat that reads the assignments meanwhile
+        must not take the partitions' disappearance for a loss (a false `partition_lost`
+        warning, and a revocation recorded as lost although it was handed over)."""
+        partitions = {p.partition for p in parts}
+        self._handing_off |= partitions
+        try:
+            yield
+        finally:
+            self._handing_off -= partitions
+
+    @contextlib.contextmanager
+    def releasing(
+        self, part: Owned, row: dict[str, Any] | None, reason: str
+    ) -> Iterator[trace.Span]:
+        """Around the record of one partition's release: ends its revoke span with the
+        outcome, or (a release on shutdown) is a `pgcg partition release` span itself."""
+        outcome = {
+            "pgcg.reason": reason,
+            "pgcg.to_member": (row or {}).get("new_owner"),
+            "pgcg.new_epoch": (row or {}).get("epoch"),
+            "pgcg.fenced": row is None,
+        }
+        span = part.revoke_span
+        if span is None:
+            with tracing.event_span(
+                "pgcg partition release",
+                self.fields,
+                **_partition(part.partition, part.epoch),
+                **outcome,
+            ) as span:
+                yield span
+            return
+        with _current(span):
+            yield span
+        _end_revoke(part, "released", **outcome)
+
+
+def _partition(partition: int, epoch: int) -> dict[str, Any]:
+    return {tracing.PARTITION: str(partition), "pgcg.epoch": epoch}
+
+
+def _current(span: trace.Span | None) -> contextlib.AbstractContextManager[Any]:
+    if span is None or not span.is_recording():
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False, record_exception=False)
+
+
+def _end_revoke(owned: Owned, outcome: str, reason: str | None = None, **attributes: Any) -> None:
+    span, owned.revoke_span = owned.revoke_span, None
+    if span is None:
+        return
+    if span.is_recording():
+        span.set_attributes(
+            {k: v for k, v in {"pgcg.outcome": outcome, **attributes}.items() if v is not None}
+        )
+        if outcome == "lost":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"lost: {reason}"))
+    span.end()

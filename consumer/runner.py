@@ -1,12 +1,16 @@
-"""Process entry point for `pgcg consumer`: run a member (and optionally a coordinator)."""
+"""Process entry point for `pgcg consumer`: telemetry, the HTTP endpoint, and a member
+(optionally with a coordinator in the same process)."""
 
 from __future__ import annotations
 
 import anyio
 
 from pgcg.consumer.handlers import Handler
+from pgcg.consumer.observer import ConsumerObserver
 from pgcg.consumer.service import Consumer
+from pgcg.shared.health import serving
 from pgcg.shared.settings import Settings
+from pgcg.shared.telemetry import setup_telemetry
 
 
 def run_consumer(
@@ -17,17 +21,38 @@ def run_consumer(
     handler: Handler,
     embedded_coordinator: bool = False,
 ) -> None:
-    async def main() -> None:
-        consumer = Consumer(settings, group=group, topic=topic, handler=handler)
+    telemetry = setup_telemetry(settings, "pgcg-consumer")
+
+    async def run(consumer: Consumer) -> None:
         if not embedded_coordinator:
             await consumer.run()
             return
+        from pgcg.coordinator.observer import CoordinatorObserver
         from pgcg.coordinator.service import Coordinator
 
         coordinator = Coordinator(settings, groups=[group])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(coordinator.run_until_stopped)
-            await consumer.run()
-            await coordinator.stop()
+        coordinator_observer = CoordinatorObserver(coordinator)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(coordinator.run_until_stopped)
+                async with anyio.create_task_group() as observing:
+                    observing.start_soon(coordinator_observer.run)
+                    await consumer.run()
+                    observing.cancel_scope.cancel()
+                await coordinator.stop()
+        finally:
+            coordinator_observer.close()
+
+    async def main() -> None:
+        consumer = Consumer(settings, group=group, topic=topic, handler=handler)
+        observer = ConsumerObserver(consumer)
+        try:
+            with serving(settings.http_port, ready=observer.ready, registry=telemetry.registry):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(observer.run)
+                    await run(consumer)
+                    tg.cancel_scope.cancel()
+        finally:
+            observer.close()
 
     anyio.run(main)

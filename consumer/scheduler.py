@@ -147,7 +147,12 @@ class KeyScheduler:
             del self._keys[item.key]
 
     def defer(self, item: Claimed, due: float, now: float) -> None:
-        """The head failed and will be retried at `due`; the whole key waits for it."""
+        """The head failed and will be retried at `due`; the whole key waits for it.
+
+        Its next delivery is the next attempt, as the failure recorded in the database
+        says: a retry handed out from memory must not repeat attempt 1 forever (it would
+        never reach max_attempts and never be dead-lettered).
+        """
         queue = self._release(item)
         if queue is None:
             return

@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
-from pgcg.consumer import handlers
+from pgcg.consumer import handlers, observer
 from pgcg.consumer.acker import Acker
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
@@ -71,13 +71,15 @@ class Consumer:
             dsn=dsn,
             membership=membership,
             scheduler=scheduler,
+            # A callable: the member id in log fields changes when the member rejoins.
             assignment=Assignment(scheduler, lambda: membership.fields, settings.lease_margin),
             retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
         )
-        self.handler = handler
+        # A `process <topic>` span and duration per call (observer.py); same signature.
+        self.handler = observer.instrument(handler, self.ctx)
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
-        self.workers = Workers(self.ctx, handlers.caller(handler), self.acker.submit)
+        self.workers = Workers(self.ctx, handlers.caller(self.handler), self.acker.submit)
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -305,7 +307,7 @@ class Consumer:
             return
         conn = await connect(ctx.dsn, application_name="pgcg-release")
         try:
-            with translated(ctx.dsn):
+            with ctx.assignment.handing_off(parts), translated(ctx.dsn):
                 cur = await conn.execute(
                     Q.release,
                     ctx.params(
@@ -319,13 +321,14 @@ class Consumer:
             ctx.assignment.owned.pop(part.partition, None)
             ctx.scheduler.drop_partition(part.partition)
             row: dict[str, Any] | None = rows.get(part.partition)
-            log.info(
-                "partition %s released (%s) to %s",
-                part.partition,
-                reason,
-                (row or {}).get("new_owner") or "nobody",
-                extra={"action": "partition_released", **ctx.fields,
-                       "partition": part.partition, "epoch": part.epoch,
-                       "new_epoch": (row or {}).get("epoch"), "reason": reason,
-                       "to_member": (row or {}).get("new_owner"), "fenced": row is None},
-            )  # fmt: skip
+            with ctx.assignment.releasing(part, row, reason):  # ends its revoke span
+                log.info(
+                    "partition %s released (%s) to %s",
+                    part.partition,
+                    reason,
+                    (row or {}).get("new_owner") or "nobody",
+                    extra={"action": "partition_released", **ctx.fields,
+                           "partition": part.partition, "epoch": part.epoch,
+                           "new_epoch": (row or {}).get("epoch"), "reason": reason,
+                           "to_member": (row or {}).get("new_owner"), "fenced": row is None},
+                )  # fmt: skip

@@ -6,6 +6,10 @@ leader renews a heartbeat in its row; a standby that sees the heartbeat older th
 leader timeout terminates the silent leader's backend, which frees the lock, and takes
 over with the epoch bumped. The old leader, when it wakes, finds its connection gone or
 its epoch stale, and writes nothing.
+
+Winning an election, deposing a silent leader and stepping down are each a span
+(`pgcg leader election`, `pgcg leader depose`, `pgcg leader step_down`); rounds that
+change nothing emit none.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import anyio
 
+from pgcg.shared import tracing
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.queries import Queries
@@ -59,6 +64,11 @@ class Elector:
     @property
     def fields(self) -> dict[str, Any]:
         return {"leader_id": self.leader_id}
+
+    @property
+    def connected(self) -> bool:
+        """Whether the coordinator session is up (readiness: leader or standby)."""
+        return self._conn is not None and not self._conn.closed
 
     async def connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
@@ -169,33 +179,43 @@ class Elector:
                 await self._depose_if_silent(conn, group)
                 return False
             self._standing_by.discard(group)
-            sent = time.monotonic()
-            row = await (await conn.execute(Q.take_leadership, params)).fetchone()
-        assert row is not None
-        self._leading[group] = Leadership(group, int(row["leader_epoch"]), sent)
-        log.info(
-            "elected leader of group %s at leader epoch %s",
-            group,
-            row["leader_epoch"],
-            extra={"action": "leader_elected", "group": group,
-                   "leader_epoch": row["leader_epoch"], **self.fields},
-        )  # fmt: skip
+            with tracing.event_span(
+                "pgcg leader election", {"group": group}, **{"pgcg.leader_id": self.leader_id}
+            ) as span:
+                sent = time.monotonic()
+                row = await (await conn.execute(Q.take_leadership, params)).fetchone()
+                assert row is not None
+                span.set_attribute("pgcg.leader_epoch", int(row["leader_epoch"]))
+                self._leading[group] = Leadership(group, int(row["leader_epoch"]), sent)
+                log.info(
+                    "elected leader of group %s at leader epoch %s",
+                    group,
+                    row["leader_epoch"],
+                    extra={"action": "leader_elected", "group": group,
+                           "leader_epoch": row["leader_epoch"], **self.fields},
+                )  # fmt: skip
         return True
 
     async def _depose_if_silent(self, conn: AsyncConn, group: str) -> None:
         stale = await (await conn.execute(Q.stale_leader, self._params(group))).fetchone()
         if stale is None:
             return
-        await conn.execute(Q.terminate_backend, {"pid": stale["backend_pid"]})
-        log.warning(
-            "leader %s of group %s silent for %.1fs: terminated its session",
-            stale["leader_id"],
-            group,
-            stale["silent_s"],
-            extra={"action": "leader_terminated", "group": group,
-                   "leader_epoch": stale["leader_epoch"], "silent_leader": stale["leader_id"],
-                   **self.fields},
-        )  # fmt: skip
+        with tracing.event_span(
+            "pgcg leader depose",
+            {"group": group},
+            **{"pgcg.leader_id": self.leader_id, "pgcg.silent_leader": stale["leader_id"],
+               "pgcg.leader_epoch": stale["leader_epoch"], "pgcg.silent_s": stale["silent_s"]},
+        ):  # fmt: skip
+            await conn.execute(Q.terminate_backend, {"pid": stale["backend_pid"]})
+            log.warning(
+                "leader %s of group %s silent for %.1fs: terminated its session",
+                stale["leader_id"],
+                group,
+                stale["silent_s"],
+                extra={"action": "leader_terminated", "group": group,
+                       "leader_epoch": stale["leader_epoch"],
+                       "silent_leader": stale["leader_id"], **self.fields},
+            )  # fmt: skip
 
     async def resign(self, group: str, reason: str) -> None:
         async with self.conn_lock:
@@ -205,15 +225,21 @@ class Elector:
         lead = self._leading.pop(group, None)
         if lead is None or self._conn is None or self._conn.closed:
             return
-        try:
-            with translated(self.dsn):
-                await self._conn.execute(Q.unlock, self._params(group))
-        except DatabaseUnavailable:
-            pass  # the lock went with the session
-        log.info(
-            "stepped down as leader of %s (%s)",
-            group,
-            reason,
-            extra={"action": "leader_stepped_down", "group": group,
-                   "leader_epoch": lead.epoch, **self.fields},
-        )  # fmt: skip
+        with tracing.event_span(
+            "pgcg leader step_down",
+            {"group": group},
+            **{"pgcg.leader_id": self.leader_id, "pgcg.leader_epoch": lead.epoch,
+               "pgcg.reason": reason},
+        ):  # fmt: skip
+            try:
+                with translated(self.dsn):
+                    await self._conn.execute(Q.unlock, self._params(group))
+            except DatabaseUnavailable:
+                pass  # the lock went with the session
+            log.info(
+                "stepped down as leader of %s (%s)",
+                group,
+                reason,
+                extra={"action": "leader_stepped_down", "group": group,
+                       "leader_epoch": lead.epoch, **self.fields},
+            )  # fmt: skip

@@ -11,10 +11,17 @@ In one transaction on the leader's session, fenced by the leader row:
                                              which fences the slow owner
      - revoking, target is the owner again -> back to assigned
   4. record the rebalance and NOTIFY the group.
+
+A rebalance that changes something is a `pgcg rebalance` span (from the start of the
+transaction to its commit; the sweeps that find nothing to do emit none) with the group,
+leader epoch, generation, reason, members and every move from -> to, one event per move;
+it is counted and timed in the pgcg.rebalance* metrics, and its log records carry its
+trace id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,15 +29,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry import trace
-
 from pgcg.coordinator.assignor import assign
+from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, translated
 from pgcg.shared.errors import LostOwnership
 from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.coordinator.rebalancer")
-tracer = trace.get_tracer("pgcg.coordinator")
 Q = Queries("coordinator")
 
 
@@ -60,6 +65,7 @@ class Outcome:
     moves: list[Move] = field(default_factory=list)
     duration_ms: float = 0.0
     statements: int = 0
+    trace_id: str | None = None  # of its `pgcg rebalance` span, when traced
 
 
 def plan(rows: list[dict[str, Any]], members: list[str]) -> tuple[list[Move], dict[int, str]]:
@@ -103,6 +109,7 @@ async def rebalance(
     """Run one rebalance; None when nothing needed to change."""
     started_at = datetime.now(UTC)
     t0 = time.perf_counter()
+    t0_ns = time.time_ns()
     params = {
         "group": group,
         "topic": topic,
@@ -120,7 +127,8 @@ async def rebalance(
         cur = await conn.execute(query, {**params, **extra})
         return await cur.fetchall() if cur.description else []
 
-    with translated(), tracer.start_as_current_span("pgcg rebalance") as span:
+    # The span is entered once there is something to do, but closes after the commit.
+    with translated(), contextlib.ExitStack() as stack:
         async with conn.transaction():
             if not await run(Q.lock_leadership):
                 raise LostLeadership(f"no longer leader of {group} at leader epoch {leader_epoch}")
@@ -130,6 +138,14 @@ async def rebalance(
             moves, _ = plan(rows, members)
             if not moves and not expired:
                 return None
+            span = stack.enter_context(
+                tracing.event_span(
+                    "pgcg rebalance",
+                    {"group": group, "topic": topic},
+                    start_time=t0_ns,
+                    **{"pgcg.leader_id": leader_id, "pgcg.leader_epoch": leader_epoch},
+                )
+            )
             by_kind: dict[str, list[Move]] = {}
             for move in moves:
                 by_kind.setdefault(move.kind, []).append(move)
@@ -177,35 +193,73 @@ async def rebalance(
             duration_ms=(time.perf_counter() - t0) * 1000,
             statements=statements,
         )
-        span.set_attributes(
-            {
-                "messaging.system": "pgcg",
-                "messaging.consumer.group.name": group,
-                "messaging.destination.name": topic,
-                "pgcg.leader_epoch": leader_epoch,
-                "pgcg.generation": generation,
-                "pgcg.reason": reason,
-                "pgcg.members": len(members),
-                "pgcg.moves": [m.describe() for m in moves],
-                "pgcg.expired": expired,
-            }
-        )
-    for move in moves:
-        if move.kind == "forced":
-            log.warning(
-                "forced hand-off of partition %s from %s to %s",
-                move.partition, move.from_member, move.to_member,
-                extra={"action": "forced_handoff", "group": group, "partition": move.partition,
-                       "from_member": move.from_member, "to_member": move.to_member,
-                       "leader_epoch": leader_epoch, "generation": generation},
-            )  # fmt: skip
-    log.info(
-        "rebalance %s of %s: %s member(s), %s move(s) [%s] in %.1f ms (%s)",
-        generation, group, len(members), len(moves),
-        " ".join(m.describe() for m in moves), outcome.duration_ms, reason,
-        extra={"action": "rebalance", "group": group, "leader_epoch": leader_epoch,
-               "generation": generation, "reason": reason, "members": members,
-               "expired": expired, "moves": [m.describe() for m in moves],
-               "duration_ms": round(outcome.duration_ms, 2)},
-    )  # fmt: skip
+        if span.is_recording():
+            outcome.trace_id = format(span.get_span_context().trace_id, "032x")
+            _describe(span, outcome)
+        _measure(outcome)
+        for move in moves:
+            if move.kind == "forced":
+                log.warning(
+                    "forced hand-off of partition %s from %s to %s",
+                    move.partition, move.from_member, move.to_member,
+                    extra={"action": "forced_handoff", "group": group,
+                           "partition": move.partition, "from_member": move.from_member,
+                           "to_member": move.to_member, "leader_epoch": leader_epoch,
+                           "generation": generation},
+                )  # fmt: skip
+        log.info(
+            "rebalance %s of %s: %s member(s), %s move(s) [%s] in %.1f ms (%s)",
+            generation, group, len(members), len(moves),
+            " ".join(m.describe() for m in moves), outcome.duration_ms, reason,
+            extra={"action": "rebalance", "group": group, "leader_epoch": leader_epoch,
+                   "generation": generation, "reason": reason, "members": members,
+                   "expired": expired, "moves": [m.describe() for m in moves],
+                   "duration_ms": round(outcome.duration_ms, 2)},
+        )  # fmt: skip
     return outcome
+
+
+def reason_kind(reason: str) -> str:
+    """The bounded part of a reason ("member join (host-1-ab)" -> "member join"), for
+    metric attributes; the full reason goes on the span and the log record."""
+    return reason.split(";", 1)[0].split(" (", 1)[0].strip()
+
+
+def _describe(span: Any, outcome: Outcome) -> None:
+    kinds: dict[str, int] = {}
+    for move in outcome.moves:
+        kinds[move.kind] = kinds.get(move.kind, 0) + 1
+    span.set_attributes(
+        {
+            "pgcg.generation": outcome.generation,
+            "pgcg.reason": outcome.reason,
+            "pgcg.members": outcome.members,
+            "pgcg.member_count": len(outcome.members),
+            "pgcg.expired": outcome.expired,
+            "pgcg.moves": [m.describe() for m in outcome.moves],
+            "pgcg.moved": len(outcome.moves),
+            **{f"pgcg.moves.{kind}": n for kind, n in kinds.items()},
+            "pgcg.statements": outcome.statements,
+        }
+    )
+    for move in outcome.moves:
+        span.add_event(
+            "move",
+            {
+                tracing.PARTITION: str(move.partition),
+                "pgcg.from_member": move.from_member or "",
+                "pgcg.to_member": move.to_member or "",
+                "pgcg.kind": move.kind,
+            },
+        )
+
+
+def _measure(outcome: Outcome) -> None:
+    attributes = {tracing.MESSAGING_SYSTEM: tracing.SYSTEM, tracing.CONSUMER_GROUP: outcome.group}
+    metrics.rebalances.add(1, {**attributes, "pgcg.reason": reason_kind(outcome.reason)})
+    metrics.rebalance_duration.record(outcome.duration_ms / 1000, attributes)
+    kinds: dict[str, int] = {}
+    for move in outcome.moves:
+        kinds[move.kind] = kinds.get(move.kind, 0) + 1
+    for kind, n in kinds.items():
+        metrics.partitions_moved.add(n, {**attributes, "pgcg.kind": kind})

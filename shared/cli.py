@@ -243,6 +243,9 @@ def produce(
     """
     from pgcg.shared.db import connect_sync
     from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+    from pgcg.shared.tracing import setup_tracing
+
+    setup_tracing("pgcg-producer")  # OTEL_TRACES_EXPORTER: a `send <topic>` span per batch
 
     def header_map(items: tuple[str, ...]) -> dict[str, str]:
         out = {}
@@ -344,11 +347,9 @@ def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
       pgcg coordinator                 # lead whichever groups it wins
       pgcg coordinator --group billing
     """
-    import anyio
+    from pgcg.coordinator.runner import run_coordinator
 
-    from pgcg.coordinator.service import Coordinator
-
-    anyio.run(Coordinator(settings, groups=list(groups) or None).run)
+    run_coordinator(settings, groups=list(groups) or None)
 
 
 # -- watching ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pgcg.shared.errors import (
 
 AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
 
-_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]*@")
 
 
 def redact(dsn: str) -> str:

@@ -3,6 +3,10 @@
 The partition of each ordering key is computed by PostgreSQL (pgcg.partition_for), so
 every producer agrees whatever its language. Input is checked before anything is sent:
 a bad message fails the whole call and nothing is written.
+
+Each call is a `send <topic>` PRODUCER span when tracing is on, and its W3C trace context
+(traceparent, tracestate) goes into every message's headers, unless the message carries
+its own, so the consumer's processing span continues the caller's trace.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgcg.shared import names
+from pgcg.shared import names, tracing
 from pgcg.shared.db import translated
 from pgcg.shared.errors import InvalidInput, PayloadTooLarge
 from pgcg.shared.queries import Queries
@@ -66,7 +70,11 @@ def _text_problem(value: Any) -> str | None:
 _to_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
-def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict[str, list[Any]]:
+def _encode(
+    messages: Sequence[OutgoingMessage],
+    max_payload_bytes: int,
+    trace_headers: Mapping[str, str] | None = None,
+) -> dict[str, list[Any]]:
     keys: list[str] = []
     payloads: list[str] = []
     headers: list[str | None] = []
@@ -110,7 +118,8 @@ def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict
             raise InvalidInput(f"{where}: delay must be a finite number of seconds >= 0")
         keys.append(msg.key)
         payloads.append(text)
-        headers.append(json.dumps(dict(msg.headers)) if msg.headers else None)
+        merged = tracing.with_trace_headers(msg.headers, trace_headers or {})
+        headers.append(json.dumps(dict(merged)) if merged else None)
         dedup.append(msg.dedup_key)
         delays.append(round(msg.delay * 1000) if msg.delay else None)
     return {
@@ -123,13 +132,16 @@ def _encode(messages: Sequence[OutgoingMessage], max_payload_bytes: int) -> dict
 
 
 def _params(
-    topic: str, messages: Iterable[OutgoingMessage], max_payload_bytes: int
+    topic: str,
+    messages: Iterable[OutgoingMessage],
+    max_payload_bytes: int,
+    trace_headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     names.topic_name(topic)
     batch = list(messages)
     if not batch:
         raise InvalidInput("nothing to enqueue: the batch is empty")
-    return {"topic": topic, **_encode(batch, max_payload_bytes)}
+    return {"topic": topic, **_encode(batch, max_payload_bytes, trace_headers)}
 
 
 def _result(rows: list[tuple[int, int | None, int]]) -> list[Enqueued]:
@@ -171,13 +183,17 @@ class Producer:
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[Enqueued]:
-        params = _params(topic, messages, self.max_payload_bytes)
-        if conn is not None:
-            return await self._run(conn, params)
-        if self._pool is None:
-            raise InvalidInput("pass conn=... or create the Producer with a connection pool")
-        async with self._pool.connection() as pooled:
-            return await self._run(pooled, params)
+        with tracing.send_span(topic) as (span, trace_headers):
+            params = _params(topic, messages, self.max_payload_bytes, trace_headers)
+            if conn is not None:
+                done = await self._run(conn, params)
+            elif self._pool is None:
+                raise InvalidInput("pass conn=... or create the Producer with a connection pool")
+            else:
+                async with self._pool.connection() as pooled:
+                    done = await self._run(pooled, params)
+            tracing.sent(span, done)
+            return done
 
     @staticmethod
     async def _run(conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> list[Enqueued]:
@@ -195,10 +211,13 @@ def enqueue_many_sync(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> list[Enqueued]:
     """The same as Producer.enqueue_many for a synchronous psycopg connection."""
-    params = _params(topic, messages, max_payload_bytes)
-    with translated(), conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
-        cur.execute(Q.enqueue, params)
-        return _result(cur.fetchall())
+    with tracing.send_span(topic) as (span, trace_headers):
+        params = _params(topic, messages, max_payload_bytes, trace_headers)
+        with translated(), conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+            cur.execute(Q.enqueue, params)
+            done = _result(cur.fetchall())
+        tracing.sent(span, done)
+        return done
 
 
 async def create_topic(conn: psycopg.AsyncConnection[Any], name: str, partitions: int = 16) -> bool:

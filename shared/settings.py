@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port for /healthz, /readyz and /metrics; 0 turns the endpoint off.",
     )
+    instrument_psycopg: bool = Field(
+        False,
+        description="Trace every query as a child span (needs `pip install 'pgcg[otel]'`; "
+        "tracing itself is configured by the standard OTEL_* variables).",
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json lines, or text; auto picks text on a terminal."
     )

@@ -1,0 +1,29 @@
+"""Process entry point for `pgcg coordinator`: telemetry, the HTTP endpoint, the loops."""
+
+from __future__ import annotations
+
+import anyio
+
+from pgcg.coordinator.observer import CoordinatorObserver
+from pgcg.coordinator.service import Coordinator
+from pgcg.shared.health import serving
+from pgcg.shared.settings import Settings
+from pgcg.shared.telemetry import setup_telemetry
+
+
+def run_coordinator(settings: Settings, *, groups: list[str] | None = None) -> None:
+    telemetry = setup_telemetry(settings, "pgcg-coordinator")
+
+    async def main() -> None:
+        coordinator = Coordinator(settings, groups=groups)
+        observer = CoordinatorObserver(coordinator)
+        try:
+            with serving(settings.http_port, ready=observer.ready, registry=telemetry.registry):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(observer.run)
+                    await coordinator.run()
+                    tg.cancel_scope.cancel()
+        finally:
+            observer.close()
+
+    anyio.run(main)
