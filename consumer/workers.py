@@ -89,7 +89,10 @@ class Workers:
             owned = ctx.assignment.current(item.partition, item.epoch)
             if owned is not None and owned.state == "assigned":
                 return item, owned
-            # Dropped with its partition; the scheduler forgot it too.
+            # Not ours to start (a revoked partition's head whose retry came due while
+            # draining): forget it, or it stays busy and holds the release until the
+            # drain deadline. Its row is the next owner's.
+            ctx.scheduler.finish(item, now)
         return None
 
     async def _run(self) -> None:
