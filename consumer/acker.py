@@ -7,6 +7,7 @@ after its result is committed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class Acker:
                            "epoch": item.epoch, "message_id": item.id,
                            "attempt": item.message.attempt},
                 )  # fmt: skip
+                # The nack counted the attempt in the row; the retry is the next delivery.
+                item.message = dataclasses.replace(item.message, attempt=item.message.attempt + 1)
             else:
                 ctx.scheduler.finish(item, now)
                 if not result.ok:

@@ -85,3 +85,23 @@ async def test_drains_in_key_order(db: psycopg.Connection[Any], dsn: str) -> Non
         by_key[m.key].append(m.payload["seq"])
     assert all(seqs == sorted(seqs) for seqs in by_key.values())
     assert sorted(m.id for m in recorder.handled) == sorted(ids)
+
+
+async def test_a_retry_is_the_next_attempt_until_dead_lettered(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    setup_topic(db, partitions=1)
+    recovers, fails = produce(db, 2, 2)
+    recorder = Recorder(fail={recovers: 2, fails: 99})
+    consumer = Consumer(
+        settings(max_attempts=3), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+        await consumer.joined.wait()
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: pending(db, TOPIC) == 0, 20, "handled or dead-lettered")
+        consumer.stop()
+    assert [(m.id, m.attempt) for m in recorder.handled] == [(recovers, 3)]
+    dead = db.execute("SELECT message_id, attempts FROM pgcg.dead_letters").fetchall()
+    assert dead == [{"message_id": fails, "attempts": 3}]
