@@ -7,6 +7,7 @@ Loops (all in one task group, all cancellable):
   fetcher    claim rows of owned partitions
   dispatcher hand due heads of idle keys to handlers, up to `concurrency`
   acker      write results in fenced batches
+  progress   write handlers' progress reports (throttled, fenced)
   releaser   release revoked partitions once drained (or at their deadline)
   watchdog   self-fence when the lease runs out
 
@@ -35,6 +36,7 @@ from pgcg.consumer.fetcher import Fetcher
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
 from pgcg.consumer.message import Claimed
+from pgcg.consumer.progress import Progress
 from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -77,6 +79,7 @@ class Consumer:
         self.handler = handler
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
+        self.progress = Progress(self.ctx)
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -102,6 +105,7 @@ class Consumer:
                     tg.start_soon(self.fetcher.run)
                     tg.start_soon(self._dispatch_loop)
                     tg.start_soon(self.acker.run)
+                    tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
                 outer.cancel_scope.cancel()
@@ -169,6 +173,7 @@ class Consumer:
     async def _close(self) -> None:
         await self.fetcher.close()
         await self.acker.close()
+        await self.progress.close()
         await self.ctx.membership.close()
 
     # -- membership --------------------------------------------------------------------------
@@ -287,23 +292,23 @@ class Consumer:
     async def _handle(self, item: Claimed, owned: Owned) -> None:
         ctx = self.ctx
         error: str | None = None
+        # The deadline moves with each progress report; past it the handler is stuck.
+        delivery = self.progress.start(item)
         try:
             with anyio.CancelScope() as scope:
                 owned.scopes.add(scope)
                 try:
-                    with anyio.fail_after(ctx.settings.visibility_timeout):
-                        await handlers.call(self.handler, item.message)
-                except TimeoutError:
-                    error = (
-                        f"handler stuck: no result within {ctx.settings.visibility_timeout}s "
-                        "(PGCG_VISIBILITY_TIMEOUT)"
-                    )
+                    with delivery.deadline:
+                        await handlers.call(self.handler, delivery.message)
+                    if delivery.deadline.cancelled_caught:
+                        error = self.progress.stuck(delivery)
                 except Exception as exc:
                     error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
                     log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
                 finally:
                     owned.scopes.discard(scope)
         finally:
+            self.progress.end(item)
             ctx.running -= 1
             ctx.wake.dispatch.set()
         if scope.cancelled_caught:

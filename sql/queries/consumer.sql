@@ -88,7 +88,8 @@ UPDATE pgcg.messages AS m
 SET claim_epoch = p.epoch,
     claimed_by = %(member)s,
     attempts = m.attempts + (m.claimed_by IS NOT NULL)::int,
-    locked_until = now() + %(visibility_s)s * interval '1 second'
+    locked_until = now() + %(visibility_s)s * interval '1 second',
+    progress = NULL  -- a dead delivery's last report says nothing about this one
 FROM picked AS p
 WHERE m.topic = %(topic)s AND m.partition = p.partition AND m.id = p.id
 RETURNING m.id, m.partition, m.key, m.payload, m.headers, m.attempts, m.enqueued_at,
@@ -203,3 +204,32 @@ SELECT r.partition, r.epoch, r.new_owner,
            'group', %(group)s::text, 'event', 'release', 'member', %(member)s::text)::text)
 FROM released AS r
 ORDER BY r.partition
+
+-- name: progress
+-- Progress reports of running handlers (consumer/progress.py), a batch in one statement,
+-- each row fenced by its partition's epoch like an ack and written only while the row is
+-- still claimed by us. A report also moves the row's visibility deadline. Returns the
+-- batch's partitions we still own: a partition missing from the answer was lost. (The
+-- UPDATE runs although nothing reads it: data-modifying CTEs always run to completion.)
+WITH batch AS (
+    SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                         %(percents)s::float8[], %(texts)s::text[])
+        AS b(partition, epoch, id, percent, text)
+), owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.state IN ('assigned', 'revoking')
+      AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
+    FOR SHARE
+), written AS (
+    UPDATE pgcg.messages AS m
+    SET progress = jsonb_build_object('percent', b.percent, 'text', b.text, 'at', now()),
+        locked_until = now() + %(visibility_s)s * interval '1 second'
+    FROM batch AS b JOIN owned AS o ON o.partition = b.partition AND o.epoch = b.epoch
+    WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+      AND m.claimed_by = %(member)s AND m.claim_epoch = b.epoch
+    RETURNING m.id
+)
+SELECT DISTINCT o.partition, o.epoch
+FROM owned AS o JOIN batch AS b ON b.partition = o.partition AND b.epoch = o.epoch
