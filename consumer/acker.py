@@ -25,6 +25,15 @@ Q = Queries("consumer")
 MAX_ERROR_TEXT = 2000
 
 
+def wake_after_results(ctx: Context) -> None:
+    """Results were committed (here, or by a transactional handler with its own writes):
+    their keys may move on, revoked partitions may be drained, and room freed up."""
+    ctx.wake.dispatch.set()
+    ctx.wake.release.set()
+    if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:
+        ctx.wake.fetch.set()
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     item: Claimed
@@ -128,10 +137,7 @@ class Acker:
                                "partition": item.partition, "epoch": item.epoch,
                                "message_id": item.id, "attempt": item.message.attempt},
                     )  # fmt: skip
-        ctx.wake.dispatch.set()
-        ctx.wake.release.set()
-        if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:
-            ctx.wake.fetch.set()
+        wake_after_results(ctx)
 
     async def _run(
         self, conn: AsyncConn, query: str, items: list[Claimed], **columns: list[object]

@@ -38,9 +38,10 @@ from pgcg.consumer.member import Membership
 from pgcg.consumer.message import Claimed
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.consumer.transactional import Transactional
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.errors import DatabaseUnavailable, LostOwnership
 from pgcg.shared.loops import reconnecting
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
@@ -80,6 +81,10 @@ class Consumer:
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
         self.progress = Progress(self.ctx)
+        # handle(message, tx): the handler's writes and the ack commit together.
+        self.transactional = (
+            Transactional(self.ctx, handler) if handlers.wants_transaction(handler) else None
+        )
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -174,6 +179,8 @@ class Consumer:
         await self.fetcher.close()
         await self.acker.close()
         await self.progress.close()
+        if self.transactional is not None:
+            await self.transactional.close()
         await self.ctx.membership.close()
 
     # -- membership --------------------------------------------------------------------------
@@ -292,6 +299,7 @@ class Consumer:
     async def _handle(self, item: Claimed, owned: Owned) -> None:
         ctx = self.ctx
         error: str | None = None
+        settled = False  # transactional: acked in the handler's transaction, or fenced
         # The deadline moves with each progress report; past it the handler is stuck.
         delivery = self.progress.start(item)
         try:
@@ -299,9 +307,19 @@ class Consumer:
                 owned.scopes.add(scope)
                 try:
                     with delivery.deadline:
-                        await handlers.call(self.handler, delivery.message)
+                        if self.transactional is None:
+                            await handlers.call(self.handler, delivery.message)
+                        else:
+                            await self.transactional.handle(item, delivery.message)
+                            settled = True
                     if delivery.deadline.cancelled_caught:
                         error = self.progress.stuck(delivery)
+                except LostOwnership:
+                    # Fenced and rolled back: stop the partition's other handlers too.
+                    settled = True
+                    owned.scopes.discard(scope)
+                    if ctx.assignment.current(item.partition, item.epoch) is not None:
+                        ctx.assignment.lose(item.partition, "ack rejected by the epoch fence")
                 except Exception as exc:
                     error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
                     log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
@@ -311,8 +329,8 @@ class Consumer:
             self.progress.end(item)
             ctx.running -= 1
             ctx.wake.dispatch.set()
-        if scope.cancelled_caught:
-            return  # the partition was lost or the drain time ran out: no result to write
+        if scope.cancelled_caught or settled:
+            return  # lost, drained out, or already written: no result for the acker
         self.acker.submit(Result(item, error))
 
     # -- revocation --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from pgcg.consumer.message import Message
 from pgcg.consumer.progress import in_flight_progress
 from pgcg.consumer.service import Consumer
+from pgcg.consumer.transactional import Transaction
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
 from tests.helpers import assign, await_for, owners, pending
@@ -56,21 +57,31 @@ async def run_until_drained(db: psycopg.Connection[Any], consumer: Consumer, bod
         consumer.stop()
 
 
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
 async def test_progress_is_visible_from_another_connection(
-    db: psycopg.Connection[Any], dsn: str
+    db: psycopg.Connection[Any], dsn: str, transactional: bool
 ) -> None:
     [message_id] = enqueue(db, "report-42")
     finish = anyio.Event()
 
-    async def handler(message: Message) -> None:
+    async def work(message: Message) -> None:
         await message.progress(40, "resizing")
         await message.progress(60, "uploading")  # within the throttle: written a bit later
         await finish.wait()
 
+    async def plain(message: Message) -> None:
+        await work(message)
+
+    async def in_tx(message: Message, tx: Transaction) -> None:
+        # The report is visible although this transaction has not committed.
+        await tx.execute("CREATE TEMPORARY TABLE scratch (n int) ON COMMIT DROP")
+        await work(message)
+
     visibility = 30.0
     consumer = Consumer(
-        settings(visibility_timeout=visibility), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn
-    )
+        settings(visibility_timeout=visibility),
+        group=GROUP, topic=TOPIC, handler=in_tx if transactional else plain, dsn=dsn,
+    )  # fmt: skip
 
     async def observe() -> None:
         [first] = await await_for(lambda: in_flight_progress(db, GROUP), 10, "a progress row")

@@ -233,3 +233,38 @@ WITH batch AS (
 )
 SELECT DISTINCT o.partition, o.epoch
 FROM owned AS o JOIN batch AS b ON b.partition = o.partition AND b.epoch = o.epoch
+
+-- name: tx_begin
+-- The first statement of a transactional handler's transaction (sent with BEGIN in one
+-- round trip, see consumer/transactional.py): a token local to this transaction, so the
+-- ack can tell that the handler did not end it, and whether we still own the partition.
+-- No lock here: it is taken by tx_ack, so a long handler never holds up a hand-off.
+SELECT set_config('pgcg.tx_token', %(token)s, true) AS token,
+       EXISTS (
+           SELECT FROM pgcg.partition_assignments AS pa
+           WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+             AND pa.partition = %(partition)s AND pa.member_id = %(member)s
+             AND pa.epoch = %(epoch)s AND pa.state IN ('assigned', 'revoking')
+       ) AS owned
+
+-- name: tx_ack
+-- The ack of a transactional handler, in its own transaction right before COMMIT. The
+-- assignment row is locked FOR SHARE here, so an epoch bump either waits for our commit
+-- or has already happened and this matches nothing: then the caller rolls back and the
+-- handler's writes never land. `intact` is false when the transaction is not the one
+-- tx_begin opened (the handler committed and began another).
+WITH owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+      AND pa.partition = %(partition)s AND pa.member_id = %(member)s
+      AND pa.epoch = %(epoch)s AND pa.state IN ('assigned', 'revoking')
+    FOR SHARE
+), gone AS (
+    DELETE FROM pgcg.messages AS m
+    USING owned AS o
+    WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.id = %(id)s
+    RETURNING m.id
+)
+SELECT coalesce(current_setting('pgcg.tx_token', true) = %(token)s, false) AS intact,
+       EXISTS (SELECT FROM owned) AS owned,
+       EXISTS (SELECT FROM gone) AS acked
