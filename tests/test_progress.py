@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import psycopg
 import pytest
 
@@ -105,6 +107,26 @@ async def test_progress_is_visible_from_another_connection(
 
     await run_until_drained(db, consumer, observe)
     assert in_flight_progress(db, GROUP) == []
+
+
+async def test_a_sync_handler_reports_through_from_thread(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    enqueue(db, "sync")
+    finish = threading.Event()
+
+    def handler(message: Message) -> None:
+        anyio.from_thread.run(message.progress, 50, "half")
+        finish.wait(20)
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+
+    async def observe() -> None:
+        [row] = await await_for(lambda: in_flight_progress(db, GROUP), 10, "a progress row")
+        assert (row["percent"], row["text"]) == (50, "half")
+        finish.set()
+
+    await run_until_drained(db, consumer, observe)
 
 
 async def test_a_handler_that_stops_reporting_is_stuck(
