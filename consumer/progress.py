@@ -112,8 +112,8 @@ class Progress:
             raise InvalidInput(f"progress percent must be a number from 0 to 100, not {percent!r}")
         if not 0 <= percent <= 100:
             raise InvalidInput(f"progress percent must be from 0 to 100, not {percent}")
-        if not isinstance(text, str):
-            raise InvalidInput("progress text must be a string")
+        if not isinstance(text, str) or "\x00" in text:
+            raise InvalidInput("progress text must be a string without NUL characters")
         delivery.deadline.deadline = anyio.current_time() + self.visibility
         delivery.percent = float(percent)
         delivery.text = text[:MAX_TEXT]

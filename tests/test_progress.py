@@ -206,16 +206,20 @@ async def test_a_report_after_the_epoch_moved_is_fenced(
     assert actions(caplog, "message_retry") == []  # no result written for a lost partition
 
 
-async def test_progress_rejects_a_bad_percent(db: psycopg.Connection[Any], dsn: str) -> None:
+async def test_progress_rejects_bad_input(db: psycopg.Connection[Any], dsn: str) -> None:
     enqueue(db, "k")
     errors: list[str] = []
 
     async def handler(message: Message) -> None:
-        for bad in (-1, 101, "half"):
+        for bad in (-1, 101, "half", float("nan")):
             try:
                 await message.progress(bad)  # type: ignore[arg-type]
             except Exception as exc:
                 errors.append(str(exc))
+        try:
+            await message.progress(50, "nul \x00 byte")
+        except Exception as exc:
+            errors.append(str(exc))
 
     consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
 
@@ -223,7 +227,8 @@ async def test_progress_rejects_a_bad_percent(db: psycopg.Connection[Any], dsn: 
         pass
 
     await run_until_drained(db, consumer, nothing)
-    assert len(errors) == 3 and all("0 to 100" in e for e in errors)
+    assert len(errors) == 5
+    assert all("0 to 100" in e for e in errors[:4]) and "NUL" in errors[4]
 
 
 async def test_progress_outside_a_consumer_does_nothing() -> None:
