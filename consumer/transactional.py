@@ -196,9 +196,10 @@ class Transactional:
     async def _connections(self) -> AsyncConnectionPool[AsyncConn]:
         async with self._pool_lock:
             if self._pool is None:
+                # One connection per running handler at most; it grows on demand.
                 size = self.ctx.settings.concurrency
                 self._pool = await open_pool(
-                    self.ctx.dsn, min_size=size, max_size=size, name="pgcg-handler-tx"
+                    self.ctx.dsn, min_size=min(size, 4), max_size=size, name="pgcg-handler-tx"
                 )
         return self._pool
 
