@@ -139,8 +139,8 @@ async def test_a_handler_that_stops_reporting_is_stuck(
     async def handler(message: Message) -> None:
         if message.key == "slow":
             # Runs for well over the visibility timeout, reporting all along.
-            for step in range(12):
-                await message.progress(step * 8, f"step {step}")
+            for step in range(16):
+                await message.progress(step * 6, f"step {step}")
                 await anyio.sleep(0.2)
         elif message.attempt == 1:
             await message.progress(10, "then silence")
@@ -148,7 +148,7 @@ async def test_a_handler_that_stops_reporting_is_stuck(
         done.append((message.key, message.attempt))
 
     consumer = Consumer(
-        settings(visibility_timeout=1.0), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn
+        settings(visibility_timeout=2.0), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn
     )
 
     async def nothing() -> None:
