@@ -28,6 +28,20 @@ Q = Queries("consumer")
 MAX_ERROR_TEXT = 2000
 
 
+def wake_after_results(ctx: Context, *, deferred: bool = False) -> None:
+    """Results were committed (here, or by a transactional handler with its own writes):
+    their keys may move on, revoked partitions may be drained, and room freed up."""
+    if deferred or ctx.scheduler.held_released:
+        # A key now waits (its later messages can go back to the table), or a held key
+        # moved on (its later messages can be claimed again).
+        ctx.scheduler.held_released = False
+        ctx.wake.fetch.set()
+    ctx.wake.dispatch.set()
+    ctx.wake.release.set()
+    if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:
+        ctx.wake.fetch.set()
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     item: Claimed
@@ -126,7 +140,6 @@ class Acker:
                            "epoch": item.epoch, "message_id": item.id,
                            "attempt": item.message.attempt - 1},
                 )  # fmt: skip
-                ctx.scheduler.defer(item, now + delay_of[item.id], now)  # advances the attempt
             else:
                 ctx.scheduler.finish(item, now)
                 if not result.ok:
@@ -137,16 +150,8 @@ class Acker:
                                "partition": item.partition, "epoch": item.epoch,
                                "message_id": item.id, "attempt": item.message.attempt},
                     )  # fmt: skip
-        if delay_of or ctx.scheduler.held_released:
-            # A key now waits (its later messages can go back to the table), or a held key
-            # moved on (its later messages can be claimed again).
-            ctx.scheduler.held_released = False
-            ctx.wake.fetch.set()
         observer.record_results(ctx, batch, done, delay_of)  # processed/retried/dead counters
-        ctx.wake.dispatch.set()
-        ctx.wake.release.set()
-        if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:
-            ctx.wake.fetch.set()
+        wake_after_results(ctx, deferred=bool(delay_of))
 
     async def _run(
         self, conn: AsyncConn, query: str, items: list[Claimed], **columns: list[object]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,22 @@ class Message:
     # logs and journals; a result written under a stale epoch is rejected.
     member_id: str = ""
     epoch: int = 0
+    # Set by the consumer for each delivery (consumer/progress.py); None outside a consumer.
+    reporter: Callable[[float, str], Awaitable[None]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    async def progress(self, percent: float, text: str = "") -> None:
+        """Report how far handling got: `percent` from 0 to 100 and a short text.
+
+        Each report gives the handler another PGCG_VISIBILITY_TIMEOUT seconds before it is
+        treated as stuck (cancelled and retried), and shows in `pgcg status`: a long
+        handler reports well within that timeout. Reports are cheap: they are written to
+        the database at most once a second per message, in the background. Without a
+        consumer (a handler called from a unit test) this does nothing.
+        """
+        if self.reporter is not None:
+            await self.reporter(percent, text)
 
 
 @dataclass(slots=True, eq=False)

@@ -8,6 +8,7 @@ Loops (all in one task group, all cancellable):
   dispatcher put workers (up to `concurrency`) on due heads of idle keys
   stuck sweep cancel handlers past the visibility timeout
   acker      write results in fenced batches
+  progress   write handlers' progress reports (throttled, fenced)
   releaser   release revoked partitions once drained (or at their deadline)
   watchdog   self-fence when the lease runs out
 
@@ -34,7 +35,9 @@ from pgcg.consumer.context import Context
 from pgcg.consumer.fetcher import Fetcher
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
+from pgcg.consumer.progress import Progress
 from pgcg.consumer.scheduler import KeyScheduler
+from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -79,7 +82,18 @@ class Consumer:
         self.handler = observer.instrument(handler, self.ctx)
         self.fetcher = Fetcher(self.ctx)
         self.acker = Acker(self.ctx)
-        self.workers = Workers(self.ctx, handlers.caller(self.handler), self.acker.submit)
+        self.progress = Progress(self.ctx)
+        # handle(message, tx): the handler's writes and the ack commit together.
+        self.transactional = (
+            Transactional(self.ctx, self.handler) if handlers.wants_transaction(handler) else None
+        )
+        self.workers = Workers(
+            self.ctx,
+            handlers.caller(self.handler),
+            self.acker.submit,
+            self.progress,
+            self.transactional,
+        )
         self.joined = anyio.Event()
         self.stopped = False
         self._tg: TaskGroup
@@ -104,8 +118,8 @@ class Consumer:
                     tg.start_soon(self._listener_loop)
                     tg.start_soon(self.fetcher.run)
                     tg.start_soon(self._dispatch_loop)
-                    tg.start_soon(self.workers.sweep_stuck)
                     tg.start_soon(self.acker.run)
+                    tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
                 outer.cancel_scope.cancel()
@@ -176,6 +190,9 @@ class Consumer:
     async def _close(self) -> None:
         await self.fetcher.close()
         await self.acker.close()
+        await self.progress.close()
+        if self.transactional is not None:
+            await self.transactional.close()
         await self.ctx.membership.close()
 
     # -- membership --------------------------------------------------------------------------

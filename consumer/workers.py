@@ -8,15 +8,18 @@ wakes it, and the dispatcher starts more workers only while every one is busy.
 
 Cancellation: a worker's CancelScope is in its partition's `Owned.scopes` only while it
 runs a handler of that partition, so `cancel_handlers()` reaches exactly those handlers;
-the worker then writes no result, opens a new scope and goes on. A handler still running
-past the visibility timeout is found by `sweep_stuck` (every min(1 s, timeout / 4), so up
-to that much late) and cancelled; its result is a failure, "handler stuck".
+the worker then writes no result, opens a new scope and goes on. Each delivery also runs
+under its own deadline (progress.py): past the visibility timeout without a progress
+report the handler is stuck, cancelled, and its result is a failure.
+
+Transactional handlers (`handle(message, tx)`) write their own ack in the handler's
+transaction (transactional.py); a fenced one raises LostOwnership and the partition is
+dropped here, with no result for the acker.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -30,6 +33,9 @@ from pgcg.consumer.acker import MAX_ERROR_TEXT, Result
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Claimed, Message
+from pgcg.consumer.progress import Progress
+from pgcg.consumer.transactional import Transactional
+from pgcg.shared.errors import LostOwnership
 
 log = logging.getLogger("pgcg.consumer")
 
@@ -41,8 +47,6 @@ class _Worker:
     scope: anyio.CancelScope | None = None
     item: Claimed | None = None  # the message whose handler runs now
     owned: Owned | None = None
-    deadline: float = math.inf  # monotonic: stuck after this
-    stuck: bool = False
     handled: int = 0
 
 
@@ -52,10 +56,14 @@ class Workers:
         ctx: Context,
         call: Callable[[Message], Awaitable[None]],
         submit: Callable[[Result], None],
+        progress: Progress,
+        transactional: Transactional | None = None,
     ) -> None:
         self.ctx = ctx
         self._call = call
         self._submit = submit
+        self._progress = progress
+        self._transactional = transactional
         self._workers: set[_Worker] = set()
         self._idle: list[anyio.Event] = []
         self._starting = 0
@@ -120,13 +128,33 @@ class Workers:
             item, owned = ready
             self._begin(worker, item, owned)
             error: str | None = None
+            settled = False  # transactional: acked in the handler's transaction, or fenced
+            fenced = False
+            # The deadline moves with each progress report; past it the handler is stuck.
+            delivery = self._progress.start(item)
             try:
-                await self._call(item.message)
+                with delivery.deadline:
+                    if self._transactional is None:
+                        await self._call(delivery.message)
+                    else:
+                        await self._transactional.handle(item, delivery.message)
+                        settled = True
+                if delivery.deadline.cancelled_caught:
+                    error = self._progress.stuck(delivery)
+            except LostOwnership:
+                settled = fenced = True
             except Exception as exc:
                 error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
                 log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
+            finally:
+                self._progress.end(item)
             self._end(worker)
-            self._submit(Result(item, error))
+            if fenced and self.ctx.assignment.current(item.partition, item.epoch) is not None:
+                # Rolled back by the epoch fence: the partition's other handlers stop too
+                # (after _end, so this worker's own scope is not among those cancelled).
+                self.ctx.assignment.lose(item.partition, "ack rejected by the epoch fence")
+            if not settled:
+                self._submit(Result(item, error))
             # A handler that never awaits must not starve the fetcher, the acker and the
             # heartbeat: yield every few messages (a checkpoint per message was 8 % of a
             # no-op consumer's CPU; the acker batches what piles up meanwhile).
@@ -137,8 +165,6 @@ class Workers:
     def _begin(self, worker: _Worker, item: Claimed, owned: Owned) -> None:
         assert worker.scope is not None
         worker.item, worker.owned = item, owned
-        worker.deadline = time.monotonic() + self.ctx.settings.visibility_timeout
-        worker.stuck = False
         owned.scopes.add(worker.scope)
         self.ctx.running += 1
 
@@ -150,26 +176,7 @@ class Workers:
 
     def _cancelled(self, worker: _Worker) -> None:
         """The worker's scope was cancelled while its handler ran: the partition went (no
-        result to write), or the handler was stuck (a failure)."""
-        item, owned, stuck = worker.item, worker.owned, worker.stuck
-        if item is None or owned is None:
+        result to write)."""
+        if worker.item is None or worker.owned is None:
             return  # the handler swallowed the cancellation and finished normally
         self._end(worker)
-        if stuck and not owned.handlers_cancelled:
-            timeout = self.ctx.settings.visibility_timeout
-            self._submit(
-                Result(
-                    item, f"handler stuck: no result within {timeout}s (PGCG_VISIBILITY_TIMEOUT)"
-                )
-            )
-
-    async def sweep_stuck(self) -> None:
-        interval = min(1.0, self.ctx.settings.visibility_timeout / 4)
-        while True:
-            await anyio.sleep(interval)
-            now = time.monotonic()
-            for worker in self._workers:
-                if worker.item is not None and not worker.stuck and now >= worker.deadline:
-                    assert worker.scope is not None
-                    worker.stuck = True
-                    worker.scope.cancel()

@@ -322,7 +322,7 @@ def consumer(
     \b
     The handler is `async def handle(message) -> None` (a sync function runs in a
     thread); raising an exception retries the message with backoff, up to
-    --max-attempts, then dead-letters it. `def handle(message, tx)` runs in
+    --max-attempts, then dead-letters it. `async def handle(message, tx)` runs in
     transactional mode (see README). Example:
       pgcg consumer --group billing --topic orders --handler myapp.handlers:handle
     """

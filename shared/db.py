@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
@@ -121,5 +122,10 @@ async def open_pool(
         configure=configure,
     )
     with translated(dsn):
-        await pool.open(wait=True, timeout=15)
+        try:
+            await pool.open(wait=True, timeout=15)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await pool.close()  # else its workers keep reconnecting behind our back
+            raise
     return pool

@@ -438,3 +438,23 @@ async def test_a_waiting_key_resumes_in_order_without_extra_attempts(
     assert hot_handled[0].attempt == 2
     assert all(m.attempt == 1 for m in hot_handled[1:]), "put-back messages counted an attempt"
     assert {m.id for m in handled} >= set(others)
+
+
+async def test_a_retry_is_the_next_attempt_until_dead_lettered(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    setup_topic(db, partitions=1)
+    recovers, fails = produce(db, 2, 2)
+    recorder = Recorder(fail={recovers: 2, fails: 99})
+    consumer = Consumer(
+        settings(max_attempts=3), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+        await consumer.joined.wait()
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: pending(db, TOPIC) == 0, 20, "handled or dead-lettered")
+        consumer.stop()
+    assert [(m.id, m.attempt) for m in recorder.handled] == [(recovers, 3)]
+    dead = db.execute("SELECT message_id, attempts FROM pgcg.dead_letters").fetchall()
+    assert dead == [{"message_id": fails, "attempts": 3}]

@@ -95,7 +95,8 @@ UPDATE pgcg.messages AS m
 SET claim_epoch = (SELECT o.epoch FROM owned AS o WHERE o.partition = m.partition),
     claimed_by = %(member)s,
     attempts = m.attempts + (m.claimed_by IS NOT NULL)::int,
-    locked_until = now() + %(visibility_s)s * interval '1 second'
+    locked_until = now() + %(visibility_s)s * interval '1 second',
+    progress = NULL  -- a dead delivery's last report says nothing about this one
 WHERE m.topic = %(topic)s
   AND m.partition = ANY (%(partitions)s::int[])
   AND m.id = ANY (ARRAY(SELECT id FROM picked))
@@ -230,3 +231,67 @@ SELECT r.partition, r.epoch, r.new_owner,
            'group', %(group)s::text, 'event', 'release', 'member', %(member)s::text)::text)
 FROM released AS r
 ORDER BY r.partition
+
+-- name: progress
+-- Progress reports of running handlers (consumer/progress.py), a batch in one statement,
+-- each row fenced by its partition's epoch like an ack and written only while the row is
+-- still claimed by us. A report also moves the row's visibility deadline. Returns the
+-- batch's partitions we still own: a partition missing from the answer was lost. (The
+-- UPDATE runs although nothing reads it: data-modifying CTEs always run to completion.)
+WITH batch AS (
+    SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                         %(percents)s::float8[], %(texts)s::text[])
+        AS b(partition, epoch, id, percent, text)
+), owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+      AND pa.state IN ('assigned', 'revoking')
+      AND pa.partition = ANY(%(partitions)s::int[])
+    ORDER BY pa.partition
+    FOR SHARE
+), written AS (
+    UPDATE pgcg.messages AS m
+    SET progress = jsonb_build_object('percent', b.percent, 'text', b.text, 'at', now()),
+        locked_until = now() + %(visibility_s)s * interval '1 second'
+    FROM batch AS b JOIN owned AS o ON o.partition = b.partition AND o.epoch = b.epoch
+    WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+      AND m.claimed_by = %(member)s AND m.claim_epoch = b.epoch
+    RETURNING m.id
+)
+SELECT DISTINCT o.partition, o.epoch
+FROM owned AS o JOIN batch AS b ON b.partition = o.partition AND b.epoch = o.epoch
+
+-- name: tx_begin
+-- The first statement of a transactional handler's transaction (sent with BEGIN in one
+-- round trip, see consumer/transactional.py): a token local to this transaction, so the
+-- ack can tell that the handler did not end it, and whether we still own the partition.
+-- No lock here: it is taken by tx_ack, so a long handler never holds up a hand-off.
+SELECT set_config('pgcg.tx_token', %(token)s, true) AS token,
+       EXISTS (
+           SELECT FROM pgcg.partition_assignments AS pa
+           WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+             AND pa.partition = %(partition)s AND pa.member_id = %(member)s
+             AND pa.epoch = %(epoch)s AND pa.state IN ('assigned', 'revoking')
+       ) AS owned
+
+-- name: tx_ack
+-- The ack of a transactional handler, in its own transaction right before COMMIT. The
+-- assignment row is locked FOR SHARE here, so an epoch bump either waits for our commit
+-- or has already happened and this matches nothing: then the caller rolls back and the
+-- handler's writes never land. `intact` is false when the transaction is not the one
+-- tx_begin opened (the handler committed and began another).
+WITH owned AS (
+    SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+    WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
+      AND pa.partition = %(partition)s AND pa.member_id = %(member)s
+      AND pa.epoch = %(epoch)s AND pa.state IN ('assigned', 'revoking')
+    FOR SHARE
+), gone AS (
+    DELETE FROM pgcg.messages AS m
+    USING owned AS o
+    WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.id = %(id)s
+    RETURNING m.id
+)
+SELECT coalesce(current_setting('pgcg.tx_token', true) = %(token)s, false) AS intact,
+       EXISTS (SELECT FROM owned) AS owned,
+       EXISTS (SELECT FROM gone) AS acked

@@ -49,3 +49,24 @@ SELECT count(*) AS dead FROM pgcg.dead_letters WHERE topic = %(topic)s
 SELECT generation, leader_epoch, reason, members, moves, started_at, duration_ms
 FROM pgcg.rebalances WHERE group_name = %(group)s
 ORDER BY generation DESC LIMIT %(limit)s
+
+-- name: in_flight_progress
+-- Messages in a handler right now that reported progress (consumer/progress.py): who runs
+-- each, how far it got, and whether it is overdue (no report within the visibility
+-- timeout: its consumer cancels it as stuck and retries it). Only deliveries under the
+-- partition's current owner and epoch count. `now` pins the clock in tests; null: now().
+SELECT m.partition, m.id AS message_id, m.key, m.claimed_by AS member_id,
+       m.claim_epoch AS epoch, m.attempts + 1 AS attempt,
+       (m.progress ->> 'percent')::float8 AS percent, m.progress ->> 'text' AS text,
+       (m.progress ->> 'at')::timestamptz AS reported_at, m.locked_until,
+       extract(epoch FROM c.now - (m.progress ->> 'at')::timestamptz)::float8 AS reported_age_s,
+       extract(epoch FROM m.locked_until - c.now)::float8 AS deadline_in_s,
+       m.locked_until < c.now AS overdue
+FROM (SELECT coalesce(%(now)s::timestamptz, now()) AS now) AS c
+CROSS JOIN pgcg.subscriptions AS s
+JOIN pgcg.partition_assignments AS pa ON pa.group_name = s.group_name AND pa.topic = s.topic
+JOIN pgcg.messages AS m
+  ON m.topic = s.topic AND m.partition = pa.partition
+ AND m.claimed_by = pa.member_id AND m.claim_epoch = pa.epoch
+WHERE s.group_name = %(group)s AND m.progress IS NOT NULL
+ORDER BY m.partition, m.id

@@ -1,0 +1,231 @@
+"""Progress of running handlers, and the deadline that tells a slow handler from a stuck one.
+
+Every delivery runs under a deadline of PGCG_VISIBILITY_TIMEOUT seconds; each progress
+report (`await message.progress(percent, text)`) moves it to that many seconds after the
+report. A handler that stops reporting past its deadline is stuck: it is cancelled and
+its message retried.
+
+Reports only touch memory on the handler's path. A background loop writes the latest
+report of each delivery to its message row, at most once a second per message and a batch
+per statement, fenced by the partition's epoch like an ack; the write also moves the row's
+`locked_until`. So other connections (`pgcg status`, `in_flight_progress`) see how far each
+handler got, a slow database never makes a handler look stuck, and a report that finds the
+partition gone drops it (which cancels its handlers) like a rejected ack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import psycopg
+from opentelemetry import metrics
+
+from pgcg.consumer.context import Context
+from pgcg.consumer.message import Claimed, Message
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable, InvalidInput
+from pgcg.shared.loops import Signal
+from pgcg.shared.queries import Queries
+
+log = logging.getLogger("pgcg.consumer.progress")
+Q = Queries("consumer")
+STATUS = Queries("status")
+
+# At most one database write per message per this many seconds; later reports in the
+# window are folded into the next write.
+MIN_WRITE_INTERVAL = 1.0
+MAX_TEXT = 500
+
+_meter = metrics.get_meter("pgcg.consumer")
+_reports = _meter.create_counter(
+    "pgcg.consumer.progress.reports",
+    unit="{report}",
+    description="Progress reports made by handlers (each one extends the handler's deadline).",
+)
+_writes = _meter.create_counter(
+    "pgcg.consumer.progress.writes",
+    unit="{row}",
+    description="Progress reports written to message rows (throttled per message).",
+)
+_stuck = _meter.create_counter(
+    "pgcg.consumer.handlers.stuck",
+    unit="{delivery}",
+    description="Handlers cancelled for not finishing or reporting progress in time.",
+)
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One message in a handler: its deadline and its latest progress report."""
+
+    item: Claimed
+    deadline: anyio.CancelScope  # the handler runs inside it; a report moves its deadline
+    message: Message = field(init=False)
+    percent: float | None = None
+    text: str = ""
+    reports: int = 0
+    dirty: bool = False  # a report not yet written
+    written_at: float = -math.inf  # monotonic
+
+
+class Progress:
+    """Deadlines of running handlers, and the loop that writes their progress reports."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._live: dict[int, Delivery] = {}
+        self._wake = Signal()
+        self._conn: AsyncConn | None = None
+
+    @property
+    def visibility(self) -> float:
+        return self.ctx.settings.visibility_timeout
+
+    # -- the handler's side ---------------------------------------------------------------
+
+    def start(self, item: Claimed) -> Delivery:
+        """A handler is about to run on `item`: its deadline, and the message it gets."""
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self.visibility)
+        delivery = Delivery(item, scope)
+
+        async def report(percent: float, text: str = "") -> None:
+            await self.report(delivery, percent, text)
+
+        delivery.message = dataclasses.replace(item.message, reporter=report)
+        self._live[item.id] = delivery
+        return delivery
+
+    def end(self, item: Claimed) -> None:
+        """The handler is done (whatever the outcome): nothing more to write for it."""
+        self._live.pop(item.id, None)
+
+    async def report(self, delivery: Delivery, percent: float, text: str = "") -> None:
+        if isinstance(percent, bool) or not isinstance(percent, int | float):
+            raise InvalidInput(f"progress percent must be a number from 0 to 100, not {percent!r}")
+        if not 0 <= percent <= 100:
+            raise InvalidInput(f"progress percent must be from 0 to 100, not {percent}")
+        if not isinstance(text, str) or "\x00" in text:
+            raise InvalidInput("progress text must be a string without NUL characters")
+        delivery.deadline.deadline = anyio.current_time() + self.visibility
+        delivery.percent = float(percent)
+        delivery.text = text[:MAX_TEXT]
+        delivery.reports += 1
+        _reports.add(1, {"group": self.ctx.group, "topic": self.ctx.topic})
+        if not delivery.dirty:
+            delivery.dirty = True
+            self._wake.set()  # the writer works out when this one is due
+        await anyio.lowlevel.checkpoint()
+
+    def stuck(self, delivery: Delivery) -> str:
+        """The handler's deadline passed: log it and say why the message is retried."""
+        item = delivery.item
+        _stuck.add(1, {"group": self.ctx.group, "topic": self.ctx.topic})
+        last = (
+            f"; last progress {delivery.percent:g}% ({delivery.text})" if delivery.reports else ""
+        )
+        log.warning(
+            "message %s: handler stuck, no result or progress report within %ss: "
+            "cancelled, will retry%s",
+            item.id, self.visibility, last,
+            extra={"action": "handler_stuck", **self.ctx.fields, "partition": item.partition,
+                   "epoch": item.epoch, "message_id": item.id, "attempt": item.message.attempt,
+                   "reports": delivery.reports},
+        )  # fmt: skip
+        return (
+            f"handler stuck: no result or progress report within {self.visibility}s "
+            f"(PGCG_VISIBILITY_TIMEOUT){last}"
+        )
+
+    # -- the writer loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [
+                d
+                for d in self._live.values()
+                if d.dirty and now - d.written_at >= MIN_WRITE_INTERVAL
+            ]
+            if due:
+                await self.write(due)
+            waiting = [d.written_at for d in self._live.values() if d.dirty]
+            timeout = None
+            if waiting:
+                timeout = max(min(waiting) + MIN_WRITE_INTERVAL - time.monotonic(), 0.01)
+            await self._wake.wait(timeout)
+
+    async def write(self, due: list[Delivery]) -> None:
+        """Write the latest report of each delivery; drop partitions the fence says we lost."""
+        ctx = self.ctx
+        now = time.monotonic()
+        for d in due:
+            d.dirty = False
+            d.written_at = now
+        items = [d.item for d in due]
+        try:
+            conn = await self._connection()
+            with translated(ctx.dsn):
+                cur = await conn.execute(
+                    Q.progress,
+                    ctx.params(
+                        partitions=[i.partition for i in items],
+                        epochs=[i.epoch for i in items],
+                        ids=[i.id for i in items],
+                        percents=[d.percent for d in due],
+                        texts=[d.text for d in due],
+                        visibility_s=self.visibility,
+                    ),
+                )
+                rows = await cur.fetchall()
+        except DatabaseUnavailable as exc:
+            self._conn = None
+            for d in due:
+                d.dirty = True  # try again after the interval
+            log.warning(
+                "could not write progress: %s",
+                exc,
+                extra={"action": "progress_failed", **ctx.fields},
+            )
+            return
+        _writes.add(len(due), {"group": ctx.group, "topic": ctx.topic})
+        still_ours = {(r["partition"], r["epoch"]) for r in rows}
+        for partition, epoch in {(i.partition, i.epoch) for i in items} - still_ours:
+            log.warning(
+                "progress rejected for partition %s at epoch %s: it belongs to a newer epoch now",
+                partition, epoch,
+                extra={"action": "progress_rejected", **ctx.fields, "partition": partition,
+                       "epoch": epoch},
+            )  # fmt: skip
+            if ctx.assignment.current(partition, epoch) is not None:
+                ctx.assignment.lose(partition, "progress report rejected by the epoch fence")
+            ctx.wake.heartbeat.set()
+
+    async def _connection(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(self.ctx.dsn, application_name="pgcg-progress")
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def in_flight_progress(
+    conn: psycopg.Connection[Any], group: str, *, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Handlers of `group` running now that reported progress, for `pgcg status`.
+
+    One dict per message: partition, message_id, key, member_id, epoch, attempt, percent,
+    text, reported_at, locked_until, overdue (past its deadline: about to be cancelled).
+    """
+    with translated(), conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(STATUS.in_flight_progress, {"group": group, "now": now})
+        return cur.fetchall()
