@@ -41,8 +41,9 @@ def wait_for(cond: Callable[[], T | None], timeout: float, what: str, every: flo
 
 
 class GroupProbe:
-    def __init__(self, dsn: str, group: str, *, leader_timeout: float) -> None:
+    def __init__(self, dsn: str, group: str, topic: str, *, leader_timeout: float) -> None:
         self.group = group
+        self.topic = topic
         self.leader_timeout = leader_timeout
         self.conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
         self.offset = self._clock_offset()
@@ -68,7 +69,12 @@ class GroupProbe:
         return ts.timestamp() - self.offset
 
     def _params(self, **extra: Any) -> dict[str, Any]:
-        return {"group": self.group, "leader_timeout_s": self.leader_timeout, **extra}
+        return {
+            "group": self.group,
+            "topic": self.topic,
+            "leader_timeout_s": self.leader_timeout,
+            **extra,
+        }
 
     def _one(self, query: str, **extra: Any) -> dict[str, Any]:
         row = self.conn.execute(query, self._params(**extra)).fetchone()
@@ -104,6 +110,10 @@ class GroupProbe:
     def first_move_away(self, member: str, after_generation: int) -> dict[str, Any] | None:
         rows = self._all(Q.first_move_away, member=member, generation=after_generation)
         return rows[0] if rows else None
+
+    def backlog(self) -> int:
+        """Messages of the topic not yet acked."""
+        return int(self._one(Q.backlog)["pending"])
 
     # -- the journal -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ same number of consumers, two coordinators, balanced, a standby ready.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import socket
 import time
@@ -29,6 +30,9 @@ CONSUMER_Q = Queries("consumer")
 HANDLER = "pgcg.shared.journal:record"
 # A phantom member outlives any scenario it is used in, then leaves explicitly.
 PHANTOM_SESSION_MS = 300_000
+# Seconds a scenario waits for the group to work off a backlog before it starts anyway
+# (a host too busy to keep up shows as backlog_at_start in the figures).
+CATCH_UP = 30.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class GroupRun:
         self.n_consumers = consumers
         self.cluster = Cluster(dsn, workdir / profile.name, env=profile.env())
         self.producer = journal.Producer(dsn, self.topic, keys=keys, rate=rate)
+        self.caught_up = max(int(rate), 50)  # about a second of production
         self.probe: GroupProbe | None = None
         self.consumers: list[Proc] = []
         self.coordinators: list[Proc] = []
@@ -108,7 +113,9 @@ class GroupRun:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("SELECT pgcg.create_topic(%s, %s)", (self.topic, self.partitions))
             journal.create(conn)
-        self.probe = GroupProbe(self.dsn, self.group, leader_timeout=self.profile.leader_timeout)
+        self.probe = GroupProbe(
+            self.dsn, self.group, self.topic, leader_timeout=self.profile.leader_timeout
+        )
         for _ in range(2):
             self._add_coordinator()
         for _ in range(self.n_consumers):
@@ -159,7 +166,11 @@ class GroupRun:
         return bool(leader and leader["fresh"])
 
     def settle(self, timeout: float) -> None:
+        """Balanced, and (for up to CATCH_UP s more) caught up with the producer, so each
+        scenario starts from a steady group rather than from the last one's backlog."""
         wait_for(self._balanced, timeout, "the group to be balanced over its live consumers")
+        with contextlib.suppress(BenchTimeout):
+            wait_for(lambda: self.p.backlog() <= self.caught_up, CATCH_UP, "catching up", 0.1)
 
     def _leader_proc(self) -> tuple[Proc, int] | None:
         proc, epoch = self.cluster.leader(self.group)
@@ -206,6 +217,7 @@ class GroupRun:
         """A consumer starts: from its join to owning its share, and to having handled a
         message from every partition of it."""
         p = self.p
+        backlog = p.backlog()
         mark = p.journal_mark()
         spawned = time.time()
         proc = self._add_consumer()
@@ -225,6 +237,7 @@ class GroupRun:
             "owns_share_s": owns - joined,
             "handled_share_s": max(handled.values()) - joined,
             "share": len(share),
+            "backlog_at_start": backlog,
             # [partition, assigned, first handled], seconds after the join
             "per_partition": [
                 [part, _since(p.local(r["assigned_at"]), joined), _since(handled[part], joined)]
@@ -243,6 +256,7 @@ class GroupRun:
         vid = member["member_id"]
         parts = [r["partition"] for r in p.assignments() if r["member_id"] == vid]
         generation = p.generation()
+        backlog = p.backlog()
         mark = p.journal_mark()
         killed = time.time()
         victim.kill()
@@ -269,6 +283,7 @@ class GroupRun:
             "reassigned_s": reassigned - killed,
             "handled_s": max(handled.values()) - killed,
             "partitions": len(parts),
+            "backlog_at_start": backlog,
             # [partition, new owner's pid, reassigned, first handled], seconds after the kill
             "per_partition": [
                 [
@@ -329,8 +344,11 @@ class GroupRun:
             "first_rebalance_reason": first["reason"],
             "new_leader_is_standby": str(standby.pid) in str(new["leader_id"]),
         }
-        if how == "stop":
-            result["terminated_s"] = min(terminated) - faulted if terminated else float("nan")
+        if how == "stop" and terminated:
+            result["terminated_s"] = min(terminated) - faulted
+            # One election interval here means the standby took over a tick after it
+            # terminated the silent leader, not in the same tick.
+            result["elected_after_terminated_s"] = result["elected_s"] - result["terminated_s"]
         self.settle(30)
         self.standby_ready(30)
         return result

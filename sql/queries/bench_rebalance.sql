@@ -40,6 +40,9 @@ WHERE group_name = %(group)s AND generation > %(generation)s
 ORDER BY generation
 LIMIT 1
 
+-- name: backlog
+SELECT count(*) AS pending FROM pgcg.messages WHERE topic = %(topic)s
+
 -- name: journal_mark
 SELECT coalesce(max(id), 0) AS id FROM public.pgcg_journal
 
