@@ -44,7 +44,9 @@ WHERE scope = %(scope)s AND backend_pid IS NOT NULL
   AND heartbeat_at < now() - %(leader_timeout_s)s * interval '1 second'
 
 -- name: terminate_backend
-SELECT pg_terminate_backend(%(pid)s) AS terminated
+-- Waits up to wait_ms for the backend to exit, and its advisory locks with it (PostgreSQL
+-- 14+, which the schema already needs); false if it did not exit in time.
+SELECT pg_terminate_backend(%(pid)s::int, %(wait_ms)s::bigint) AS terminated
 
 -- name: leader_of
 SELECT leader_epoch, leader_id, heartbeat_at,
