@@ -56,9 +56,13 @@ DEFINITIONS = {
     "assigned to it (max assigned_at); its share is what it owns once the group is balanced",
     "join.handled_share_s": "joined_at -> the recording handler has finished a message of "
     "every partition of its share, under the epoch it was given (journal finished_at)",
+    "join.learned_share_s / member_kill.learned_s": "-> the owner of the last partition "
+    "logged partition_assigned for it (it knows; the NOTIFY path), before fetching",
     "join.spawn_to_join_s": "process start -> joined_at (interpreter and imports)",
     "member_kill.expired_s": "SIGKILL -> started_at of the rebalance that took the first "
     "partition away from the dead member (its expiry)",
+    "member_kill.expiry_noticed_after_s": "last heartbeat + session timeout (the moment it "
+    "could be expired) -> that rebalance's started_at",
     "member_kill.reassigned_s": "SIGKILL -> every partition it owned is assigned to a live "
     "member (max assigned_at)",
     "member_kill.handled_s": "SIGKILL -> each new owner finished a message of each of those "
@@ -74,8 +78,9 @@ DEFINITIONS = {
     "leader_stop.elected_after_terminated_s": "terminated -> elected",
     "backlog_at_start": "messages not yet acked when the scenario began; each scenario waits "
     "up to 30 s for the group to catch up to about a second of production first",
-    "per_partition": "join: [partition, assigned, first handled] after joined_at; "
-    "member_kill: [partition, new owner pid, reassigned, first handled] after the SIGKILL",
+    "per_partition": "join: [partition, assigned, learned, first handled] after joined_at; "
+    "member_kill: [partition, new owner pid, reassigned, learned, first handled] after the "
+    "SIGKILL",
     "rebalance_cost": "one call of coordinator.rebalancer.rebalance on the leader session "
     "(one transaction); wall_ms around the call; statements = execute calls inside it "
     "(Outcome.statements, plus BEGIN/COMMIT round trips not counted)",
@@ -332,7 +337,7 @@ def render(report: dict[str, Any]) -> str:
     "tests' settings (heartbeat 0.5 s, session 3 s, leader 3 s).",
 )
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.option("--rate", type=float, default=200.0, show_default=True,
+@click.option("--rate", type=float, default=100.0, show_default=True,
               help="Messages/s the producer enqueues over 1024 keys.")  # fmt: skip
 @click.option("--members", type=click.IntRange(1, 10_000), default=100, show_default=True,
               help="Members of the in-process rebalance.")  # fmt: skip

@@ -25,7 +25,7 @@ from pgcg.coordinator import rebalancer
 from pgcg.coordinator.elector import Elector
 from pgcg.shared.db import AsyncConn, connect
 from pgcg.shared.producer import create_topic
-from pgcg.shared.queries import Queries
+from pgcg.shared.queries import Queries, load
 
 Q = Queries("bench_rebalance")
 CONSUMER_Q = Queries("consumer")
@@ -34,19 +34,27 @@ SESSION_MS = 3_600_000
 LEADER_TIMEOUT = 30.0
 DRAIN_DEADLINE = 10.0
 KINDS = ("initial", "noop", "leave", "join")
+QUERY_NAMES = {text: name for name, text in load("coordinator").items()}
 
 
 class CountingConn:
-    """Passes everything to the leader's connection and counts `execute` calls, so a
-    rebalance that changes nothing (and returns no Outcome) is counted too."""
+    """Passes everything to the leader's connection and counts (and times) `execute`
+    calls, so a rebalance that changes nothing (and returns no Outcome) is counted too."""
 
     def __init__(self, conn: AsyncConn) -> None:
         self.conn = conn
         self.statements = 0
+        self.timings: dict[str, float] = {}  # query name -> milliseconds
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         self.statements += 1
-        return await self.conn.execute(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return await self.conn.execute(query, *args, **kwargs)
+        finally:
+            name = QUERY_NAMES.get(query, "other")
+            ms = (time.perf_counter() - started) * 1000
+            self.timings[name] = round(self.timings.get(name, 0.0) + ms, 3)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.conn, name)
@@ -118,6 +126,7 @@ class CostBench:
             "statements": counting.statements,
             "moves": len(outcome.moves) if outcome else 0,
             "recorded": outcome is not None,
+            "statement_ms": counting.timings,
         }
 
     async def run(self, repeat: int) -> dict[str, list[dict[str, Any]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import socket
 import time
@@ -211,6 +212,22 @@ class GroupRun:
             first[partition] = min(mine)
         return first
 
+    def _learned(
+        self, wanted: dict[int, tuple[str, int]], pids: dict[str, int]
+    ) -> dict[int, float]:
+        """Per partition, when its owner logged `partition_assigned` for that epoch: the
+        moment the member knew (the NOTIFY path), before it fetched or handled anything."""
+        learned: dict[int, float] = {}
+        for partition, (member, epoch) in wanted.items():
+            proc = self.cluster.by_pid(pids.get(member, -1))
+            times = [
+                _log_time(r)
+                for r in (proc.actions("partition_assigned") if proc else [])
+                if r.get("partition") == partition and r.get("epoch") == epoch
+            ]
+            learned[partition] = min(times) if times else math.nan
+        return learned
+
     # -- scenarios ---------------------------------------------------------------------------
 
     def join(self) -> dict[str, Any]:
@@ -232,15 +249,22 @@ class GroupRun:
         handled = wait_for(
             lambda: self._first_handled(mark, wanted), 30, "handling from its whole share", 0.1
         )
+        learned = self._learned(wanted, {member["member_id"]: proc.pid})
         return {
             "spawn_to_join_s": joined - spawned,
             "owns_share_s": owns - joined,
+            "learned_share_s": max(learned.values()) - joined,
             "handled_share_s": max(handled.values()) - joined,
             "share": len(share),
             "backlog_at_start": backlog,
-            # [partition, assigned, first handled], seconds after the join
+            # [partition, assigned, learned, first handled], seconds after the join
             "per_partition": [
-                [part, _since(p.local(r["assigned_at"]), joined), _since(handled[part], joined)]
+                [
+                    part,
+                    _since(p.local(r["assigned_at"]), joined),
+                    _since(learned[part], joined),
+                    _since(handled[part], joined),
+                ]
                 for part, r in sorted(share.items())
             ],
         }
@@ -276,20 +300,31 @@ class GroupRun:
         )
         expiry = p.first_move_away(vid, generation)
         members = {m: row["pid"] for m, row in p.members().items()}
+        learned = self._learned(wanted, members)
         self.settle(30)
         return {
             "heartbeat_age_at_kill_s": killed - last_heartbeat,
             "expired_s": p.local(expiry["started_at"]) - killed if expiry else float("nan"),
+            # From the moment the member could be expired (last heartbeat + session
+            # timeout) to the rebalance that expired it: the sweep's granularity.
+            "expiry_noticed_after_s": (
+                p.local(expiry["started_at"]) - (last_heartbeat + self.profile.session_timeout)
+                if expiry
+                else float("nan")
+            ),
             "reassigned_s": reassigned - killed,
+            "learned_s": max(learned.values()) - killed,
             "handled_s": max(handled.values()) - killed,
             "partitions": len(parts),
             "backlog_at_start": backlog,
-            # [partition, new owner's pid, reassigned, first handled], seconds after the kill
+            # [partition, new owner's pid, reassigned, learned, first handled], seconds
+            # after the kill
             "per_partition": [
                 [
                     part,
                     members.get(r["member_id"], 0),
                     _since(p.local(r["assigned_at"]), killed),
+                    _since(learned[part], killed),
                     _since(handled[part], killed),
                 ]
                 for part, r in sorted(new.items())
