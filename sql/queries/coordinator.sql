@@ -121,3 +121,11 @@ VALUES (%(group)s, %(generation)s, %(leader_epoch)s, %(reason)s, %(members)s, %(
 
 -- name: notify_group
 SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')
+
+-- name: expired_groups
+-- Lock-free and cheap (members only): which of our groups have a member past its session
+-- timeout. The sweep asks this between its full rebalances, so an expiry is acted on
+-- within the probe interval instead of within a heartbeat interval.
+SELECT DISTINCT group_name FROM pgcg.consumer_groups
+WHERE group_name = ANY(%(groups)s::text[])
+  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
