@@ -40,7 +40,7 @@ from psycopg import sql
 
 from pgcg.bench.probe import BenchTimeout
 from pgcg.bench.rebalance_cost import KINDS, measure
-from pgcg.bench.scenarios import GroupRun, Profile
+from pgcg.bench.scenarios import HANDLER_WORK_MS, GroupRun, Profile
 from pgcg.shared.errors import ConfigError, PgcgError
 from pgcg.shared.migrate import migrate
 from pgcg.shared.queries import Queries
@@ -205,7 +205,7 @@ def run_profile(
             "consumers": "3 (4 between a join and the next kill)",
             "coordinators": 2,
             "producer_rate": rate,
-            "handler_work_ms": 2,
+            "handler_work_ms": HANDLER_WORK_MS,
         },
         "clock_offset_ms": round(run.probe.offset * 1000, 2) if run.probe else None,
         # Everything shares this host's CPUs: a busy host shows up in every figure.

@@ -29,6 +29,7 @@ from pgcg.shared.queries import Queries
 
 CONSUMER_Q = Queries("consumer")
 HANDLER = "pgcg.shared.journal:record"
+HANDLER_WORK_MS = 2  # simulated work per message, as in tests/test_cluster.py
 # A phantom member outlives any scenario it is used in, then leaves explicitly.
 PHANTOM_SESSION_MS = 300_000
 # Seconds a scenario waits for the group to work off a backlog before it starts anyway
@@ -53,7 +54,7 @@ class Profile:
             "PGCG_LEADER_TIMEOUT": str(self.leader_timeout),
             "PGCG_DRAIN_DEADLINE": str(self.drain_deadline),
             "PGCG_LOG_LEVEL": "INFO",
-            journal.WORK_ENV: "2",
+            journal.WORK_ENV: str(HANDLER_WORK_MS),
         }
 
 
