@@ -11,10 +11,10 @@ With real processes (bench/scenarios.py), once per repeat and per settings profi
   leader_stop  SIGSTOP of the leader; the same
 In-process (bench/rebalance_cost.py): one rebalance of M members x P partitions.
 
-Without --database-url (or PGCG_DATABASE_URL) it starts a throwaway PostgreSQL. On a given
-database it creates its own groups and topics (bench-rb-*, bench_rb_*), leads only those,
-and removes them at the end; the run journal tables (public.pgcg_journal, pgcg_produced)
-stay, as after `pgcg demo`.
+Without --database-url (or PGCG_DATABASE_URL) it starts a throwaway PostgreSQL. A given
+database must be migrated already (`pgcg migrate`); the benchmark creates its own groups
+and topics there (bench-rb-*, bench_rb_*), leads only those, and removes them at the end;
+the run journal tables (public.pgcg_journal, pgcg_produced) stay, as after `pgcg demo`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from psycopg import sql
 from pgcg.bench.probe import BenchTimeout
 from pgcg.bench.rebalance_cost import KINDS, measure
 from pgcg.bench.scenarios import HANDLER_WORK_MS, GroupRun, Profile
+from pgcg.shared.db import connect_sync, translated
 from pgcg.shared.errors import ConfigError, PgcgError
-from pgcg.shared.migrate import migrate
+from pgcg.shared.migrate import check, migrate
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_logging
@@ -270,13 +271,18 @@ def cleanup(dsn: str, group: str, topic: str) -> None:
 
 @contextlib.contextmanager
 def _database(url: str | None) -> Iterator[str]:
+    """The caller's database, which must be migrated already (the benchmark does not change
+    a schema it was not asked to), or a throwaway one that it migrates."""
     if url:
+        with connect_sync(url) as conn, translated(url):
+            check(conn)
         yield url
         return
     _say("no database given: starting a throwaway PostgreSQL")
     server = ThrowawayPostgres()
     server.start()
     try:
+        migrate(server.url)
         yield server.url
     finally:
         server.cleanup()
@@ -382,7 +388,6 @@ def rebalance(
     started = time.monotonic()
     try:
         with _database(database_url) as dsn:
-            migrate(dsn)
             report["rebalance_cost"] = run_cost(
                 dsn, run_id=run_id, members=members, partitions=partitions, repeat=repeat
             )
@@ -390,6 +395,9 @@ def rebalance(
                 report["profiles"][profile.name] = run_profile(
                     dsn, profile, workdir, run_id=run_id, repeat=repeat, rate=rate
                 )
+    except PgcgError as exc:
+        click.echo(f"pgcg: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _say("interrupted: every process this run started has been stopped")
         sys.exit(130)
