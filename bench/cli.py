@@ -169,3 +169,12 @@ def _text(result: dict[str, Any]) -> str:
                 f"{'met' if target['met'] else 'NOT met'}"
             )
     return "\n".join(lines)
+
+
+def _register() -> None:
+    from pgcg.bench.rebalance import rebalance
+
+    bench.add_command(rebalance)
+
+
+_register()

@@ -98,7 +98,10 @@ class Fetcher:
             return 0
         now = time.monotonic()
         items = []
-        for r in rows:
+        # Oldest first across partitions (ids come from one sequence). The claim returns
+        # backlogs partition by partition; handed out in that order, a member that takes
+        # over several partitions would start on the last one only after the others'.
+        for r in sorted(rows, key=lambda r: r["id"]):
             if ctx.assignment.current(r["partition"], r["epoch"]) is None:
                 continue  # the partition moved while we claimed: the next owner re-claims
             message = Message(

@@ -34,6 +34,9 @@ Q = Queries("coordinator")
 
 # Advisory lock namespace (first key of the two-key form); the second is hashtext(group).
 LOCK_CLASS = 0x7067
+# Seconds to wait for a terminated leader's session to end before trying its lock again;
+# past it, the next election round tries.
+TERMINATION_WAIT = 1.0
 
 
 def new_leader_id() -> str:
@@ -167,8 +170,7 @@ class Elector:
         params = self._params(group)
         with translated(self.dsn):
             await conn.execute(Q.ensure_leader_row, params)
-            locked = (await (await conn.execute(Q.try_lock, params)).fetchone() or {}).get("locked")
-            if not locked:
+            if not await self._try_lock(conn, params):
                 if group not in self._standing_by:
                     self._standing_by.add(group)
                     log.info(
@@ -176,8 +178,12 @@ class Elector:
                         group,
                         extra={"action": "standby", "group": group, **self.fields},
                     )
-                await self._depose_if_silent(conn, group)
-                return False
+                # The silent leader's lock ends with its session: take it in this round
+                # rather than an election interval later.
+                if not await self._depose_if_silent(conn, group):
+                    return False
+                if not await self._try_lock(conn, params):
+                    return False
             self._standing_by.discard(group)
             with tracing.event_span(
                 "pgcg leader election", {"group": group}, **{"pgcg.leader_id": self.leader_id}
@@ -196,17 +202,27 @@ class Elector:
                 )  # fmt: skip
         return True
 
-    async def _depose_if_silent(self, conn: AsyncConn, group: str) -> None:
+    async def _try_lock(self, conn: AsyncConn, params: dict[str, Any]) -> bool:
+        row = await (await conn.execute(Q.try_lock, params)).fetchone()
+        return bool(row and row["locked"])
+
+    async def _depose_if_silent(self, conn: AsyncConn, group: str) -> bool:
+        """Terminate the session of a leader silent past the timeout; True once it ended."""
         stale = await (await conn.execute(Q.stale_leader, self._params(group))).fetchone()
         if stale is None:
-            return
+            return False
         with tracing.event_span(
             "pgcg leader depose",
             {"group": group},
             **{"pgcg.leader_id": self.leader_id, "pgcg.silent_leader": stale["leader_id"],
                "pgcg.leader_epoch": stale["leader_epoch"], "pgcg.silent_s": stale["silent_s"]},
         ):  # fmt: skip
-            await conn.execute(Q.terminate_backend, {"pid": stale["backend_pid"]})
+            row = await (
+                await conn.execute(
+                    Q.terminate_backend,
+                    {"pid": stale["backend_pid"], "wait_ms": round(TERMINATION_WAIT * 1000)},
+                )
+            ).fetchone()
             log.warning(
                 "leader %s of group %s silent for %.1fs: terminated its session",
                 stale["leader_id"],
@@ -216,6 +232,7 @@ class Elector:
                        "leader_epoch": stale["leader_epoch"],
                        "silent_leader": stale["leader_id"], **self.fields},
             )  # fmt: skip
+        return bool(row and row["terminated"])
 
     async def resign(self, group: str, reason: str) -> None:
         async with self.conn_lock:

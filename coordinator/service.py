@@ -2,7 +2,8 @@
 
 Loops (one task group): elector (every second), listener (joins, leaves and releases
 NOTIFY us; a hint only), sweeper (expire members and force overdue hand-offs every
-heartbeat interval; full safety-net rebalance every rebalance interval), rebalancer
+heartbeat interval, and a lock-free probe for expired members every 0.25 s in between;
+full safety-net rebalance every rebalance interval), rebalancer
 (works through the groups marked dirty by the others, one transaction each).
 """
 
@@ -31,6 +32,9 @@ log = logging.getLogger("pgcg.coordinator")
 Q = Queries("coordinator")
 
 ELECTION_INTERVAL = 1.0
+# Between full sweeps (every heartbeat interval), how often the leader asks whether a
+# member of its groups is past its session timeout.
+EXPIRY_PROBE_INTERVAL = 0.25
 
 
 class Coordinator:
@@ -155,14 +159,34 @@ class Coordinator:
         self.mark(group, f"member {kind}" + (f" ({member})" if member else ""))
 
     async def _sweep_loop(self) -> None:
-        last_full = time.monotonic()
+        last_full = last_sweep = time.monotonic()
         while True:
-            await anyio.sleep(self.settings.heartbeat_interval)
+            await anyio.sleep(min(EXPIRY_PROBE_INTERVAL, self.settings.heartbeat_interval))
+            if time.monotonic() - last_sweep < self.settings.heartbeat_interval:
+                for group in await self._expired_groups():
+                    self.mark(group, "expiry probe")
+                continue
+            last_sweep = time.monotonic()
             full = time.monotonic() - last_full >= self.settings.rebalance_interval
             if full:
                 last_full = time.monotonic()
             for group in self.elector.leading():
                 self.mark(group, "periodic" if full else "sweep")
+
+    async def _expired_groups(self) -> list[str]:
+        """Groups we lead with a member past its session timeout (a hint: the rebalance
+        decides the expiry itself)."""
+        leading = self.elector.leading()
+        if not leading:
+            return []
+        try:
+            async with self.elector.conn_lock:
+                conn = await self.elector.connection()
+                with translated(self.dsn):
+                    cur = await conn.execute(Q.expired_groups, {"groups": leading})
+                    return [r["group_name"] for r in await cur.fetchall()]
+        except DatabaseUnavailable:
+            return []  # the election loop deals with the session; the next probe retries
 
     async def _rebalance_loop(self) -> None:
         while True:

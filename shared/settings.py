@@ -20,7 +20,10 @@ class Settings(BaseSettings):
         "Required except for `pgcg demo`, which starts a throwaway server without it.",
     )
     heartbeat_interval: float = Field(
-        2.0, gt=0, description="Seconds between member heartbeats (and coordinator expiry sweeps)."
+        2.0,
+        gt=0,
+        description="Seconds between member heartbeats (and the coordinator's full sweeps; "
+        "expired members are also probed for every 0.25 s).",
     )
     session_timeout: float = Field(
         10.0,

@@ -44,7 +44,9 @@ WHERE scope = %(scope)s AND backend_pid IS NOT NULL
   AND heartbeat_at < now() - %(leader_timeout_s)s * interval '1 second'
 
 -- name: terminate_backend
-SELECT pg_terminate_backend(%(pid)s) AS terminated
+-- Waits up to wait_ms for the backend to exit, and its advisory locks with it (PostgreSQL
+-- 14+, which the schema already needs); false if it did not exit in time.
+SELECT pg_terminate_backend(%(pid)s::int, %(wait_ms)s::bigint) AS terminated
 
 -- name: leader_of
 SELECT leader_epoch, leader_id, heartbeat_at,
@@ -119,3 +121,11 @@ VALUES (%(group)s, %(generation)s, %(leader_epoch)s, %(reason)s, %(members)s, %(
 
 -- name: notify_group
 SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')
+
+-- name: expired_groups
+-- Lock-free and cheap (members only): which of our groups have a member past its session
+-- timeout. The sweep asks this between its full rebalances, so an expiry is acted on
+-- within the probe interval instead of within a heartbeat interval.
+SELECT DISTINCT group_name FROM pgcg.consumer_groups
+WHERE group_name = ANY(%(groups)s::text[])
+  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'

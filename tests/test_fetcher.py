@@ -1,0 +1,52 @@
+"""The fetcher against a real PostgreSQL: what order claimed messages are handed out in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from pgcg.consumer.message import Message
+from pgcg.consumer.service import Consumer
+from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from pgcg.shared.settings import Settings
+from tests.helpers import assign, await_for
+
+pytestmark = pytest.mark.anyio
+
+GROUP = "g-fetch"
+TOPIC = "backlog"
+
+
+async def test_backlogs_of_several_partitions_are_handled_oldest_first(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A member that takes over partitions with a backlog starts on all of them at once:
+    one claim returns the backlogs partition by partition, and they are handed out oldest
+    first across partitions, not one partition's whole backlog before the next."""
+    db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
+    # Distinct keys, so nothing but the hand-out order decides what runs first.
+    enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {"seq": i}) for i in range(200)])
+    handled: list[Message] = []
+
+    async def record(message: Message) -> None:
+        handled.append(message)
+
+    consumer = Consumer(
+        Settings(heartbeat_interval=0.5, session_timeout=3, concurrency=1),
+        group=GROUP,
+        topic=TOPIC,
+        handler=record,
+        dsn=dsn,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+        await consumer.joined.wait()
+        assign(db, GROUP, TOPIC, [0, 1, 2, 3], consumer.member_id)
+        await await_for(lambda: len(handled) == 200, 30, "the backlog handled")
+        consumer.stop()
+    ids = [m.id for m in handled]
+    assert ids == sorted(ids)
+    assert {m.partition for m in handled[:20]} == {0, 1, 2, 3}
