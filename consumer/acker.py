@@ -8,6 +8,7 @@ after its result is committed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,15 @@ log = logging.getLogger("pgcg.consumer.acker")
 Q = Queries("consumer")
 
 MAX_ERROR_TEXT = 2000
+
+# A test build's switch, read once: results are written without the epoch fence, so the
+# chaos checker (`pgcg chaos --unsafe-no-fencing`) can prove it fails when fencing is gone.
+UNSAFE_NO_FENCING = os.environ.get("PGCG_UNSAFE_DISABLE_FENCING") == "1"
+ACK, NACK, DEAD_LETTER = (
+    (Q.ack_unfenced, Q.nack_unfenced, Q.dead_letter_unfenced)
+    if UNSAFE_NO_FENCING
+    else (Q.ack, Q.nack, Q.dead_letter)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +49,12 @@ class Acker:
         self.ctx = ctx
         self._pending: list[Result] = []
         self._conn: AsyncConn | None = None
+        if UNSAFE_NO_FENCING:
+            log.warning(
+                "PGCG_UNSAFE_DISABLE_FENCING=1: acks are NOT fenced by the partition epoch; "
+                "a zombie's results will be accepted. Test builds only, never production.",
+                extra={"action": "unsafe_no_fencing", **ctx.fields},
+            )
 
     def submit(self, result: Result) -> None:
         self._pending.append(result)
@@ -81,18 +97,18 @@ class Acker:
             done: set[int] = set()
             with translated(ctx.dsn):
                 if acks:
-                    done |= await self._run(conn, Q.ack, acks)
+                    done |= await self._run(conn, ACK, acks)
                 if retries:
                     done |= await self._run(
                         conn,
-                        Q.nack,
+                        NACK,
                         [r.item for r in retries],
                         delays_ms=[round(d * 1000) for d in delays],
                         errors=[r.error for r in retries],
                     )
                 if dead:
                     done |= await self._run(
-                        conn, Q.dead_letter, [r.item for r in dead], errors=[r.error for r in dead]
+                        conn, DEAD_LETTER, [r.item for r in dead], errors=[r.error for r in dead]
                     )
         except DatabaseUnavailable:
             self._conn = None

@@ -203,3 +203,44 @@ SELECT r.partition, r.epoch, r.new_owner,
            'group', %(group)s::text, 'event', 'release', 'member', %(member)s::text)::text)
 FROM released AS r
 ORDER BY r.partition
+
+-- Test builds only: PGCG_UNSAFE_DISABLE_FENCING=1 makes the acker use these instead of
+-- ack, nack and dead_letter. They are the same writes without the epoch fence, so a
+-- zombie's result goes through; `pgcg chaos --unsafe-no-fencing` runs them to prove its
+-- checker catches what the fence prevents. Never set it in production.
+
+-- name: ack_unfenced
+DELETE FROM pgcg.messages AS m
+USING unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[])
+    AS b(partition, epoch, id)
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: nack_unfenced
+UPDATE pgcg.messages AS m
+SET attempts = m.attempts + 1,
+    available_at = now() + b.delay_ms * interval '1 millisecond',
+    last_error = b.error,
+    claimed_by = NULL,
+    progress = NULL
+FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+            %(delays_ms)s::bigint[], %(errors)s::text[])
+    AS b(partition, epoch, id, delay_ms, error)
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: dead_letter_unfenced
+WITH gone AS (
+    DELETE FROM pgcg.messages AS m
+    USING unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                 %(errors)s::text[]) AS b(partition, epoch, id, error)
+    WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+    RETURNING m.*, b.error
+)
+INSERT INTO pgcg.dead_letters
+    (message_id, topic, partition, key, payload, headers, enqueued_at, attempts, last_error,
+     group_name, member_id)
+SELECT g.id, g.topic, g.partition, g.key, g.payload, g.headers, g.enqueued_at,
+       g.attempts + 1, g.error, %(group)s, %(member)s
+FROM gone AS g
+RETURNING message_id AS id
