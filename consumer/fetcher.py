@@ -118,7 +118,12 @@ class Fetcher:
     async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
         with translated(self.ctx.dsn):
             cur = await conn.execute(
-                Q.adopt, self.ctx.params(partition=part.partition, epoch=part.epoch)
+                Q.adopt,
+                self.ctx.params(
+                    partition=part.partition,
+                    epoch=part.epoch,
+                    held=self.ctx.scheduler.held(part.partition),
+                ),
             )
         part.adopted = True
         if cur.rowcount:

@@ -49,6 +49,8 @@ DELETE FROM pgcg.consumer_groups WHERE group_name = %(group)s AND member_id = %(
 -- name: adopt
 -- A partition (re)started in memory: rows we claimed earlier under this same epoch (before
 -- a self-fence or a claim whose answer was lost) are put back so the next claim sees them.
+-- Rows we still hold in memory (`held`) stay claimed: a claim returning one of them could
+-- race its ack, and the scheduler would take the acked message for a new one.
 UPDATE pgcg.messages AS m
 SET claim_epoch = NULL, claimed_by = NULL
 FROM (
@@ -58,6 +60,7 @@ FROM (
     FOR SHARE
 ) AS o
 WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.claim_epoch = o.epoch
+  AND m.id <> ALL(%(held)s::bigint[])
 
 -- name: claim
 -- Claim the oldest unclaimed rows of each owned partition, up to a limit per partition,
