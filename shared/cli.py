@@ -411,5 +411,9 @@ def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
     click.echo(json.dumps({"purged": count}))
 
 
+from pgcg.shared.chaos import chaos  # noqa: E402 - registered last: it builds on the rest
+
+main.add_command(chaos)
+
 if __name__ == "__main__":
     main()

@@ -51,6 +51,10 @@ Q = Queries("journal")
 
 # Simulated work per message in the recording handler (milliseconds).
 WORK_ENV = "PGCG_JOURNAL_WORK_MS"
+# Where the recording handler writes (default: PGCG_DATABASE_URL). A chaos run points it
+# straight at the server, so the history is recorded outside the faults it injects, as
+# a handler's side effects usually go to another system than its queue.
+DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
 
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None
@@ -73,9 +77,8 @@ async def record(message: Message) -> None:
         _conn_lock = anyio.Lock()
     async with _conn_lock:
         if _conn is None or _conn.closed:
-            _conn = await psycopg.AsyncConnection.connect(
-                os.environ["PGCG_DATABASE_URL"], autocommit=True, connect_timeout=10
-            )
+            dsn = os.environ.get(DSN_ENV) or os.environ["PGCG_DATABASE_URL"]
+            _conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
         try:
             await _conn.execute(
                 Q.record,
