@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +39,17 @@ class Changes:
 
 
 class Assignment:
-    def __init__(self, scheduler: KeyScheduler, fields: dict[str, Any], margin: float) -> None:
+    def __init__(
+        self, scheduler: KeyScheduler, fields: Callable[[], dict[str, Any]], margin: float
+    ) -> None:
         self.scheduler = scheduler
-        self.fields = fields
+        self._fields = fields  # read at each log line: the member id changes on a rejoin
         self.margin = margin
         self.owned: dict[int, Owned] = {}
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self._fields()
 
     def apply(self, rows: Iterable[AssignmentRow], now: float | None = None) -> Changes:
         """Reconcile with the database's view; the database is the source of truth."""

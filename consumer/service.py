@@ -71,7 +71,7 @@ class Consumer:
             dsn=dsn,
             membership=membership,
             scheduler=scheduler,
-            assignment=Assignment(scheduler, membership.fields, settings.lease_margin),
+            assignment=Assignment(scheduler, lambda: membership.fields, settings.lease_margin),
             retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
         )
         self.handler = handler
