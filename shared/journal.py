@@ -17,6 +17,8 @@ The checker then proves, trusting nothing the fencing under test decides:
 - no stale ack: no message was deleted after its handling's epoch had ended;
 - no stale work: no handling started after its epoch had ended (a member must stop before
   anyone else can be given its partitions);
+- no stale leader: no rebalance was recorded by a leader after a newer leader epoch had
+  recorded one (a deposed coordinator writes nothing);
 - duplicates (more than one handling of a message) are counted; given the faults that
   were injected, each must follow one that can cause a redelivery (a crash, a pause, a
   network fault, a server restart, a forced hand-off);
@@ -214,6 +216,7 @@ class Verdict:
     concurrent_violations: list[str] = field(default_factory=list)
     stale_acks: list[str] = field(default_factory=list)
     stale_work: list[str] = field(default_factory=list)
+    stale_leader_writes: list[str] = field(default_factory=list)
     unexplained_duplicates: list[str] = field(default_factory=list)
     duplicates: int = 0  # extra handlings (after a crash or forced hand-off)
     duplicate_causes: dict[str, int] = field(default_factory=dict)
@@ -222,6 +225,7 @@ class Verdict:
     attributed_acks: int = 0  # accepted acks matched to a handling by process
     max_unowned_s: float = 0.0  # longest time a partition had no working owner
     max_unowned_partition: int | None = None
+    max_unowned_since: datetime | None = None
     max_unassigned_s: float = 0.0  # longest time a partition had no owner at all
 
     @property
@@ -232,6 +236,7 @@ class Verdict:
             "concurrent": len(self.concurrent_violations),
             "stale_acks": len(self.stale_acks),
             "stale_work": len(self.stale_work),
+            "stale_leader_writes": len(self.stale_leader_writes),
             "unexplained_duplicates": len(self.unexplained_duplicates),
         }
 
@@ -262,6 +267,7 @@ class Verdict:
             ("concurrent", self.concurrent_violations),
             ("stale ack", self.stale_acks),
             ("stale work", self.stale_work),
+            ("stale leader write", self.stale_leader_writes),
             ("unexplained duplicate", self.unexplained_duplicates),
         ):
             out.extend(f"{name}: {item}" for item in items[:n])
@@ -282,6 +288,7 @@ class Verdict:
             "attributed_acks": self.attributed_acks,
             "max_unowned_s": round(self.max_unowned_s, 3),
             "max_unowned_partition": self.max_unowned_partition,
+            "max_unowned_since": self.max_unowned_since,
             "max_unassigned_s": round(self.max_unassigned_s, 3),
             "examples": self.examples(),
         }
@@ -374,6 +381,7 @@ def check(
         handlings.sort(key=lambda r: r["started_at"])
         _check_key(key, handlings, accepted_ids, verdict)
 
+    _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
     _duplicates(by_message, disruptions, forced, verdict)
     _ownership(history, disruptions or (), window, rows, verdict)
     return verdict
@@ -459,6 +467,21 @@ def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: 
             latest_accepted is None or r["finished_at"] > latest_accepted["finished_at"]
         ):
             latest_accepted = r
+
+
+def _leaders(rebalances: list[Row], verdict: Verdict) -> None:
+    """Generations are taken in commit order, so leader epochs never go back."""
+    newest: dict[str, Row] = {}
+    for r in rebalances:
+        last = newest.get(r["group_name"])
+        if last is not None and r["leader_epoch"] < last["leader_epoch"]:
+            verdict.stale_leader_writes.append(
+                f"{r['group_name']}: generation {r['generation']} recorded under leader epoch "
+                f"{r['leader_epoch']} after generation {last['generation']} under "
+                f"{last['leader_epoch']}"
+            )
+        else:
+            newest[r["group_name"]] = r
 
 
 def _duplicates(
@@ -556,3 +579,4 @@ def _ownership(
             if (b - a).total_seconds() > verdict.max_unowned_s:
                 verdict.max_unowned_s = (b - a).total_seconds()
                 verdict.max_unowned_partition = partition
+                verdict.max_unowned_since = a

@@ -116,6 +116,13 @@ SELECT r.started_at, (m ->> 'partition')::int AS partition
 FROM pgcg.rebalances AS r, jsonb_array_elements(r.moves) AS m
 WHERE m ->> 'kind' = 'forced'
 
+-- name: rebalances
+-- The leaders' recorded rebalances of the groups consuming a topic, in generation order.
+SELECT r.group_name, r.generation, r.leader_epoch, r.started_at
+FROM pgcg.rebalances AS r JOIN pgcg.subscriptions AS s USING (group_name)
+WHERE s.topic = %(topic)s
+ORDER BY r.group_name, r.generation
+
 -- name: queue_depth
 SELECT (SELECT count(*) FROM pgcg.messages WHERE topic = %(topic)s) AS pending,
        (SELECT count(*) FROM pgcg.dead_letters WHERE topic = %(topic)s) AS dead
