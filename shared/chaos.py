@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,12 @@ from typing import Any
 import click
 import psycopg
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from pgcg.shared import journal
 from pgcg.shared.cluster import Cluster, Proc
 from pgcg.shared.migrate import migrate
-from pgcg.shared.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Nemesis, schedule
+from pgcg.shared.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault, Nemesis, schedule
 from pgcg.shared.netproxy import NetProxy, ProxyHub
 from pgcg.shared.throwaway import ThrowawayPostgres
 
@@ -91,7 +92,6 @@ class ChaosReport:
     elapsed_s: float
     fault_phase_s: float
     workdir: Path
-    schedule: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -143,7 +143,9 @@ class ChaosReport:
             + f"); zombie overlaps rejected by the fence: {v.fenced_overlaps}; "
             f"starts stamped after SIGCONT: {v.resumed_starts}",
             f"ownership: longest without a working owner {v.max_unowned_s:.2f}s "
-            f"(partition {v.max_unowned_partition}); longest unassigned "
+            f"(partition {v.max_unowned_partition}"
+            + (f" from {v.max_unowned_since:%T}" if v.max_unowned_since else "")
+            + f"); longest unassigned "
             f"{v.max_unassigned_s:.2f}s",
             f"acks attributed to their process: {v.attributed_acks}/{v.handled}",
         ]
@@ -243,138 +245,189 @@ def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subpro
 
 
 def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosReport:
+    """One chaos run, start to verdict. Every process it started is gone when it returns."""
     began = time.monotonic()
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pgcg-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kinds = tuple(options.faults)
     if options.database_url is not None and SERVER_FAULTS & set(kinds):
-        echo("not our server: leaving out the server restarts")
+        echo("chaos: not our server, leaving out the server restarts")
         kinds = tuple(k for k in kinds if k not in SERVER_FAULTS)
     duration = options.duration
     if duration is None and options.messages is None:
         duration = 60.0
-    plan = schedule(
-        options.seed, kinds, session_timeout=SESSION_TIMEOUT, leader_timeout=LEADER_TIMEOUT
-    )
-    env = {
-        "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
-        "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
-        "PGCG_LEADER_TIMEOUT": str(LEADER_TIMEOUT),
-        "PGCG_DRAIN_DEADLINE": str(DRAIN_DEADLINE),
-        "PGCG_RETRY_BASE": "0.05",
-        "PGCG_RETRY_MAX": "0.5",
-        "PGCG_MAX_ATTEMPTS": "50",
-        "PGCG_LOG_LEVEL": "INFO",
-        journal.WORK_ENV: str(options.work_ms),
-    }
-    consumer_env = {"PGCG_UNSAFE_DISABLE_FENCING": "1"} if options.unsafe_no_fencing else {}
-
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_Database(options.database_url))
-        dsn = db.url()
-        migrate(dsn)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
-            journal.create(conn)
-        hub = stack.enter_context(ProxyHub())
-        # The history is recorded outside the faults (the journal connects directly).
-        cluster = stack.enter_context(Cluster(dsn, workdir, env={**env, journal.DSN_ENV: dsn}))
-        proxies: dict[Proc, NetProxy] = {}
-        upstream = db.host_port()
-
-        def spawn_consumer() -> Proc:
-            name = f"consumer-{sum(1 for p in cluster.procs if p.kind == 'consumer') + 1}"
-            proxy = hub.proxy(*upstream, name=name)
-            proc = cluster.consumer(
-                GROUP, TOPIC, HANDLER, name=name,
-                env={"PGCG_DATABASE_URL": proxy.url_for(dsn), **consumer_env},
-            )  # fmt: skip
-            proxies[proc] = proxy
-            return proc
-
-        def spawn_coordinator() -> Proc:
-            n = sum(1 for p in cluster.procs if p.kind == "coordinator") + 1
-            return cluster.coordinator(name=f"coordinator-{n}")
-
-        for _ in range(options.coordinators):
-            spawn_coordinator()
-        for _ in range(options.consumers):
-            spawn_consumer()
-        nemesis = Nemesis(
-            cluster=cluster, dsn=dsn, group=GROUP, proxies=proxies, server=db.server,
-            spawn_consumer=spawn_consumer, spawn_coordinator=spawn_coordinator,
-            consumers=options.consumers, session_timeout=SESSION_TIMEOUT,
-            leader_timeout=LEADER_TIMEOUT,
-        )  # fmt: skip
-        producer = stack.enter_context(_producer(dsn, workdir, options))
-
+        run = _Run(options, db, workdir, stack)
         echo(f"chaos: seed {options.seed}, logs in {workdir}")
-        _wait(
-            lambda: _scalar(
-                dsn,
-                "SELECT count(*) FILTER (WHERE state = 'assigned') = %s AND "
-                "(SELECT count(*) FROM public.pgcg_journal) > 0 "
-                "FROM pgcg.partition_assignments WHERE group_name = %s",
-                (options.partitions, GROUP),
-            ),
-            90,
-            "every partition assigned and a first message handled",
-        )
+        run.warm_up()
         window_start = datetime.now(UTC)
-        fault_began = time.monotonic()
-
-        def producing() -> bool:
-            return producer.poll() is None
-
-        for fault in plan:
-            if duration is not None and time.monotonic() - fault_began >= duration:
-                break
-            if not producing():
-                break
-            nemesis.inject(fault)
-            time.sleep(fault.gap)
-        while producing() and duration is None:  # no faults enabled: just produce
-            time.sleep(0.5)
-        while producing() and duration is not None and time.monotonic() - fault_began < duration:
-            time.sleep(0.5)
-        fault_phase = time.monotonic() - fault_began
-        echo(f"chaos: {len(nemesis.executed)} faults in {fault_phase:.0f}s; healing")
-        nemesis.heal(options.coordinators)
-        producer.terminate()
-        producer.wait(30)
-        window_end_hint = datetime.now(UTC)
-        drained = True
-        try:
-            _wait(
-                lambda: _scalar(dsn, "SELECT count(*) = 0 FROM pgcg.messages WHERE topic = %s",
-                                (TOPIC,)),
-                options.drain_timeout,
-                "the queue to drain",
-            )  # fmt: skip
-        except TimeoutError as exc:
-            echo(f"chaos: {exc}")
-            drained = False
-        window_end = max(window_end_hint, datetime.now(UTC))
-        cluster.stop_all()
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        fault_phase = run.inject(
+            schedule(options.seed, kinds, session_timeout=SESSION_TIMEOUT,
+                     leader_timeout=LEADER_TIMEOUT),
+            duration,
+        )  # fmt: skip
+        echo(f"chaos: {len(run.nemesis.executed)} faults in {fault_phase:.0f}s; healing")
+        t = time.monotonic()
+        drained = run.heal_and_drain(options.drain_timeout)
+        echo(
+            f"chaos: {'drained' if drained else 'NOT drained'} after "
+            f"{time.monotonic() - t:.0f}s; stopping"
+        )
+        window_end = datetime.now(UTC)
+        run.cluster.stop_all()
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
             verdict = journal.check(
-                conn, TOPIC, disruptions=nemesis.disruptions, window=(window_start, window_end)
+                conn, TOPIC, disruptions=run.nemesis.disruptions, window=(window_start, window_end)
             )
         if not (verdict.ok and drained) or options.keep_logs:
-            _dump_history(dsn, workdir)
+            _dump_history(run.dsn, workdir)
         report = ChaosReport(
             options=options,
             verdict=verdict,
-            executed=nemesis.executed,
+            executed=run.nemesis.executed,
             drained=drained,
             elapsed_s=time.monotonic() - began,
             fault_phase_s=fault_phase,
             workdir=workdir,
-            schedule=[e.fault.describe() for e in nemesis.executed],
         )
     if report.ok and not options.keep_logs and options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+class _Run:
+    """The processes of one run: set up on construction, torn down by the exit stack."""
+
+    def __init__(
+        self, options: ChaosOptions, db: _Database, workdir: Path, stack: contextlib.ExitStack
+    ) -> None:
+        self.options = options
+        self.dsn = dsn = db.url()
+        migrate(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
+            journal.create(conn)
+        env = {
+            "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
+            "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
+            "PGCG_LEADER_TIMEOUT": str(LEADER_TIMEOUT),
+            "PGCG_DRAIN_DEADLINE": str(DRAIN_DEADLINE),
+            "PGCG_RETRY_BASE": "0.05",
+            "PGCG_RETRY_MAX": "0.5",
+            "PGCG_MAX_ATTEMPTS": "50",
+            "PGCG_LOG_LEVEL": "INFO",
+            journal.WORK_ENV: str(options.work_ms),
+            # The history is recorded outside the faults: the journal connects directly.
+            journal.DSN_ENV: dsn,
+        }
+        self.consumer_env = (
+            {"PGCG_UNSAFE_DISABLE_FENCING": "1"} if options.unsafe_no_fencing else {}
+        )
+        self.hub = stack.enter_context(ProxyHub())
+        self.cluster = stack.enter_context(Cluster(dsn, workdir, env=env))
+        self.proxies: dict[Proc, NetProxy] = {}
+        self.upstream = db.host_port()
+        for _ in range(options.coordinators):
+            self.spawn_coordinator()
+        for _ in range(options.consumers):
+            self.spawn_consumer()
+        self.nemesis = Nemesis(
+            cluster=self.cluster, dsn=dsn, group=GROUP, proxies=self.proxies,
+            server=db.server, spawn_consumer=self.spawn_consumer,
+            spawn_coordinator=self.spawn_coordinator, consumers=options.consumers,
+            session_timeout=SESSION_TIMEOUT, leader_timeout=LEADER_TIMEOUT,
+        )  # fmt: skip
+        self.producer = stack.enter_context(_producer(dsn, workdir, options))
+
+    def spawn_consumer(self) -> Proc:
+        """A consumer behind a new proxy of its own."""
+        n = sum(1 for p in self.cluster.procs if p.kind == "consumer") + 1
+        proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
+        proc = self.cluster.consumer(
+            GROUP, TOPIC, HANDLER, name=f"consumer-{n}",
+            env={"PGCG_DATABASE_URL": proxy.url_for(self.dsn), **self.consumer_env},
+        )  # fmt: skip
+        self.proxies[proc] = proxy
+        return proc
+
+    def spawn_coordinator(self) -> Proc:
+        n = sum(1 for p in self.cluster.procs if p.kind == "coordinator") + 1
+        return self.cluster.coordinator(name=f"coordinator-{n}")
+
+    def producing(self) -> bool:
+        return self.producer.poll() is None
+
+    def warm_up(self) -> None:
+        _wait(
+            lambda: _scalar(
+                self.dsn,
+                "SELECT count(*) FILTER (WHERE state = 'assigned') = %s AND "
+                "(SELECT count(*) FROM public.pgcg_journal) > 0 "
+                "FROM pgcg.partition_assignments WHERE group_name = %s",
+                (self.options.partitions, GROUP),
+            ),
+            90,
+            "every partition assigned and a first message handled",
+        )
+
+    def inject(self, plan: Iterator[Fault], duration: float | None) -> float:
+        """Faults until `duration` has passed or the producer is done; the seconds it took."""
+        began = time.monotonic()
+
+        def more() -> bool:
+            in_time = duration is None or time.monotonic() - began < duration
+            return in_time and self.producing()
+
+        for fault in plan:
+            if not more():
+                break
+            self.nemesis.inject(fault)
+            time.sleep(fault.gap)
+        while more():  # the plan ran out (no faults enabled): keep producing
+            time.sleep(0.5)
+        return time.monotonic() - began
+
+    def heal_and_drain(self, timeout: float) -> bool:
+        """Stop producing, heal every fault, and wait for the queue to empty."""
+        self.producer.terminate()
+        self.producer.wait(30)
+        self.nemesis.heal(self.options.coordinators)
+        deadline = time.monotonic() + timeout
+        next_report = time.monotonic() + 10
+        while True:
+            try:
+                stuck = self._pending_by_partition()
+            except psycopg.OperationalError:
+                stuck = None
+            if stuck == []:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            if stuck and time.monotonic() > next_report:
+                next_report = time.monotonic() + 10
+                log.warning(
+                    "still pending: %s",
+                    "; ".join(
+                        f"p{r['partition']}={r['pending']} ({r['claimed']} claimed, owner "
+                        f"{r['member_id']} epoch {r['epoch']} {r['state']})"
+                        for r in stuck
+                    ),
+                    extra={"action": "drain_slow"},
+                )
+            time.sleep(0.2)
+
+    def _pending_by_partition(self) -> list[dict[str, Any]]:
+        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(
+                "SELECT m.partition, count(*) AS pending, "
+                "count(*) FILTER (WHERE m.claim_epoch = pa.epoch) AS claimed, "
+                "pa.member_id, pa.epoch, pa.state "
+                "FROM pgcg.messages m JOIN pgcg.partition_assignments pa "
+                "  ON pa.topic = m.topic AND pa.partition = m.partition AND pa.group_name = %s "
+                "WHERE m.topic = %s GROUP BY 1, 4, 5, 6 ORDER BY 1",
+                (GROUP, TOPIC),
+            ).fetchall()
 
 
 HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_deleted", "pgcg_ownership")
