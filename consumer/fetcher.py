@@ -79,6 +79,7 @@ class Fetcher:
         owned = [o for o in ctx.assignment.claimable() if o.adopted]
         if not owned:
             return 0
+        claimed_for = {o.partition: o for o in owned}
         with translated(ctx.dsn):
             cur = await conn.execute(
                 Q.claim,
@@ -95,8 +96,13 @@ class Fetcher:
         now = time.monotonic()
         items = []
         for r in rows:
-            if ctx.assignment.current(r["partition"], r["epoch"]) is None:
-                continue  # the partition moved while we claimed: the next owner re-claims
+            part = ctx.assignment.owned.get(r["partition"])
+            if part is not claimed_for[r["partition"]] or part.state != "assigned":
+                # While we claimed, the partition moved, was revoked, or was lost and taken
+                # back under the same epoch (a self-fence): rows that incarnation dropped
+                # are still claimed, so these newer ones must wait for its adopt, or they
+                # would overtake them. The next owner, or adopt, claims them again.
+                continue
             message = Message(
                 id=r["id"],
                 topic=ctx.topic,
