@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ class ChaosOptions:
     unsafe_no_fencing: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     drain_timeout: float = 180.0
+    env: dict[str, str] = field(default_factory=dict)  # overrides for every process
     workdir: Path | None = None
     keep_logs: bool = False
 
@@ -263,8 +264,8 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
         run.warm_up()
         window_start = datetime.now(UTC)
         fault_phase = run.inject(
-            schedule(options.seed, kinds, session_timeout=SESSION_TIMEOUT,
-                     leader_timeout=LEADER_TIMEOUT),
+            schedule(options.seed, kinds, session_timeout=run.session_timeout,
+                     leader_timeout=run.leader_timeout),
             duration,
         )  # fmt: skip
         echo(f"chaos: {len(run.nemesis.executed)} faults in {fault_phase:.0f}s; healing")
@@ -320,7 +321,11 @@ class _Run:
             journal.WORK_ENV: str(options.work_ms),
             # The history is recorded outside the faults: the journal connects directly.
             journal.DSN_ENV: dsn,
+            **options.env,
         }
+        # What the processes run with, --env included: the faults are sized on it.
+        self.session_timeout = float(env["PGCG_SESSION_TIMEOUT"])
+        self.leader_timeout = float(env["PGCG_LEADER_TIMEOUT"])
         self.consumer_env = (
             {"PGCG_UNSAFE_DISABLE_FENCING": "1"} if options.unsafe_no_fencing else {}
         )
@@ -336,7 +341,7 @@ class _Run:
             cluster=self.cluster, dsn=dsn, group=GROUP, proxies=self.proxies,
             server=db.server, spawn_consumer=self.spawn_consumer,
             spawn_coordinator=self.spawn_coordinator, consumers=options.consumers,
-            session_timeout=SESSION_TIMEOUT, leader_timeout=LEADER_TIMEOUT,
+            session_timeout=self.session_timeout, leader_timeout=self.leader_timeout,
         )  # fmt: skip
         self.producer = stack.enter_context(_producer(dsn, workdir, options))
 
@@ -447,6 +452,16 @@ def _dump_history(dsn: str, workdir: Path) -> None:
                     out.write(chunk)
 
 
+def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"--env {item!r} must look like NAME=VALUE")
+        env[name] = value
+    return env
+
+
 def _parse_faults(text: str) -> tuple[str, ...]:
     if text in ("all", ""):
         return FAULT_KINDS
@@ -497,6 +512,14 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Seconds the healed group gets to drain the queue.",
 )
 @click.option(
+    "--env",
+    "env_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an environment variable in every pgcg process, e.g. PGCG_DRAIN_DEADLINE=1 "
+    "to try a configuration (repeatable).",
+)
+@click.option(
     "--report-json",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the report here as JSON.",
@@ -516,7 +539,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, coordinators: int, faults_: str,
-    database_url: str | None, work_ms: float, drain_timeout: float,
+    database_url: str | None, work_ms: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
@@ -552,6 +575,7 @@ def chaos(
         unsafe_no_fencing=unsafe_no_fencing,
         work_ms=work_ms,
         drain_timeout=drain_timeout,
+        env=_parse_env(env_),
         workdir=workdir,
         keep_logs=keep_logs,
     )

@@ -50,9 +50,10 @@ class Fault:
     hold: float  # seconds the fault lasts before it is healed
     gap: float  # seconds of calm after it is healed
     victim: int  # index into the candidates sorted by name, modulo their number
-    # pauses: timed | handoff (resumed the moment its partitions or leadership moved on);
-    # net-cut: one | all (consumers); net-stall: one | all | handoff (one, healed the
-    # moment its partitions moved on); else: -
+    # pauses: timed | handoff (resumed the moment its partitions or leadership moved on)
+    # | lease (consumers: past the lease, within the session); net-cut: one | all
+    # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
+    # moved on) | lease (one, past the lease, within the session); else: -
     variant: str
 
     def describe(self) -> str:
@@ -61,24 +62,38 @@ class Fault:
 
 
 def schedule(
-    seed: int, kinds: Sequence[str], *, session_timeout: float, leader_timeout: float
+    seed: int,
+    kinds: Sequence[str],
+    *,
+    session_timeout: float,
+    leader_timeout: float,
+    lease_margin: float | None = None,
 ) -> Iterator[Fault]:
     """Endless rounds, each a shuffled permutation of `kinds`; every parameter drawn from
-    `seed`, so one seed always yields the same faults in the same order."""
+    `seed`, so one seed always yields the same faults in the same order.
+
+    `lease_margin` (default: what Settings derives from the session timeout) sizes the
+    `lease` variants: a consumer frozen or cut off past its lease but not its session
+    fences itself, then gets its partitions back under the same epoch."""
     unknown = set(kinds) - set(FAULT_KINDS)
     if unknown:
         raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
     if not kinds:
         return
+    margin = max(1.0, session_timeout * 0.2) if lease_margin is None else lease_margin
     rng = random.Random(seed)
+
+    def past_lease() -> float:
+        return session_timeout - margin + rng.uniform(0.1, 0.9) * margin
+
     while True:
         order = list(kinds)
         rng.shuffle(order)
         for kind in order:
             variant = "-"
             if kind == "consumer-pause":
-                variant = rng.choice(["timed", "handoff"])
-                hold = session_timeout + rng.uniform(0.5, 3.0)
+                variant = rng.choice(["timed", "handoff", "lease"])
+                hold = past_lease() if variant == "lease" else session_timeout + rng.uniform(0.5, 3)
             elif kind == "leader-pause":
                 variant = rng.choice(["timed", "handoff"])
                 hold = leader_timeout + rng.uniform(0.5, 3.0)
@@ -86,8 +101,8 @@ def schedule(
                 variant = "all" if rng.random() < 0.25 else "one"
                 hold = rng.uniform(0.3, session_timeout + 2.0)
             elif kind == "net-stall":
-                variant = rng.choice(["one", "one", "handoff", "handoff", "all"])
-                hold = rng.uniform(0.3, session_timeout + 2.0)
+                variant = rng.choice(["one", "handoff", "handoff", "lease", "all"])
+                hold = past_lease() if variant == "lease" else rng.uniform(0.3, session_timeout + 2)
             elif kind in ("consumer-kill", "leader-kill"):
                 hold = rng.uniform(0.5, 4.0)
             else:
