@@ -46,8 +46,10 @@ def balanced(db: psycopg.Connection[Any], cluster: Cluster, procs: list[Proc]) -
         return False
     per_member = load(db, cluster)
     quota = 16 // len(procs)
-    return set(per_member) == members and sum(per_member.values()) == 16 and all(
-        quota <= n <= quota + 1 for n in per_member.values()
+    return (
+        set(per_member) == members
+        and sum(per_member.values()) == 16
+        and all(quota <= n <= quota + 1 for n in per_member.values())
     )
 
 
@@ -128,8 +130,10 @@ def test_group_protocol_under_failures(
         assert producer.produced > 500
         wait_for(lambda: _drained(db), 60, "the queue drained")
         verdict = journal.check(db, TOPIC)
-        assert verdict.ok, verdict.summary() + "\n" + "\n".join(
-            verdict.order_violations[:5] + verdict.concurrent_violations[:5]
+        assert verdict.ok, (
+            verdict.summary()
+            + "\n"
+            + "\n".join(verdict.order_violations[:5] + verdict.concurrent_violations[:5])
         )
         assert verdict.handled == verdict.produced
 
