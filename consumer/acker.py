@@ -8,6 +8,7 @@ after its result is committed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,15 @@ log = logging.getLogger("pgcg.consumer.acker")
 Q = Queries("consumer")
 
 MAX_ERROR_TEXT = 2000
+
+# A test build's switch, read once: results are written without the epoch fence, so the
+# chaos checker (`pgcg chaos --unsafe-no-fencing`) can prove it fails when fencing is gone.
+UNSAFE_NO_FENCING = os.environ.get("PGCG_UNSAFE_DISABLE_FENCING") == "1"
+ACK, NACK, DEAD_LETTER = (
+    (Q.ack_unfenced, Q.nack_unfenced, Q.dead_letter_unfenced)
+    if UNSAFE_NO_FENCING
+    else (Q.ack, Q.nack, Q.dead_letter)
+)
 
 
 def wake_after_results(ctx: Context, *, deferred: bool = False) -> None:
@@ -60,6 +70,12 @@ class Acker:
         # A flush returns only when everything submitted before it is written, even if
         # another task's flush had already taken that batch (a release waits for it).
         self._flush_lock = anyio.Lock()
+        if UNSAFE_NO_FENCING:
+            log.warning(
+                "PGCG_UNSAFE_DISABLE_FENCING=1: acks are NOT fenced by the partition epoch; "
+                "a zombie's results will be accepted. Test builds only, never production.",
+                extra={"action": "unsafe_no_fencing", **ctx.fields},
+            )
 
     def submit(self, result: Result) -> None:
         self._pending.append(result)
@@ -103,18 +119,18 @@ class Acker:
             done: set[int] = set()
             with translated(ctx.dsn):
                 if acks:
-                    done |= await self._run(conn, Q.ack, acks)
+                    done |= await self._run(conn, ACK, acks)
                 if retries:
                     done |= await self._run(
                         conn,
-                        Q.nack,
+                        NACK,
                         [r.item for r in retries],
                         delays_ms=[round(d * 1000) for d in delays],
                         errors=[r.error for r in retries],
                     )
                 if dead:
                     done |= await self._run(
-                        conn, Q.dead_letter, [r.item for r in dead], errors=[r.error for r in dead]
+                        conn, DEAD_LETTER, [r.item for r in dead], errors=[r.error for r in dead]
                     )
         except DatabaseUnavailable:
             self._conn = None

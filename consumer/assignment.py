@@ -127,9 +127,13 @@ class Assignment:
                                "dropped": len(dropped)},
                     )  # fmt: skip
             elif row.state == "assigned" and mine.state == "revoking":
-                # The leader changed its mind (the target left): keep the partition.
+                # The leader changed its mind (the target left): keep the partition. The
+                # revoke dropped its buffered messages while their rows stay claimed under
+                # this epoch, which the claim skips: adopt them again, or the key's later
+                # messages overtake them.
                 mine.state = "assigned"
                 mine.revoke_by = None
+                mine.adopted = False
                 changes.resumed.append(mine)
                 _end_revoke(mine, "resumed")
         for partition in [p for p in self.owned if p not in seen | self._handing_off]:

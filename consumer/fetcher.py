@@ -82,6 +82,7 @@ class Fetcher:
         owned = [o for o in ctx.assignment.claimable() if o.adopted]
         if not owned:
             return 0
+        claimed_for = {o.partition: o for o in owned}
         with translated(ctx.dsn):
             cur = await conn.execute(
                 Q.claim,
@@ -102,8 +103,13 @@ class Fetcher:
         # backlogs partition by partition; handed out in that order, a member that takes
         # over several partitions would start on the last one only after the others'.
         for r in sorted(rows, key=lambda r: r["id"]):
-            if ctx.assignment.current(r["partition"], r["epoch"]) is None:
-                continue  # the partition moved while we claimed: the next owner re-claims
+            part = ctx.assignment.owned.get(r["partition"])
+            if part is not claimed_for[r["partition"]] or part.state != "assigned":
+                # While we claimed, the partition moved, was revoked, or was lost and taken
+                # back under the same epoch (a self-fence): rows that incarnation dropped
+                # are still claimed, so these newer ones must wait for its adopt, or they
+                # would overtake them. The next owner, or adopt, claims them again.
+                continue
             message = Message(
                 id=r["id"],
                 topic=ctx.topic,
@@ -145,7 +151,12 @@ class Fetcher:
     async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
         with translated(self.ctx.dsn):
             cur = await conn.execute(
-                Q.adopt, self.ctx.params(partition=part.partition, epoch=part.epoch)
+                Q.adopt,
+                self.ctx.params(
+                    partition=part.partition,
+                    epoch=part.epoch,
+                    held=self.ctx.scheduler.held(part.partition),
+                ),
             )
         part.adopted = True
         if cur.rowcount:

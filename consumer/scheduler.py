@@ -241,6 +241,11 @@ class KeyScheduler:
             return len(self._known)
         return self._buffered_by_partition.get(partition, 0)
 
+    def held(self, partition: int) -> list[int]:
+        """Ids of a partition's messages in memory: buffered, being handled, or waiting
+        for their result to be written."""
+        return [c.id for q in self._keys.values() if q.partition == partition for c in q.items]
+
     def busy(self, partition: int | None = None) -> int:
         if partition is None:
             return sum(self._busy_by_partition.values())

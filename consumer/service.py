@@ -309,6 +309,10 @@ class Consumer:
             ready = ctx.assignment.releasable(now)
             if ready and not ctx.stopping:
                 await self.acker.flush()
+                # The flush can take a while (a reconnect, results that keep coming); the
+                # leader may have called a revocation off meanwhile, and the partition be
+                # working again. Release only what is still revoked and releasable.
+                ready = [o for o in ctx.assignment.releasable(time.monotonic()) if o in ready]
                 try:
                     await self._release(ready, reason="revoked")
                 except DatabaseUnavailable as exc:
@@ -335,8 +339,9 @@ class Consumer:
         finally:
             await conn.close()
         for part in parts:
-            ctx.assignment.owned.pop(part.partition, None)
-            ctx.scheduler.drop_partition(part.partition)
+            if ctx.assignment.owned.get(part.partition) is part:  # not a newer incarnation
+                ctx.assignment.owned.pop(part.partition)
+                ctx.scheduler.drop_partition(part.partition)
             row: dict[str, Any] | None = rows.get(part.partition)
             with ctx.assignment.releasing(part, row, reason):  # ends its revoke span
                 log.info(

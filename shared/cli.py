@@ -495,10 +495,12 @@ def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
 
 def _register() -> None:
     from pgcg.bench.cli import bench
+    from pgcg.shared.chaos import chaos
     from pgcg.shared.demo import demo
 
     main.add_command(demo)
     main.add_command(bench)
+    main.add_command(chaos)
 
 
 _register()

@@ -2,6 +2,8 @@
 
 Each process is `python -m pgcg.shared.cli ...` with its own JSON log file, so a run can
 SIGKILL, SIGSTOP/SIGCONT or SIGTERM any of them and read afterwards what each one did.
+Every session a process opens carries its name as the `pgcg.proc` setting (PGOPTIONS), so
+the journal's triggers can tell which process deleted a row.
 """
 
 from __future__ import annotations
@@ -94,14 +96,17 @@ class Cluster:
         self.procs: list[Proc] = []
         self._counter = 0
 
-    def _spawn(self, kind: str, args: list[str], name: str | None) -> Proc:
+    def _spawn(
+        self, kind: str, args: list[str], name: str | None, env: dict[str, str] | None
+    ) -> Proc:
         self._counter += 1
         name = name or f"{kind}-{self._counter}"
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        options = f"{self.env.get('PGOPTIONS', '')} -c pgcg.proc={name}".strip()
         popen = subprocess.Popen(
             [sys.executable, "-m", "pgcg.shared.cli", kind, *args],
-            env=self.env,
+            env={**self.env, "PGOPTIONS": options, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -111,14 +116,27 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def coordinator(self, *args: str, name: str | None = None) -> Proc:
-        return self._spawn("coordinator", list(args), name)
+    def coordinator(
+        self, *args: str, name: str | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
+        return self._spawn("coordinator", list(args), name, env)
 
     def consumer(
-        self, group: str, topic: str, handler: str, *args: str, name: str | None = None
+        self,
+        group: str,
+        topic: str,
+        handler: str,
+        *args: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
+        """A consumer process; `env` overrides the cluster's (e.g. PGCG_DATABASE_URL of a
+        proxy in front of the database)."""
         return self._spawn(
-            "consumer", ["--group", group, "--topic", topic, "--handler", handler, *args], name
+            "consumer",
+            ["--group", group, "--topic", topic, "--handler", handler, *args],
+            name,
+            env,
         )
 
     def live(self, kind: str | None = None) -> list[Proc]:

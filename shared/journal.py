@@ -1,27 +1,44 @@
 """A recorded history of a run, and the checker over it (demo, chaos runs, tests).
 
-The producer writes each message's (seq, key) in the same transaction as the enqueue, so
-the produced table is exactly what was committed. The recording handler journals every
-handling (message, key, seq, member, epoch, start, end) in its own transaction, which
-survives the handler's process dying afterwards. The checker then proves:
+What is recorded, each piece in a way that survives the process that wrote it dying:
+- the producer writes each message's (seq, key, id) in the same transaction as the
+  enqueue, so the produced table is exactly what was committed;
+- the recording handler journals every handling (message, key, seq, member, epoch,
+  process, start, end) in its own transaction;
+- triggers record every deleted message row (an accepted ack or a dead-letter: when, and
+  from which process's session) and every change of a partition's owner or epoch.
 
-- no loss: every produced message was handled (or is still pending / dead-lettered);
+The checker then proves, trusting nothing the fencing under test decides:
+- no loss: every produced message has an accepted handling, or is dead-lettered (or,
+  reported separately, still pending);
 - key order: no message was handled after a later message of its key had finished;
-- no concurrency per key: the accepted handling of each message (its last journal row: a
-  handling whose ack took effect is never redelivered) never overlaps another accepted
-  handling of the same key. Overlaps with superseded handlings are zombie work that the
-  epoch fence rejected; they are counted, as are duplicates.
+- no concurrency per key: accepted handlings of one key never overlap in time. Overlaps
+  with superseded handlings are zombie work whose ack the fence rejected; they are counted;
+- no stale ack: no message was deleted after its handling's epoch had ended;
+- no stale work: no handling started after its epoch had ended (a member must stop before
+  anyone else can be given its partitions);
+- no stale leader: no rebalance was recorded by a leader after a newer leader epoch had
+  recorded one (a deposed coordinator writes nothing);
+- duplicates (more than one handling of a message) are counted; given the faults that
+  were injected, each must follow one that can cause a redelivery (a crash, a pause, a
+  network fault, a server restart, a forced hand-off);
+- the longest time a partition had no working owner.
+
+The accepted handling of a message is the last one its deleting process journaled before
+the deletion: the ack that took effect is the one that deleted the row.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -36,12 +53,17 @@ Q = Queries("journal")
 
 # Simulated work per message in the recording handler (milliseconds).
 WORK_ENV = "PGCG_JOURNAL_WORK_MS"
+# Where the recording handler writes (default: PGCG_DATABASE_URL). A chaos run points it
+# straight at the server, so the history is recorded outside the faults it injects, as
+# a handler's side effects usually go to another system than its queue.
+DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
 
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None
 
 
 def create(conn: psycopg.Connection[Any]) -> None:
+    """The journal tables and triggers; run after `pgcg migrate`."""
     conn.execute(Q.create)
 
 
@@ -57,24 +79,31 @@ async def record(message: Message) -> None:
         _conn_lock = anyio.Lock()
     async with _conn_lock:
         if _conn is None or _conn.closed:
-            _conn = await psycopg.AsyncConnection.connect(
-                os.environ["PGCG_DATABASE_URL"], autocommit=True
+            dsn = os.environ.get(DSN_ENV) or os.environ["PGCG_DATABASE_URL"]
+            _conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+        try:
+            await _conn.execute(
+                Q.record,
+                {
+                    "message_id": message.id,
+                    "key": message.key,
+                    "seq": int(message.payload["seq"]),
+                    "partition": message.partition,
+                    "member_id": message.member_id,
+                    "epoch": message.epoch,
+                    "attempt": message.attempt,
+                    "pid": os.getpid(),
+                    "started_at": started,
+                    "finished_at": finished,
+                },
             )
-        await _conn.execute(
-            Q.record,
-            {
-                "message_id": message.id,
-                "key": message.key,
-                "seq": int(message.payload["seq"]),
-                "partition": message.partition,
-                "member_id": message.member_id,
-                "epoch": message.epoch,
-                "attempt": message.attempt,
-                "pid": os.getpid(),
-                "started_at": started,
-                "finished_at": finished,
-            },
-        )
+        except BaseException:
+            # Failed or cancelled mid-statement: the connection's state is unknown, so the
+            # next handling starts on a new one (the statement may still commit, late).
+            conn, _conn = _conn, None
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
 
 
 class Producer(threading.Thread):
@@ -98,11 +127,15 @@ class Producer(threading.Thread):
                 return
             try:
                 if conn is None or conn.closed:
-                    conn = psycopg.connect(self.dsn, row_factory=dict_row)
+                    conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
                     start = conn.execute(Q.max_seq).fetchone()["seq"] + 1  # type: ignore[index]
                     conn.commit()
-                    seq = start
+                    # Seqs are dense from 0, so this is the count. A commit whose answer
+                    # was lost may have gone through: count what the database holds.
+                    seq = self.produced = start
                 n = batch if self.limit is None else min(batch, self.limit - self.produced)
+                if n <= 0:
+                    return
                 seqs = list(range(seq, seq + n))
                 keys = [f"key-{s % self.keys}" for s in seqs]
                 with conn.transaction():
@@ -123,7 +156,8 @@ class Producer(threading.Thread):
                 conn = None
                 self.stop_event.wait(0.2)
                 continue
-            next_at += n / self.rate
+            # After an outage, resume the rate from now rather than bursting to catch up.
+            next_at = max(next_at + n / self.rate, time.monotonic() - 1.0)
             self.stop_event.wait(max(0.0, next_at - time.monotonic()))
         if conn is not None:
             conn.close()
@@ -131,6 +165,44 @@ class Producer(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(15)
+
+
+# -- the checker ---------------------------------------------------------------------------
+
+# Faults after which a message may legitimately be handled again.
+REDELIVERY_CAUSES = frozenset(
+    {
+        "consumer-kill",
+        "consumer-pause",
+        "net-cut",
+        "net-stall",
+        "pg-restart-fast",
+        "pg-restart-immediate",
+    }
+)
+# Faults during which a consumer cannot act on what it owns.
+OWNER_DOWN = frozenset({"consumer-kill", "consumer-pause", "net-cut", "net-stall"})
+# A handler task dispatched just before SIGSTOP stamps its start after SIGCONT.
+RESUME_GRACE = timedelta(seconds=1)
+SLACK = timedelta(seconds=1)
+FOREVER = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Disruption:
+    """A fault a runner injected, so the checker can tell expected anomalies (a duplicate
+    after a crash) from violations."""
+
+    kind: str  # consumer-kill | consumer-pause | net-cut | ... (see chaos.FAULT_KINDS)
+    start: datetime
+    end: datetime | None = None  # None: never healed (a killed process)
+    pid: int | None = None  # the process it hit; None: every process (a server restart)
+
+    def hits(self, pid: int) -> bool:
+        return self.pid is None or self.pid == pid
+
+    def overlaps(self, a: datetime, b: datetime) -> bool:
+        return self.start <= b and (self.end or FOREVER) >= a
 
 
 @dataclass
@@ -142,12 +214,35 @@ class Verdict:
     lost: list[int] = field(default_factory=list)  # seqs
     order_violations: list[str] = field(default_factory=list)
     concurrent_violations: list[str] = field(default_factory=list)
+    stale_acks: list[str] = field(default_factory=list)
+    stale_work: list[str] = field(default_factory=list)
+    stale_leader_writes: list[str] = field(default_factory=list)
+    unexplained_duplicates: list[str] = field(default_factory=list)
     duplicates: int = 0  # extra handlings (after a crash or forced hand-off)
+    duplicate_causes: dict[str, int] = field(default_factory=dict)
     fenced_overlaps: int = 0  # zombie work overlapping the new owner's, rejected at ack
+    resumed_starts: int = 0  # stale starts stamped just after SIGCONT (dispatched before)
+    attributed_acks: int = 0  # accepted acks matched to a handling by process
+    max_unowned_s: float = 0.0  # longest time a partition had no working owner
+    max_unowned_partition: int | None = None
+    max_unowned_since: datetime | None = None
+    max_unassigned_s: float = 0.0  # longest time a partition had no owner at all
+
+    @property
+    def violations(self) -> dict[str, int]:
+        return {
+            "lost": len(self.lost),
+            "order": len(self.order_violations),
+            "concurrent": len(self.concurrent_violations),
+            "stale_acks": len(self.stale_acks),
+            "stale_work": len(self.stale_work),
+            "stale_leader_writes": len(self.stale_leader_writes),
+            "unexplained_duplicates": len(self.unexplained_duplicates),
+        }
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.order_violations or self.concurrent_violations)
+        return not any(self.violations.values())
 
     def summary(self) -> str:
         return (
@@ -155,56 +250,333 @@ class Verdict:
             f"dead={self.dead_lettered} lost={len(self.lost)} "
             f"order_violations={len(self.order_violations)} "
             f"concurrent_violations={len(self.concurrent_violations)} "
-            f"duplicates={self.duplicates} fenced_overlaps={self.fenced_overlaps}"
+            f"stale_acks={len(self.stale_acks)} stale_work={len(self.stale_work)} "
+            f"duplicates={self.duplicates} "
+            f"unexplained_duplicates={len(self.unexplained_duplicates)} "
+            f"fenced_overlaps={self.fenced_overlaps} "
+            f"max_unowned_s={self.max_unowned_s:.2f}"
         )
 
+    def examples(self, n: int = 5) -> list[str]:
+        """The first few of each kind of violation, for a report."""
+        out: list[str] = []
+        if self.lost:
+            out.append(f"lost seqs: {self.lost[:n]}")
+        for name, items in (
+            ("order", self.order_violations),
+            ("concurrent", self.concurrent_violations),
+            ("stale ack", self.stale_acks),
+            ("stale work", self.stale_work),
+            ("stale leader write", self.stale_leader_writes),
+            ("unexplained duplicate", self.unexplained_duplicates),
+        ):
+            out.extend(f"{name}: {item}" for item in items[:n])
+        return out
 
-def check(conn: psycopg.Connection[Any], topic: str) -> Verdict:
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "violations": self.violations,
+            "produced": self.produced,
+            "handled": self.handled,
+            "pending": self.pending,
+            "dead_lettered": self.dead_lettered,
+            "duplicates": self.duplicates,
+            "duplicate_causes": self.duplicate_causes,
+            "fenced_overlaps": self.fenced_overlaps,
+            "resumed_starts": self.resumed_starts,
+            "attributed_acks": self.attributed_acks,
+            "max_unowned_s": round(self.max_unowned_s, 3),
+            "max_unowned_partition": self.max_unowned_partition,
+            "max_unowned_since": self.max_unowned_since,
+            "max_unassigned_s": round(self.max_unassigned_s, 3),
+            "examples": self.examples(),
+        }
+
+
+Row = dict[str, Any]
+
+
+def check(
+    conn: psycopg.Connection[Any],
+    topic: str,
+    *,
+    disruptions: Sequence[Disruption] | None = None,
+    window: tuple[datetime, datetime] | None = None,
+) -> Verdict:
+    """Check the recorded history of `topic`.
+
+    `disruptions` (what a runner injected) lets duplicates be told apart from violations
+    and start stamps taken after a SIGCONT be recognised; without it, duplicates are only
+    counted. `window` bounds the ownership measurements (default: the whole history).
+    """
     conn.row_factory = dict_row  # type: ignore[assignment]
-    produced = {r["seq"]: r["key"] for r in conn.execute(Q.produced_rows)}
-    rows = conn.execute(Q.journal_rows).fetchall()
-    depth = conn.execute(Q.queue_depth, {"topic": topic}).fetchone() or {}
-    verdict = Verdict(
-        produced=len(produced), pending=depth.get("pending", 0), dead_lettered=depth.get("dead", 0)
-    )
-    by_seq: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_seq[r["seq"]].append(r)
-    accepted = {seq: handlings[-1] for seq, handlings in by_seq.items()}
-    verdict.handled = len(accepted)
-    verdict.duplicates = sum(len(h) - 1 for h in by_seq.values())
-    if verdict.pending == 0 and verdict.dead_lettered == 0:
-        verdict.lost = sorted(s for s in produced if s not in accepted)
+    produced = {r["seq"]: r for r in conn.execute(Q.produced_rows)}
+    rows: list[Row] = conn.execute(Q.journal_rows).fetchall()
+    deleted = {r["message_id"]: r for r in conn.execute(Q.deleted_rows, {"topic": topic})}
+    history: list[Row] = conn.execute(Q.ownership_rows, {"topic": topic}).fetchall()
+    pending = {r["id"] for r in conn.execute(Q.pending_ids, {"topic": topic})}
+    dead = {r["message_id"] for r in conn.execute(Q.dead_ids, {"topic": topic})}
+    forced: dict[int, list[datetime]] = defaultdict(list)
+    for r in conn.execute(Q.forced_handoffs):
+        forced[r["partition"]].append(r["started_at"])
+    verdict = Verdict(produced=len(produced), pending=len(pending), dead_lettered=len(dead))
 
-    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_message: dict[int, list[Row]] = defaultdict(list)
     for r in rows:
-        by_key[r["key"]].append(r)
+        by_message[r["message_id"]].append(r)
+    accepted = _accepted(by_message, deleted, dead, verdict)
+    verdict.handled = len(accepted)
+    # A message deleted without a journaled handling before it counts as lost too.
+    verdict.lost = sorted(
+        seq
+        for seq, p in produced.items()
+        if p["message_id"] not in accepted
+        and p["message_id"] not in pending
+        and p["message_id"] not in dead
+    )
+
+    epochs = _EpochEnds(history)
+    pauses: dict[int, list[Disruption]] = defaultdict(list)
+    for d in disruptions or ():
+        if d.kind == "consumer-pause" and d.pid is not None:
+            pauses[d.pid].append(d)
+
+    resumed: set[int] = set()  # journal ids of stale starts explained by a SIGCONT
+    for r in rows:
+        ended = epochs.ended(r["partition"], r["epoch"])
+        if ended is None or r["started_at"] <= ended:
+            continue
+        if any(
+            p.start <= ended <= (p.end or FOREVER)
+            and p.end is not None
+            and p.end <= r["started_at"] <= p.end + RESUME_GRACE
+            for p in pauses.get(r["pid"], ())
+        ):
+            resumed.add(r["id"])
+            continue
+        verdict.stale_work.append(
+            f"seq {r['seq']} ({r['key']}, partition {r['partition']}) started at "
+            f"{r['started_at']:%T.%f} by {r['member_id']} under epoch {r['epoch']}, which "
+            f"had ended at {ended:%T.%f}"
+        )
+    verdict.resumed_starts = len(resumed)
+
+    for mid, r in accepted.items():
+        gone = deleted.get(mid)
+        ended = epochs.ended(r["partition"], r["epoch"])
+        if gone is not None and ended is not None and gone["deleted_at"] > ended:
+            verdict.stale_acks.append(
+                f"seq {r['seq']} ({r['key']}, partition {r['partition']}): ack of "
+                f"{r['member_id']} under epoch {r['epoch']} accepted at "
+                f"{gone['deleted_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
+            )
+
+    by_key: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r["id"] not in resumed:
+            by_key[r["key"]].append(r)
+    accepted_ids = {r["id"] for r in accepted.values()}
     for key, handlings in by_key.items():
         handlings.sort(key=lambda r: r["started_at"])
-        # Order: nothing of a lower seq starts after a higher seq of the key has finished.
-        highest_done: dict[str, Any] | None = None
-        for r in handlings:
-            if (
-                highest_done is not None
-                and r["seq"] < highest_done["seq"]
-                and (r["started_at"] > highest_done["finished_at"])
-            ):
-                verdict.order_violations.append(
-                    f"{key}: seq {r['seq']} handled at {r['started_at']:%T.%f} after seq "
-                    f"{highest_done['seq']} finished at {highest_done['finished_at']:%T.%f}"
-                )
-            if highest_done is None or r["seq"] > highest_done["seq"]:
-                highest_done = r
-        # Concurrency: accepted handlings of one key never overlap.
-        for a, b in itertools.pairwise(handlings):
-            if b["started_at"] >= a["finished_at"]:
+        _check_key(key, handlings, accepted_ids, verdict)
+
+    _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
+    _duplicates(by_message, disruptions, forced, verdict)
+    _ownership(history, disruptions or (), window, rows, verdict)
+    return verdict
+
+
+def _accepted(
+    by_message: dict[int, list[Row]],
+    deleted: dict[int, Row],
+    dead: set[int],
+    verdict: Verdict,
+) -> dict[int, Row]:
+    """message id -> its accepted handling."""
+    accepted: dict[int, Row] = {}
+    if not deleted:
+        # No deletion triggers (a history recorded before they existed): a handling whose
+        # ack took effect is never redelivered, so take each message's last one.
+        for mid, handlings in by_message.items():
+            accepted[mid] = handlings[-1]
+        return accepted
+    for mid, gone in deleted.items():
+        if mid in dead:
+            continue
+        before = [r for r in by_message.get(mid, ()) if r["finished_at"] <= gone["deleted_at"]]
+        mine = [r for r in before if gone["proc"] is not None and r["proc"] == gone["proc"]]
+        if mine:
+            verdict.attributed_acks += 1
+        candidates = mine or before
+        if candidates:
+            accepted[mid] = max(candidates, key=lambda r: (r["finished_at"], r["id"]))
+    return accepted
+
+
+class _EpochEnds:
+    """When each epoch of each partition ended: the first change to a newer epoch."""
+
+    def __init__(self, history: Iterable[Row]) -> None:
+        self._epochs: dict[int, list[int]] = defaultdict(list)
+        self._times: dict[int, list[datetime]] = defaultdict(list)
+        for r in history:
+            epochs = self._epochs[r["partition"]]
+            if not epochs or r["epoch"] > epochs[-1]:
+                epochs.append(r["epoch"])
+                self._times[r["partition"]].append(r["changed_at"])
+
+    def ended(self, partition: int, epoch: int) -> datetime | None:
+        epochs = self._epochs.get(partition)
+        if not epochs:
+            return None
+        i = bisect.bisect_right(epochs, epoch)
+        return self._times[partition][i] if i < len(epochs) else None
+
+
+def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: Verdict) -> None:
+    """Order over every handling of one key (sorted by start); overlaps among accepted ones."""
+    highest: Row | None = None  # the highest seq started so far
+    latest: Row | None = None  # the handling that finishes last so far
+    latest_accepted: Row | None = None
+    for r in handlings:
+        if (
+            highest is not None
+            and r["seq"] < highest["seq"]
+            and r["started_at"] > highest["finished_at"]
+        ):
+            verdict.order_violations.append(
+                f"{key}: seq {r['seq']} handled at {r['started_at']:%T.%f} by "
+                f"{r['member_id']} after seq {highest['seq']} finished at "
+                f"{highest['finished_at']:%T.%f}"
+            )
+        if highest is None or r["seq"] > highest["seq"]:
+            highest = r
+        is_accepted = r["id"] in accepted_ids
+        other = latest_accepted
+        if is_accepted and other is not None and r["started_at"] < other["finished_at"]:
+            verdict.concurrent_violations.append(
+                f"{key}: seq {other['seq']} ({other['member_id']} epoch {other['epoch']}) "
+                f"overlaps seq {r['seq']} ({r['member_id']} epoch {r['epoch']})"
+            )
+        elif latest is not None and r["started_at"] < latest["finished_at"]:
+            verdict.fenced_overlaps += 1
+        if latest is None or r["finished_at"] > latest["finished_at"]:
+            latest = r
+        if is_accepted and (
+            latest_accepted is None or r["finished_at"] > latest_accepted["finished_at"]
+        ):
+            latest_accepted = r
+
+
+def _leaders(rebalances: list[Row], verdict: Verdict) -> None:
+    """Generations are taken in commit order, so leader epochs never go back."""
+    newest: dict[str, Row] = {}
+    for r in rebalances:
+        last = newest.get(r["group_name"])
+        if last is not None and r["leader_epoch"] < last["leader_epoch"]:
+            verdict.stale_leader_writes.append(
+                f"{r['group_name']}: generation {r['generation']} recorded under leader epoch "
+                f"{r['leader_epoch']} after generation {last['generation']} under "
+                f"{last['leader_epoch']}"
+            )
+        else:
+            newest[r["group_name"]] = r
+
+
+def _duplicates(
+    by_message: dict[int, list[Row]],
+    disruptions: Sequence[Disruption] | None,
+    forced: dict[int, list[datetime]],
+    verdict: Verdict,
+) -> None:
+    causes: Counter[str] = Counter()
+    relevant = [d for d in disruptions or () if d.kind in REDELIVERY_CAUSES]
+    for handlings in by_message.values():
+        if len(handlings) < 2:
+            continue
+        handlings = sorted(handlings, key=lambda r: r["started_at"])
+        for first, again in itertools.pairwise(handlings):
+            verdict.duplicates += 1
+            if disruptions is None:
                 continue
-            both_accepted = accepted[a["seq"]] is a and accepted[b["seq"]] is b
-            if both_accepted:
-                verdict.concurrent_violations.append(
-                    f"{key}: seq {a['seq']} ({a['member_id']} epoch {a['epoch']}) overlaps seq "
-                    f"{b['seq']} ({b['member_id']} epoch {b['epoch']})"
+            a, b = first["started_at"] - SLACK, again["started_at"]
+            cause = next(
+                (d.kind for d in relevant if d.hits(first["pid"]) and d.overlaps(a, b)), None
+            )
+            if cause is None and any(a <= t <= b for t in forced.get(first["partition"], ())):
+                cause = "forced-handoff"
+            if cause is None:
+                verdict.unexplained_duplicates.append(
+                    f"seq {first['seq']} ({first['key']}) handled by {first['member_id']} "
+                    f"epoch {first['epoch']} at {first['started_at']:%T.%f} and again by "
+                    f"{again['member_id']} epoch {again['epoch']} at "
+                    f"{again['started_at']:%T.%f} with no fault in between"
                 )
             else:
-                verdict.fenced_overlaps += 1
-    return verdict
+                causes[cause] += 1
+    verdict.duplicate_causes = dict(causes)
+
+
+def _member_pid(member: str) -> int | None:
+    """Member ids are host-pid-random (consumer/member.py)."""
+    try:
+        return int(member.rsplit("-", 2)[-2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _merge(intervals: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    merged: list[tuple[datetime, datetime]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _ownership(
+    history: list[Row],
+    disruptions: Sequence[Disruption],
+    window: tuple[datetime, datetime] | None,
+    rows: list[Row],
+    verdict: Verdict,
+) -> None:
+    """The longest stretch a partition had no owner (unassigned), or no working owner
+    (its owner's process killed, paused or cut off), within the window."""
+    if not history:
+        return
+    if window is None:
+        last = max([h["changed_at"] for h in history] + [r["finished_at"] for r in rows])
+        window = (min(h["changed_at"] for h in history), last)
+    lo, hi = window
+    down: dict[int, list[tuple[datetime, datetime]]] = defaultdict(list)
+    for d in disruptions:
+        if d.kind in OWNER_DOWN and d.pid is not None:
+            down[d.pid].append((d.start, d.end or FOREVER))
+    by_partition: dict[int, list[Row]] = defaultdict(list)
+    for h in history:
+        by_partition[h["partition"]].append(h)
+    for partition, changes in by_partition.items():
+        no_owner: list[tuple[datetime, datetime]] = []
+        not_working: list[tuple[datetime, datetime]] = []
+        for h, after in zip(changes, [*changes[1:], None], strict=True):
+            a = max(h["changed_at"], lo)
+            b = min(after["changed_at"] if after else hi, hi)
+            if a >= b:
+                continue
+            if h["member_id"] is None:
+                no_owner.append((a, b))
+                continue
+            pid = _member_pid(h["member_id"])
+            for s, e in down.get(pid, ()) if pid is not None else ():
+                if s < b and e > a:
+                    not_working.append((max(s, a), min(e, b)))
+        for a, b in _merge(no_owner):
+            verdict.max_unassigned_s = max(verdict.max_unassigned_s, (b - a).total_seconds())
+        for a, b in _merge(no_owner + not_working):
+            if (b - a).total_seconds() > verdict.max_unowned_s:
+                verdict.max_unowned_s = (b - a).total_seconds()
+                verdict.max_unowned_partition = partition
+                verdict.max_unowned_since = a

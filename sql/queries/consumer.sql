@@ -49,6 +49,8 @@ DELETE FROM pgcg.consumer_groups WHERE group_name = %(group)s AND member_id = %(
 -- name: adopt
 -- A partition (re)started in memory: rows we claimed earlier under this same epoch (before
 -- a self-fence or a claim whose answer was lost) are put back so the next claim sees them.
+-- Rows we still hold in memory (`held`) stay claimed: a claim returning one of them could
+-- race its ack, and the scheduler would take the acked message for a new one.
 UPDATE pgcg.messages AS m
 SET claim_epoch = NULL, claimed_by = NULL
 FROM (
@@ -58,6 +60,7 @@ FROM (
     FOR SHARE
 ) AS o
 WHERE m.topic = %(topic)s AND m.partition = o.partition AND m.claim_epoch = o.epoch
+  AND m.id <> ALL(%(held)s::bigint[])
 
 -- name: claim
 -- Claim the oldest unclaimed rows of each owned partition, up to a limit per partition,
@@ -295,3 +298,44 @@ WITH owned AS (
 SELECT coalesce(current_setting('pgcg.tx_token', true) = %(token)s, false) AS intact,
        EXISTS (SELECT FROM owned) AS owned,
        EXISTS (SELECT FROM gone) AS acked
+
+-- Test builds only: PGCG_UNSAFE_DISABLE_FENCING=1 makes the acker use these instead of
+-- ack, nack and dead_letter. They are the same writes without the epoch fence, so a
+-- zombie's result goes through; `pgcg chaos --unsafe-no-fencing` runs them to prove its
+-- checker catches what the fence prevents. Never set it in production.
+
+-- name: ack_unfenced
+DELETE FROM pgcg.messages AS m
+USING unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[])
+    AS b(partition, epoch, id)
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: nack_unfenced
+UPDATE pgcg.messages AS m
+SET attempts = m.attempts + 1,
+    available_at = now() + b.delay_ms * interval '1 millisecond',
+    last_error = b.error,
+    claimed_by = NULL,
+    progress = NULL
+FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+            %(delays_ms)s::bigint[], %(errors)s::text[])
+    AS b(partition, epoch, id, delay_ms, error)
+WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+RETURNING m.id
+
+-- name: dead_letter_unfenced
+WITH gone AS (
+    DELETE FROM pgcg.messages AS m
+    USING unnest(%(partitions)s::int[], %(epochs)s::bigint[], %(ids)s::bigint[],
+                 %(errors)s::text[]) AS b(partition, epoch, id, error)
+    WHERE m.topic = %(topic)s AND m.partition = b.partition AND m.id = b.id
+    RETURNING m.*, b.error
+)
+INSERT INTO pgcg.dead_letters
+    (message_id, topic, partition, key, payload, headers, enqueued_at, attempts, last_error,
+     group_name, member_id)
+SELECT g.id, g.topic, g.partition, g.key, g.payload, g.headers, g.enqueued_at,
+       g.attempts + 1, g.error, %(group)s, %(member)s
+FROM gone AS g
+RETURNING message_id AS id

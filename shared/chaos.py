@@ -1,0 +1,605 @@
+"""`pgcg chaos`: prove correctness under failure, in the spirit of Jepsen.
+
+One run:
+1. a throwaway PostgreSQL (or a fresh database on --database-url), migrated, one topic;
+2. coordinators, consumers and a producer as real processes; every consumer reaches
+   PostgreSQL through its own TCP proxy (netproxy.py), coordinators and the producer
+   directly. Consumers run the recording handler (journal.py);
+3. a seed-driven schedule of faults (nemesis.py): SIGKILL and SIGSTOP of consumers and
+   of the leading coordinator, network cuts and stalls, fast and immediate server
+   restarts, members joining and leaving;
+4. heal everything, let the group drain the queue, stop every process;
+5. check the recorded history (journal.check) and print a report; exit 1 on any
+   violation, or if the queue did not drain.
+
+`--unsafe-no-fencing` runs the consumers with PGCG_UNSAFE_DISABLE_FENCING=1 (acks without
+the epoch fence): the same checks must then fail, which proves they can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+from pgcg.shared import journal
+from pgcg.shared.cluster import Cluster, Proc
+from pgcg.shared.migrate import migrate
+from pgcg.shared.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault, Nemesis, schedule
+from pgcg.shared.netproxy import NetProxy, ProxyHub
+from pgcg.shared.throwaway import ThrowawayPostgres
+
+log = logging.getLogger("pgcg.chaos")
+
+GROUP = "chaos"
+TOPIC = "chaos"
+HANDLER = "pgcg.shared.journal:record"
+
+# Tight timeouts so a run sees many expiries, takeovers and forced hand-offs per minute.
+# The drain deadline is not shorter than the lease (session timeout - margin), so a
+# forced hand-off never overtakes an owner that still trusts its lease.
+HEARTBEAT_INTERVAL = 0.5
+SESSION_TIMEOUT = 3.0
+LEADER_TIMEOUT = 3.0
+DRAIN_DEADLINE = 3.0
+
+
+@dataclass
+class ChaosOptions:
+    seed: int = 1
+    duration: float | None = 60.0  # seconds of faults; None: until `messages` are produced
+    messages: int | None = None  # stop producing after this many
+    rate: float = 200.0  # messages a second
+    keys: int = 64
+    partitions: int = 16
+    consumers: int = 4
+    coordinators: int = 2
+    faults: tuple[str, ...] = FAULT_KINDS
+    database_url: str | None = None
+    unsafe_no_fencing: bool = False
+    work_ms: float = 2.0  # simulated work per message in the recording handler
+    drain_timeout: float = 180.0
+    env: dict[str, str] = field(default_factory=dict)  # overrides for every process
+    workdir: Path | None = None
+    keep_logs: bool = False
+
+
+@dataclass
+class ChaosReport:
+    options: ChaosOptions
+    verdict: journal.Verdict
+    executed: list[Executed]
+    drained: bool
+    elapsed_s: float
+    fault_phase_s: float
+    workdir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok and self.drained
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        return dict(Counter(e.fault.kind for e in self.executed if not e.note.startswith("skip")))
+
+    def as_dict(self) -> dict[str, Any]:
+        options = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()
+        }
+        options.pop("database_url", None)  # may hold a password
+        return {
+            "ok": self.ok,
+            "seed": self.options.seed,
+            "options": options,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "fault_phase_s": round(self.fault_phase_s, 1),
+            "drained": self.drained,
+            "fault_counts": self.fault_counts,
+            "verdict": self.verdict.as_dict(),
+            "faults": [e.as_dict() for e in self.executed],
+            "workdir": str(self.workdir),
+        }
+
+    def text(self) -> str:
+        o, v = self.options, self.verdict
+        variants = Counter(
+            f"{e.fault.kind}/{e.fault.variant}" for e in self.executed if e.fault.variant != "-"
+        )
+        skipped = sum(1 for e in self.executed if e.note.startswith("skip"))
+        lines = [
+            f"pgcg chaos: seed={o.seed} elapsed={self.elapsed_s:.0f}s "
+            f"(faults {self.fault_phase_s:.0f}s) rate={o.rate:g}/s keys={o.keys} "
+            f"partitions={o.partitions} consumers={o.consumers} "
+            f"coordinators={o.coordinators}"
+            + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else ""),
+            "faults: "
+            + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
+            + (f" (skipped {skipped})" if skipped else ""),
+            "variants: " + " ".join(f"{k}x{n}" for k, n in sorted(variants.items())),
+            f"messages: produced={v.produced} handled={v.handled} pending={v.pending} "
+            f"dead-lettered={v.dead_lettered} drained={'yes' if self.drained else 'NO'}",
+            "violations: " + " ".join(f"{k}={n}" for k, n in v.violations.items()),
+            f"duplicates: {v.duplicates} ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(v.duplicate_causes.items()))
+            + f"); zombie overlaps rejected by the fence: {v.fenced_overlaps}; "
+            f"starts stamped after SIGCONT: {v.resumed_starts}",
+            f"ownership: longest without a working owner {v.max_unowned_s:.2f}s "
+            f"(partition {v.max_unowned_partition}"
+            + (f" from {v.max_unowned_since:%T}" if v.max_unowned_since else "")
+            + f"); longest unassigned "
+            f"{v.max_unassigned_s:.2f}s",
+            f"acks attributed to their process: {v.attributed_acks}/{v.handled}",
+        ]
+        lines += [f"  {e}" for e in v.examples()]
+        lines.append(f"verdict: {'OK' if self.ok else 'FAILED'}")
+        return "\n".join(lines)
+
+
+class _Database:
+    """Where the run's database lives: our own throwaway server, or a fresh database
+    created on the server the user named (and dropped afterwards)."""
+
+    def __init__(self, url: str | None) -> None:
+        self.admin_url = url
+        self.server: ThrowawayPostgres | None = None
+        self.name: str | None = None
+        self.dsn = ""
+
+    def __enter__(self) -> _Database:
+        if self.admin_url is None:
+            self.server = ThrowawayPostgres()
+            self.dsn = self.server.start()
+            return self
+        self.name = f"pgcg_chaos_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.dsn = make_conninfo(self.admin_url, dbname=self.name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+        elif self.admin_url is not None and self.name is not None:
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def host_port(self) -> tuple[str, int]:
+        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        host = str(params.get("host") or "127.0.0.1")
+        if host.startswith("/"):
+            raise click.UsageError("--database-url must use TCP (host:port) for the proxies")
+        return host, int(params.get("port") or 5432)
+
+    def url(self) -> str:
+        """The run's DSN as a URL, so proxies can swap host and port."""
+        if self.dsn.startswith("postgres"):
+            return self.dsn
+        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        user = params.get("user", "postgres")
+        password = f":{params['password']}" if params.get("password") else ""
+        host, port = self.host_port()
+        return f"postgresql://{user}{password}@{host}:{port}/{params.get('dbname', 'postgres')}"
+
+
+def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except psycopg.OperationalError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _scalar(dsn: str, sql: str, params: Any = None) -> Any:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+
+@contextlib.contextmanager
+def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subprocess.Popen[bytes]]:
+    """The producer as its own process (`python -m pgcg.shared.chaos`), stopped on exit."""
+    args = [dsn, TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
+    with open(workdir / "producer.log", "ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "pgcg.shared.chaos", *args],
+            env={**os.environ, "PGOPTIONS": "-c pgcg.proc=producer"},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield popen
+    finally:
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(20)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+
+def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosReport:
+    """One chaos run, start to verdict. Every process it started is gone when it returns."""
+    began = time.monotonic()
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pgcg-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    kinds = tuple(options.faults)
+    if options.database_url is not None and SERVER_FAULTS & set(kinds):
+        echo("chaos: not our server, leaving out the server restarts")
+        kinds = tuple(k for k in kinds if k not in SERVER_FAULTS)
+    duration = options.duration
+    if duration is None and options.messages is None:
+        duration = 60.0
+    with contextlib.ExitStack() as stack:
+        db = stack.enter_context(_Database(options.database_url))
+        run = _Run(options, db, workdir, stack)
+        echo(f"chaos: seed {options.seed}, logs in {workdir}")
+        run.warm_up()
+        window_start = datetime.now(UTC)
+        fault_phase = run.inject(
+            schedule(options.seed, kinds, session_timeout=run.session_timeout,
+                     leader_timeout=run.leader_timeout),
+            duration,
+        )  # fmt: skip
+        echo(f"chaos: {len(run.nemesis.executed)} faults in {fault_phase:.0f}s; healing")
+        t = time.monotonic()
+        drained = run.heal_and_drain(options.drain_timeout)
+        echo(
+            f"chaos: {'drained' if drained else 'NOT drained'} after "
+            f"{time.monotonic() - t:.0f}s; stopping"
+        )
+        window_end = datetime.now(UTC)
+        run.cluster.stop_all()
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            verdict = journal.check(
+                conn, TOPIC, disruptions=run.nemesis.disruptions, window=(window_start, window_end)
+            )
+        if not (verdict.ok and drained) or options.keep_logs:
+            _dump_history(run.dsn, workdir)
+        report = ChaosReport(
+            options=options,
+            verdict=verdict,
+            executed=run.nemesis.executed,
+            drained=drained,
+            elapsed_s=time.monotonic() - began,
+            fault_phase_s=fault_phase,
+            workdir=workdir,
+        )
+    if report.ok and not options.keep_logs and options.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+class _Run:
+    """The processes of one run: set up on construction, torn down by the exit stack."""
+
+    def __init__(
+        self, options: ChaosOptions, db: _Database, workdir: Path, stack: contextlib.ExitStack
+    ) -> None:
+        self.options = options
+        self.dsn = dsn = db.url()
+        migrate(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
+            journal.create(conn)
+        env = {
+            "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
+            "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
+            "PGCG_LEADER_TIMEOUT": str(LEADER_TIMEOUT),
+            "PGCG_DRAIN_DEADLINE": str(DRAIN_DEADLINE),
+            "PGCG_RETRY_BASE": "0.05",
+            "PGCG_RETRY_MAX": "0.5",
+            "PGCG_MAX_ATTEMPTS": "50",
+            "PGCG_LOG_LEVEL": "INFO",
+            journal.WORK_ENV: str(options.work_ms),
+            # The history is recorded outside the faults: the journal connects directly.
+            journal.DSN_ENV: dsn,
+            **options.env,
+        }
+        # What the processes run with, --env included: the faults are sized on it.
+        self.session_timeout = float(env["PGCG_SESSION_TIMEOUT"])
+        self.leader_timeout = float(env["PGCG_LEADER_TIMEOUT"])
+        self.consumer_env = (
+            {"PGCG_UNSAFE_DISABLE_FENCING": "1"} if options.unsafe_no_fencing else {}
+        )
+        self.hub = stack.enter_context(ProxyHub())
+        self.cluster = stack.enter_context(Cluster(dsn, workdir, env=env))
+        self.proxies: dict[Proc, NetProxy] = {}
+        self.upstream = db.host_port()
+        for _ in range(options.coordinators):
+            self.spawn_coordinator()
+        for _ in range(options.consumers):
+            self.spawn_consumer()
+        self.nemesis = Nemesis(
+            cluster=self.cluster, dsn=dsn, group=GROUP, proxies=self.proxies,
+            server=db.server, spawn_consumer=self.spawn_consumer,
+            spawn_coordinator=self.spawn_coordinator, consumers=options.consumers,
+            session_timeout=self.session_timeout, leader_timeout=self.leader_timeout,
+        )  # fmt: skip
+        self.producer = stack.enter_context(_producer(dsn, workdir, options))
+
+    def spawn_consumer(self) -> Proc:
+        """A consumer behind a new proxy of its own."""
+        n = sum(1 for p in self.cluster.procs if p.kind == "consumer") + 1
+        proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
+        proc = self.cluster.consumer(
+            GROUP, TOPIC, HANDLER, name=f"consumer-{n}",
+            env={"PGCG_DATABASE_URL": proxy.url_for(self.dsn), **self.consumer_env},
+        )  # fmt: skip
+        self.proxies[proc] = proxy
+        return proc
+
+    def spawn_coordinator(self) -> Proc:
+        n = sum(1 for p in self.cluster.procs if p.kind == "coordinator") + 1
+        return self.cluster.coordinator(name=f"coordinator-{n}")
+
+    def producing(self) -> bool:
+        return self.producer.poll() is None
+
+    def warm_up(self) -> None:
+        _wait(
+            lambda: _scalar(
+                self.dsn,
+                "SELECT count(*) FILTER (WHERE state = 'assigned') = %s AND "
+                "(SELECT count(*) FROM public.pgcg_journal) > 0 "
+                "FROM pgcg.partition_assignments WHERE group_name = %s",
+                (self.options.partitions, GROUP),
+            ),
+            90,
+            "every partition assigned and a first message handled",
+        )
+
+    def inject(self, plan: Iterator[Fault], duration: float | None) -> float:
+        """Faults until `duration` has passed or the producer is done; the seconds it took."""
+        began = time.monotonic()
+
+        def more() -> bool:
+            in_time = duration is None or time.monotonic() - began < duration
+            return in_time and self.producing()
+
+        for fault in plan:
+            if not more():
+                break
+            self.nemesis.inject(fault)
+            time.sleep(fault.gap)
+        while more():  # the plan ran out (no faults enabled): keep producing
+            time.sleep(0.5)
+        return time.monotonic() - began
+
+    def heal_and_drain(self, timeout: float) -> bool:
+        """Stop producing, heal every fault, and wait for the queue to empty."""
+        self.producer.terminate()
+        self.producer.wait(30)
+        self.nemesis.heal(self.options.coordinators)
+        deadline = time.monotonic() + timeout
+        next_report = time.monotonic() + 10
+        while True:
+            try:
+                stuck = self._pending_by_partition()
+            except psycopg.OperationalError:
+                stuck = None
+            if stuck == []:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            if stuck and time.monotonic() > next_report:
+                next_report = time.monotonic() + 10
+                log.warning(
+                    "still pending: %s",
+                    "; ".join(
+                        f"p{r['partition']}={r['pending']} ({r['claimed']} claimed, owner "
+                        f"{r['member_id']} epoch {r['epoch']} {r['state']})"
+                        for r in stuck
+                    ),
+                    extra={"action": "drain_slow"},
+                )
+            time.sleep(0.2)
+
+    def _pending_by_partition(self) -> list[dict[str, Any]]:
+        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(
+                "SELECT m.partition, count(*) AS pending, "
+                "count(*) FILTER (WHERE m.claim_epoch = pa.epoch) AS claimed, "
+                "pa.member_id, pa.epoch, pa.state "
+                "FROM pgcg.messages m JOIN pgcg.partition_assignments pa "
+                "  ON pa.topic = m.topic AND pa.partition = m.partition AND pa.group_name = %s "
+                "WHERE m.topic = %s GROUP BY 1, 4, 5, 6 ORDER BY 1",
+                (GROUP, TOPIC),
+            ).fetchall()
+
+
+HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_deleted", "pgcg_ownership")
+
+
+def _dump_history(dsn: str, workdir: Path) -> None:
+    """The recorded history as CSV next to the logs, to study a failure after the server
+    is gone (`psql -c "\\copy pgcg_journal FROM pgcg_journal.csv CSV HEADER"`)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in (*HISTORY_TABLES, "pgcg.rebalances"):
+            name = table.removeprefix("pgcg.")
+            with (
+                open(workdir / f"{name}.csv", "wb") as out,
+                conn.cursor().copy(f"COPY {table} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
+            ):
+                for chunk in copy:
+                    out.write(chunk)
+
+
+def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"--env {item!r} must look like NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def _parse_faults(text: str) -> tuple[str, ...]:
+    if text in ("all", ""):
+        return FAULT_KINDS
+    if text == "none":
+        return ()
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}"
+        )
+    return kinds
+
+
+@click.command("chaos")
+@click.option("--seed", type=int, help="Seed of the fault schedule (default: random, printed).")
+@click.option(
+    "--duration",
+    type=float,
+    help="Seconds of faults (default 60, or until --messages are produced).",
+)
+@click.option("--messages", type=int, help="Stop producing after this many messages.")
+@click.option("--rate", type=float, default=200.0, show_default=True, help="Messages a second.")
+@click.option("--keys", type=int, default=64, show_default=True, help="Ordering keys.")
+@click.option("--partitions", type=int, default=16, show_default=True)
+@click.option("--consumers", type=int, default=4, show_default=True)
+@click.option("--coordinators", type=int, default=2, show_default=True)
+@click.option(
+    "--faults",
+    "faults_",
+    default="all",
+    show_default=True,
+    help=f"Comma-separated kinds, 'all' or 'none': {', '.join(FAULT_KINDS)}.",
+)
+@click.option(
+    "--database-url",
+    help="A server to create the run's database on (its user needs CREATEDB); "
+    "default: a throwaway PostgreSQL. Server restarts need the throwaway one.",
+)
+@click.option(
+    "--work-ms", type=float, default=2.0, show_default=True, help="Simulated work per message."
+)
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=180.0,
+    show_default=True,
+    help="Seconds the healed group gets to drain the queue.",
+)
+@click.option(
+    "--env",
+    "env_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an environment variable in every pgcg process, e.g. PGCG_DRAIN_DEADLINE=1 "
+    "to try a configuration (repeatable).",
+)
+@click.option(
+    "--report-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the report here as JSON.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the processes' logs here (default: a temporary directory, "
+    "deleted after a passing run).",
+)
+@click.option("--keep-logs", is_flag=True, help="Keep the logs of a passing run too.")
+@click.option(
+    "--unsafe-no-fencing",
+    is_flag=True,
+    help="Run consumers with PGCG_UNSAFE_DISABLE_FENCING=1: the checks must fail.",
+)
+def chaos(
+    seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
+    partitions: int, consumers: int, coordinators: int, faults_: str,
+    database_url: str | None, work_ms: float, drain_timeout: float, env_: tuple[str, ...],
+    report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
+) -> None:  # fmt: skip
+    """Run a cluster under injected faults and check the recorded history.
+
+    \b
+    Starts a throwaway PostgreSQL, coordinators, consumers (each behind a TCP proxy)
+    and a producer as real processes; injects a seed-driven schedule of faults;
+    heals, drains, and checks: no message lost, key order kept, no key handled twice
+    at once, no work or ack under a stale epoch, duplicates only after faults.
+    Exits 1 on any violation.
+
+    \b
+    Examples:
+      pgcg chaos --seed 7 --duration 90                 # what CI runs
+      pgcg chaos --messages 100000 --rate 300           # a long run
+      pgcg chaos --faults consumer-pause --unsafe-no-fencing   # must fail
+    """
+    from pgcg.shared.telemetry import setup_logging
+
+    setup_logging("INFO", "text")
+    logging.getLogger("pgcg.netproxy").setLevel(logging.WARNING)
+    options = ChaosOptions(
+        seed=seed if seed is not None else random.randrange(1 << 31),
+        duration=duration,
+        messages=messages,
+        rate=rate,
+        keys=keys,
+        partitions=partitions,
+        consumers=consumers,
+        coordinators=coordinators,
+        faults=_parse_faults(faults_),
+        database_url=database_url,
+        unsafe_no_fencing=unsafe_no_fencing,
+        work_ms=work_ms,
+        drain_timeout=drain_timeout,
+        env=_parse_env(env_),
+        workdir=workdir,
+        keep_logs=keep_logs,
+    )
+    report = run(options, echo=click.echo)
+    click.echo(report.text())
+    if not report.ok or keep_logs or workdir:
+        click.echo(f"logs: {report.workdir}")
+    if report_json is not None:
+        report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    sys.exit(0 if report.ok else 1)
+
+
+def _producer_main(argv: list[str]) -> None:
+    """The run's producer process: DSN TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM."""
+    dsn, topic, keys, rate, limit = argv
+    producer = journal.Producer(
+        dsn, topic, keys=int(keys), rate=float(rate), limit=int(limit) or None
+    )
+    signal.signal(signal.SIGTERM, lambda *_: producer.stop_event.set())
+    producer.start()
+    while producer.is_alive():
+        producer.join(0.5)
+    print(json.dumps({"produced": producer.produced, "errors": producer.errors}), flush=True)
+
+
+if __name__ == "__main__":
+    _producer_main(sys.argv[1:])

@@ -1,0 +1,401 @@
+"""The faults a chaos run injects: a seed-driven schedule (pure), and the code that applies
+each fault to a running cluster and heals it.
+
+The schedule is a list of faults in rounds; each round is a shuffled permutation of every
+enabled kind, so any run longer than one round has exercised them all. Everything random
+(order, how long each fault holds, which victim, which variant, the gap before the next)
+comes from the seed. Which process a victim index names depends on who is alive at that
+moment, so two runs of one seed inject the same faults in the same order at nearly the
+same times; that is as reproducible as real processes allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgcg.shared.cluster import Cluster, Proc
+from pgcg.shared.journal import Disruption
+from pgcg.shared.netproxy import NetProxy
+from pgcg.shared.throwaway import ThrowawayPostgres
+
+log = logging.getLogger("pgcg.nemesis")
+
+FAULT_KINDS = (
+    "consumer-kill",  # SIGKILL a consumer; a replacement joins after `hold`
+    "consumer-pause",  # SIGSTOP a consumer past its session timeout, then SIGCONT
+    "leader-kill",  # SIGKILL the leading coordinator; a replacement starts after `hold`
+    "leader-pause",  # SIGSTOP the leading coordinator past the leader timeout, then SIGCONT
+    "net-cut",  # reset a consumer's connections and refuse new ones for `hold`
+    "net-stall",  # hold every byte between a consumer and PostgreSQL for `hold`
+    "pg-restart-fast",  # pg_ctl restart -m fast
+    "pg-restart-immediate",  # pg_ctl restart -m immediate (a crash, then recovery)
+    "member-join",  # a new consumer joins the group
+    "member-leave",  # a consumer leaves gracefully (SIGTERM: drain, release, leave)
+)
+SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    hold: float  # seconds the fault lasts before it is healed
+    gap: float  # seconds of calm after it is healed
+    victim: int  # index into the candidates sorted by name, modulo their number
+    # pauses: timed | handoff (resumed the moment its partitions or leadership moved on)
+    # | lease (consumers: past the lease, within the session); net-cut: one | all
+    # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
+    # moved on) | lease (one, past the lease, within the session); else: -
+    variant: str
+
+    def describe(self) -> str:
+        variant = "" if self.variant == "-" else f"/{self.variant}"
+        return f"{self.kind}{variant} hold={self.hold:.1f}s gap={self.gap:.1f}s v={self.victim}"
+
+
+def schedule(
+    seed: int,
+    kinds: Sequence[str],
+    *,
+    session_timeout: float,
+    leader_timeout: float,
+    lease_margin: float | None = None,
+) -> Iterator[Fault]:
+    """Endless rounds, each a shuffled permutation of `kinds`; every parameter drawn from
+    `seed`, so one seed always yields the same faults in the same order.
+
+    `lease_margin` (default: what Settings derives from the session timeout) sizes the
+    `lease` variants: a consumer frozen or cut off past its lease but not its session
+    fences itself, then gets its partitions back under the same epoch."""
+    unknown = set(kinds) - set(FAULT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
+    if not kinds:
+        return
+    margin = max(1.0, session_timeout * 0.2) if lease_margin is None else lease_margin
+    rng = random.Random(seed)
+
+    def past_lease() -> float:
+        return session_timeout - margin + rng.uniform(0.1, 0.9) * margin
+
+    while True:
+        order = list(kinds)
+        rng.shuffle(order)
+        for kind in order:
+            variant = "-"
+            if kind == "consumer-pause":
+                variant = rng.choice(["timed", "handoff", "lease"])
+                hold = past_lease() if variant == "lease" else session_timeout + rng.uniform(0.5, 3)
+            elif kind == "leader-pause":
+                variant = rng.choice(["timed", "handoff"])
+                hold = leader_timeout + rng.uniform(0.5, 3.0)
+            elif kind == "net-cut":
+                variant = "all" if rng.random() < 0.25 else "one"
+                hold = rng.uniform(0.3, session_timeout + 2.0)
+            elif kind == "net-stall":
+                variant = rng.choice(["one", "handoff", "handoff", "lease", "all"])
+                hold = past_lease() if variant == "lease" else rng.uniform(0.3, session_timeout + 2)
+            elif kind in ("consumer-kill", "leader-kill"):
+                hold = rng.uniform(0.5, 4.0)
+            else:
+                hold = 0.0
+            gap = rng.uniform(1.0, 3.0)
+            yield Fault(kind, round(hold, 2), round(gap, 2), rng.randrange(1 << 16), variant)
+
+
+@dataclass
+class Executed:
+    fault: Fault
+    start: datetime
+    end: datetime | None = None
+    victims: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.fault.kind,
+            "variant": self.fault.variant,
+            "hold": self.fault.hold,
+            "victims": self.victims,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat() if self.end else None,
+            "note": self.note,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Nemesis:
+    """Applies faults to one cluster, one at a time, and records what it did."""
+
+    def __init__(
+        self,
+        *,
+        cluster: Cluster,
+        dsn: str,
+        group: str,
+        proxies: dict[Proc, NetProxy],
+        server: ThrowawayPostgres | None,
+        spawn_consumer: Callable[[], Proc],
+        spawn_coordinator: Callable[[], Proc],
+        consumers: int,
+        session_timeout: float,
+        leader_timeout: float,
+    ) -> None:
+        self.cluster = cluster
+        self.dsn = dsn
+        self.group = group
+        self.proxies = proxies
+        self.server = server
+        self.spawn_consumer = spawn_consumer
+        self.spawn_coordinator = spawn_coordinator
+        self.consumers = consumers
+        self.session_timeout = session_timeout
+        self.leader_timeout = leader_timeout
+        self.executed: list[Executed] = []
+        self.disruptions: list[Disruption] = []
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: Any = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """A query on a fresh direct connection, retried while the server restarts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(
+                    self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=5
+                ) as conn:
+                    return conn.execute(sql, params).fetchall()
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _consumers(self) -> list[Proc]:
+        return sorted(
+            (p for p in self.cluster.live("consumer") if not p.paused), key=lambda p: p.name
+        )
+
+    def _pick(self, fault: Fault) -> Proc | None:
+        candidates = self._consumers()
+        return candidates[fault.victim % len(candidates)] if candidates else None
+
+    def _leader(self, wait: float = 15.0) -> tuple[Proc | None, int]:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                proc, epoch = self.cluster.leader(self.group)
+            except psycopg.OperationalError:
+                proc, epoch = None, 0
+            if proc is not None and proc.alive and not proc.paused:
+                return proc, epoch
+            if time.monotonic() > deadline:
+                return None, 0
+            time.sleep(0.1)
+
+    def _owned_by(self, proc: Proc) -> dict[int, int]:
+        """partition -> epoch of what the consumer process owns right now."""
+        rows = self._query(
+            "SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments pa "
+            "JOIN pgcg.consumer_groups cg USING (group_name, member_id) "
+            "WHERE pa.group_name = %s AND cg.pid = %s",
+            (self.group, proc.pid),
+        )
+        return {r["partition"]: r["epoch"] for r in rows}
+
+    def _moved(self, owned: dict[int, int]) -> bool:
+        rows = self._query(
+            "SELECT partition, epoch FROM pgcg.partition_assignments "
+            "WHERE group_name = %s AND partition = ANY(%s)",
+            (self.group, list(owned)),
+        )
+        return any(r["epoch"] != owned[r["partition"]] for r in rows)
+
+    def _hit(self, kind: str, proc: Proc | None, start: datetime, end: datetime | None) -> None:
+        self.disruptions.append(Disruption(kind, start, end, proc.pid if proc else None))
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> Executed:
+        record = Executed(fault, _now())
+        self.executed.append(record)
+        log.info("fault %s", fault.describe(), extra={"action": "fault_start"})
+        getattr(self, "_" + fault.kind.replace("-", "_"))(fault, record)
+        record.end = record.end or _now()
+        log.info(
+            "fault %s done: %s %s",
+            fault.kind,
+            ",".join(record.victims) or "-",
+            record.note,
+            extra={"action": "fault_end"},
+        )
+        return record
+
+    def _consumer_kill(self, fault: Fault, record: Executed) -> None:
+        victim = self._pick(fault)
+        if victim is None:
+            record.note = "skipped: no consumer"
+            return
+        record.victims.append(victim.name)
+        victim.kill()
+        self._hit(fault.kind, victim, record.start, None)
+        time.sleep(fault.hold)
+        replacement = self.spawn_consumer()
+        record.note = f"replaced by {replacement.name}"
+
+    def _consumer_pause(self, fault: Fault, record: Executed) -> None:
+        victim = self._pick(fault)
+        if victim is None:
+            record.note = "skipped: no consumer"
+            return
+        record.victims.append(victim.name)
+        owned = self._owned_by(victim) if fault.variant == "handoff" else {}
+        victim.pause()
+        started = time.monotonic()
+        if owned:
+            # Resume the moment its partitions have moved on: its in-flight work and
+            # pending acks then race the new owner, which only the fence stops.
+            cap = self.session_timeout + 8.0
+            while not self._moved(owned) and time.monotonic() - started < cap:
+                time.sleep(0.02)
+            record.note = f"resumed after hand-off ({time.monotonic() - started:.1f}s)"
+        else:
+            time.sleep(fault.hold)
+            record.note = f"resumed after {fault.hold:.1f}s"
+        victim.resume()
+        self._hit(fault.kind, victim, record.start, _now())
+
+    def _leader_kill(self, fault: Fault, record: Executed) -> None:
+        leader, _ = self._leader()
+        if leader is None:
+            record.note = "skipped: no leader"
+            return
+        record.victims.append(leader.name)
+        leader.kill()
+        self._hit(fault.kind, leader, record.start, None)
+        time.sleep(fault.hold)
+        replacement = self.spawn_coordinator()
+        record.note = f"replaced by {replacement.name}"
+
+    def _leader_pause(self, fault: Fault, record: Executed) -> None:
+        leader, epoch = self._leader()
+        if leader is None:
+            record.note = "skipped: no leader"
+            return
+        record.victims.append(leader.name)
+        leader.pause()
+        started = time.monotonic()
+        if fault.variant == "handoff":
+            cap = self.leader_timeout + 10.0
+            while time.monotonic() - started < cap:
+                rows = self._query(
+                    "SELECT leader_epoch FROM pgcg.coordinator_leader WHERE scope = %s",
+                    (self.group,),
+                )
+                if rows and rows[0]["leader_epoch"] > epoch:
+                    break
+                time.sleep(0.02)
+            record.note = f"resumed after takeover ({time.monotonic() - started:.1f}s)"
+        else:
+            time.sleep(fault.hold)
+            record.note = f"resumed after {fault.hold:.1f}s"
+        leader.resume()
+        self._hit(fault.kind, leader, record.start, _now())
+
+    def _network_victims(self, fault: Fault) -> list[Proc]:
+        if fault.variant == "all":
+            return [p for p in self._consumers() if p in self.proxies]
+        victim = self._pick(fault)
+        return [victim] if victim is not None and victim in self.proxies else []
+
+    def _net_cut(self, fault: Fault, record: Executed) -> None:
+        victims = self._network_victims(fault)
+        for proc in victims:
+            record.victims.append(proc.name)
+            self.proxies[proc].cut(refuse_for=fault.hold)
+        time.sleep(fault.hold)
+        end = _now()
+        for proc in victims:
+            self._hit(fault.kind, proc, record.start, end)
+
+    def _net_stall(self, fault: Fault, record: Executed) -> None:
+        victims = self._network_victims(fault)
+        owned = self._owned_by(victims[0]) if victims and fault.variant == "handoff" else {}
+        if owned:
+            # Held until its partitions have moved on, then released at once: the
+            # statements it sent meanwhile (acks among them) reach the server just after
+            # the hand-off, which only the fence stops.
+            proxy = self.proxies[victims[0]]
+            record.victims.append(victims[0].name)
+            proxy.stall(self.session_timeout + 30.0)
+            started = time.monotonic()
+            while not self._moved(owned) and time.monotonic() - started < self.session_timeout + 8:
+                time.sleep(0.02)
+            proxy.heal()
+            record.note = f"released after hand-off ({time.monotonic() - started:.1f}s)"
+            self._hit(fault.kind, victims[0], record.start, _now())
+            return
+        for proc in victims:
+            record.victims.append(proc.name)
+            self.proxies[proc].stall(fault.hold)
+        time.sleep(fault.hold)
+        end = _now()
+        for proc in victims:
+            self._hit(fault.kind, proc, record.start, end)
+
+    def _restart(self, fault: Fault, record: Executed, mode: str) -> None:
+        if self.server is None:
+            record.note = "skipped: not our server"
+            return
+        started = time.monotonic()
+        self.server.restart(mode)
+        record.note = f"down for {time.monotonic() - started:.1f}s"
+        self._hit(fault.kind, None, record.start, _now())
+
+    def _pg_restart_fast(self, fault: Fault, record: Executed) -> None:
+        self._restart(fault, record, "fast")
+
+    def _pg_restart_immediate(self, fault: Fault, record: Executed) -> None:
+        self._restart(fault, record, "immediate")
+
+    def _member_join(self, fault: Fault, record: Executed) -> None:
+        if len(self.cluster.live("consumer")) >= self.consumers + 2:
+            record.note = "skipped: group at its largest"
+            return
+        proc = self.spawn_consumer()
+        record.victims.append(proc.name)
+        self._hit(fault.kind, proc, record.start, record.start)
+
+    def _member_leave(self, fault: Fault, record: Executed) -> None:
+        if len(self._consumers()) <= 2:
+            record.note = "skipped: group at its smallest"
+            return
+        victim = self._pick(fault)
+        assert victim is not None
+        record.victims.append(victim.name)
+        victim.terminate()
+        self._hit(fault.kind, victim, record.start, record.start)
+
+    # -- healing ---------------------------------------------------------------------------
+
+    def heal(self, coordinators: int) -> None:
+        """Undo whatever is still in effect and bring the group back to strength."""
+        for proc in self.cluster.procs:
+            if proc.paused:
+                proc.resume()
+        for proxy in self.proxies.values():
+            proxy.heal()
+        while len(self.cluster.live("coordinator")) < coordinators:
+            self.spawn_coordinator()
+        while len(self.cluster.live("consumer")) < self.consumers:
+            self.spawn_consumer()

@@ -1,0 +1,46 @@
+"""The failing TCP proxy (shared/netproxy.py) between psycopg and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from pgcg.shared.netproxy import NetProxy, ProxyHub
+
+
+@pytest.fixture
+def proxy(pg_server: str) -> Iterator[NetProxy]:
+    params = psycopg.conninfo.conninfo_to_dict(pg_server)
+    with ProxyHub() as hub:
+        yield hub.proxy(str(params["host"]), int(params["port"]))
+
+
+def connect(proxy: NetProxy, pg_server: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(proxy.url_for(pg_server), autocommit=True, connect_timeout=3)
+
+
+def test_cut_resets_connections_and_refuses_new_ones(proxy: NetProxy, pg_server: str) -> None:
+    conn = connect(proxy, pg_server)
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.cut(refuse_for=0.5) == 1
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        connect(proxy, pg_server)
+    time.sleep(0.6)
+    with connect(proxy, pg_server) as again:
+        assert again.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_stall_holds_traffic_with_the_connection_open(proxy: NetProxy, pg_server: str) -> None:
+    with connect(proxy, pg_server) as conn:
+        proxy.stall(0.8)
+        started = time.monotonic()
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+        assert time.monotonic() - started >= 0.7
+        proxy.stall(30)
+        proxy.heal()
+        assert conn.execute("SELECT 4").fetchone() == (4,)
