@@ -46,6 +46,7 @@ def collect(
             parts = conn.execute(Q.partitions, p).fetchall()
             dead = conn.execute(Q.dead_letters, p).fetchone()
             history = conn.execute(Q.recent_rebalances, {**p, "limit": rebalances}).fetchall()
+            progress = conn.execute(Q.in_flight_progress, {**p, "now": None}).fetchall()
             owned: dict[str, int] = {}
             for row in parts:
                 if row["member_id"]:
@@ -92,6 +93,22 @@ def collect(
                     "lag_total": sum(r["lag"] for r in parts),
                     "in_flight_total": sum(r["in_flight"] for r in parts),
                     "dead_letters": dead["dead"] if dead else 0,
+                    "progress": [
+                        {
+                            "partition": r["partition"],
+                            "message_id": r["message_id"],
+                            "key": r["key"],
+                            "member_id": r["member_id"],
+                            "epoch": r["epoch"],
+                            "attempt": r["attempt"],
+                            "percent": _num(r["percent"], 1),
+                            "text": r["text"],
+                            "reported_age_s": _num(r["reported_age_s"]),
+                            "deadline_in_s": _num(r["deadline_in_s"]),
+                            "overdue": bool(r["overdue"]),
+                        }
+                        for r in progress
+                    ],
                     "rebalances": [
                         {
                             "generation": h["generation"],
@@ -150,6 +167,13 @@ def render(status: dict[str, Any]) -> str:
             lines.append(
                 f"  {p['partition']:>4} {(p['owner'] or '-'):<40} {p['epoch']:>5} "
                 f"{state:<10} {p['lag']:>7} {p['in_flight']:>8} {_age(p['oldest_age_s']):>7}"
+            )
+        for r in g["progress"]:
+            lines.append(
+                f"  progress: partition {r['partition']} message {r['message_id']} "
+                f"({r['member_id']}): {r['percent']}% {r['text'] or ''} "
+                f"[reported {_age(r['reported_age_s'])} ago"
+                f"{', OVERDUE' if r['overdue'] else ''}]"
             )
         for r in g["rebalances"]:
             lines.append(

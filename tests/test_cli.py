@@ -176,3 +176,26 @@ def test_coordinator_and_consumer_refuse_an_unmigrated_database(empty_dsn: str) 
         )  # fmt: skip
         assert result.returncode == 5, result.stderr
         assert "run `pgcg migrate`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_shows_handler_progress(db: psycopg.Connection[Any], dsn: str) -> None:
+    known_state(db)
+    row = db.execute(
+        "UPDATE pgcg.messages m SET claimed_by = 'm-a', claim_epoch = 1, "
+        "locked_until = now() + interval '60 seconds', "
+        "progress = jsonb_build_object('percent', 40, 'text', 'page 4 of 10', 'at', now()) "
+        "WHERE id = (SELECT min(id) FROM pgcg.messages WHERE partition = 0) RETURNING id"
+    ).fetchone()
+    assert row is not None
+    result = run("status", "--group", GROUP, "--json", env={"PGCG_DATABASE_URL": dsn})
+    (g,) = json.loads(result.output)["groups"]
+    (p,) = g["progress"]
+    assert (p["message_id"], p["member_id"], p["percent"], p["text"]) == (
+        row["id"],
+        "m-a",
+        40.0,
+        "page 4 of 10",
+    )
+    assert not p["overdue"]
+    table = run("status", "--group", GROUP, env={"PGCG_DATABASE_URL": dsn})
+    assert "40.0% page 4 of 10" in table.output
