@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ class Step:
     action: Callable[[], None]
 
 
+def _utc() -> datetime:
+    return datetime.now(UTC)
+
+
 def _say(text: str, color: str | None = None) -> None:
     click.echo(click.style(f"{time.strftime('%H:%M:%S')} {text}", fg=color))
 
@@ -79,6 +84,7 @@ class Demo:
         self.producer = journal.Producer(dsn, TOPIC, keys=keys, rate=rate)
         self.stop = threading.Event()
         self.consumers: list[Proc] = []
+        self.faults: list[journal.Disruption] = []  # told to the checker
         self._seen_rebalances = 0
 
     def prepare(self) -> None:
@@ -152,6 +158,7 @@ class Demo:
 
     def _kill_consumer(self) -> None:
         victim = self._live_consumers()[0]
+        self.faults.append(journal.Disruption("consumer-kill", _utc(), None, victim.pid))
         victim.kill()
         _say(f"    killed {victim.name} (pid {victim.pid})", "red")
 
@@ -168,12 +175,16 @@ class Demo:
         if leader is None:
             _say("    no leader to pause yet", "red")
             return
+        paused_at = _utc()
         leader.pause()
         _say(f"    paused {leader.name} (leader epoch {epoch})", "red")
 
         def wake() -> None:
             if not self.stop.wait(LEADER_TIMEOUT + 1.5):
                 leader.resume()
+                self.faults.append(
+                    journal.Disruption("leader-pause", paused_at, _utc(), leader.pid)
+                )
                 _say(f"    resumed {leader.name}: it must notice it is no longer leader", "green")
 
         threading.Thread(target=wake, daemon=True).start()
@@ -227,7 +238,7 @@ class Demo:
                 if row and row["n"] == 0:
                     break
                 time.sleep(0.5)
-            verdict = journal.check(conn, TOPIC)
+            verdict = journal.check(conn, TOPIC, disruptions=self.faults)
         self.cluster.stop_all()
         return verdict
 
