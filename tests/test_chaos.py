@@ -19,10 +19,11 @@ import pytest
 from pgcg.shared.nemesis import FAULT_KINDS, schedule
 
 SAFE_SEED = 7
-UNSAFE_SEED = 3
+UNSAFE_SEEDS = (3, 4)
 
 
 def chaos(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pgcg.shared.cli", "chaos", "--report-json", str(report), *args],
@@ -66,15 +67,22 @@ def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(600)
 def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
     """Acks without the epoch fence (PGCG_UNSAFE_DISABLE_FENCING=1): a consumer cut off
     past its session and let back the moment its partitions moved on gets its held acks
     accepted after the hand-off, which the checker must report."""
-    code, report, output = chaos(
-        tmp_path, "--seed", str(UNSAFE_SEED), "--duration", "40", "--rate", "150",
-        "--work-ms", "20", "--faults", "net-stall,consumer-pause", "--unsafe-no-fencing",
-    )  # fmt: skip
+    # Whether a held ack lands after the hand-off depends on timing: the fault must heal
+    # inside a window of a few milliseconds. One schedule catches it most of the time;
+    # two in a row miss it rarely enough for CI.
+    for seed in UNSAFE_SEEDS:
+        code, report, output = chaos(
+            tmp_path / f"seed-{seed}", "--seed", str(seed), "--duration", "40", "--rate",
+            "150", "--work-ms", "20", "--faults", "net-stall,consumer-pause",
+            "--unsafe-no-fencing",
+        )  # fmt: skip
+        if code == 1:
+            break
     assert code == 1, output
     assert report["verdict"]["violations"]["stale_acks"] > 0, output
     assert "stale ack: " in output and "verdict: FAILED" in output
