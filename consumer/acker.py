@@ -105,9 +105,9 @@ class Acker:
                 batch, self._pending = self._pending, []
                 async for attempt in reconnecting(log, "ack", **self.ctx.fields):
                     with attempt:
-                        await self._write(batch, retried=attempt.retry_state.attempt_number > 1)
+                        await self._write(batch)
 
-    async def _write(self, batch: list[Result], *, retried: bool) -> None:
+    async def _write(self, batch: list[Result]) -> None:
         ctx = self.ctx
         acks = [r.item for r in batch if r.ok]
         failures = [r for r in batch if not r.ok]
@@ -137,7 +137,7 @@ class Acker:
             raise
         rejected = [r.item for r in batch if r.item.id not in done]
         if rejected:
-            done |= await self._settle_rejected(conn, rejected, retried)
+            done |= await self._settle_rejected(conn, rejected)
         now = time.monotonic()
         delay_of = {r.item.id: d for r, d in zip(retries, delays, strict=True)}
         for result in batch:
@@ -182,18 +182,18 @@ class Acker:
             await cur.execute(query, params)
             return {row[0] for row in await cur.fetchall()}
 
-    async def _settle_rejected(
-        self, conn: AsyncConn, rejected: list[Claimed], retried: bool
-    ) -> set[int]:
+    async def _settle_rejected(self, conn: AsyncConn, rejected: list[Claimed]) -> set[int]:
         """Rows the fenced write did not touch: either our partition moved on (a zombie's
-        ack: drop the partition), or, after a retried write, our own earlier attempt
-        already committed (the row is gone while we still own the partition)."""
+        result: drop the partition), or the row is already gone while we still own the
+        partition at that epoch. Then only we can have removed it: an earlier attempt of
+        this write whose answer was lost, or, after a self-fence that turned out to be
+        needless, the handling of a re-claimed copy. Either way it is done; dropping the
+        partition for it would only hand the key's later messages out a second time."""
         ctx = self.ctx
         settled: set[int] = set()
-        still_ours: set[tuple[int, int]] = set()
-        if retried:
-            rows = await ctx.membership.heartbeat() or []
-            still_ours = {(r.partition, r.epoch) for r in rows}
+        with translated(ctx.dsn):
+            cur = await conn.execute(Q.owned_now, ctx.params())
+            still_ours = {(r["partition"], r["epoch"]) for r in await cur.fetchall()}
         lost_partitions: dict[int, int] = {}
         for item in rejected:
             if (item.partition, item.epoch) in still_ours:

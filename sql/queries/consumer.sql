@@ -125,6 +125,13 @@ FROM owned AS o
 WHERE m.topic = %(topic)s AND m.partition = ANY(%(partitions)s::int[])
   AND m.id = ANY(%(ids)s::bigint[]) AND m.partition = o.partition AND m.claim_epoch = o.epoch
 
+-- name: owned_now
+-- What this member owns right now (no lock, no heartbeat): used to tell a zombie's rejected
+-- result from one whose row an earlier write of ours already removed.
+SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
+WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
+  AND pa.state IN ('assigned', 'revoking')
+
 -- name: ack
 -- One statement for a whole batch; each row is checked against its own partition's epoch,
 -- so a stale entry neither lets the others through nor blocks them. Returns what was acked.
