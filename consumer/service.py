@@ -314,7 +314,7 @@ class Consumer:
                 # working again. Release only what is still revoked and releasable.
                 ready = [o for o in ctx.assignment.releasable(time.monotonic()) if o in ready]
                 try:
-                    await self._release(ready, reason="revoked")
+                    await self._release(ready, reason="revoked", revoked_only=True)
                 except DatabaseUnavailable as exc:
                     log.warning("release failed: %s", exc, extra={"action": "release_failed"})
             deadline = ctx.assignment.next_revoke_deadline()
@@ -322,7 +322,9 @@ class Consumer:
                 None if deadline is None else max(deadline - time.monotonic(), 0.05)
             )
 
-    async def _release(self, parts: list[Owned], *, reason: str) -> None:
+    async def _release(
+        self, parts: list[Owned], *, reason: str, revoked_only: bool = False
+    ) -> None:
         ctx = self.ctx
         if not parts:
             return
@@ -332,13 +334,25 @@ class Consumer:
                 cur = await conn.execute(
                     Q.release,
                     ctx.params(
-                        partitions=[p.partition for p in parts], epochs=[p.epoch for p in parts]
+                        partitions=[p.partition for p in parts],
+                        epochs=[p.epoch for p in parts],
+                        revoked_only=revoked_only,
                     ),
                 )
                 rows = {r["partition"]: r for r in await cur.fetchall()}
         finally:
             await conn.close()
         for part in parts:
+            if part.partition not in rows and revoked_only and part.state == "assigned":
+                # The leader called the revocation off while we released (found by pgcg
+                # chaos): the database kept it ours, and so do we.
+                log.info(
+                    "partition %s: revocation called off, kept",
+                    part.partition,
+                    extra={"action": "revocation_called_off", **ctx.fields,
+                           "partition": part.partition, "epoch": part.epoch},
+                )  # fmt: skip
+                continue
             if ctx.assignment.owned.get(part.partition) is part:  # not a newer incarnation
                 ctx.assignment.owned.pop(part.partition)
                 ctx.scheduler.drop_partition(part.partition)

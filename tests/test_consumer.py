@@ -458,3 +458,24 @@ async def test_a_retry_is_the_next_attempt_until_dead_lettered(
     assert [(m.id, m.attempt) for m in recorder.handled] == [(recovers, 3)]
     dead = db.execute("SELECT message_id, attempts FROM pgcg.dead_letters").fetchall()
     assert dead == [{"message_id": fails, "attempts": 3}]
+
+
+async def test_a_release_does_not_hand_on_a_partition_whose_revocation_was_called_off(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos: the leader called a revocation off (the target left) while the
+    member was releasing; the release handed the partition to nobody anyway, so handlings
+    already started on it again had their acks rejected and were redone elsewhere."""
+    setup_topic(db, partitions=1)
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=Recorder(), dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: 0 in consumer.ctx.assignment.owned, what="partition 0 owned")
+        owned = consumer.ctx.assignment.owned[0]
+        # The database says assigned (revocation called off) when the release runs.
+        await consumer._release([owned], reason="revoked", revoked_only=True)
+        row = db.execute(
+            "SELECT member_id, epoch, state FROM pgcg.partition_assignments WHERE partition = 0"
+        ).fetchone()
+        assert row == {"member_id": consumer.member_id, "epoch": owned.epoch, "state": "assigned"}
+        assert consumer.ctx.assignment.owned.get(0) is owned

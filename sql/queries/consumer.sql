@@ -226,6 +226,9 @@ WITH locked AS (
     JOIN locked AS l ON l.partition = r.partition
     WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
       AND pa.partition = r.partition AND pa.epoch = r.epoch AND pa.member_id = %(member)s
+      -- A release of revoked partitions must not hand on one whose revocation the leader
+      -- called off meanwhile: we are working on it again. (On shutdown, all go.)
+      AND (NOT %(revoked_only)s OR pa.state = 'revoking')
     RETURNING pa.partition, pa.epoch, pa.member_id AS new_owner, r.epoch AS old_epoch
 ), unclaimed AS (
     UPDATE pgcg.messages AS m
