@@ -479,3 +479,29 @@ async def test_a_release_does_not_hand_on_a_partition_whose_revocation_was_calle
         ).fetchone()
         assert row == {"member_id": consumer.member_id, "epoch": owned.epoch, "state": "assigned"}
         assert consumer.ctx.assignment.owned.get(0) is owned
+
+
+async def test_a_result_whose_row_is_already_gone_keeps_an_owned_partition(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos: after a connection loss, an ack for a row our own earlier write
+    had already removed was taken for a zombie's, and the member dropped a partition it
+    still owned, handing that key's later messages out a second time."""
+    from datetime import UTC, datetime
+
+    from pgcg.consumer.message import Claimed
+
+    setup_topic(db, partitions=1)
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=Recorder(), dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: 0 in consumer.ctx.assignment.owned, what="partition 0 owned")
+        owned = consumer.ctx.assignment.owned[0]
+        gone = Message(10**9, TOPIC, 0, "k", {}, {}, 1, datetime.now(UTC))
+        conn = await consumer.acker._connection()
+        settled = await consumer.acker._settle_rejected(conn, [Claimed(gone, owned.epoch, 0.0)])
+        assert settled == {gone.id}
+        assert consumer.ctx.assignment.owned.get(0) is owned
+        # A result under an epoch that moved on is still a zombie's: the partition goes.
+        stale = Claimed(gone, owned.epoch - 1, 0.0)
+        assert await consumer.acker._settle_rejected(conn, [stale]) == set()
