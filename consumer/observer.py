@@ -24,7 +24,7 @@ from pgcg.consumer.handlers import Handler
 from pgcg.consumer.message import Message
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.loops import refresh_forever
 from pgcg.shared.queries import Queries
 
 if TYPE_CHECKING:
@@ -234,17 +234,7 @@ class ConsumerObserver:
 
     async def run(self) -> None:
         """Refresh the lag of owned partitions every lag_interval; cancel to stop."""
-        try:
-            while True:
-                try:
-                    await self.refresh()
-                except DatabaseUnavailable as exc:
-                    log.debug("lag refresh failed: %s", exc, extra={"action": "lag_failed"})
-                    await self._drop()
-                await anyio.sleep(self.lag_interval)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._drop()
+        await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
 
     async def refresh(self) -> None:
         ctx = self.ctx

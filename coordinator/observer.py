@@ -13,7 +13,7 @@ import anyio
 
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.loops import refresh_forever
 from pgcg.shared.queries import Queries
 
 if TYPE_CHECKING:
@@ -96,17 +96,8 @@ class CoordinatorObserver:
     # -- lag refresh --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            while True:
-                try:
-                    await self.refresh()
-                except DatabaseUnavailable as exc:
-                    log.debug("lag refresh failed: %s", exc, extra={"action": "lag_failed"})
-                    await self._drop()
-                await anyio.sleep(self.lag_interval)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._drop()
+        """Refresh the lag of the groups this coordinator leads every lag_interval."""
+        await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
 
     async def refresh(self) -> None:
         coordinator = self.coordinator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 import anyio
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
@@ -59,3 +60,24 @@ def reconnecting(log: logging.Logger, what: str, **fields: object) -> AsyncRetry
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+async def refresh_forever(
+    refresh: Callable[[], Awaitable[None]],
+    drop: Callable[[], Awaitable[None]],
+    interval: float,
+    log: logging.Logger,
+) -> None:
+    """Run `refresh` every `interval` until cancelled. A lost database only drops the
+    connection (`drop`) until the next round: readings are best effort, never fatal."""
+    try:
+        while True:
+            try:
+                await refresh()
+            except DatabaseUnavailable as exc:
+                log.debug("lag refresh failed: %s", exc, extra={"action": "lag_failed"})
+                await drop()
+            await anyio.sleep(interval)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await drop()
