@@ -50,3 +50,40 @@ async def test_backlogs_of_several_partitions_are_handled_oldest_first(
     ids = [m.id for m in handled]
     assert ids == sorted(ids)
     assert {m.partition for m in handled[:20]} == {0, 1, 2, 3}
+
+
+async def test_payloads_and_headers_arrive_as_they_were_sent(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The consumer decodes jsonb itself (shared/db.py): text beyond ASCII, escapes and
+    nesting come back equal to what the producer sent."""
+    topic = "unicode"
+    db.execute("SELECT pgcg.create_topic(%s, 2)", (topic,))
+    sent = [
+        OutgoingMessage("k1", {"text": "héllo wörld ✓ 😀 日本", "n": [1, 2.5, None, True]},
+                        headers={"tenant": "zürich-😀", "note": 'quote " and \\ back'}),
+        OutgoingMessage("k2", "a plain string \u00e9\u2028 with a line separator"),
+        OutgoingMessage("k3", {"nested": {"deep": [{"x": "\t\n"}]}, "empty": {}}),
+    ]  # fmt: skip
+    enqueue_many_sync(db, topic, sent)
+    handled: dict[str, Message] = {}
+
+    async def record(message: Message) -> None:
+        handled[message.key] = message
+
+    consumer = Consumer(
+        Settings(heartbeat_interval=0.5, session_timeout=3),
+        group="g-unicode",
+        topic=topic,
+        handler=record,
+        dsn=dsn,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+        await consumer.joined.wait()
+        assign(db, "g-unicode", topic, [0, 1], consumer.member_id)
+        await await_for(lambda: len(handled) == 3, 30, "the three messages handled")
+        consumer.stop()
+    for message in sent:
+        assert handled[message.key].payload == message.payload
+        assert handled[message.key].headers == dict(message.headers)
