@@ -516,7 +516,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "env_",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Set an environment variable in every pgcg process, e.g. PGCG_DRAIN_DEADLINE=1 "
+    help="Set an environment variable in every pgcg process, e.g. PGCG_CONCURRENCY=1 "
     "to try a configuration (repeatable).",
 )
 @click.option(

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="Seconds a revoked partition's owner gets to finish in-flight messages "
-        "before the hand-off is forced.",
+        "before the hand-off is forced; at least session_timeout minus the lease margin "
+        "(the larger of 1 s and 20 % of it).",
     )
     leader_timeout: float = Field(
         10.0, ge=2.0, description="Seconds without a leader heartbeat before a standby takes over."
@@ -97,6 +98,16 @@ class Settings(BaseSettings):
             )
         if self.retry_max < self.retry_base:
             raise ValueError("retry_max must not be smaller than retry_base")
+        if self.drain_deadline < self.session_timeout - self.lease_margin:
+            # An owner cut off from the database before it heard of a revocation keeps
+            # handling until its lease runs out; a forced hand-off earlier than that would
+            # give its keys to a second member while it still works on them.
+            raise ValueError(
+                f"drain_deadline ({self.drain_deadline:g}s) must be at least session_timeout "
+                f"minus the lease margin ({self.session_timeout - self.lease_margin:g}s), or "
+                "a forced hand-off can overtake an owner that never heard of its revocation: "
+                "raise PGCG_DRAIN_DEADLINE or lower PGCG_SESSION_TIMEOUT"
+            )
         return self
 
     def dsn(self) -> str:

@@ -101,6 +101,8 @@ def test_lag_query_matches_status(db: psycopg.Connection[Any]) -> None:
          {"PGCG_DATABASE_URL": "postgresql://x"}, 2, "cannot import handler module"),
         (["consumer", "--group", "g", "--topic", "t", "--handler", "m:f", "--session-timeout",
           "1"], {}, 2, "invalid settings: session_timeout"),
+        (["coordinator", "--drain-deadline", "2"], {"PGCG_SESSION_TIMEOUT": "10"}, 2,
+         "raise PGCG_DRAIN_DEADLINE or lower PGCG_SESSION_TIMEOUT"),
         (["status", "--group", "bad group!"], {"PGCG_DATABASE_URL": "postgresql://x"}, 2,
          "invalid group name"),
     ],

@@ -432,11 +432,11 @@ def test_grace_period_outlasts_the_drain_deadline(helm):
 def test_fractional_drain_deadline_rounds_the_grace_period_up(helm, tmp_path):
     values = write_values(
         tmp_path,
-        "settings:\n  drainDeadline: 7.5\ngroups:\n  g:\n    topic: orders\n    handler: m:f\n",
+        "settings:\n  drainDeadline: 8.5\ngroups:\n  g:\n    topic: orders\n    handler: m:f\n",
     )
     docs = render(helm, values)
-    assert named(docs, "ConfigMap", "t-pgcg")["data"]["PGCG_DRAIN_DEADLINE"] == "7.5"
-    assert pod_spec(consumers(docs)["g"])["terminationGracePeriodSeconds"] == 28
+    assert named(docs, "ConfigMap", "t-pgcg")["data"]["PGCG_DRAIN_DEADLINE"] == "8.5"
+    assert pod_spec(consumers(docs)["g"])["terminationGracePeriodSeconds"] == 29
 
 
 def test_grace_period_not_above_the_drain_deadline_is_refused(helm):
@@ -826,6 +826,12 @@ def test_values_breaking_the_schema_fail_with_a_clear_message(
             ("otlp.enabled=true",),
             "otlp.enabled is true but otlp.endpoint is empty",
             id="otlp-without-endpoint",
+        ),
+        pytest.param(
+            ("settings.drainDeadline=2",),
+            "settings.drainDeadline (2) must be at least settings.sessionTimeout minus the "
+            "lease margin (8)",
+            id="drain-deadline-below-lease",
         ),
         pytest.param(
             ("settings.heartbeatInterval=10",),

@@ -250,6 +250,10 @@ from configmap.yaml, which every render has.
 {{- if not (lt (float64 $s.heartbeatInterval) (float64 $s.sessionTimeout)) }}
 {{- fail (printf "settings.heartbeatInterval (%v) must be less than settings.sessionTimeout (%v): members would be evicted between heartbeats" $s.heartbeatInterval $s.sessionTimeout) }}
 {{- end }}
+{{- $trusted := subf (float64 $s.sessionTimeout) (maxf 1.0 (mulf (float64 $s.sessionTimeout) 0.2)) }}
+{{- if lt (float64 $s.drainDeadline) $trusted }}
+{{- fail (printf "settings.drainDeadline (%v) must be at least settings.sessionTimeout minus the lease margin (%v): a forced hand-off could overtake an owner that never heard of its revocation" $s.drainDeadline $trusted) }}
+{{- end }}
 {{- if and (not .Values.database.existingSecret) (not .Values.database.url) }}
 {{- fail "set database.existingSecret (the name of a Secret holding the DSN) or database.url" }}
 {{- end }}
