@@ -97,7 +97,7 @@ def run_name(handler: str, ratio: float | None) -> str:
     return handler if ratio is None else f"{handler}+tracing-{tracing_label(ratio)}"
 
 
-def _workload(opts: DrainOptions, tracing: float | None = None) -> list[OutgoingMessage]:
+def make_workload(opts: DrainOptions, tracing: float | None = None) -> list[OutgoingMessage]:
     """Keys round-robin, so every key has N/K messages spread over the whole run; `seq` is
     the producer's order, which the handlers check per key.
 
@@ -136,7 +136,7 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
         result["server"] = db.server_info()
         result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
         if opts.raw:
-            workload = _workload(opts)
+            workload = make_workload(opts)
             rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
             result["raw"] = raw_baseline(
                 db.dsn,
@@ -153,7 +153,7 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
             for handler in opts.handlers:
                 for mode in opts.tracing:
                     result["pgcg"][run_name(handler, mode)] = _pgcg_run(
-                        db, opts, handler, _workload(opts, mode), mode, sink
+                        db, opts, handler, make_workload(opts, mode), mode, sink
                     )
     result["host"]["loadavg_at_end"] = os.getloadavg()
     result["ratios"] = _ratios(result)

@@ -1,12 +1,13 @@
 """What tracing costs a consumer: drain N messages in-process with a no-op handler, with
-tracing off, on with every trace sampled, and on at 1 %.
+tracing off, on with every trace sampled, and on at 1 %; and with tracing off but
+messages carrying trace context (what the header alone costs).
 
     python -m pgcg.bench.tracing_overhead [--messages 20000] [--repeats 3] [--work-ms 0]
 
 Each run is a fresh process (an OTel provider is installed once per process) on a fresh
 database of one throwaway PostgreSQL, and the modes are interleaved so a change in the
-machine's load hits them alike. With tracing on, the producer side runs traced too, so
-the messages carry traceparent headers as in production, and spans go through a
+machine's load hits them alike. With tracing on, every message carries its own W3C
+traceparent (sampled at the mode's ratio) as in production, and spans go through a
 BatchSpanProcessor to an exporter that drops them (the export's network cost is the
 collector's, not the consumer's). Reported per mode, as the median of the runs: messages
 per second from the assignment of the partitions to the last handler call, and the CPU
@@ -31,7 +32,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-MODES = {"off": None, "on-100%": 1.0, "on-1%": 0.01}
+# mode -> (the consumer's sampling ratio or None: no tracing, the producers' ratio or None:
+# no trace context in the messages). "headers" is a consumer that does not trace, fed by
+# traced producers: what carrying the context costs, apart from what tracing costs.
+MODES: dict[str, tuple[float | None, float | None]] = {
+    "off": (None, None),
+    "headers": (None, 0.01),
+    "on-1%": (0.01, 0.01),
+    "on-100%": (1.0, 1.0),
+}
 TOPIC = "bench"
 GROUP = "bench"
 PARTITIONS = 16
@@ -67,26 +76,26 @@ def _tracing(ratio: float | None) -> Any:
 def run_once(dsn: str, mode: str, messages: int, work_ms: float = 0.0) -> dict[str, Any]:
     import anyio
 
-    tracing = _tracing(MODES[mode])
+    consumer_ratio, producer_ratio = MODES[mode]
+    tracing = _tracing(consumer_ratio)
 
     import psycopg
 
+    from pgcg.bench.drain import DrainOptions, make_workload
     from pgcg.consumer.message import Message
     from pgcg.consumer.service import Consumer
-    from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+    from pgcg.shared.producer import enqueue_many_sync
     from pgcg.shared.queries import Queries
     from pgcg.shared.settings import Settings
 
     coordinator = Queries("coordinator")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, PARTITIONS))
-        batch = 50  # one send span per batch: at 1 % about as many traces as messages / 50
-        for start in range(0, messages, batch):
-            enqueue_many_sync(
-                conn,
-                TOPIC,
-                [OutgoingMessage(f"k{i % KEYS}", {"i": i}) for i in range(start, start + batch)],
-            )
+        # Each message its own trace, as if a traced request had enqueued it, sampled at
+        # the producers' ratio (the consumers' parent-based sampler follows it).
+        workload = make_workload(DrainOptions(messages=messages, keys=KEYS), producer_ratio)
+        for start in range(0, messages, 1000):
+            enqueue_many_sync(conn, TOPIC, workload[start : start + 1000])
 
     handled = 0
     done = anyio.Event()
@@ -187,6 +196,12 @@ def compare(messages: int, repeats: int, work_ms: float = 0.0) -> dict[str, Any]
         },
         "cpu_per_msg_vs_off": {
             m: f"{(v / cpu['off'] - 1) * 100:+.1f}%" for m, v in cpu.items() if m != "off"
+        },
+        # What the consumer's tracing adds to a consumer that already gets traced messages.
+        "cpu_per_msg_vs_headers": {
+            m: f"{(v / cpu['headers'] - 1) * 100:+.1f}%"
+            for m, v in cpu.items()
+            if m.startswith("on")
         },
         "runs": runs,
     }

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pgcg.bench.cli import drain
-from pgcg.bench.drain import DrainOptions, _workload, parse_tracing, run_drain
+from pgcg.bench.drain import DrainOptions, make_workload, parse_tracing, run_drain
 
 
 def test_traced_drains_export_their_process_spans(db: psycopg.Connection[Any], dsn: str) -> None:
@@ -29,7 +29,7 @@ def test_traced_drains_export_their_process_spans(db: psycopg.Connection[Any], d
     assert "spans_exported" not in runs["noop"]["drain"]
     assert runs["noop+tracing-100%"]["drain"]["spans_exported"]["process"] >= 400
     sampled = sum(
-        1 for m in _workload(opts, 0.25) if m.headers["traceparent"].endswith("-03")
+        1 for m in make_workload(opts, 0.25) if m.headers["traceparent"].endswith("-03")
     )  # the producers' choice, which the consumers' parent-based sampler follows
     assert 50 < sampled < 150
     assert runs["noop+tracing-25%"]["drain"]["spans_exported"]["process"] == sampled
@@ -44,11 +44,11 @@ def test_traced_drains_export_their_process_spans(db: psycopg.Connection[Any], d
 
 
 def test_every_traced_message_starts_its_own_trace() -> None:
-    messages = _workload(DrainOptions(messages=1000, keys=10), 1.0)
+    messages = make_workload(DrainOptions(messages=1000, keys=10), 1.0)
     traces = {m.headers["traceparent"].split("-")[1] for m in messages}
     assert len(traces) == 1000
     assert all(m.headers["traceparent"].endswith("-03") for m in messages)
-    assert all(not m.headers for m in _workload(DrainOptions(messages=10, keys=10)))
+    assert all(not m.headers for m in make_workload(DrainOptions(messages=10, keys=10)))
 
 
 def test_tracing_modes() -> None:
