@@ -164,7 +164,7 @@ async def test_zombie_result_is_rejected_while_owned_partitions_still_ack(
     # Heartbeats far apart and a long lease: between the epoch bump and the result, nothing
     # but the fenced write itself may notice the change (the blocker below makes sure).
     consumer = Consumer(
-        settings(heartbeat_interval=2, session_timeout=20,
+        settings(heartbeat_interval=2, session_timeout=20, drain_deadline=20,
                  max_attempts=1 if outcome == "dead_letter" else 3),
         group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
     )  # fmt: skip

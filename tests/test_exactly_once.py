@@ -183,7 +183,7 @@ async def test_zombie_write_after_epoch_bump_is_rejected(
 
     # Heartbeats 10 s apart: the consumer learns about the bump only from the fence.
     consumer = Consumer(
-        settings(heartbeat_interval=10, session_timeout=30),
+        settings(heartbeat_interval=10, session_timeout=30, drain_deadline=30),
         group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
     )  # fmt: skip
     async with running(consumer):

@@ -182,7 +182,7 @@ async def test_a_report_after_the_epoch_moved_is_fenced(
 
     # Heartbeats 10 s apart: the consumer learns about the bump only from the fence.
     consumer = Consumer(
-        settings(heartbeat_interval=10, session_timeout=30),
+        settings(heartbeat_interval=10, session_timeout=30, drain_deadline=30),
         group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
     )  # fmt: skip
     async with anyio.create_task_group() as tg:
