@@ -194,9 +194,20 @@ def test_a_sampled_producer_gets_a_recorded_child_with_a_link(otel: Otel) -> Non
     assert recorded.attributes["pgcg.epoch"] == 4
 
 
-def test_a_message_without_context_starts_a_trace(otel: Otel) -> None:
-    span = tracing.process_span(message({"tenant": "t1"}), "g")
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"tenant": "t1"},
+        {"traceparent": f"00-{'7c' * 16}-{'0' * 16}-00"},  # an invalid (all-zero) span id
+        {"traceparent": f"00-{'0' * 32}-{SPAN_ID}-00"},  # an invalid trace id
+    ],
+)
+def test_a_message_without_valid_context_starts_a_trace(
+    otel: Otel, headers: dict[str, str]
+) -> None:
+    span = tracing.process_span(message(headers), "g")
     span.end()
+    assert span.get_span_context().trace_id != int("7c" * 16, 16)
     (recorded,) = [
         s for s in otel.finished() if s.context.span_id == span.get_span_context().span_id
     ]
