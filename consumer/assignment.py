@@ -75,7 +75,12 @@ class Assignment:
         return self._fields() if callable(self._fields) else self._fields
 
     def apply(self, rows: Iterable[AssignmentRow], now: float | None = None) -> Changes:
-        """Reconcile with the database's view; the database is the source of truth."""
+        """Reconcile with the database's view; the database is the source of truth.
+
+        `now` is when the rows were asked for: the revocation deadlines they carry count
+        from the database's clock at that moment, and an answer that arrives late must
+        not move them later.
+        """
         now = time.monotonic() if now is None else now
         changes = Changes()
         seen: set[int] = set()

@@ -69,6 +69,10 @@ class Membership:
         self.session_timeout = session_timeout
         self.member_id = new_member_id()
         self.lease = Lease(session_timeout, lease_margin)
+        # When the last answered heartbeat was sent: the database computed its deadlines
+        # (revoke_in) from its own clock at about then, so they count from here, not from
+        # whenever the answer arrived.
+        self.answered_sent_at = 0.0
         self.partitions = 0
         self._conn: AsyncConn | None = None
 
@@ -148,6 +152,7 @@ class Membership:
         if not rows or not rows[0]["alive"]:
             return None
         self.lease.renewed(sent)
+        self.answered_sent_at = sent
         return [
             AssignmentRow(r["partition"], r["epoch"], r["state"], r["revoke_in"])
             for r in rows

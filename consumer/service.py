@@ -169,7 +169,7 @@ class Consumer:
                 # Partitions handed to us while we drained are released too.
                 rows = await ctx.membership.heartbeat()
                 if rows is not None:
-                    ctx.assignment.apply(rows)
+                    ctx.assignment.apply(rows, now=ctx.membership.answered_sent_at)
                 await self._release(list(ctx.assignment.owned.values()), reason="shutdown")
                 await ctx.membership.leave()
             except DatabaseUnavailable as exc:
@@ -225,7 +225,7 @@ class Consumer:
                     with attempt:
                         await ctx.membership.join(rejoin=True)
                 continue
-            changes = ctx.assignment.apply(rows)
+            changes = ctx.assignment.apply(rows, now=ctx.membership.answered_sent_at)
             if changes.started or changes.resumed:
                 ctx.wake.fetch.set()
             if changes.revoked:

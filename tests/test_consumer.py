@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -505,3 +506,80 @@ async def test_a_result_whose_row_is_already_gone_keeps_an_owned_partition(
         # A result under an epoch that moved on is still a zombie's: the partition goes.
         stale = Claimed(gone, owned.epoch - 1, 0.0)
         assert await consumer.acker._settle_rejected(conn, [stale]) == set()
+
+
+async def test_a_late_heartbeat_answer_does_not_push_the_revocation_deadline_back(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The leader forces a hand-off at the database's revoke_deadline. The heartbeat that
+    brings the revocation tells how far off it is as of when the heartbeat ran, so the
+    owner must count from when it sent it: counting from a late answer would let it go on
+    working past the forced hand-off, beside the partition's next owner."""
+    db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
+    enqueue_many_sync(db, TOPIC, [OutgoingMessage("k", {"n": 1})])
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def hold(message: Message) -> None:
+        started.set()  # in flight, so the revoked partition waits for its deadline
+        await release.wait()
+
+    def last_heartbeat() -> Any:
+        return db.execute(
+            "SELECT last_heartbeat AS t FROM pgcg.consumer_groups WHERE member_id = %s",
+            (consumer.member_id,),
+        ).fetchone()["t"]  # type: ignore[index]
+
+    # Heartbeats 3 s apart leave room to set the scene between two of them; the lease
+    # (10 s less a 2 s margin) outlasts one interval plus the answer's delay.
+    cfg = settings(heartbeat_interval=3, session_timeout=10, drain_deadline=10)
+    consumer = Consumer(cfg, group=GROUP, topic=TOPIC, handler=hold, dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        with anyio.fail_after(20):
+            await started.wait()
+        before = last_heartbeat()
+        await await_for(lambda: last_heartbeat() != before, 10, "a heartbeat just answered")
+        delay = 3.0  # longer than the lease margin
+        with psycopg.connect(dsn) as blocker:
+            # The revocation is committed before the next heartbeat starts, so that
+            # heartbeat sees it; then it waits on the member's row, which we hold.
+            blocker.execute(
+                "SELECT 1 FROM pgcg.consumer_groups WHERE member_id = %s FOR UPDATE",
+                (consumer.member_id,),
+            )
+            db.execute(
+                "UPDATE pgcg.partition_assignments SET state = 'revoking', "
+                "target_member_id = 'someone-else', revoke_deadline = now() + interval '12 s' "
+                "WHERE group_name = %s AND partition = 0",
+                (GROUP,),
+            )
+            await await_for(
+                lambda: (
+                    db.execute(
+                        "SELECT count(*) AS n FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND application_name = %s",
+                        (f"pgcg-member:{GROUP}",),
+                    ).fetchone()["n"]
+                    == 1
+                ),  # type: ignore[index]
+                10,
+                "the heartbeat waiting on the member's row",
+            )
+            assert consumer.ctx.assignment.owned[0].state == "assigned", "not seen yet"
+            await anyio.sleep(delay)  # the answer is late by this much (what is tested)
+            blocker.rollback()
+        owned = consumer.ctx.assignment.owned
+        await await_for(
+            lambda: 0 in owned and owned[0].state == "revoking", 10, "the revocation seen"
+        )
+        local_left = owned[0].revoke_by - time.monotonic()  # type: ignore[operator]
+        db_left = db.execute(
+            "SELECT extract(epoch FROM revoke_deadline - clock_timestamp())::float8 AS s "
+            "FROM pgcg.partition_assignments WHERE group_name = %s AND partition = 0",
+            (GROUP,),
+        ).fetchone()["s"]  # type: ignore[index]
+        # The owner stops a margin before the database's deadline. Counting from the late
+        # answer, it would think it had `delay` seconds more than the database gives it.
+        assert local_left <= db_left - cfg.lease_margin + 0.5, (local_left, db_left)
+        release.set()
