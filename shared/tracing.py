@@ -275,7 +275,7 @@ def process_span(message: Any, group: str) -> Span:
                         trace_id,
                         _span_ids.getrandbits(64) or 1,
                         is_remote=False,
-                        trace_flags=_FLAGS[flags & ~TraceFlags.SAMPLED],
+                        trace_flags=_FLAGS[flags & _INHERITED_FLAGS],
                     )
                 )
             producer = _remote(parsed)
@@ -317,6 +317,9 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 _span_ids = random.Random()
 _FLAGS = [TraceFlags(flags) for flags in range(256)]
+# The flag bits the SDK passes from a parent to an unsampled child (the W3C random-trace-id
+# bit, in API releases that know it); the rest a child starts without.
+_INHERITED_FLAGS = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
 _propagator: tuple[object, bool] = (None, False)
 _sampler: tuple[object, bool] = (None, False)
 

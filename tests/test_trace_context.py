@@ -165,18 +165,22 @@ def test_which_samplers_drop_an_unsampled_producers_children(sampler: Any, drops
     assert tracing.drops_unsampled_remote_parent(sampler) is drops
 
 
-def test_an_unsampled_producer_continues_its_trace_unrecorded(otel: Otel) -> None:
-    # The tests' provider samples parent-based (the SDK default), so this takes the shortcut.
+@pytest.mark.parametrize("flags", [0x00, 0x02, 0x04, 0x06, 0xFE])
+def test_an_unsampled_producer_continues_its_trace_unrecorded(otel: Otel, flags: int) -> None:
+    # The tests' provider samples parent-based (the SDK default), so this takes the shortcut;
+    # the SDK's own child of the same producer is what it must look like.
     trace_id = "5a" * 16
-    span = tracing.process_span(message({"traceparent": f"00-{trace_id}-{SPAN_ID}-02"}), "g")
+    headers = {"traceparent": f"00-{trace_id}-{SPAN_ID}-{flags:02x}"}
+    span = tracing.process_span(message(headers), "g")
     span.end()
-    assert not span.is_recording()
-    context = span.get_span_context()
-    assert context.trace_id == int(trace_id, 16), "the trace goes on downstream"
+    by_the_sdk = trace.get_tracer("tests").start_span("x", context=propagate.extract(headers))
+    assert not span.is_recording() and not by_the_sdk.is_recording()
+    context, expected = span.get_span_context(), by_the_sdk.get_span_context()
+    assert context.trace_id == expected.trace_id == int(trace_id, 16), "the trace goes on"
+    assert context.trace_flags == expected.trace_flags
+    assert context.trace_state == expected.trace_state
+    assert context.is_remote is expected.is_remote is False
     assert context.span_id not in (0, int(SPAN_ID, 16))
-    assert not context.trace_flags.sampled
-    assert context.trace_flags & TraceFlags.RANDOM_TRACE_ID, "the producer's other flags kept"
-    assert not context.is_remote
     assert not [s for s in otel.finished() if s.context.trace_id == int(trace_id, 16)]
 
 
