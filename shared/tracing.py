@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -273,14 +274,17 @@ def process_span(message: Any, group: str) -> Span:
                 return NonRecordingSpan(
                     SpanContext(
                         trace_id,
-                        _span_ids.getrandbits(64) or 1,
+                        random.getrandbits(64) or 1,  # reseeded after fork, as the SDK's
                         is_remote=False,
                         trace_flags=_FLAGS[flags & _INHERITED_FLAGS],
                     )
                 )
             producer = _remote(parsed)
     if producer is None:
-        span = tracer.start_span(f"process {message.topic}", kind=SpanKind.CONSUMER)
+        # A traceparent that is not valid starts a new trace, as the propagator would
+        # have it; without one the span joins whatever context the application runs in.
+        root = Context() if headers and "traceparent" in headers else None
+        span = tracer.start_span(f"process {message.topic}", context=root, kind=SpanKind.CONSUMER)
     else:
         span = tracer.start_span(
             f"process {message.topic}",
@@ -315,7 +319,6 @@ def _process_attributes(message: Any, group: str) -> dict[str, Any]:
 # What the W3C TraceContext propagator accepts for version 00, no surrounding blanks.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
-_span_ids = random.Random()
 _FLAGS = [TraceFlags(flags) for flags in range(256)]
 # The flag bits the SDK passes from a parent to an unsampled child (the W3C random-trace-id
 # bit, in API releases that know it); the rest a child starts without.
@@ -383,8 +386,10 @@ def drops_unsampled_remote_parent(sampler: Any) -> bool:
     """
     from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
 
-    if not isinstance(sampler, ParentBased):
-        return False
+    if not isinstance(sampler, ParentBased) or (
+        type(sampler).should_sample is not ParentBased.should_sample
+    ):
+        return False  # a subclass that decides for itself
     chosen = getattr(sampler, "_remote_parent_not_sampled", None)
     return isinstance(chosen, StaticSampler) and chosen.get_description() == "AlwaysOffSampler"
 

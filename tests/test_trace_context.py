@@ -149,6 +149,13 @@ def test_other_propagators_are_asked() -> None:
     assert (producer.trace_id, producer.span_id) == (0xABC, 0xDEF)
 
 
+class Reconsidering(ParentBased):
+    """A parent-based sampler that decides some unsampled parents' children itself."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        return ALWAYS_ON.should_sample(*args, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("sampler", "drops"),
     [
@@ -158,6 +165,7 @@ def test_other_propagators_are_asked() -> None:
         (ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON), False),
         (ALWAYS_ON, False),
         (TraceIdRatioBased(0.5), False),
+        (Reconsidering(ALWAYS_ON), False),
         (None, False),
     ],
 )
@@ -212,6 +220,22 @@ def test_a_message_without_valid_context_starts_a_trace(
     span = tracing.process_span(message(headers), "g")
     span.end()
     assert span.get_span_context().trace_id != int("7c" * 16, 16)
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [f"00-{'0' * 32}-{SPAN_ID}-01", f"00-{TRACE_ID.upper()}-{SPAN_ID}-01", "garbage"],
+)
+def test_an_invalid_traceparent_starts_a_trace_inside_an_application_span(
+    otel: Otel, traceparent: str
+) -> None:
+    # As the propagator would have it: a message's context that is not valid is no
+    # context, not the context the application happens to run the consumer in.
+    with trace.get_tracer("tests").start_as_current_span("app") as app:
+        span = tracing.process_span(message({"traceparent": traceparent}), "g")
+        span.end()
+    assert span.is_recording() or span.get_span_context().is_valid
+    assert span.get_span_context().trace_id != app.get_span_context().trace_id
     (recorded,) = [
         s for s in otel.finished() if s.context.span_id == span.get_span_context().span_id
     ]
