@@ -165,8 +165,9 @@ def _text(result: dict[str, Any]) -> str:
         spans = d.get("spans_exported")
         if spans:
             lines.append(
-                f"{handler} spans   {spans['process']:,} process spans and "
-                f"{spans['other']:,} others exported in {spans['requests']:,} OTLP requests"
+                f"{handler} spans   {spans['process']:,} process spans (of "
+                f"{spans['sampled_messages']:,} sampled messages) and {spans['other']:,} "
+                f"others exported in {spans['requests']:,} OTLP requests"
             )
         cpu = d.get("cpu")
         if cpu and cpu.get("postgres_s") is not None:

@@ -50,8 +50,13 @@ class ConsumerProcesses:
         self._profilers: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
+        inherited = os.environ
+        if any(name.startswith("OTEL_") for name in self.env):
+            # The run decides tracing alone: an OTEL_* left in the shell (another endpoint,
+            # propagator or exporter) would quietly measure something else.
+            inherited = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env = {
-            **os.environ,
+            **inherited,
             "PGCG_DATABASE_URL": self.dsn,
             "PGCG_LOG_FORMAT": "json",
             "PGCG_LOG_LEVEL": "WARNING",

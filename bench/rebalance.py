@@ -97,7 +97,8 @@ def profiles(session_timeout: float, which: str) -> list[Profile]:
         heartbeat_interval=defaults["heartbeat_interval"].default,
         session_timeout=session_timeout,
         leader_timeout=defaults["leader_timeout"].default,
-        drain_deadline=defaults["drain_deadline"].default,
+        # A longer session needs a drain deadline to match (Settings refuses a shorter one).
+        drain_deadline=max(defaults["drain_deadline"].default, session_timeout),
     )
     # The settings tests/test_cluster.py and `pgcg demo` use.
     fast = Profile(

@@ -98,7 +98,9 @@ class Settings(BaseSettings):
             )
         if self.retry_max < self.retry_base:
             raise ValueError("retry_max must not be smaller than retry_base")
-        if self.drain_deadline < self.session_timeout - self.lease_margin:
+        # A hair of tolerance: the Helm chart checks the same rule in decimal arithmetic,
+        # and a value it accepts at the boundary must not fail here in binary floats.
+        if self.drain_deadline < self.session_timeout - self.lease_margin - 1e-9:
             # An owner cut off from the database before it heard of a revocation keeps
             # handling until its lease runs out; a forced hand-off earlier than that would
             # give its keys to a second member while it still works on them.

@@ -15,7 +15,11 @@ from pgcg.bench.cli import drain
 from pgcg.bench.drain import DrainOptions, make_workload, parse_tracing, run_drain
 
 
-def test_traced_drains_export_their_process_spans(db: psycopg.Connection[Any], dsn: str) -> None:
+def test_traced_drains_export_their_process_spans(
+    db: psycopg.Connection[Any], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stray OTEL_* in the shell must not send the consumers' spans elsewhere.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9")
     opts = DrainOptions(
         messages=400, keys=20, consumers=2, partitions=4, handlers=["noop"], raw=False,
         database_url=dsn, tracing=[None, 1.0, 0.25], timeout=120,
@@ -27,12 +31,14 @@ def test_traced_drains_export_their_process_spans(db: psycopg.Connection[Any], d
         assert run["drain"]["handled"] >= 400
         assert run["drain"]["key_order_violations"] == 0
     assert "spans_exported" not in runs["noop"]["drain"]
-    assert runs["noop+tracing-100%"]["drain"]["spans_exported"]["process"] >= 400
+    every = runs["noop+tracing-100%"]["drain"]["spans_exported"]
+    assert every["process"] >= every["sampled_messages"] == 400
     sampled = sum(
         1 for m in make_workload(opts, 0.25) if m.headers["traceparent"].endswith("-03")
     )  # the producers' choice, which the consumers' parent-based sampler follows
     assert 50 < sampled < 150
-    assert runs["noop+tracing-25%"]["drain"]["spans_exported"]["process"] == sampled
+    share = runs["noop+tracing-25%"]["drain"]["spans_exported"]
+    assert share["process"] == share["sampled_messages"] == sampled
     assert set(result["ratios"]) == {
         "drain_noop_tracing_100%_vs_off",
         "consumer_cpu_per_msg_noop_tracing_100%_vs_off",
