@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
@@ -111,8 +112,19 @@ async def connect(
             application_name=application_name,
             connect_timeout=10,
         )
-    set_json_loads(_loads, conn)
+    if _json_loads_is_default():
+        set_json_loads(_loads, conn)
     return conn
+
+
+def _json_loads_is_default() -> bool:
+    """False when the application set its own loads with psycopg's set_json_loads (say,
+    floats as Decimal): its payloads are then decoded its way, not ours."""
+    oid = psycopg.adapters.types["jsonb"].oid
+    return all(
+        getattr(psycopg.adapters.get_loader(oid, fmt), "_loads", None) is json.loads
+        for fmt in (Format.BINARY, Format.TEXT)
+    )
 
 
 def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dict[str, Any]]:

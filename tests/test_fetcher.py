@@ -87,3 +87,30 @@ async def test_payloads_and_headers_arrive_as_they_were_sent(
     for message in sent:
         assert handled[message.key].payload == message.payload
         assert handled[message.key].headers == dict(message.headers)
+
+
+async def test_an_application_json_loads_is_kept(
+    db: psycopg.Connection[Any], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application that told psycopg how to decode JSON (floats as Decimal, say) gets
+    its payloads decoded that way: pgcg's faster loader steps aside."""
+    import decimal
+    import functools
+    import json
+
+    from psycopg.types import json as psycopg_json
+
+    from pgcg.shared.db import connect
+
+    # What psycopg's set_json_loads(f) does globally, undone after the test.
+    monkeypatch.setattr(
+        psycopg_json._JsonLoader,
+        "_loads",
+        functools.partial(json.loads, parse_float=decimal.Decimal),
+    )
+    conn = await connect(dsn)
+    async with conn:
+        cur = await conn.execute("SELECT '{\"x\": 1.1}'::jsonb AS doc")
+        row = await cur.fetchone()
+    assert row is not None
+    assert type(row["doc"]["x"]) is decimal.Decimal and row["doc"]["x"] == decimal.Decimal("1.1")
