@@ -34,8 +34,8 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="Seconds a revoked partition's owner gets to finish in-flight messages "
-        "before the hand-off is forced; at least session_timeout minus the lease margin "
-        "(the larger of 1 s and 20 % of it).",
+        "before the hand-off is forced (never sooner than the owner's session timeout); at "
+        "least session_timeout minus the lease margin (the larger of 1 s and 20 % of it).",
     )
     leader_timeout: float = Field(
         10.0, ge=2.0, description="Seconds without a leader heartbeat before a standby takes over."

@@ -43,6 +43,8 @@ async def test_a_revocation_called_off_during_the_flush_is_not_released(
     ctx.assignment.apply(await ctx.membership.heartbeat() or [])
     params = {"group": GROUP, "topic": TOPIC, "partitions": [0], "drain_deadline_s": 0}
     db.execute(COORD.revoke, {**params, "targets": ["someone-else"]})
+    # Due at once (the revoke waits at least the owner's session timeout).
+    db.execute("UPDATE pgcg.partition_assignments SET revoke_deadline = now()")
     ctx.assignment.apply(await ctx.membership.heartbeat() or [])  # revoking, deadline now
     owned = ctx.assignment.owned[0]
     assert owned.state == "revoking"
@@ -56,4 +58,37 @@ async def test_a_revocation_called_off_during_the_flush_is_not_released(
         await consumer._release_loop()
     assert owners(db, GROUP)[0] == (ctx.member_id, owned.epoch, "assigned")
     assert ctx.assignment.owned[0] is owned and owned.state == "assigned"
+    await consumer._close()
+
+
+@pytest.mark.parametrize(("drain_deadline", "session_timeout", "due_in"), [
+    (1, 10, 10),   # the owner's lease outlasts the leader's deadline: wait for the lease
+    (20, 10, 20),  # the leader's deadline is the longer: it stands
+])  # fmt: skip
+async def test_a_forced_hand_off_waits_for_the_owners_lease(
+    db: psycopg.Connection[Any], dsn: str, drain_deadline: int, session_timeout: int, due_in: int
+) -> None:
+    """Each process checks its own drain deadline against its own session timeout, but the
+    leader's deadline meets the members' leases: a coordinator configured with a short
+    deadline must still not force a hand-off while an owner that never heard of the
+    revocation may be working."""
+    db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
+    consumer = Consumer(
+        Settings(heartbeat_interval=1, session_timeout=session_timeout,
+                 drain_deadline=session_timeout),
+        group=GROUP, topic=TOPIC, handler=noop, dsn=dsn,
+    )  # fmt: skip
+    await consumer.ctx.membership.join()
+    assign(db, GROUP, TOPIC, [0], consumer.ctx.member_id)
+    db.execute(
+        COORD.revoke,
+        {"group": GROUP, "topic": TOPIC, "partitions": [0], "targets": ["someone-else"],
+         "drain_deadline_s": drain_deadline},
+    )  # fmt: skip
+    row = db.execute(
+        "SELECT extract(epoch FROM revoke_deadline - now())::float8 AS s "
+        "FROM pgcg.partition_assignments WHERE group_name = %s",
+        (GROUP,),
+    ).fetchone()
+    assert row is not None and row["s"] == pytest.approx(due_in, abs=0.5)
     await consumer._close()

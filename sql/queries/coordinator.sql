@@ -86,10 +86,19 @@ RETURNING pa.partition, pa.epoch, pa.member_id
 
 -- name: revoke
 -- Ask live owners to drain and release; the epoch stays until they do (or the deadline).
+-- The deadline is never sooner than the owner's own session timeout: an owner cut off
+-- before it heard of this keeps working until its lease (counted from a heartbeat sent
+-- before now) runs out, and a forced hand-off before that would give its keys to a
+-- second member while it still works on them, whatever drain deadline the leader has.
 UPDATE pgcg.partition_assignments AS pa
 SET state = 'revoking', target_member_id = a.target,
-    revoke_deadline = coalesce(pa.revoke_deadline,
-                               now() + %(drain_deadline_s)s * interval '1 second')
+    revoke_deadline = coalesce(
+        pa.revoke_deadline,
+        now() + greatest(
+            %(drain_deadline_s)s * interval '1 second',
+            (SELECT cg.session_timeout_ms * interval '1 millisecond'
+             FROM pgcg.consumer_groups AS cg
+             WHERE cg.group_name = pa.group_name AND cg.member_id = pa.member_id)))
 FROM unnest(%(partitions)s::int[], %(targets)s::text[]) AS a(partition, target)
 WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = a.partition
 RETURNING pa.partition
