@@ -19,7 +19,9 @@ import pytest
 from pgcg.shared.nemesis import FAULT_KINDS, schedule
 
 SAFE_SEED = 7
-UNSAFE_SEEDS = (3, 4)
+# Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a
+# chance for a held ack to land after its partition moved on.
+UNSAFE_SEEDS = (61, 74, 72)
 
 
 def chaos(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -74,7 +76,8 @@ def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
     accepted after the hand-off, which the checker must report."""
     # Whether a held ack lands after the hand-off depends on timing: the fault must heal
     # inside a window of a few milliseconds. One schedule catches it most of the time;
-    # two in a row miss it rarely enough for CI.
+    # three in a row miss it rarely enough for CI (seeds 3 and 4, with one or two
+    # hand-offs each, both missed in a CI run).
     for seed in UNSAFE_SEEDS:
         code, report, output = chaos(
             tmp_path / f"seed-{seed}", "--seed", str(seed), "--duration", "40", "--rate",
