@@ -13,11 +13,29 @@ import anyio
 import psycopg
 
 from pgcg.shared.queries import Queries
+from pgcg.shared.settings import Settings
 
 if TYPE_CHECKING:
     from pgcg.consumer.service import Consumer
 
 COORD = Queries("coordinator")
+
+# Timeouts short enough for a test to see expiries and hand-offs in seconds (production:
+# heartbeat 2 s, session 10 s, leader 10 s, drain 10 s). FAST_ENV is the same for the
+# real processes a test starts; FAST_SETTINGS leaves the leader timeout and drain
+# deadline to each module, since not all of them want the short ones.
+FAST_SETTINGS: dict[str, Any] = {"heartbeat_interval": 0.5, "session_timeout": 3}
+FAST_ENV = {
+    "PGCG_HEARTBEAT_INTERVAL": "0.5",
+    "PGCG_SESSION_TIMEOUT": "3",
+    "PGCG_LEADER_TIMEOUT": "3",
+    "PGCG_DRAIN_DEADLINE": "2",
+}
+
+
+def fast_settings(defaults: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """FAST_SETTINGS, then a test module's `defaults`, then one test's `overrides`."""
+    return Settings(**{**FAST_SETTINGS, **defaults, **overrides})
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from pgcg.shared import journal
 from pgcg.shared.cluster import Cluster, Proc
-from tests.helpers import owners, wait_for
+from tests.helpers import FAST_ENV, owners, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,7 @@ GROUP = "orders-billing"
 TOPIC = "orders"
 HANDLER = "pgcg.shared.journal:record"
 ENV = {
-    "PGCG_HEARTBEAT_INTERVAL": "0.5",
-    "PGCG_SESSION_TIMEOUT": "3",
-    "PGCG_LEADER_TIMEOUT": "3",
-    "PGCG_DRAIN_DEADLINE": "2",
+    **FAST_ENV,
     "PGCG_RETRY_BASE": "0.05",
     "PGCG_RETRY_MAX": "0.5",
     journal.WORK_ENV: "2",

@@ -17,7 +17,7 @@ from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, key_in, owners, pending, running
+from tests.helpers import assign, await_for, fast_settings, key_in, owners, pending, running
 
 pytestmark = pytest.mark.anyio
 
@@ -25,16 +25,16 @@ GROUP = "g1"
 TOPIC = "orders"
 
 
+DEFAULTS: dict[str, Any] = {
+    "retry_base": 0.05,
+    "retry_max": 0.2,
+    "max_attempts": 3,
+    "drain_deadline": 2,
+}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "retry_base": 0.05,
-        "retry_max": 0.2,
-        "max_attempts": 3,
-        "drain_deadline": 2,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 class Recorder:

@@ -13,7 +13,7 @@ from pgcg.consumer.service import Consumer
 from pgcg.coordinator.service import Coordinator
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import await_for, owners
+from tests.helpers import await_for, fast_settings, owners
 
 pytestmark = pytest.mark.anyio
 
@@ -21,14 +21,11 @@ GROUP = "g1"
 TOPIC = "orders"
 
 
+DEFAULTS: dict[str, Any] = {"leader_timeout": 3, "drain_deadline": 2}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "leader_timeout": 3,
-        "drain_deadline": 2,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 async def noop(message: Any) -> None:

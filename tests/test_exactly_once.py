@@ -30,7 +30,7 @@ from pgcg.shared.errors import HandlerLoadError, HandlerMisuse
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
 from tests import tx_handlers
-from tests.helpers import assign, await_for, owners, pending, wait_for
+from tests.helpers import FAST_ENV, assign, await_for, fast_settings, owners, pending, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -41,15 +41,11 @@ RECEIPTS = "receipts"
 ALL = [0, 1, 2, 3]
 
 
+DEFAULTS: dict[str, Any] = {"retry_base": 0.05, "retry_max": 0.2, "max_attempts": 5}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "retry_base": 0.05,
-        "retry_max": 0.2,
-        "max_attempts": 5,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 def setup(db: psycopg.Connection[Any], partitions: int = 4) -> None:
@@ -333,10 +329,7 @@ def test_sigkill_mid_handler_counts_each_message_once(
     tx_handlers.create(db)
     ids = produce(db, 240, 48)
     env = {
-        "PGCG_HEARTBEAT_INTERVAL": "0.5",
-        "PGCG_SESSION_TIMEOUT": "3",
-        "PGCG_LEADER_TIMEOUT": "3",
-        "PGCG_DRAIN_DEADLINE": "2",
+        **FAST_ENV,
         "PGCG_RETRY_BASE": "0.05",
         "PGCG_RETRY_MAX": "0.5",
         "PGCG_CONCURRENCY": "4",

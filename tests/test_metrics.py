@@ -21,7 +21,7 @@ from pgcg.coordinator.service import Coordinator
 from pgcg.shared.health import HealthServer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, pending
+from tests.helpers import assign, await_for, fast_settings, pending
 from tests.otel import Otel, install
 
 pytestmark = pytest.mark.anyio
@@ -35,17 +35,17 @@ def otel() -> Otel:
     return install()
 
 
+DEFAULTS: dict[str, Any] = {
+    "leader_timeout": 3,
+    "drain_deadline": 2,
+    "retry_base": 0.02,
+    "retry_max": 0.05,
+    "max_attempts": 3,
+}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "leader_timeout": 3,
-        "drain_deadline": 2,
-        "retry_base": 0.02,
-        "retry_max": 0.05,
-        "max_attempts": 3,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 class Gated:

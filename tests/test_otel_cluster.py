@@ -18,7 +18,7 @@ import pytest
 
 from pgcg.shared import journal
 from pgcg.shared.cluster import Cluster
-from tests.helpers import owners, wait_for
+from tests.helpers import FAST_ENV, owners, wait_for
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.slow
@@ -56,10 +56,7 @@ def test_one_trace_across_processes_and_a_forced_rebalance_span(
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         }
         env = {
-            "PGCG_HEARTBEAT_INTERVAL": "0.5",
-            "PGCG_SESSION_TIMEOUT": "3",
-            "PGCG_LEADER_TIMEOUT": "3",
-            "PGCG_DRAIN_DEADLINE": "2",
+            **FAST_ENV,
             **otel,
         }
         port = free_port()

@@ -20,7 +20,7 @@ from pgcg.consumer.service import Consumer
 from pgcg.consumer.transactional import Transaction
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, owners, pending
+from tests.helpers import assign, await_for, fast_settings, owners, pending
 
 pytestmark = pytest.mark.anyio
 
@@ -28,14 +28,11 @@ GROUP = "progress"
 TOPIC = "jobs"
 
 
+DEFAULTS: dict[str, Any] = {"retry_base": 0.05, "retry_max": 0.2}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "retry_base": 0.05,
-        "retry_max": 0.2,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 def enqueue(db: psycopg.Connection[Any], *keys: str) -> list[int]:

@@ -25,7 +25,7 @@ from pgcg.shared.producer import OutgoingMessage, Producer
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import JsonFormatter
 from pgcg.shared.tracing import build_tracer_provider
-from tests.helpers import assign, await_for, owners
+from tests.helpers import assign, await_for, fast_settings, owners
 from tests.otel import Otel, install
 
 pytestmark = pytest.mark.anyio
@@ -38,17 +38,17 @@ def otel() -> Otel:
     return install()
 
 
+DEFAULTS: dict[str, Any] = {
+    "leader_timeout": 3,
+    "drain_deadline": 2,
+    "retry_base": 0.05,
+    "retry_max": 0.1,
+    "max_attempts": 3,
+}
+
+
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "session_timeout": 3,
-        "leader_timeout": 3,
-        "drain_deadline": 2,
-        "retry_base": 0.05,
-        "retry_max": 0.1,
-        "max_attempts": 3,
-    }
-    return Settings(**{**base, **overrides})
+    return fast_settings(DEFAULTS, overrides)
 
 
 class Captured(logging.Handler):
