@@ -13,7 +13,7 @@ import gzip
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 EMPTY_RESPONSE = b""  # an ExportTraceServiceResponse with nothing rejected
 
@@ -30,7 +30,7 @@ class OtlpSink:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> OtlpSink:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -40,24 +40,31 @@ class OtlpSink:
 
     def take(self) -> dict[str, int]:
         """Decode and forget what arrived so far: requests, and spans by name."""
+        requests = self.take_requests()
+        counts: dict[str, int] = {"requests": len(requests)}
+        for request in requests:
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        counts[span.name] = counts.get(span.name, 0) + 1
+        return counts
+
+    def take_requests(self) -> list[Any]:
+        """The ExportTraceServiceRequests that arrived so far, decoded; forgotten here."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest,
         )
 
         with self._lock:
             bodies, self._bodies = self._bodies, []
-        counts: dict[str, int] = {"requests": len(bodies)}
+        requests = []
         for encoding, body in bodies:
             if encoding == "gzip":
                 body = gzip.decompress(body)
             elif encoding == "deflate":
                 body = zlib.decompress(body)
-            request = ExportTraceServiceRequest.FromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        counts[span.name] = counts.get(span.name, 0) + 1
-        return counts
+            requests.append(ExportTraceServiceRequest.FromString(body))
+        return requests
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         sink = self
@@ -67,7 +74,8 @@ class OtlpSink:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path.rstrip("/").endswith("/v1/traces"):
                     with sink._lock:
-                        sink._bodies.append((self.headers.get("Content-Encoding", ""), body))
+                        encoding = (self.headers.get("Content-Encoding") or "").lower()
+                        sink._bodies.append((encoding, body))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(EMPTY_RESPONSE)))
