@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.db import connect_sync
 from pgcg.shared.migrate import check, migrate
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 SERVER_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
 

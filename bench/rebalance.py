@@ -41,13 +41,13 @@ from psycopg import sql
 from pgcg.bench.probe import BenchTimeout
 from pgcg.bench.rebalance_cost import KINDS, measure
 from pgcg.bench.scenarios import HANDLER_WORK_MS, GroupRun, Profile
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.db import connect_sync, translated
 from pgcg.shared.errors import ConfigError, PgcgError
 from pgcg.shared.migrate import check, migrate
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_logging
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 Q = Queries("bench_rebalance")
 SCENARIOS = ("join", "member_kill", "leader_kill", "leader_stop")

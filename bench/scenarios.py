@@ -1,7 +1,7 @@
 """A live group of real processes, and the membership events the benchmark times on it.
 
 Two coordinators (one leads, one stands by) and a few consumers run as `pgcg` processes
-(shared/cluster.py) with the recording handler; a producer keeps every partition busy.
+(bench/cluster.py) with the recording handler; a producer keeps every partition busy.
 Each scenario returns its figures in seconds and leaves the group as it found it: the
 same number of consumers, two coordinators, balanced, a standby ready.
 """
@@ -22,13 +22,13 @@ from typing import Any
 
 import psycopg
 
+from pgcg.bench.chaos import journal
+from pgcg.bench.cluster import Cluster, Proc
 from pgcg.bench.probe import BenchTimeout, GroupProbe, wait_for
-from pgcg.shared import journal
-from pgcg.shared.cluster import Cluster, Proc
 from pgcg.shared.queries import Queries
 
 CONSUMER_Q = Queries("consumer")
-HANDLER = "pgcg.shared.journal:record"
+HANDLER = "pgcg.bench.chaos.journal:record"
 HANDLER_WORK_MS = 2  # simulated work per message, as in tests/test_cluster.py
 # A phantom member outlives any scenario it is used in, then leaves explicitly.
 PHANTOM_SESSION_MS = 300_000

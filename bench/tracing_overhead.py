@@ -152,8 +152,8 @@ def compare(messages: int, repeats: int, work_ms: float = 0.0) -> dict[str, Any]
     import psycopg
     from psycopg.conninfo import make_conninfo
 
+    from pgcg.bench.throwaway import ThrowawayPostgres
     from pgcg.shared.migrate import migrate
-    from pgcg.shared.throwaway import ThrowawayPostgres
 
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with ThrowawayPostgres() as server:

@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.consumer.transactional import Transaction
@@ -45,7 +46,6 @@ from pgcg.shared.migrate import migrate
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 COORD = Queries("coordinator")
 WORKLOADS = ("noop", "write")

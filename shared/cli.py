@@ -494,9 +494,9 @@ def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
 
 
 def _register() -> None:
+    from pgcg.bench.chaos.run import chaos
     from pgcg.bench.cli import bench
-    from pgcg.shared.chaos import chaos
-    from pgcg.shared.demo import demo
+    from pgcg.bench.demo import demo
 
     main.add_command(demo)
     main.add_command(bench)

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.migrate import migrate
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 TEMPLATE = "pgcg_test_template"
 

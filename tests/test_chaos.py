@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pgcg.shared.nemesis import FAULT_KINDS, schedule
+from pgcg.bench.chaos.nemesis import FAULT_KINDS, schedule
 
 SAFE_SEED = 7
 # Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a

@@ -170,7 +170,7 @@ def test_demo_passes_its_own_check() -> None:
 
 def test_coordinator_and_consumer_refuse_an_unmigrated_database(empty_dsn: str) -> None:
     for args in (["coordinator"], ["consumer", "--group", "g", "--topic", "t", "--handler",
-                                   "pgcg.shared.journal:record"]):  # fmt: skip
+                                   "pgcg.bench.chaos.journal:record"]):  # fmt: skip
         result = subprocess.run(
             [sys.executable, "-m", "pgcg.shared.cli", *args],
             env={**os.environ, "PGCG_DATABASE_URL": empty_dsn},

@@ -14,15 +14,15 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgcg.shared import journal
-from pgcg.shared.cluster import Cluster, Proc
+from pgcg.bench.chaos import journal
+from pgcg.bench.cluster import Cluster, Proc
 from tests.helpers import FAST_ENV, owners, wait_for
 
 pytestmark = pytest.mark.slow
 
 GROUP = "orders-billing"
 TOPIC = "orders"
-HANDLER = "pgcg.shared.journal:record"
+HANDLER = "pgcg.bench.chaos.journal:record"
 ENV = {
     **FAST_ENV,
     "PGCG_RETRY_BASE": "0.05",

@@ -22,10 +22,10 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.bench.cluster import Cluster
 from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.consumer.transactional import Transaction
-from pgcg.shared.cluster import Cluster
 from pgcg.shared.errors import HandlerLoadError, HandlerMisuse
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgcg.shared import journal
+from pgcg.bench.chaos import journal
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.queries import Queries
 from tests.helpers import assign

@@ -1,4 +1,4 @@
-"""The failing TCP proxy (shared/netproxy.py) between psycopg and a real PostgreSQL."""
+"""The failing TCP proxy (bench/chaos/netproxy.py) between psycopg and a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from pgcg.shared.netproxy import NetProxy, ProxyHub
+from pgcg.bench.chaos.netproxy import NetProxy, ProxyHub
 from tests.helpers import wait_for
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgcg.shared import journal
-from pgcg.shared.cluster import Cluster
+from pgcg.bench.chaos import journal
+from pgcg.bench.cluster import Cluster
 from tests.helpers import FAST_ENV, owners, wait_for
 from tests.otlp_receiver import OtlpReceiver
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 GROUP = "billing"
 TOPIC = "orders"
-HANDLER = "pgcg.shared.journal:record"
+HANDLER = "pgcg.bench.chaos.journal:record"
 
 
 def free_port() -> int:

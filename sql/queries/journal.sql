@@ -1,4 +1,4 @@
--- Statements of shared/journal.py: the history a demo, chaos run or test records, and the
+-- Statements of bench/chaos/journal.py: the history a demo, chaos run or test records, and the
 -- checks over it. These tables are not part of the pgcg schema.
 --
 -- Besides what the producer and the recording handler write, two AFTER triggers on pgcg's

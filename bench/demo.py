@@ -25,15 +25,15 @@ import click
 import psycopg
 from psycopg.rows import dict_row
 
-from pgcg.shared import journal
+from pgcg.bench.chaos import journal
+from pgcg.bench.cluster import Cluster, Proc
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared import status as st
-from pgcg.shared.cluster import Cluster, Proc
 from pgcg.shared.migrate import migrate
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 GROUP = "demo-orders"
 TOPIC = "demo_orders"
-HANDLER = "pgcg.shared.journal:record"
+HANDLER = "pgcg.bench.chaos.journal:record"
 # Short timeouts keep the demo lively; production defaults are 2 s / 10 s / 10 s.
 ENV = {
     "PGCG_HEARTBEAT_INTERVAL": "0.5",

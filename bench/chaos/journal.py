@@ -68,7 +68,7 @@ def create(conn: psycopg.Connection[Any]) -> None:
 
 
 async def record(message: Message) -> None:
-    """Handler: journal this handling. `pgcg consumer --handler pgcg.shared.journal:record`."""
+    """Handler: journal this handling. `pgcg consumer --handler pgcg.bench.chaos.journal:record`."""
     global _conn, _conn_lock
     started = datetime.now(UTC)
     work_ms = float(os.environ.get(WORK_ENV, "0") or 0)

@@ -42,18 +42,18 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from pgcg.shared import journal
-from pgcg.shared.cluster import Cluster, Proc
+from pgcg.bench.chaos import journal
+from pgcg.bench.chaos.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault, Nemesis, schedule
+from pgcg.bench.chaos.netproxy import NetProxy, ProxyHub
+from pgcg.bench.cluster import Cluster, Proc
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.migrate import migrate
-from pgcg.shared.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault, Nemesis, schedule
-from pgcg.shared.netproxy import NetProxy, ProxyHub
-from pgcg.shared.throwaway import ThrowawayPostgres
 
 log = logging.getLogger("pgcg.chaos")
 
 GROUP = "chaos"
 TOPIC = "chaos"
-HANDLER = "pgcg.shared.journal:record"
+HANDLER = "pgcg.bench.chaos.journal:record"
 
 # Tight timeouts so a run sees many expiries, takeovers and forced hand-offs per minute.
 # The drain deadline is not shorter than the lease (session timeout - margin), so a
@@ -223,11 +223,11 @@ def _scalar(dsn: str, sql: str, params: Any = None) -> Any:
 
 @contextlib.contextmanager
 def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subprocess.Popen[bytes]]:
-    """The producer as its own process (`python -m pgcg.shared.chaos`), stopped on exit."""
+    """The producer as its own process (`python -m pgcg.bench.chaos.run`), stopped on exit."""
     args = [dsn, TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
     with open(workdir / "producer.log", "ab") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "pgcg.shared.chaos", *args],
+            [sys.executable, "-m", "pgcg.bench.chaos.run", *args],
             env={**os.environ, "PGOPTIONS": "-c pgcg.proc=producer"},
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -22,10 +22,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from pgcg.shared.cluster import Cluster, Proc
-from pgcg.shared.journal import Disruption
-from pgcg.shared.netproxy import NetProxy
-from pgcg.shared.throwaway import ThrowawayPostgres
+from pgcg.bench.chaos.journal import Disruption
+from pgcg.bench.chaos.netproxy import NetProxy
+from pgcg.bench.cluster import Cluster, Proc
+from pgcg.bench.throwaway import ThrowawayPostgres
 
 log = logging.getLogger("pgcg.nemesis")
 
