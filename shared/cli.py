@@ -16,9 +16,12 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import click
+import psycopg
 import pydantic
 
+from pgcg.shared.db import translate
 from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
+from pgcg.shared.redaction import scrub
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_logging
 
@@ -77,8 +80,17 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _fail(exc: PgcgError) -> NoReturn:
-    click.echo(f"pgcg: error: {exc}", err=True)
+    click.echo(f"pgcg: error: {scrub(str(exc))}", err=True)
     sys.exit(exc.exit_code)
+
+
+def _ours(exc: BaseException) -> PgcgError | None:
+    """The pgcg error for `exc`, translating a driver error that escaped its boundary."""
+    if isinstance(exc, PgcgError):
+        return exc
+    if isinstance(exc, psycopg.Error):
+        return translate(exc)
+    return None
 
 
 def run_cli(fn: F) -> F:
@@ -88,12 +100,14 @@ def run_cli(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except PgcgError as exc:
-            _fail(exc)
+        except (PgcgError, psycopg.Error) as exc:
+            ours = _ours(exc)
+            if ours is None:
+                raise
+            _fail(ours)
         except BaseExceptionGroup as group:
             # A loop inside a task group failed with one of ours: report it like any other.
-            leaves = _leaves(group)
-            first = next((e for e in leaves if isinstance(e, PgcgError)), None)
+            first = next((e for e in map(_ours, _leaves(group)) if e is not None), None)
             if first is None:
                 raise
             _fail(first)
@@ -498,6 +512,11 @@ def _register() -> None:
     from pgcg.bench.cli import bench
     from pgcg.bench.demo import demo
 
+    for command in (demo, chaos):
+        # One line and the exit code for their errors too: a traceback would show the
+        # database's error text, never meant for a terminal.
+        assert command.callback is not None
+        command.callback = run_cli(command.callback)
     main.add_command(demo)
     main.add_command(bench)
     main.add_command(chaos)

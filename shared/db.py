@@ -25,15 +25,36 @@ from pgcg.shared.errors import (
     SchemaNotMigrated,
     UnknownTopic,
 )
+from pgcg.shared.redaction import clean_driver_message, misread_url, redact, remember
+
+__all__ = ["AsyncConn", "connect", "connect_sync", "open_pool", "redact", "translate"]
 
 AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
 
-_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]*@")
-
-
-def redact(dsn: str) -> str:
-    """The DSN with any password replaced, safe for logs and error messages."""
-    return _PASSWORD.sub(r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
+# libpq's words for a connection string it parsed but whose values it refuses (a bad
+# sslmode, a port that is not a number): settings to fix, not an outage to wait out.
+_BAD_SETTING = re.compile(
+    r"invalid (connection option|integer value|port number|[\w ]+ value)|could not match \d+"
+    r"|protocol version range|not compiled in"
+)
+# The TLS files libpq was told to use are missing or unusable.
+_BAD_TLS_FILES = (
+    "root certificate file",
+    "could not read certificate",
+    "could not open certificate",
+    "could not load private key",
+    "private key file",
+    "certificate file",
+    "could not load ssl certificate",
+)
+# The server's certificate is not the one the client was told to trust.
+_TLS_REFUSED = (
+    "certificate verify failed",
+    "does not match host name",
+    "server certificate for",
+    "self-signed certificate",
+    "unable to get local issuer certificate",
+)
 
 
 def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
@@ -61,20 +82,55 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
     if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
         return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-        first = (str(exc).strip().splitlines() or ["connection failed"])[0]
-        if "invalid dsn" in first or 'missing "="' in first or "invalid URI" in first:
-            return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
-        return DatabaseUnavailable(
-            f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
-            "the server is running."
-        )
+        return _connection_error(exc, dsn, where)
     text = str(exc).lower()
     if isinstance(exc, psycopg.ProgrammingError) and (
-        "dsn" in text or "connection info" in text or "uri" in text
+        "dsn" in text or "connection info" in text or "uri" in text or "percent-encod" in text
     ):
-        first = str(exc).strip().splitlines()[0]
-        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
+        return ConfigError(
+            f"PGCG_DATABASE_URL is not a valid connection URL: {_first_line(exc, dsn)}"
+        )
     return None
+
+
+def _first_line(exc: BaseException, dsn: str | None, default: str = "") -> str:
+    """libpq's message, first line, with every piece of a secret in it masked."""
+    first = (str(exc).strip().splitlines() or [default])[0].removeprefix("connection is bad: ")
+    return clean_driver_message(first, dsn)
+
+
+def _connection_error(exc: BaseException, dsn: str | None, where: str) -> PgcgError:
+    first = _first_line(exc, dsn, "connection failed")
+    # The whole message: libpq puts the TLS reason after a "connection to server ... failed"
+    # line, and several hosts' failures one per line.
+    text = clean_driver_message(" ".join(str(exc).split()), dsn)
+    lowered = text.lower()
+    if dsn is not None and misread_url(dsn):
+        return ConfigError(
+            "PGCG_DATABASE_URL has an unencoded @ in its password (or user): percent-encode "
+            "it as %40 (and : as %3A, / as %2F)"
+        )
+    if "invalid dsn" in lowered or 'missing "="' in lowered or "invalid uri" in lowered:
+        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
+    if _BAD_SETTING.search(lowered):
+        return ConfigError(f"PGCG_DATABASE_URL has a setting libpq refuses: {first}")
+    if any(words in lowered for words in _TLS_REFUSED):
+        return ConfigError(
+            f"the server's TLS certificate was refused{where}: {_tls_reason(text)}. Check "
+            "that sslrootcert names the CA that signed the server's certificate and that "
+            "the host name in PGCG_DATABASE_URL is one the certificate was issued for."
+        )
+    if any(words in lowered for words in _BAD_TLS_FILES):
+        return ConfigError(f"a TLS file in PGCG_DATABASE_URL cannot be used: {_tls_reason(text)}")
+    return DatabaseUnavailable(
+        f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
+        "the server is running."
+    )
+
+
+def _tls_reason(text: str) -> str:
+    """The part of libpq's message after `connection to server at ... failed:`."""
+    return text.rpartition(" failed: ")[2].strip().rstrip(".") or text
 
 
 @contextlib.contextmanager
@@ -104,6 +160,7 @@ async def connect(
     dsn: str, *, autocommit: bool = True, application_name: str = "pgcg"
 ) -> AsyncConn:
     """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one)."""
+    remember(dsn)
     with translated(dsn):
         conn = await psycopg.AsyncConnection.connect(
             dsn,
@@ -128,6 +185,7 @@ def _json_loads_is_default() -> bool:
 
 
 def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dict[str, Any]]:
+    remember(dsn)
     with translated(dsn):
         return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=10)
 
@@ -138,6 +196,7 @@ async def open_pool(
     async def configure(conn: AsyncConn) -> None:
         await conn.set_autocommit(True)
 
+    remember(dsn)
     pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
         dsn,
         min_size=min_size,
