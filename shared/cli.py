@@ -24,6 +24,7 @@ from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
 from pgcg.shared.redaction import scrub
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_logging
+from pgcg.shared.terminal import printable, printable_values
 
 log = logging.getLogger("pgcg.cli")
 
@@ -80,7 +81,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _fail(exc: PgcgError) -> NoReturn:
-    click.echo(f"pgcg: error: {scrub(str(exc))}", err=True)
+    # Errors quote names, keys and database text: one line, nothing a terminal obeys.
+    click.echo(f"pgcg: error: {printable(scrub(str(exc)))}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -212,7 +214,7 @@ def topic_list(settings: Settings) -> None:
 
     with connect_sync(settings.dsn()) as conn, translated():
         for row in conn.execute("SELECT name, partitions FROM pgcg.topics ORDER BY name"):
-            click.echo(f"{row['name']}\t{row['partitions']}")
+            click.echo(f"{printable(row['name'])}\t{row['partitions']}")
 
 
 # -- producing ----------------------------------------------------------------------------
@@ -398,7 +400,8 @@ def status(
     with connect_sync(settings.dsn()) as conn:
         while True:
             snapshot = st.collect(conn, group, leader_timeout=settings.leader_timeout)
-            text = st.to_json(snapshot) if as_json else st.render(snapshot)
+            # JSON escapes control characters itself.
+            text = st.to_json(snapshot) if as_json else st.render(printable_values(snapshot))
             if watch and not as_json:
                 click.clear()
             click.echo(text)
@@ -463,8 +466,9 @@ def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
             click.echo(json.dumps(row, default=str))
         else:
             click.echo(
-                f"{row['message_id']}\t{row['topic']}\t{row['key']}\t{row['attempts']}\t"
-                f"{row['dead_at']:%Y-%m-%d %H:%M:%S}\t{(row['last_error'] or '')[:80]}"
+                f"{row['message_id']}\t{printable(row['topic'])}\t{printable(row['key'])}\t"
+                f"{row['attempts']}\t{row['dead_at']:%Y-%m-%d %H:%M:%S}\t"
+                f"{printable((row['last_error'] or '')[:80])}"
             )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from pgcg.shared.redaction import scrub
+from pgcg.shared.terminal import printable
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -60,18 +61,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """For a terminal: database text in a record (keys, member ids, errors) is escaped."""
+
     KEYS = ("action", "group", "member_id", "partition", "epoch", "leader_epoch", "trace_id")
 
     def format(self, record: logging.LogRecord) -> str:
         fields = _fields(record)
         ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        keys = " ".join(f"{k}={fields[k]}" for k in self.KEYS if fields.get(k) is not None)
-        message = scrub(record.getMessage())
+        keys = " ".join(
+            f"{k}={printable(fields[k])}" for k in self.KEYS if fields.get(k) is not None
+        )
+        message = printable(scrub(record.getMessage()))
         line = f"{ts} {record.levelname:<7} {record.name}: {message}"
         if keys:
             line += f"  [{keys}]"
         if record.exc_info:
-            line += "\n" + scrub(self.formatException(record.exc_info))
+            trace_text = scrub(self.formatException(record.exc_info))
+            line += "\n" + printable(trace_text, keep_newlines=True)
         return line
 
 
