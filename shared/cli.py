@@ -326,12 +326,27 @@ def produce(
 @click.option("--group", required=True, help="Consumer group name.")
 @click.option("--topic", "topic_", required=True, help="Topic the group consumes.")
 @click.option("--handler", "handler_spec", required=True, help="package.module:function")
+@click.option(
+    "--handler-path",
+    "handler_path",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    envvar="PGCG_HANDLER_PATH",
+    help="Also import the handler from this folder, searched first (repeatable; "
+    "PGCG_HANDLER_PATH takes folders separated by ':'). The current directory is only "
+    "searched when named, e.g. --handler-path .",
+)
 @click.option("--embedded-coordinator", is_flag=True,
               help="Also run a coordinator in this process (small deployments).")  # fmt: skip
 @with_settings()
 @run_cli
 def consumer(
-    group: str, topic_: str, handler_spec: str, embedded_coordinator: bool, settings: Settings
+    group: str,
+    topic_: str,
+    handler_spec: str,
+    handler_path: tuple[str, ...],
+    embedded_coordinator: bool,
+    settings: Settings,
 ) -> None:
     """Run one member of GROUP, consuming TOPIC with your handler.
 
@@ -345,7 +360,7 @@ def consumer(
     from pgcg.consumer.handlers import load
     from pgcg.consumer.runner import run_consumer
 
-    handler = load(handler_spec)
+    handler = load(handler_spec, handler_path)
     run_consumer(settings, group=group, topic=topic_, handler=handler,
                  embedded_coordinator=embedded_coordinator)  # fmt: skip
 
