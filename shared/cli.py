@@ -404,12 +404,15 @@ def status(
       pgcg status --group billing --json | jq '.groups[0].lag_total'
       pgcg status --watch
     """
+    import math
     import time
 
     from pgcg.shared import names
     from pgcg.shared import status as st
     from pgcg.shared.db import connect_sync
 
+    if not (math.isfinite(interval) and 0 < interval <= 3600):
+        raise InvalidInput(f"--interval must be between 0 and 3600 seconds, not {interval:g}")
     if group is not None:
         names.group_name(group)
     with connect_sync(settings.dsn()) as conn:
