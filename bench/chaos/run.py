@@ -184,21 +184,12 @@ class _Database:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
     def host_port(self) -> tuple[str, int]:
+        """Where the proxies forward to."""
         params = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        host = str(params.get("host") or "127.0.0.1")
+        host = str(params.get("hostaddr") or params.get("host") or "127.0.0.1")
         if host.startswith("/"):
             raise click.UsageError("--database-url must use TCP (host:port) for the proxies")
         return host, int(params.get("port") or 5432)
-
-    def url(self) -> str:
-        """The run's DSN as a URL, so proxies can swap host and port."""
-        if self.dsn.startswith("postgres"):
-            return self.dsn
-        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        user = params.get("user", "postgres")
-        password = f":{params['password']}" if params.get("password") else ""
-        host, port = self.host_port()
-        return f"postgresql://{user}{password}@{host}:{port}/{params.get('dbname', 'postgres')}"
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -304,7 +295,8 @@ class _Run:
         self, options: ChaosOptions, db: _Database, workdir: Path, stack: contextlib.ExitStack
     ) -> None:
         self.options = options
-        self.dsn = dsn = db.url()
+        # As libpq parsed it: TLS settings and an encoded password survive (proxies too).
+        self.dsn = dsn = db.dsn
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
@@ -351,7 +343,7 @@ class _Run:
         proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
         proc = self.cluster.consumer(
             GROUP, TOPIC, HANDLER, name=f"consumer-{n}",
-            env={"PGCG_DATABASE_URL": proxy.url_for(self.dsn), **self.consumer_env},
+            env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn), **self.consumer_env},
         )  # fmt: skip
         self.proxies[proc] = proxy
         return proc
