@@ -21,11 +21,12 @@ from pgcg.shared.errors import (
     Contention,
     DatabaseUnavailable,
     InvalidInput,
+    PermissionDenied,
     PgcgError,
     SchemaNotMigrated,
     UnknownTopic,
 )
-from pgcg.shared.redaction import clean_driver_message, misread_url, redact, remember
+from pgcg.shared.redaction import clean_driver_message, misread_url, parse, redact, remember
 
 __all__ = ["AsyncConn", "connect", "connect_sync", "open_pool", "redact", "translate"]
 
@@ -66,6 +67,8 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
     if sqlstate == "PGC01":
         topic = str(exc).split("unknown topic", 1)[-1].strip().splitlines()[0]
         return UnknownTopic(f"unknown topic {topic}: create it with `pgcg topic create {topic}`")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return _permission_denied(str(exc), dsn)
     if sqlstate == "PGC02":
         return InvalidInput(str(exc).splitlines()[0] + " (the partition count is fixed)")
     if isinstance(exc, pg_errors.InvalidSchemaName | pg_errors.UndefinedTable) or (
@@ -93,6 +96,47 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
     return None
 
 
+# What each kind of object needs, by the word PostgreSQL's message uses for it. A table's
+# message does not say which of its privileges the statement wanted.
+_PRIVILEGE_FOR = {
+    "schema": "USAGE",
+    "function": "EXECUTE",
+    "procedure": "EXECUTE",
+    "routine": "EXECUTE",
+    "sequence": "USAGE",
+    "database": "CONNECT",
+    "view": "SELECT",
+}
+_DENIED_FOR = re.compile(r'permission denied for (large object|\w+) ("[^"]*"|\S+)')
+
+
+def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
+    """One line naming the object and the privilege the role lacks."""
+    first = (message.strip().splitlines() or ["permission denied"])[0]
+    first = first.rpartition("FATAL: ")[2].removeprefix("connection is bad: ").strip()
+    role = parse(dsn)[0] if dsn else None
+    who = f"role {role['user']!r}" if role and role.get("user") else "the database role"
+    fix = "grant it to the role this process connects as (docs/security.md lists what each needs)"
+    denied = _DENIED_FOR.search(first)
+    if denied:
+        kind, name = denied.group(1), denied.group(2).strip('"').rstrip(".")
+        privilege = _PRIVILEGE_FOR.get(kind)
+        what = (
+            f"{privilege} on {kind} {name}"
+            if privilege
+            else f"a privilege on {kind} {name} (SELECT, INSERT, UPDATE or DELETE: the one "
+            "this step uses)"
+        )
+        return PermissionDenied(f"{who} lacks {what}. PostgreSQL: {denied.group(0)}; {fix}")
+    if "terminate" in first or "signal" in first:
+        return PermissionDenied(
+            f"{who} may not terminate another role's backend. PostgreSQL: {first}; grant it "
+            "membership in pg_signal_backend, or run every coordinator as one role "
+            "(docs/security.md)"
+        )
+    return PermissionDenied(f"{who} lacks a privilege. PostgreSQL: {first}; {fix}")
+
+
 def _first_line(exc: BaseException, dsn: str | None, default: str = "") -> str:
     """libpq's message, first line, with every piece of a secret in it masked."""
     first = (str(exc).strip().splitlines() or [default])[0].removeprefix("connection is bad: ")
@@ -105,6 +149,8 @@ def _connection_error(exc: BaseException, dsn: str | None, where: str) -> PgcgEr
     # line, and several hosts' failures one per line.
     text = clean_driver_message(" ".join(str(exc).split()), dsn)
     lowered = text.lower()
+    if "permission denied" in lowered:  # no CONNECT on the database
+        return _permission_denied(text, dsn)
     if dsn is not None and misread_url(dsn):
         return ConfigError(
             "PGCG_DATABASE_URL has an unencoded @ in its password (or user): percent-encode "
