@@ -38,6 +38,14 @@ _BAD_SETTING = re.compile(
     r"invalid (connection option|integer value|port number|[\w ]+ value)|could not match \d+"
     r"|protocol version range|not compiled in"
 )
+# The server (clientcert=verify-full, or the cert method) refused what the client sent.
+_CLIENT_CERT_REFUSED = (
+    "requires a valid client certificate",
+    "certificate authentication failed",
+    "certificate validation (clientcert=verify-full) failed",
+    "tlsv1 alert unknown ca",
+    "sslv3 alert certificate",
+)
 # The TLS files libpq was told to use are missing or unusable.
 _BAD_TLS_FILES = (
     "root certificate file",
@@ -165,6 +173,17 @@ def _connection_error(exc: BaseException, dsn: str | None, where: str) -> PgcgEr
             f"the server's TLS certificate was refused{where}: {_tls_reason(text)}. Check "
             "that sslrootcert names the CA that signed the server's certificate and that "
             "the host name in PGCG_DATABASE_URL is one the certificate was issued for."
+        )
+    if any(words in lowered for words in _CLIENT_CERT_REFUSED):
+        return ConfigError(
+            f"the server wants a client certificate it trusts{where}: {_tls_reason(text)}. "
+            "Set sslcert and sslkey to a certificate issued to the database user by a CA "
+            "in the server's ssl_ca_file."
+        )
+    if "no encryption" in lowered:
+        return ConfigError(
+            f"the server refuses connections without TLS{where}: set sslmode=verify-full "
+            "and sslrootcert to the CA that signed the server's certificate"
         )
     if any(words in lowered for words in _BAD_TLS_FILES):
         return ConfigError(f"a TLS file in PGCG_DATABASE_URL cannot be used: {_tls_reason(text)}")
