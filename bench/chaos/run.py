@@ -215,11 +215,12 @@ def _scalar(dsn: str, sql: str, params: Any = None) -> Any:
 @contextlib.contextmanager
 def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subprocess.Popen[bytes]]:
     """The producer as its own process (`python -m pgcg.bench.chaos.run`), stopped on exit."""
-    args = [dsn, TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
+    args = [TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
     with open(workdir / "producer.log", "ab") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", "pgcg.bench.chaos.run", *args],
-            env={**os.environ, "PGOPTIONS": "-c pgcg.proc=producer"},
+            # The DSN in the environment, not the command line every `ps` shows.
+            env={**os.environ, "PGCG_DATABASE_URL": dsn, "PGOPTIONS": "-c pgcg.proc=producer"},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -581,8 +582,10 @@ def chaos(
 
 
 def _producer_main(argv: list[str]) -> None:
-    """The run's producer process: DSN TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM."""
-    dsn, topic, keys, rate, limit = argv
+    """The run's producer process: TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM;
+    the database in PGCG_DATABASE_URL."""
+    topic, keys, rate, limit = argv
+    dsn = os.environ["PGCG_DATABASE_URL"]
     producer = journal.Producer(
         dsn, topic, keys=int(keys), rate=float(rate), limit=int(limit) or None
     )
