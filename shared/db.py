@@ -157,12 +157,13 @@ def _connection_error(exc: BaseException, dsn: str | None, where: str) -> PgcgEr
     # line, and several hosts' failures one per line.
     text = clean_driver_message(" ".join(str(exc).split()), dsn)
     lowered = text.lower()
-    if "permission denied" in lowered:  # no CONNECT on the database
+    if "permission denied for" in lowered:  # no CONNECT on the database
         return _permission_denied(text, dsn)
     if dsn is not None and misread_url(dsn):
         return ConfigError(
-            "PGCG_DATABASE_URL has an unencoded @ in its password (or user): percent-encode "
-            "it as %40 (and : as %3A, / as %2F)"
+            "PGCG_DATABASE_URL has an unencoded @ or / in its user name or password, so "
+            "libpq reads part of it as the host, port or database: percent-encode them "
+            "(@ as %40, / as %2F, : in a user name as %3A)"
         )
     if "invalid dsn" in lowered or 'missing "="' in lowered or "invalid uri" in lowered:
         return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")

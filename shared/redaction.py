@@ -3,9 +3,10 @@
 A DSN is redacted by parsing it the way libpq does (psycopg's conninfo), not by pattern:
 patterns miss `postgresql://:pw@host`, `password = pw`, `password='p w'` and more. Two
 traps libpq sets on top:
-- an unencoded `@` in a URL password: libpq ends the password at the first `@` and takes
-  the rest for the host name, which then shows up in its own error messages. The URL's
-  user info is therefore taken to run up to the last `@`, the conservative reading.
+- an unencoded `@` or `/` in a URL's password: libpq ends the user info at the first `@`
+  (or sees none before a `/`) and reads the rest of the password as the host, port or
+  database, which then show up in its own error messages. Such a URL is not shown at all,
+  and every piece of what could be its password (up to the last `@`) counts as secret.
 - libpq quotes pieces of a connection string it cannot parse in its error messages
   (`missing "=" after "pw"`), and those pieces can be parts of a password.
 A DSN that does not parse is never echoed; an error about it keeps only the quoted words
@@ -18,7 +19,7 @@ process connected with (`remember`), plus anything shaped like a DSN password.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import pq
@@ -26,6 +27,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 MASK = "***"
 UNPARSEABLE = "(a connection string that does not parse; not shown)"
+MISREAD = (
+    "(a connection URL whose user info has an unencoded @ or /, which libpq misreads; not shown)"
+)
 
 # Options whose values are secrets (libpq's, including ones newer than our libpq).
 SECRET_OPTIONS = frozenset(
@@ -50,23 +54,24 @@ def _is_url(dsn: str) -> bool:
     return dsn.startswith(_URL_PREFIXES)
 
 
-def _mask_url(dsn: str) -> tuple[str, set[str]]:
-    """The URL with the password of its user info masked, and what was masked.
+def _suspect_pieces(url: str) -> set[str]:
+    """Everything that could be the URL's password, read conservatively: the user info up
+    to the last `@`, its password whole and split where libpq might have split it."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    pieces = {password, unquote(password), *re.split(r"[@:/?#]", password)}
+    return {p for p in pieces if p}
 
-    The user info runs up to the last `@`: an unencoded `@` in the password must not
-    leave the password's tail in what we take for the host.
-    """
-    scheme, _, rest = dsn.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at:
-        return dsn, set()
-    user, colon, password = userinfo.partition(":")
-    hidden = {password, unquote(password)}
-    # What libpq itself takes for the password and host, so its messages can be cleaned.
-    hidden |= {piece for piece in re.split(r"[@:/?#]", password) if piece}
-    safe_user = quote(unquote(user), safe="")
-    masked = f"{scheme}://{safe_user}{':' + MASK if colon else ''}@{hostpart}"
-    return masked, {h for h in hidden if h}
+
+def _mask_userinfo(url: str) -> str:
+    """The URL with its password masked where libpq reads it: the user info ends at the
+    first `@`, and there is none if a `/` comes first."""
+    scheme, _, rest = url.partition("://")
+    end = next((i for i, c in enumerate(rest) if c in "@/"), None)
+    if end is None or rest[end] != "@":
+        return url
+    user, colon, _ = rest[:end].partition(":")
+    return f"{scheme}://{user}{':' + MASK if colon else ''}{rest[end:]}"
 
 
 def _mask_query(url: str) -> str:
@@ -80,9 +85,16 @@ def _mask_query(url: str) -> str:
     return f"{base}?{'&'.join(pairs)}"
 
 
+def _misread(params: dict[str, str]) -> bool:
+    """Whether libpq's reading of a URL took part of its user info for something else."""
+    if any("@" in params.get(k, "") for k in ("host", "hostaddr", "port", "dbname")):
+        return True
+    return not params.get("port", "0").replace(",", "").isdigit()
+
+
 def parse(dsn: str) -> tuple[dict[str, str] | None, set[str]]:
     """(libpq's reading of the DSN, or None if it does not parse; every secret in it)."""
-    hidden = _mask_url(dsn)[1] if _is_url(dsn) else set()
+    hidden = _suspect_pieces(dsn) if _is_url(dsn) else set()
     try:
         params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except psycopg.Error:
@@ -93,26 +105,20 @@ def parse(dsn: str) -> tuple[dict[str, str] | None, set[str]]:
 
 def redact(dsn: str) -> str:
     """The DSN with every secret masked, in the form it was given: safe to print."""
-    if _is_url(dsn):
-        masked, _ = _mask_url(dsn)
-        try:
-            conninfo_to_dict(masked)
-        except psycopg.Error:
-            return UNPARSEABLE
-        return _mask_query(masked)
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
+    params, _ = parse(dsn)
+    if params is None:
         return UNPARSEABLE
+    if _is_url(dsn):
+        return MISREAD if _misread(params) else _mask_query(_mask_userinfo(dsn))
     if not any(k in SECRET_OPTIONS for k in params):
         return dsn
     return make_conninfo("", **{k: MASK if k in SECRET_OPTIONS else v for k, v in params.items()})
 
 
 def misread_url(dsn: str) -> bool:
-    """Whether libpq reads this URL's host out of its password (an unencoded `@`)."""
+    """Whether libpq reads part of this URL's user info as its host, port or database."""
     params, _ = parse(dsn)
-    return _is_url(dsn) and params is not None and "@" in params.get("host", "")
+    return _is_url(dsn) and params is not None and _misread(params)
 
 
 def secrets_of(dsn: str) -> set[str]:
