@@ -86,10 +86,10 @@ def _mask_query(url: str) -> str:
 
 
 def _misread(params: dict[str, str]) -> bool:
-    """Whether libpq's reading of a URL took part of its user info for something else."""
-    if any("@" in params.get(k, "") for k in ("host", "hostaddr", "port", "dbname")):
-        return True
-    return not params.get("port", "0").replace(",", "").isdigit()
+    """Whether libpq's reading of a URL took part of its user info for something else:
+    the rest of a password cut at an @ lands in the host, one cut at a / in the database
+    (with the @ that ended the user info)."""
+    return any("@" in params.get(k, "") for k in ("host", "hostaddr", "port", "dbname"))
 
 
 def parse(dsn: str) -> tuple[dict[str, str] | None, set[str]]:
