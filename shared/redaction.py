@@ -128,7 +128,11 @@ def secrets_of(dsn: str) -> set[str]:
 
 def remember(dsn: str) -> None:
     """Mask this DSN's secrets in every log line from now on (see `scrub`)."""
-    _known.update(s for s in secrets_of(dsn) if len(s) >= _MIN_FREE_TEXT_SECRET)
+    global _known_longest_first
+    fresh = {s for s in secrets_of(dsn) if len(s) >= _MIN_FREE_TEXT_SECRET} - _known
+    if fresh:
+        _known.update(fresh)
+        _known_longest_first = _longest_first(_known)
 
 
 # libpq quotes in double quotes, psycopg's own host resolution in single ones.
@@ -165,22 +169,35 @@ def clean_driver_message(message: str, dsn: str | None) -> str:
 
 # Free-text fallback for DSNs we never connected with: URL user info (up to the last
 # `@` of the word), keyword `password = value` (quoted or not) and `?password=` queries.
+# Each with the text it needs to match at all: most log lines have neither, and a
+# substring test costs far less than a scan for the pattern.
 _SECRET_NAMES = "|".join(sorted(SECRET_OPTIONS))
 _TEXT_PATTERNS = (
-    (re.compile(r"(postgres(?:ql)?://[^\s:@/]*):\S*@"), rf"\1:{MASK}@"),
+    ("://", re.compile(r"(postgres(?:ql)?://[^\s:@/]*):\S*@"), rf"\1:{MASK}@"),
     (
+        "=",
         re.compile(rf"\b((?:{_SECRET_NAMES})\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE),
         rf"\1{MASK}",
     ),
-    (re.compile(rf"([?&](?:{_SECRET_NAMES})=)[^&\s]*", re.IGNORECASE), rf"\1{MASK}"),
+    ("=", re.compile(rf"([?&](?:{_SECRET_NAMES})=)[^&\s]*", re.IGNORECASE), rf"\1{MASK}"),
 )
 
 
 def scrub(text: str, extra: set[str] | None = None) -> str:
     """Free text (a log line, a traceback) with known secrets and DSN passwords masked."""
-    for secret in sorted(_known | (extra or set()), key=len, reverse=True):
-        if len(secret) >= _MIN_FREE_TEXT_SECRET:
+    secrets = _known_longest_first if not extra else _longest_first(_known | extra)
+    for secret in secrets:
+        if secret in text:
             text = text.replace(secret, MASK)
-    for pattern, replacement in _TEXT_PATTERNS:
-        text = pattern.sub(replacement, text)
+    for needs, pattern, replacement in _TEXT_PATTERNS:
+        if needs in text:
+            text = pattern.sub(replacement, text)
     return text
+
+
+def _longest_first(secrets: set[str]) -> list[str]:
+    # Longest first: a secret that contains another is masked whole.
+    return sorted((s for s in secrets if len(s) >= _MIN_FREE_TEXT_SECRET), key=len, reverse=True)
+
+
+_known_longest_first: list[str] = []
