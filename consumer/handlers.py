@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -17,23 +19,47 @@ from tenacity import wait_random_exponential
 from pgcg.consumer.message import Message
 from pgcg.shared.errors import HandlerLoadError
 
+log = logging.getLogger("pgcg.consumer.handlers")
+
 Handler = Callable[..., Any]
 
 
-def load(spec: str) -> Handler:
-    """`package.module:function` -> the callable. Errors say exactly what is wrong."""
+def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
+    """`package.module:function` -> the callable. Errors say exactly what is wrong.
+
+    The module is imported from the installed packages, and from the folders of
+    `search_path` (--handler-path) first when given. The current directory is not
+    searched unless named there: a stray `json.py` or `handlers.py` wherever the consumer
+    happens to start must not replace the code it was meant to run.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise HandlerLoadError(f"--handler {spec!r} must look like package.module:function")
-    if "" not in sys.path and "." not in sys.path:
-        # A handler next to where the user runs `pgcg consumer` should just work.
-        sys.path.insert(0, "")
+    for folder in reversed([os.path.abspath(f) for f in search_path]):
+        if not os.path.isdir(folder):
+            raise HandlerLoadError(f"--handler-path {folder!r} is not a directory")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        where = (
+            f"the installed packages or {', '.join(map(repr, search_path))}"
+            if search_path
+            else "the installed packages (a module in a folder of your own needs "
+            "--handler-path DIR, or PGCG_HANDLER_PATH)"
+        )
         raise HandlerLoadError(
-            f"cannot import handler module {module_name!r}: {exc}. Is the package "
-            "installed, or the module in the current directory?"
+            f"cannot import handler module {module_name!r}: {exc}. Looked in {where}"
+        ) from exc
+    except (Exception, SystemExit) as exc:
+        # The user's module itself failed: their traceback is what they need, one flag away.
+        log.debug("handler module %s failed on import", module_name, exc_info=True,
+                  extra={"action": "handler_import_failed"})  # fmt: skip
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise HandlerLoadError(
+            f"handler module {module_name!r} raised {type(exc).__name__} on import"
+            f"{': ' + reason if reason else ''} (--log-level DEBUG shows the traceback)"
         ) from exc
     target: Any = module
     for part in attr.split("."):

@@ -26,7 +26,7 @@ import anyio
 
 from pgcg.shared import tracing
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.errors import DatabaseUnavailable, PermissionDenied
 from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.coordinator.elector")
@@ -63,6 +63,7 @@ class Elector:
         self._conn: AsyncConn | None = None
         self._leading: dict[str, Leadership] = {}
         self._standing_by: set[str] = set()
+        self._refused: set[tuple[Any, ...]] = set()  # depose refusals already logged
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -207,32 +208,66 @@ class Elector:
         return bool(row and row["locked"])
 
     async def _depose_if_silent(self, conn: AsyncConn, group: str) -> bool:
-        """Terminate the session of a leader silent past the timeout; True once it ended."""
+        """Terminate the session of a leader silent past the timeout; True once it ended.
+
+        Only a backend that holds the group's leader lock is terminated, whatever pid the
+        leader row names; and terminating another role's backend needs that role's
+        privileges or pg_signal_backend: without them this coordinator stays a standby
+        and says so, it does not crash.
+        """
         stale = await (await conn.execute(Q.stale_leader, self._params(group))).fetchone()
         if stale is None:
             return False
+        pid = stale["backend_pid"]
         with tracing.event_span(
             "pgcg leader depose",
             {"group": group},
             **{"pgcg.leader_id": self.leader_id, "pgcg.silent_leader": stale["leader_id"],
                "pgcg.leader_epoch": stale["leader_epoch"], "pgcg.silent_s": stale["silent_s"]},
         ):  # fmt: skip
-            row = await (
-                await conn.execute(
-                    Q.terminate_backend,
-                    {"pid": stale["backend_pid"], "wait_ms": round(TERMINATION_WAIT * 1000)},
-                )
-            ).fetchone()
+            fields = {"group": group, "leader_epoch": stale["leader_epoch"],
+                      "silent_leader": stale["leader_id"], "backend_pid": pid,
+                      **self.fields}  # fmt: skip
+            try:
+                with translated(self.dsn):
+                    row = await (
+                        await conn.execute(
+                            Q.terminate_leader_backend,
+                            self._params(group, pid=pid, wait_ms=round(TERMINATION_WAIT * 1000)),
+                        )
+                    ).fetchone()
+            except PermissionDenied as exc:
+                self._once(
+                    (group, pid, "denied"),
+                    "cannot depose the silent leader %s of group %s: %s",
+                    stale["leader_id"], group, exc,
+                    extra={"action": "leader_depose_denied", **fields},
+                )  # fmt: skip
+                return False
+            if row is None:
+                self._once(
+                    (group, pid, "no lock"),
+                    "leader row of group %s names backend %s, which does not hold the "
+                    "group's leader lock: not terminating it",
+                    group, pid,
+                    extra={"action": "leader_pid_mismatch", **fields},
+                )  # fmt: skip
+                return False
             log.warning(
                 "leader %s of group %s silent for %.1fs: terminated its session",
                 stale["leader_id"],
                 group,
                 stale["silent_s"],
-                extra={"action": "leader_terminated", "group": group,
-                       "leader_epoch": stale["leader_epoch"],
-                       "silent_leader": stale["leader_id"], **self.fields},
-            )  # fmt: skip
-        return bool(row and row["terminated"])
+                extra={"action": "leader_terminated", **fields},
+            )
+        return bool(row["terminated"])
+
+    def _once(self, what: tuple[Any, ...], message: str, *args: Any, extra: dict[str, Any]) -> None:
+        """Log a refusal at error once; the election retries every round, so afterwards
+        the same refusal is only debug."""
+        level = logging.DEBUG if what in self._refused else logging.ERROR
+        self._refused.add(what)
+        log.log(level, message, *args, extra=extra)
 
     async def resign(self, group: str, reason: str) -> None:
         async with self.conn_lock:

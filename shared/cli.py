@@ -16,11 +16,15 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import click
+import psycopg
 import pydantic
 
+from pgcg.shared.db import translate
 from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
+from pgcg.shared.redaction import scrub
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_logging
+from pgcg.shared.terminal import printable, printable_values
 
 log = logging.getLogger("pgcg.cli")
 
@@ -77,8 +81,18 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _fail(exc: PgcgError) -> NoReturn:
-    click.echo(f"pgcg: error: {exc}", err=True)
+    # Errors quote names, keys and database text: one line, nothing a terminal obeys.
+    click.echo(f"pgcg: error: {printable(scrub(str(exc)))}", err=True)
     sys.exit(exc.exit_code)
+
+
+def _ours(exc: BaseException) -> PgcgError | None:
+    """The pgcg error for `exc`, translating a driver error that escaped its boundary."""
+    if isinstance(exc, PgcgError):
+        return exc
+    if isinstance(exc, psycopg.Error):
+        return translate(exc)
+    return None
 
 
 def run_cli(fn: F) -> F:
@@ -88,12 +102,14 @@ def run_cli(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except PgcgError as exc:
-            _fail(exc)
+        except (PgcgError, psycopg.Error) as exc:
+            ours = _ours(exc)
+            if ours is None:
+                raise
+            _fail(ours)
         except BaseExceptionGroup as group:
             # A loop inside a task group failed with one of ours: report it like any other.
-            leaves = _leaves(group)
-            first = next((e for e in leaves if isinstance(e, PgcgError)), None)
+            first = next((e for e in map(_ours, _leaves(group)) if e is not None), None)
             if first is None:
                 raise
             _fail(first)
@@ -198,7 +214,7 @@ def topic_list(settings: Settings) -> None:
 
     with connect_sync(settings.dsn()) as conn, translated():
         for row in conn.execute("SELECT name, partitions FROM pgcg.topics ORDER BY name"):
-            click.echo(f"{row['name']}\t{row['partitions']}")
+            click.echo(f"{printable(row['name'])}\t{row['partitions']}")
 
 
 # -- producing ----------------------------------------------------------------------------
@@ -310,12 +326,27 @@ def produce(
 @click.option("--group", required=True, help="Consumer group name.")
 @click.option("--topic", "topic_", required=True, help="Topic the group consumes.")
 @click.option("--handler", "handler_spec", required=True, help="package.module:function")
+@click.option(
+    "--handler-path",
+    "handler_path",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    envvar="PGCG_HANDLER_PATH",
+    help="Also import the handler from this folder, searched first (repeatable; "
+    "PGCG_HANDLER_PATH takes folders separated by ':'). The current directory is only "
+    "searched when named, e.g. --handler-path .",
+)
 @click.option("--embedded-coordinator", is_flag=True,
               help="Also run a coordinator in this process (small deployments).")  # fmt: skip
 @with_settings()
 @run_cli
 def consumer(
-    group: str, topic_: str, handler_spec: str, embedded_coordinator: bool, settings: Settings
+    group: str,
+    topic_: str,
+    handler_spec: str,
+    handler_path: tuple[str, ...],
+    embedded_coordinator: bool,
+    settings: Settings,
 ) -> None:
     """Run one member of GROUP, consuming TOPIC with your handler.
 
@@ -329,7 +360,7 @@ def consumer(
     from pgcg.consumer.handlers import load
     from pgcg.consumer.runner import run_consumer
 
-    handler = load(handler_spec)
+    handler = load(handler_spec, handler_path)
     run_consumer(settings, group=group, topic=topic_, handler=handler,
                  embedded_coordinator=embedded_coordinator)  # fmt: skip
 
@@ -373,18 +404,22 @@ def status(
       pgcg status --group billing --json | jq '.groups[0].lag_total'
       pgcg status --watch
     """
+    import math
     import time
 
     from pgcg.shared import names
     from pgcg.shared import status as st
     from pgcg.shared.db import connect_sync
 
+    if not (math.isfinite(interval) and 0 < interval <= 3600):
+        raise InvalidInput(f"--interval must be between 0 and 3600 seconds, not {interval:g}")
     if group is not None:
         names.group_name(group)
     with connect_sync(settings.dsn()) as conn:
         while True:
             snapshot = st.collect(conn, group, leader_timeout=settings.leader_timeout)
-            text = st.to_json(snapshot) if as_json else st.render(snapshot)
+            # JSON escapes control characters itself.
+            text = st.to_json(snapshot) if as_json else st.render(printable_values(snapshot))
             if watch and not as_json:
                 click.clear()
             click.echo(text)
@@ -449,8 +484,9 @@ def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
             click.echo(json.dumps(row, default=str))
         else:
             click.echo(
-                f"{row['message_id']}\t{row['topic']}\t{row['key']}\t{row['attempts']}\t"
-                f"{row['dead_at']:%Y-%m-%d %H:%M:%S}\t{(row['last_error'] or '')[:80]}"
+                f"{row['message_id']}\t{printable(row['topic'])}\t{printable(row['key'])}\t"
+                f"{row['attempts']}\t{row['dead_at']:%Y-%m-%d %H:%M:%S}\t"
+                f"{printable((row['last_error'] or '')[:80])}"
             )
 
 
@@ -498,6 +534,11 @@ def _register() -> None:
     from pgcg.bench.cli import bench
     from pgcg.bench.demo import demo
 
+    for command in (demo, chaos):
+        # One line and the exit code for their errors too: a traceback would show the
+        # database's error text, never meant for a terminal.
+        assert command.callback is not None
+        command.callback = run_cli(command.callback)
     main.add_command(demo)
     main.add_command(bench)
     main.add_command(chaos)

@@ -21,19 +21,49 @@ from pgcg.shared.errors import (
     Contention,
     DatabaseUnavailable,
     InvalidInput,
+    PermissionDenied,
     PgcgError,
     SchemaNotMigrated,
     UnknownTopic,
 )
+from pgcg.shared.redaction import clean_driver_message, misread_url, parse, redact, remember
+
+__all__ = ["AsyncConn", "connect", "connect_sync", "open_pool", "redact", "translate"]
 
 AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
 
-_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]*@")
-
-
-def redact(dsn: str) -> str:
-    """The DSN with any password replaced, safe for logs and error messages."""
-    return _PASSWORD.sub(r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
+# libpq's words for a connection string it parsed but whose values it refuses (a bad
+# sslmode, a port that is not a number): settings to fix, not an outage to wait out.
+_BAD_SETTING = re.compile(
+    r"invalid (connection option|integer value|port number|[\w ]+ value)|could not match \d+"
+    r"|protocol version range|not compiled in"
+)
+# The server (clientcert=verify-full, or the cert method) refused what the client sent.
+_CLIENT_CERT_REFUSED = (
+    "requires a valid client certificate",
+    "certificate authentication failed",
+    "certificate validation (clientcert=verify-full) failed",
+    "tlsv1 alert unknown ca",
+    "sslv3 alert certificate",
+)
+# The TLS files libpq was told to use are missing or unusable.
+_BAD_TLS_FILES = (
+    "root certificate file",
+    "could not read certificate",
+    "could not open certificate",
+    "could not load private key",
+    "private key file",
+    "certificate file",
+    "could not load ssl certificate",
+)
+# The server's certificate is not the one the client was told to trust.
+_TLS_REFUSED = (
+    "certificate verify failed",
+    "does not match host name",
+    "server certificate for",
+    "self-signed certificate",
+    "unable to get local issuer certificate",
+)
 
 
 def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
@@ -45,6 +75,8 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
     if sqlstate == "PGC01":
         topic = str(exc).split("unknown topic", 1)[-1].strip().splitlines()[0]
         return UnknownTopic(f"unknown topic {topic}: create it with `pgcg topic create {topic}`")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return _permission_denied(str(exc), dsn)
     if sqlstate == "PGC02":
         return InvalidInput(str(exc).splitlines()[0] + " (the partition count is fixed)")
     if isinstance(exc, pg_errors.InvalidSchemaName | pg_errors.UndefinedTable) or (
@@ -61,20 +93,110 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
     if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
         return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-        first = (str(exc).strip().splitlines() or ["connection failed"])[0]
-        if "invalid dsn" in first or 'missing "="' in first or "invalid URI" in first:
-            return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
-        return DatabaseUnavailable(
-            f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
-            "the server is running."
-        )
+        return _connection_error(exc, dsn, where)
     text = str(exc).lower()
     if isinstance(exc, psycopg.ProgrammingError) and (
-        "dsn" in text or "connection info" in text or "uri" in text
+        "dsn" in text or "connection info" in text or "uri" in text or "percent-encod" in text
     ):
-        first = str(exc).strip().splitlines()[0]
-        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
+        return ConfigError(
+            f"PGCG_DATABASE_URL is not a valid connection URL: {_first_line(exc, dsn)}"
+        )
     return None
+
+
+# What each kind of object needs, by the word PostgreSQL's message uses for it. A table's
+# message does not say which of its privileges the statement wanted.
+_PRIVILEGE_FOR = {
+    "schema": "USAGE",
+    "function": "EXECUTE",
+    "procedure": "EXECUTE",
+    "routine": "EXECUTE",
+    "sequence": "USAGE",
+    "database": "CONNECT",
+    "view": "SELECT",
+}
+_DENIED_FOR = re.compile(r'permission denied for (large object|\w+) ("[^"]*"|\S+)')
+
+
+def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
+    """One line naming the object and the privilege the role lacks."""
+    first = (message.strip().splitlines() or ["permission denied"])[0]
+    first = first.rpartition("FATAL: ")[2].removeprefix("connection is bad: ").strip()
+    role = parse(dsn)[0] if dsn else None
+    who = f"role {role['user']!r}" if role and role.get("user") else "the database role"
+    fix = "grant it to the role this process connects as (docs/security.md lists what each needs)"
+    denied = _DENIED_FOR.search(first)
+    if denied:
+        kind, name = denied.group(1), denied.group(2).strip('"').rstrip(".")
+        privilege = _PRIVILEGE_FOR.get(kind)
+        what = (
+            f"{privilege} on {kind} {name}"
+            if privilege
+            else f"a privilege on {kind} {name} (SELECT, INSERT, UPDATE or DELETE: the one "
+            "this step uses)"
+        )
+        return PermissionDenied(f"{who} lacks {what}. PostgreSQL: {denied.group(0)}; {fix}")
+    if "terminate" in first or "signal" in first:
+        return PermissionDenied(
+            f"{who} may not terminate another role's backend. PostgreSQL: {first}; grant it "
+            "membership in pg_signal_backend, or run every coordinator as one role "
+            "(docs/security.md)"
+        )
+    return PermissionDenied(f"{who} lacks a privilege. PostgreSQL: {first}; {fix}")
+
+
+def _first_line(exc: BaseException, dsn: str | None, default: str = "") -> str:
+    """libpq's message, first line, with every piece of a secret in it masked."""
+    first = (str(exc).strip().splitlines() or [default])[0].removeprefix("connection is bad: ")
+    return clean_driver_message(first, dsn)
+
+
+def _connection_error(exc: BaseException, dsn: str | None, where: str) -> PgcgError:
+    first = _first_line(exc, dsn, "connection failed")
+    # The whole message: libpq puts the TLS reason after a "connection to server ... failed"
+    # line, and several hosts' failures one per line.
+    text = clean_driver_message(" ".join(str(exc).split()), dsn)
+    lowered = text.lower()
+    if "permission denied for" in lowered:  # no CONNECT on the database
+        return _permission_denied(text, dsn)
+    if dsn is not None and misread_url(dsn):
+        return ConfigError(
+            "PGCG_DATABASE_URL has an unencoded @ or / in its user name or password, so "
+            "libpq reads part of it as the host, port or database: percent-encode them "
+            "(@ as %40, / as %2F, : in a user name as %3A)"
+        )
+    if "invalid dsn" in lowered or 'missing "="' in lowered or "invalid uri" in lowered:
+        return ConfigError(f"PGCG_DATABASE_URL is not a valid connection URL: {first}")
+    if _BAD_SETTING.search(lowered):
+        return ConfigError(f"PGCG_DATABASE_URL has a setting libpq refuses: {first}")
+    if any(words in lowered for words in _TLS_REFUSED):
+        return ConfigError(
+            f"the server's TLS certificate was refused{where}: {_tls_reason(text)}. Check "
+            "that sslrootcert names the CA that signed the server's certificate and that "
+            "the host name in PGCG_DATABASE_URL is one the certificate was issued for."
+        )
+    if any(words in lowered for words in _CLIENT_CERT_REFUSED):
+        return ConfigError(
+            f"the server wants a client certificate it trusts{where}: {_tls_reason(text)}. "
+            "Set sslcert and sslkey to a certificate issued to the database user by a CA "
+            "in the server's ssl_ca_file."
+        )
+    if "no encryption" in lowered:
+        return ConfigError(
+            f"the server refuses connections without TLS{where}: set sslmode=verify-full "
+            "and sslrootcert to the CA that signed the server's certificate"
+        )
+    if any(words in lowered for words in _BAD_TLS_FILES):
+        return ConfigError(f"a TLS file in PGCG_DATABASE_URL cannot be used: {_tls_reason(text)}")
+    return DatabaseUnavailable(
+        f"cannot reach PostgreSQL{where}: {first}. Check PGCG_DATABASE_URL and that "
+        "the server is running."
+    )
+
+
+def _tls_reason(text: str) -> str:
+    """The part of libpq's message after `connection to server at ... failed:`."""
+    return text.rpartition(" failed: ")[2].strip().rstrip(".") or text
 
 
 @contextlib.contextmanager
@@ -104,6 +226,7 @@ async def connect(
     dsn: str, *, autocommit: bool = True, application_name: str = "pgcg"
 ) -> AsyncConn:
     """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one)."""
+    remember(dsn)
     with translated(dsn):
         conn = await psycopg.AsyncConnection.connect(
             dsn,
@@ -128,6 +251,7 @@ def _json_loads_is_default() -> bool:
 
 
 def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dict[str, Any]]:
+    remember(dsn)
     with translated(dsn):
         return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=10)
 
@@ -138,6 +262,7 @@ async def open_pool(
     async def configure(conn: AsyncConn) -> None:
         await conn.set_autocommit(True)
 
+    remember(dsn)
     pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
         dsn,
         min_size=min_size,

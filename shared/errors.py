@@ -19,6 +19,10 @@ class ConfigError(PgcgError):
     exit_code = 2
 
 
+class PermissionDenied(ConfigError):
+    """The database role lacks a privilege this process needs (a grant to add)."""
+
+
 class InvalidInput(PgcgError):
     """Bad input from the caller (payload, key, name); nothing was written."""
 

@@ -24,6 +24,7 @@ from pgcg.shared import names, tracing
 from pgcg.shared.db import translated
 from pgcg.shared.errors import InvalidInput, PayloadTooLarge
 from pgcg.shared.queries import Queries
+from pgcg.shared.settings import MAX_DELAY_SECONDS
 
 Q = Queries("producer")
 
@@ -116,6 +117,11 @@ def _encode(
             raise InvalidInput(f"{where}: a dedup key must be a non-empty string")
         if not isinstance(msg.delay, int | float) or msg.delay < 0 or not math.isfinite(msg.delay):
             raise InvalidInput(f"{where}: delay must be a finite number of seconds >= 0")
+        if msg.delay > MAX_DELAY_SECONDS:
+            raise InvalidInput(
+                f"{where}: delay {msg.delay:g} s is over the limit of {MAX_DELAY_SECONDS} s "
+                "(10 years)"
+            )
         keys.append(msg.key)
         payloads.append(text)
         merged = tracing.with_trace_headers(msg.headers, trace_headers or {})

@@ -10,6 +10,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The longest delay pgcg schedules (a message's delay, one retry's backoff): far beyond
+# any sensible use, far inside what a PostgreSQL timestamp can hold (now() + 1e14 s
+# overflows it and fails the whole statement).
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PGCG_", extra="ignore", frozen=True)
@@ -48,9 +53,17 @@ class Settings(BaseSettings):
         10, ge=1, description="Deliveries of a message before it is dead-lettered."
     )
     retry_base: float = Field(
-        1.0, gt=0, description="Seconds: scale of the exponential retry backoff (full jitter)."
+        1.0,
+        gt=0,
+        le=MAX_DELAY_SECONDS,
+        description="Seconds: scale of the exponential retry backoff (full jitter).",
     )
-    retry_max: float = Field(300.0, gt=0, description="Seconds: cap of one retry delay.")
+    retry_max: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_DELAY_SECONDS,
+        description="Seconds: cap of one retry delay (at most 10 years).",
+    )
     visibility_timeout: float = Field(
         60.0,
         gt=0,

@@ -4,8 +4,9 @@ call that sets up logs, traces and metrics for a pgcg process.
 Every record carries `action` and whatever of group, member_id, partition, epoch and
 leader_epoch applies (passed as `extra`), and trace_id/span_id when it was written inside
 a span (a rebalance, a partition hand-off, a message's processing), so a log line leads
-to its trace. Payloads are never logged; DSN passwords are masked even if an error
-message carries one.
+to its trace. Payloads are never logged; the password of every DSN this process connected
+with, and anything shaped like a DSN password, is masked in messages, fields and
+tracebacks (shared/redaction.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
-from pgcg.shared.db import redact
+from pgcg.shared.redaction import scrub
+from pgcg.shared.terminal import printable
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -31,7 +33,11 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+    fields = {
+        k: scrub(v) if isinstance(v, str) else v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD
+    }
     if "trace_id" not in fields:
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
@@ -46,26 +52,32 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": redact(record.getMessage()),
+            "msg": scrub(record.getMessage()),
         }
         out.update(_fields(record))
         if record.exc_info:
-            out["exc"] = redact(self.formatException(record.exc_info))
+            out["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
 class TextFormatter(logging.Formatter):
+    """For a terminal: database text in a record (keys, member ids, errors) is escaped."""
+
     KEYS = ("action", "group", "member_id", "partition", "epoch", "leader_epoch", "trace_id")
 
     def format(self, record: logging.LogRecord) -> str:
         fields = _fields(record)
         ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        keys = " ".join(f"{k}={fields[k]}" for k in self.KEYS if fields.get(k) is not None)
-        line = f"{ts} {record.levelname:<7} {record.name}: {redact(record.getMessage())}"
+        keys = " ".join(
+            f"{k}={printable(fields[k])}" for k in self.KEYS if fields.get(k) is not None
+        )
+        message = printable(scrub(record.getMessage()))
+        line = f"{ts} {record.levelname:<7} {record.name}: {message}"
         if keys:
             line += f"  [{keys}]"
         if record.exc_info:
-            line += "\n" + redact(self.formatException(record.exc_info))
+            trace_text = scrub(self.formatException(record.exc_info))
+            line += "\n" + printable(trace_text, keep_newlines=True)
         return line
 
 

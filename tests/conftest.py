@@ -88,6 +88,44 @@ def db(dsn: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
         yield conn
 
 
+# What a pgcg process needs on today's schema when granted by hand, table by table.
+FULL_GRANTS = (
+    "GRANT USAGE ON SCHEMA pgcg TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {role}",
+    "GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {role}",
+)
+
+
+@pytest.fixture
+def make_role(dsn: str) -> Iterator[Callable[..., str]]:
+    """make_role(*statements) -> the DSN of a new non-superuser LOGIN role in the test
+    database, after running each statement with {role} replaced by its name (grants,
+    revokes). Tables a grant covers must exist first (create topics before). The roles
+    are dropped with everything granted to them when the test ends."""
+    made: list[str] = []
+
+    def make(*statements: str) -> str:
+        name = f"pgcg_role_{uuid.uuid4().hex[:8]}"
+        made.append(name)
+        with _admin(dsn) as conn:
+            conn.execute(f'CREATE ROLE "{name}" LOGIN NOSUPERUSER')
+            for statement in statements:
+                conn.execute(statement.format(role=f'"{name}"'))
+        return make_conninfo(dsn, user=name)
+
+    try:
+        yield make
+    finally:
+        with _admin(dsn) as conn:
+            for name in made:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                    (name,),
+                )
+                conn.execute(f'DROP OWNED BY "{name}"')
+                conn.execute(f'DROP ROLE "{name}"')
+
+
 @pytest.fixture
 def cli() -> Iterator[Callable[..., click.testing.Result]]:
     """Run `pgcg ...` in this process: cli(dsn, "produce", ..., stdin=..., PGCG_X="1").

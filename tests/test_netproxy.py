@@ -20,7 +20,7 @@ def proxy(pg_server: str) -> Iterator[NetProxy]:
 
 
 def connect(proxy: NetProxy, pg_server: str) -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(proxy.url_for(pg_server), autocommit=True, connect_timeout=3)
+    return psycopg.connect(proxy.dsn_for(pg_server), autocommit=True, connect_timeout=3)
 
 
 def test_cut_resets_connections_and_refuses_new_ones(proxy: NetProxy, pg_server: str) -> None:
@@ -53,3 +53,25 @@ def test_stall_holds_traffic_with_the_connection_open(proxy: NetProxy, pg_server
         proxy.stall(30)
         proxy.heal()
         assert conn.execute("SELECT 4").fetchone() == (4,)
+
+
+def test_the_chaos_run_keeps_tls_settings_and_an_encoded_password(pg_server: str) -> None:
+    """`pgcg chaos --database-url` hands its processes (direct and behind a proxy) the
+    database as libpq parsed it: sslmode and sslrootcert kept, the password decoded once."""
+    from pgcg.bench.chaos.run import _Database
+
+    server = psycopg.conninfo.conninfo_to_dict(pg_server)
+    url = (
+        f"postgresql://postgres:p%40ss%20w%3A%2F@{server['host']}:{server['port']}/postgres"
+        "?sslmode=disable&sslrootcert=/nonexistent/ca.pem&application_name=chaos-test"
+    )
+    with _Database(url) as db, ProxyHub() as hub:
+        proxy = hub.proxy(*db.host_port())
+        for dsn in (db.dsn, proxy.dsn_for(db.dsn)):
+            params = psycopg.conninfo.conninfo_to_dict(dsn)
+            assert params["password"] == "p@ss w:/"  # the test server trusts any password
+            assert (params["sslmode"], params["sslrootcert"]) == ("disable", "/nonexistent/ca.pem")
+            assert params["host"] == server["host"] and params["dbname"] == db.name
+            with psycopg.connect(dsn, connect_timeout=3) as conn:
+                assert conn.execute("SELECT current_database()").fetchone() == (db.name,)
+        assert proxy.connections == 1

@@ -25,7 +25,8 @@ import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 log = logging.getLogger("pgcg.netproxy")
 
@@ -100,12 +101,15 @@ class NetProxy:
         self._refuse_until = 0.0
         self._stall_handle: asyncio.TimerHandle | None = None
 
-    def url_for(self, dsn: str) -> str:
-        """`dsn` (a postgresql:// URL) with its host and port replaced by this proxy's."""
-        parts = urlsplit(dsn)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+    def dsn_for(self, dsn: str) -> str:
+        """`dsn` (URL or keyword form) connecting through this proxy, all else kept.
+
+        The proxy's address goes in `hostaddr`, not `host`: libpq connects there but still
+        checks the server's certificate against the real host name (sslmode=verify-full),
+        and the password, sslmode, sslrootcert and the rest are carried over as parsed.
+        """
+        host = conninfo_to_dict(dsn).get("host") or "127.0.0.1"
+        return make_conninfo(dsn, host=host, hostaddr="127.0.0.1", port=str(self.port))
 
     # -- faults (any thread) ---------------------------------------------------------------
 

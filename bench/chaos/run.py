@@ -184,21 +184,12 @@ class _Database:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
     def host_port(self) -> tuple[str, int]:
+        """Where the proxies forward to."""
         params = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        host = str(params.get("host") or "127.0.0.1")
+        host = str(params.get("hostaddr") or params.get("host") or "127.0.0.1")
         if host.startswith("/"):
             raise click.UsageError("--database-url must use TCP (host:port) for the proxies")
         return host, int(params.get("port") or 5432)
-
-    def url(self) -> str:
-        """The run's DSN as a URL, so proxies can swap host and port."""
-        if self.dsn.startswith("postgres"):
-            return self.dsn
-        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        user = params.get("user", "postgres")
-        password = f":{params['password']}" if params.get("password") else ""
-        host, port = self.host_port()
-        return f"postgresql://{user}{password}@{host}:{port}/{params.get('dbname', 'postgres')}"
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -224,11 +215,12 @@ def _scalar(dsn: str, sql: str, params: Any = None) -> Any:
 @contextlib.contextmanager
 def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subprocess.Popen[bytes]]:
     """The producer as its own process (`python -m pgcg.bench.chaos.run`), stopped on exit."""
-    args = [dsn, TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
+    args = [TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
     with open(workdir / "producer.log", "ab") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", "pgcg.bench.chaos.run", *args],
-            env={**os.environ, "PGOPTIONS": "-c pgcg.proc=producer"},
+            # The DSN in the environment, not the command line every `ps` shows.
+            env={**os.environ, "PGCG_DATABASE_URL": dsn, "PGOPTIONS": "-c pgcg.proc=producer"},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -304,7 +296,8 @@ class _Run:
         self, options: ChaosOptions, db: _Database, workdir: Path, stack: contextlib.ExitStack
     ) -> None:
         self.options = options
-        self.dsn = dsn = db.url()
+        # As libpq parsed it: TLS settings and an encoded password survive (proxies too).
+        self.dsn = dsn = db.dsn
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
@@ -351,7 +344,7 @@ class _Run:
         proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
         proc = self.cluster.consumer(
             GROUP, TOPIC, HANDLER, name=f"consumer-{n}",
-            env={"PGCG_DATABASE_URL": proxy.url_for(self.dsn), **self.consumer_env},
+            env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn), **self.consumer_env},
         )  # fmt: skip
         self.proxies[proc] = proxy
         return proc
@@ -589,8 +582,10 @@ def chaos(
 
 
 def _producer_main(argv: list[str]) -> None:
-    """The run's producer process: DSN TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM."""
-    dsn, topic, keys, rate, limit = argv
+    """The run's producer process: TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM;
+    the database in PGCG_DATABASE_URL."""
+    topic, keys, rate, limit = argv
+    dsn = os.environ["PGCG_DATABASE_URL"]
     producer = journal.Producer(
         dsn, topic, keys=int(keys), rate=float(rate), limit=int(limit) or None
     )

@@ -43,10 +43,19 @@ FROM pgcg.coordinator_leader
 WHERE scope = %(scope)s AND backend_pid IS NOT NULL
   AND heartbeat_at < now() - %(leader_timeout_s)s * interval '1 second'
 
--- name: terminate_backend
+-- name: terminate_leader_backend
+-- Only a backend that really holds this group's leader lock: the pid in the leader row is
+-- whatever was last written there, and whoever can write that row could otherwise aim a
+-- standby at any backend. No row: the pid holds no such lock, nothing was terminated.
 -- Waits up to wait_ms for the backend to exit, and its advisory locks with it (PostgreSQL
 -- 14+, which the schema already needs); false if it did not exit in time.
-SELECT pg_terminate_backend(%(pid)s::int, %(wait_ms)s::bigint) AS terminated
+SELECT pg_terminate_backend(l.pid, %(wait_ms)s::bigint) AS terminated
+FROM pg_locks AS l
+WHERE l.locktype = 'advisory' AND l.granted AND l.pid = %(pid)s::int
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %(lock_class)s::int::oid
+  AND l.objid = hashtext(%(scope)s)::oid
+  AND l.objsubid = 2
 
 -- name: leader_of
 SELECT leader_epoch, leader_id, heartbeat_at,

@@ -1,0 +1,130 @@
+"""A role missing a privilege gets one line naming the privilege and the object, exit 2,
+never a traceback: coordinator and consumer processes run as real non-superuser roles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import Result
+
+from pgcg.shared.db import connect_sync
+from pgcg.shared.errors import PermissionDenied
+from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from tests.conftest import FULL_GRANTS
+from tests.helpers import FAST_ENV, assign, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "orders"
+GROUP = "billing"
+
+
+def _start(kind: list[str], dsn: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgcg.shared.cli", *kind],
+        env={**os.environ, **FAST_ENV, "PGCG_DATABASE_URL": dsn, "PGCG_LOG_FORMAT": "json"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        text=True, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout}s:\n{err[-3000:]}") from None
+    return proc.returncode, err
+
+
+def _error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("pgcg: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def _setup(db: psycopg.Connection[Any]) -> None:
+    db.execute("SELECT pgcg.create_topic(%s, 2)", (TOPIC,))
+    db.execute("INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%s, %s)", (GROUP, TOPIC))
+    db.execute(
+        "INSERT INTO pgcg.partition_assignments (group_name, topic, partition) "
+        "SELECT %s, %s, p FROM generate_series(0, 1) p",
+        (GROUP, TOPIC),
+    )
+    enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {}) for i in range(4)])
+
+
+def test_a_coordinator_without_select_on_messages(
+    db: psycopg.Connection[Any], make_role: Callable[..., str]
+) -> None:
+    _setup(db)
+    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.messages FROM {role}")
+    code, stderr = _finish(_start(["coordinator"], dsn))
+    line = _error_line(stderr)
+    assert code == 2, stderr[-3000:]
+    assert "lacks a privilege on table messages" in line and "docs/security.md" in line
+    assert "permission denied for table messages" in line
+
+
+def test_a_consumer_without_update_on_messages(
+    db: psycopg.Connection[Any], make_role: Callable[..., str]
+) -> None:
+    _setup(db)
+    dsn = make_role(*FULL_GRANTS, "REVOKE UPDATE ON pgcg.messages FROM {role}")
+    proc = _start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler",
+                   "pgcg.bench.chaos.journal:record"], dsn)  # fmt: skip
+    try:
+        member = wait_for(
+            lambda: db.execute("SELECT member_id FROM pgcg.consumer_groups").fetchone(),
+            30, "the consumer joined",
+        )  # fmt: skip
+    except AssertionError:
+        proc.kill()
+        raise
+    assign(db, GROUP, TOPIC, [0, 1], member["member_id"])  # its first fetch is refused
+    code, stderr = _finish(proc)
+    line = _error_line(stderr)
+    assert code == 2, stderr[-3000:]
+    assert "on table messages" in line and "permission denied for table messages" in line
+
+
+def test_a_consumer_without_usage_on_the_schema(
+    db: psycopg.Connection[Any], make_role: Callable[..., str]
+) -> None:
+    _setup(db)
+    dsn = make_role()
+    code, stderr = _finish(_start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler",
+                                   "pgcg.bench.chaos.journal:record"], dsn))  # fmt: skip
+    line = _error_line(stderr)
+    assert code == 2, stderr[-3000:]
+    assert "lacks USAGE on schema pgcg" in line
+
+
+def test_status_and_dlq_without_their_grants(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], cli: Callable[..., Result]
+) -> None:
+    _setup(db)
+    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.dead_letters FROM {role}")
+    for args in (["dlq", "list"], ["dlq", "purge", "--all"]):
+        result = cli(dsn, *args)
+        assert result.exit_code == 2, result.output
+        assert "on table dead_letters" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_no_connect_on_the_database(
+    db: psycopg.Connection[Any], dsn: str, make_role: Callable[..., str]
+) -> None:
+    database = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    role_dsn = make_role(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+    with pytest.raises(PermissionDenied) as caught:
+        connect_sync(role_dsn)
+    assert f"lacks CONNECT on database {database}" in str(caught.value)
