@@ -187,10 +187,9 @@ def generate() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         "description": "More environment variables for the ConfigMap(s), e.g. for the "
         "handler. Not PGCG_DATABASE_URL (it comes from database.*) nor a variable of a "
         "setting above (use the setting, which the chart checks).",
-        "propertyNames": {
-            "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-            "not": {"enum": reserved},
-        },
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        # `false`: the error then names the path of the refused key.
+        "properties": dict.fromkeys(reserved, False),
         "additionalProperties": {"type": ["string", "number", "boolean"]},
     }
     settings = {
