@@ -1368,3 +1368,53 @@ def test_notes_point_at_a_consumer_when_the_coordinator_is_embedded(helm):
         "kubectl exec -n default -it deploy/t-pgcg-consumer-billing -- pgcg status --watch" in text
     )
     assert "deploy/t-pgcg-coordinator" not in text
+
+
+# === the image ================================================================================
+
+
+def _extras_step(extras: str) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's pgcg install step, run by sh with pip replaced by an echo (no
+    Docker engine here)."""
+    text = (REPO / "helm" / "Dockerfile").read_text()
+    block = re.search(
+        r"^RUN --mount=type=bind,source=\.,target=/src,rw \\\n"
+        r"(    set -eu; \\\n    IFS=.*?[^\\])\n",
+        text,
+        re.M | re.S,
+    )
+    assert block, "the RUN step that installs pgcg with PGCG_EXTRAS"
+    script = block.group(1).replace("\\\n", "\n")
+    return subprocess.run(
+        ["sh", "-c", f'pip() {{ echo "pip $*"; }}\n{script}'],
+        env={"PGCG_EXTRAS": extras, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+def test_dockerfile_installs_the_extras_asked_for_and_refuses_unknown_ones():
+    assert _extras_step("").stdout.strip() == "pip install --no-cache-dir /src"
+    assert _extras_step("grpc,otel").stdout.strip() == "pip install --no-cache-dir /src[grpc,otel]"
+    typo = _extras_step("grcp")
+    assert typo.returncode == 1 and "unknown extra 'grcp'" in typo.stderr
+
+
+def test_extras_known_to_the_dockerfile_and_the_chart_are_pgcgs():
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"]) - {"test"}
+    dockerfile = (REPO / "helm" / "Dockerfile").read_text()
+    assert set(re.search(r"^\s+(\S+)\) ;; \\$", dockerfile, re.M).group(1).split("|")) == extras
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["definitions"]["image"]["properties"]["extras"]["items"]["enum"]) == extras
+
+
+def test_dockerfile_labels_the_image_the_oci_way():
+    dockerfile = (REPO / "helm" / "Dockerfile").read_text()
+    for key in ("title", "description", "licenses", "source", "version", "revision", "created"):
+        assert f"org.opencontainers.image.{key}=" in dockerfile
+    assert re.search(r"^ARG PGCG_EXTRAS=\"\"$", dockerfile, re.M)
