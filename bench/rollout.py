@@ -20,7 +20,8 @@ what the rollout cost the group:
                    their share (partitions / live members); with a readiness that means
                    "holds its assignment" it stays 0
   beyond_draining  most partitions at one moment without a working owner that were not
-                   the stopping pods' own: hand-offs to new pods overlapping a drain
+                   the stopping pods' own, while a stopping pod was still in the group:
+                   hand-offs to new pods overlapping a drain
   forced, lost     forced hand-offs (a drain deadline ran out), `partition_lost` log lines
 
     python -m pgcg.bench.rollout                      # both strategies, fast timeouts
@@ -175,7 +176,7 @@ class Sampler:
         self.group = group
         self.every = every
         self.stopping_members: set[str] = set()
-        # Stopping pods still running, and the partitions each owned when it was stopped.
+        # Stopping pods not yet out of the group, and what each owned when it was stopped.
         self.draining: dict[str, set[int]] = {}
         self.beyond_draining = 0
         self.live_members: set[str] = set()
@@ -221,6 +222,9 @@ class Sampler:
             self.samples += 1
             self.rows = rows
             self.live_members = members
+            # A stopping pod drains until it has left the group (released what it held).
+            for member in [m for m in self.draining if m not in members]:
+                del self.draining[member]
             unowned = 0
             theirs = set().union(*self.draining.values()) if self.draining else None
             beyond = 0
@@ -390,7 +394,6 @@ class Rollout:
             if not pod.proc.alive and pod.member_id in sampler.draining:
                 with sampler.lock:
                     sampler.draining.pop(pod.member_id, None)
-                self.events.append((now, f"exited {pod.proc.name}"))
 
     # -- the controller -----------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ label, so a group with its own image carries its own version).
 {{- $version := ternary ($image.digest | default "" | trimPrefix "sha256:" | trunc 12) ($image.tag | default $root.Chart.AppVersion | toString) (and (empty $image.tag) (not (empty $image.digest))) }}
 {{- $labels := include "pgcg.selectorDict" . | fromYaml }}
 {{- $_ := set $labels "helm.sh/chart" (include "pgcg.chart" $root) }}
-{{- $_ := set $labels "app.kubernetes.io/version" ($version | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_") }}
+{{- $_ := set $labels "app.kubernetes.io/version" ($version | replace "+" "_" | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_") }}
 {{- $_ := set $labels "app.kubernetes.io/managed-by" $root.Release.Service }}
 {{- $_ := set $labels "app.kubernetes.io/part-of" "pgcg" }}
 {{- toYaml (merge $labels (deepCopy ($root.Values.commonLabels | default dict))) }}
