@@ -22,6 +22,7 @@ from opentelemetry import trace
 from pgcg.consumer import handlers
 from pgcg.consumer.handlers import Handler
 from pgcg.consumer.message import Message
+from pgcg.consumer.readiness import AssignmentCheck
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.loops import refresh_forever
@@ -163,6 +164,9 @@ class ConsumerObserver:
         self.lag_interval = lag_interval
         self.lag: dict[int, tuple[int, float]] = {}  # partition -> (messages, oldest age s)
         self.refreshed = anyio.Event()  # set after the first lag refresh (tests wait on it)
+        self.assignment_check = AssignmentCheck(
+            self.ctx.dsn, self.ctx.group, self.ctx.settings.heartbeat_interval
+        )
         self._conn: AsyncConn | None = None
         self._stop = [
             metrics.add_source("pgcg.consumer.lag", self._lag_messages),
@@ -189,9 +193,11 @@ class ConsumerObserver:
         remaining = lease.remaining()
         if remaining <= 0:
             return False, f"lease expired {-remaining:.1f}s ago: heartbeats are failing"
-        return True, (
-            f"member {ctx.member_id} of group {ctx.group}, "
-            f"{len(ctx.assignment.owned)} partition(s), lease valid for {remaining:.1f}s"
+        owned = {p: o.state for p, o in list(ctx.assignment.owned.items())}
+        holds, why = self.assignment_check.verdict(ctx.member_id, owned)
+        return holds, (
+            f"member {ctx.member_id} of group {ctx.group}, {len(owned)} partition(s), "
+            f"lease valid for {remaining:.1f}s: {why}"
         )
 
     # -- gauges (called on the collecting thread: read state, never wait) ------------------------
@@ -233,8 +239,11 @@ class ConsumerObserver:
     # -- lag refresh ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Refresh the lag of owned partitions every lag_interval; cancel to stop."""
-        await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
+        """Refresh the lag of owned partitions every lag_interval, and what the group
+        expects of this member (readiness) every heartbeat interval; cancel to stop."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.assignment_check.run, lambda: self.ctx.member_id)
+            await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
 
     async def refresh(self) -> None:
         ctx = self.ctx

@@ -2,7 +2,8 @@
 
   /healthz  200 while the process serves requests (liveness)
   /readyz   200 when the process can do its job, else 503 with the reason (readiness):
-            a consumer joined its group and holds a valid lease; a coordinator is
+            a consumer holds a valid lease and the partitions its group assigns it
+            (or the group has none for it: consumer/readiness.py); a coordinator is
             connected and either leads or stands by
   /metrics  Prometheus text (or OpenMetrics, by Accept header) of the MeterProvider
 

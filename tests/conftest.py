@@ -18,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.migrate import migrate
+from tests.chart import helm  # noqa: F401 - the helm binary, for the chart tests
 
 TEMPLATE = "pgcg_test_template"
 

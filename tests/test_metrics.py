@@ -99,11 +99,16 @@ async def test_consumer_metrics_and_endpoint(
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
             await consumer.joined.wait()
+            # Joined, but the group's partitions are not its yet: not ready.
+            await observer.assignment_check.refresh(consumer.member_id)
             status, _, body = await get(f"{base}/readyz")
-            assert status == 200 and consumer.member_id in body
+            assert status == 503 and "holds 0 of at least 4 partitions" in body
 
             assign(db, group, TOPIC, [0, 1, 2, 3], consumer.member_id)
             await await_for(lambda: len(consumer.ctx.assignment.owned) == 4, 10, "4 partitions")
+            await observer.assignment_check.refresh(consumer.member_id)
+            status, _, body = await get(f"{base}/readyz")
+            assert status == 200 and consumer.member_id in body
             await observer.refresh()
             assert otel.total("pgcg.consumer.lag", **mine) == 20
             lag_points = otel.points("pgcg.consumer.lag", **mine)

@@ -1,7 +1,9 @@
 {{/*
-Names and labels. Every object's name starts with pgcg.fullname; every object
-carries pgcg.labels; selectors use only the stable subset (name, instance,
-component and, for consumers, group).
+Names and labels. Every object's name starts with pgcg.fullname; object metadata
+carries pgcg.labels; pod templates carry only pgcg.podLabels (the selector labels
+and the workload's podLabels), so that a chart or version bump changes no pod
+template and restarts nothing. Label sets are dicts merged once and printed with
+toYaml: no key can appear twice.
 */}}
 
 {{- define "pgcg.name" -}}
@@ -29,40 +31,50 @@ component and, for consumers, group).
 {{- .Release.Namespace }}
 {{- end }}
 
-{{- define "pgcg.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "pgcg.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{/*
+Selector labels as a dict. Call with (dict "root" $) for the whole release, plus
+"component" and, for a consumer group, "group".
+*/}}
+{{- define "pgcg.selectorDict" -}}
+{{- $labels := dict "app.kubernetes.io/name" (include "pgcg.name" .root) "app.kubernetes.io/instance" .root.Release.Name }}
+{{- with .component }}
+{{- $_ := set $labels "app.kubernetes.io/component" . }}
+{{- end }}
+{{- with .group }}
+{{- $_ := set $labels "pgcg/group" (include "pgcg.groupLabel" .) }}
+{{- end }}
+{{- toYaml $labels }}
 {{- end }}
 
-{{- define "pgcg.labels" -}}
-helm.sh/chart: {{ include "pgcg.chart" . }}
-{{ include "pgcg.selectorLabels" . }}
-app.kubernetes.io/version: {{ (.Values.image.tag | default .Chart.AppVersion) | trunc 63 | trimSuffix "-" | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: pgcg
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- define "pgcg.selectorLabels" -}}
+{{- include "pgcg.selectorDict" . }}
 {{- end }}
 
 {{/*
-Component labels. Call with (dict "root" $ "component" "coordinator") or, for
-a consumer group, (dict "root" $ "component" "consumer" "group" $name).
+Labels of an object's metadata. Call with (dict "root" $), plus "component",
+"group" and "image" (the image the object's pods run: its tag is the version
+label, so a group with its own image carries its own version).
 */}}
-{{- define "pgcg.componentSelectorLabels" -}}
-{{ include "pgcg.selectorLabels" .root }}
-app.kubernetes.io/component: {{ .component }}
-{{- if .group }}
-pgcg/group: {{ include "pgcg.groupLabel" .group }}
-{{- end }}
+{{- define "pgcg.labels" -}}
+{{- $root := .root }}
+{{- $image := .image | default $root.Values.image }}
+{{- $version := ternary ($image.digest | default "" | trimPrefix "sha256:" | trunc 12) ($image.tag | default $root.Chart.AppVersion | toString) (and (empty $image.tag) (not (empty $image.digest))) }}
+{{- $labels := include "pgcg.selectorDict" . | fromYaml }}
+{{- $_ := set $labels "helm.sh/chart" (include "pgcg.chart" $root) }}
+{{- $_ := set $labels "app.kubernetes.io/version" ($version | replace "+" "_" | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_") }}
+{{- $_ := set $labels "app.kubernetes.io/managed-by" $root.Release.Service }}
+{{- $_ := set $labels "app.kubernetes.io/part-of" "pgcg" }}
+{{- toYaml (merge $labels (deepCopy ($root.Values.commonLabels | default dict))) }}
 {{- end }}
 
-{{- define "pgcg.componentLabels" -}}
-{{ include "pgcg.labels" .root }}
-app.kubernetes.io/component: {{ .component }}
-{{- if .group }}
-pgcg/group: {{ include "pgcg.groupLabel" .group }}
-{{- end }}
+{{/*
+Labels of a pod template: the selector labels and the workload's podLabels,
+nothing that changes with the chart's version. Call like pgcg.selectorDict, plus
+"podLabels".
+*/}}
+{{- define "pgcg.podLabels" -}}
+{{- $labels := include "pgcg.selectorDict" . | fromYaml }}
+{{- toYaml (merge $labels (deepCopy (.podLabels | default dict))) }}
 {{- end }}
 
 {{/*
@@ -125,10 +137,15 @@ database-url
 
 {{/*
 A number for an environment variable. Helm reads YAML numbers as float64, which
-print as 1e+06; whole numbers are printed as integers instead.
+print as 1e+06; whole numbers are printed as integers instead. A number given
+as a string (`--set x=12.5` arrives as "12.5") is printed as given.
 */}}
 {{- define "pgcg.number" -}}
-{{- if eq (float64 .) (floor .) }}
+{{- if kindIs "string" . }}
+{{- trim . }}
+{{- else if kindIs "bool" . }}
+{{- . }}
+{{- else if eq (float64 .) (floor .) }}
 {{- int64 . }}
 {{- else }}
 {{- . }}
@@ -136,23 +153,51 @@ print as 1e+06; whole numbers are printed as integers instead.
 {{- end }}
 
 {{/*
-A group's effective settings: `consumer` defaults, with every key the group
-sets replacing the default (set, not mergeOverwrite, so replicas: 0 and
-enabled: false are honoured), image merged key by key, and keda merged over
-the top-level `keda` the same way. Returns YAML; callers use fromYaml.
+Merge `src` into `dst` in place, key by key: maps are merged recursively, any
+other value (false and 0 included) replaces the one in dst, and null removes the
+key. Lists replace lists. Call with (dict "dst" $map "src" $overrides).
+*/}}
+{{- define "pgcg.mergeInto" -}}
+{{- $dst := .dst }}
+{{- range $k, $v := (.src | default dict) }}
+{{- if kindIs "invalid" $v }}
+{{- $_ := unset $dst $k }}
+{{- else if and (kindIs "map" $v) (kindIs "map" (get $dst $k)) }}
+{{- include "pgcg.mergeInto" (dict "dst" (get $dst $k) "src" $v) }}
+{{- else }}
+{{- $_ := set $dst $k (deepCopy $v) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A group's effective configuration: `consumer` defaults with the group's keys
+merged in key by key (pgcg.mergeInto), image merged over the top-level image,
+keda over the top-level keda, and settings over the top-level settings (then
+`consumer.settings`, then the group's own). Returns YAML; callers use fromYaml.
 Call with (dict "root" $ "name" $name "group" $group).
 */}}
 {{- define "pgcg.groupConfig" -}}
 {{- $root := .root }}
 {{- $c := deepCopy $root.Values.consumer }}
-{{- range $k, $v := .group }}
-{{- $_ := set $c $k $v }}
-{{- end }}
-{{- $_ := set $c "image" (merge (deepCopy (.group.image | default dict)) (deepCopy ($root.Values.consumer.image | default dict)) (deepCopy $root.Values.image)) }}
+{{- $group := deepCopy (.group | default dict) }}
+{{- $groupSettings := $group.settings | default dict }}
+{{- $groupImage := $group.image | default dict }}
+{{- $groupKeda := $group.keda | default dict }}
+{{- $_ := unset $group "settings" }}
+{{- $_ := unset $group "image" }}
+{{- $_ := unset $group "keda" }}
+{{- include "pgcg.mergeInto" (dict "dst" $c "src" $group) }}
+{{- $image := deepCopy $root.Values.image }}
+{{- include "pgcg.mergeInto" (dict "dst" $image "src" ($root.Values.consumer.image | default dict)) }}
+{{- include "pgcg.mergeInto" (dict "dst" $image "src" $groupImage) }}
+{{- $_ := set $c "image" $image }}
+{{- $settings := deepCopy $root.Values.settings }}
+{{- include "pgcg.mergeInto" (dict "dst" $settings "src" ($root.Values.consumer.settings | default dict)) }}
+{{- include "pgcg.mergeInto" (dict "dst" $settings "src" $groupSettings) }}
+{{- $_ := set $c "settings" $settings }}
 {{- $keda := deepCopy $root.Values.keda }}
-{{- range $k, $v := (.group.keda | default dict) }}
-{{- $_ := set $keda $k $v }}
-{{- end }}
+{{- include "pgcg.mergeInto" (dict "dst" $keda "src" $groupKeda) }}
 {{- if not $keda.maxReplicaCount }}
 {{- $max := 16 }}
 {{- range $root.Values.topics }}
@@ -167,17 +212,113 @@ Call with (dict "root" $ "name" $name "group" $group).
 {{- toYaml $c }}
 {{- end }}
 
-{{/* Consumer pods' grace period: drain deadline plus room to leave the group. */}}
-{{- define "pgcg.consumer.terminationGracePeriodSeconds" -}}
-{{- if .config.terminationGracePeriodSeconds }}
-{{- .config.terminationGracePeriodSeconds | int }}
+{{/*
+Settings with pgcg's own default for every key left out (or null), as the
+processes will see them. Call with the settings map; returns YAML.
+*/}}
+{{- define "pgcg.effectiveSettings" -}}
+{{- $spec := include "pgcg.settingsSpec" . | fromYaml }}
+{{- $out := dict }}
+{{- range $key, $entry := $spec }}
+{{- $v := index $ $key }}
+{{- $_ := set $out $key (ternary $entry.default $v (kindIs "invalid" $v)) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+Settings the chart computes with (grace period, readiness delay, probes) are
+always written to the ConfigMap with their effective value, so nothing else
+(e.g. a variable in an extraEnvFrom source) can change them behind the checks.
+*/}}
+{{- define "pgcg.pinnedSettings" -}}
+[heartbeatInterval, sessionTimeout, drainDeadline, httpPort]
+{{- end }}
+
+{{/*
+The data of one workload's ConfigMap: the settings its processes read, the
+OTEL_* variables, and settings.extra. Pods carry a checksum of exactly this.
+Call with (dict "root" $ "component" "consumer" "settings" $settings "readers"
+(list "consumer" "coordinator")).
+*/}}
+{{- define "pgcg.configData" -}}
+{{- $root := .root }}
+{{- $settings := .settings }}
+{{- $effective := include "pgcg.effectiveSettings" $settings | fromYaml }}
+{{- $pinned := include "pgcg.pinnedSettings" . | fromYamlArray }}
+{{- $data := dict }}
+{{- range $key, $entry := (include "pgcg.settingsSpec" . | fromYaml) }}
+{{- $read := false }}
+{{- range $entry.readers }}
+{{- if has . $.readers }}
+{{- $read = true }}
+{{- end }}
+{{- end }}
+{{- $given := index $settings $key }}
+{{- if and $read (or (not (kindIs "invalid" $given)) (has $key $pinned)) }}
+{{- $_ := set $data $entry.env (include "pgcg.number" (get $effective $key)) }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.otlp }}
+{{- if .enabled }}
+{{- $_ := set $data "OTEL_TRACES_EXPORTER" "otlp" }}
+{{- $_ := set $data "OTEL_EXPORTER_OTLP_ENDPOINT" .endpoint }}
+{{- $_ := set $data "OTEL_EXPORTER_OTLP_PROTOCOL" .protocol }}
+{{- $_ := set $data "OTEL_TRACES_SAMPLER" .sampler }}
+{{- $_ := set $data "OTEL_TRACES_SAMPLER_ARG" (.samplerArg | toString) }}
 {{- else }}
-{{- add (ceil .root.Values.settings.drainDeadline) 20 }}
+{{- /* No collector configured: without this an SDK would try localhost:4318. */}}
+{{- $_ := set $data "OTEL_TRACES_EXPORTER" "none" }}
+{{- end }}
+{{- end }}
+{{- $extra := dict }}
+{{- range $k, $v := ($settings.extra | default dict) }}
+{{- $_ := set $extra $k ($v | toString) }}
+{{- end }}
+{{- toYaml (merge $data $extra) }}
+{{- end }}
+
+{{/* What a workload's processes read: consumers with an embedded coordinator read both. */}}
+{{- define "pgcg.readers" -}}
+{{- if eq .component "coordinator" }}
+[coordinator]
+{{- else if .root.Values.embeddedCoordinator }}
+[consumer, coordinator]
+{{- else }}
+[consumer]
 {{- end }}
 {{- end }}
 
 {{/*
-Environment every long-running pgcg container gets besides the ConfigMap: the
+Consumer pods' grace period: the drain deadline, then up to 10 s to flush
+results, release partitions and leave the group (the consumer bounds that step
+to 10 s), then 10 s for the process to exit (telemetry flush). Call with
+(dict "config" $groupConfig).
+*/}}
+{{- define "pgcg.consumer.leaveSeconds" -}}
+10
+{{- end }}
+
+{{- define "pgcg.consumer.terminationGracePeriodSeconds" -}}
+{{- $drain := ceil (get (include "pgcg.effectiveSettings" .config.settings | fromYaml) "drainDeadline") | int }}
+{{- if .config.terminationGracePeriodSeconds }}
+{{- .config.terminationGracePeriodSeconds | int }}
+{{- else }}
+{{- add $drain (include "pgcg.consumer.leaveSeconds" .) 10 }}
+{{- end }}
+{{- end }}
+
+{{/* A new consumer stays ready this long before the next old one stops. */}}
+{{- define "pgcg.consumer.minReadySeconds" -}}
+{{- if kindIs "invalid" .config.minReadySeconds }}
+{{- ceil (get (include "pgcg.effectiveSettings" .config.settings | fromYaml) "sessionTimeout") | int }}
+{{- else }}
+{{- .config.minReadySeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment every long-running pgcg container gets besides its ConfigMap: the
 DSN from its Secret, OTLP identity when tracing is on, then extraEnv.
 Call with (dict "root" $ "component" "consumer" "workload" $deploymentName "extraEnv" $list).
 */}}
@@ -233,75 +374,46 @@ Call with (dict "root" $ "component" "consumer" "workload" $deploymentName "extr
   emptyDir: {}
 {{- end }}
 
-{{/* Annotations that roll pods when their configuration changes. */}}
-{{- define "pgcg.checksumAnnotations" -}}
-checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-{{- if not .Values.database.existingSecret }}
-checksum/database: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
-{{- end }}
-{{- end }}
-
 {{/*
-Checks values.schema.json cannot express (relations between keys). Included
-from configmap.yaml, which every render has.
+Pod template annotations: a checksum of the ConfigMap data this workload reads
+and, when the chart made it, of the DSN; then the workload's podAnnotations.
+Call with (dict "root" $ "config" $configDataYaml "podAnnotations" $map).
 */}}
-{{- define "pgcg.validate" -}}
-{{- $s := .Values.settings }}
-{{- if not (lt (float64 $s.heartbeatInterval) (float64 $s.sessionTimeout)) }}
-{{- fail (printf "settings.heartbeatInterval (%v) must be less than settings.sessionTimeout (%v): members would be evicted between heartbeats" $s.heartbeatInterval $s.sessionTimeout) }}
+{{- define "pgcg.podAnnotations" -}}
+{{- $annotations := dict "checksum/config" (sha256sum .config) }}
+{{- if not .root.Values.database.existingSecret }}
+{{- $_ := set $annotations "checksum/database" (sha256sum .root.Values.database.url) }}
 {{- end }}
-{{- $trusted := subf (float64 $s.sessionTimeout) (maxf 1.0 (mulf (float64 $s.sessionTimeout) 0.2)) }}
-{{- if lt (float64 $s.drainDeadline) $trusted }}
-{{- fail (printf "settings.drainDeadline (%v) must be at least settings.sessionTimeout minus the lease margin (%v): a forced hand-off could overtake an owner that never heard of its revocation" $s.drainDeadline $trusted) }}
-{{- end }}
-{{- if and (not .Values.database.existingSecret) (not .Values.database.url) }}
-{{- fail "set database.existingSecret (the name of a Secret holding the DSN) or database.url" }}
-{{- end }}
-{{- if and .Values.otlp.enabled (not .Values.otlp.endpoint) }}
-{{- fail "otlp.enabled is true but otlp.endpoint is empty" }}
-{{- end }}
-{{- $names := dict }}
-{{- $labels := dict }}
-{{- range $name, $group := .Values.groups }}
-{{- $c := include "pgcg.groupConfig" (dict "root" $ "name" $name "group" $group) | fromYaml }}
-{{- $slug := include "pgcg.groupSlug" $name }}
-{{- if hasKey $names $slug }}
-{{- fail (printf "groups %q and %q would both be deployed as %s; rename one" (get $names $slug) $name (include "pgcg.consumer.fullname" (dict "root" $ "group" $name))) }}
-{{- end }}
-{{- $_ := set $names $slug $name }}
-{{- $label := include "pgcg.groupLabel" $name }}
-{{- if hasKey $labels $label }}
-{{- fail (printf "groups %q and %q would share the label pgcg/group=%s; rename one" (get $labels $label) $name $label) }}
-{{- end }}
-{{- $_ := set $labels $label $name }}
-{{- if $c.terminationGracePeriodSeconds }}
-{{- if not (gt (float64 $c.terminationGracePeriodSeconds) (float64 $s.drainDeadline)) }}
-{{- fail (printf "groups.%s: terminationGracePeriodSeconds (%v) must exceed settings.drainDeadline (%v), or consumers are killed mid-drain" $name $c.terminationGracePeriodSeconds $s.drainDeadline) }}
-{{- end }}
-{{- end }}
-{{- if $c.keda.enabled }}
-{{- if gt (int $c.keda.minReplicaCount) (int $c.keda.maxReplicaCount) }}
-{{- fail (printf "groups.%s: keda.minReplicaCount (%v) exceeds keda.maxReplicaCount (%v)" $name $c.keda.minReplicaCount $c.keda.maxReplicaCount) }}
-{{- end }}
-{{- end }}
-{{- end }}
+{{- toYaml (merge $annotations (deepCopy (.podAnnotations | default dict))) }}
 {{- end }}
 
 {{/*
-The group_lag_total query (files/lag.sql) for one group: comment lines dropped,
-lines joined, the group name as a quoted SQL literal in place of %(group)s.
-Group names cannot contain quotes (values.schema.json); doubling them anyway
-keeps the literal well-formed whatever the schema allows later.
-Call with (dict "root" $ "group" $name).
+The group_lag function's result for one group, as KEDA's postgresql trigger
+query. pgcg.group_lag(group) is the one definition of a group's lag (pgcg status
+shows the same number); it must stay cheap on any backlog, since KEDA runs it
+every pollingInterval. The group name goes in as a quoted SQL literal; group
+names cannot contain quotes (values.schema.json), and doubling them anyway keeps
+the literal well-formed whatever the schema allows later.
+Call with (dict "group" $name).
 */}}
 {{- define "pgcg.lagQuery" -}}
-{{- $lines := list }}
-{{- range splitList "\n" (.root.Files.Get "files/lag.sql") }}
-{{- $line := trim . }}
-{{- if and $line (not (hasPrefix "--" $line)) }}
-{{- $lines = append $lines $line }}
+{{- printf "SELECT pgcg.group_lag('%s') AS lag" (replace "'" "''" .group) }}
+{{- end }}
+
+{{/*
+Extra pod parts every workload may add: volumes beside /tmp, mounts beside /tmp,
+init containers, sidecars. Container lists are given in full by the user.
+*/}}
+{{- define "pgcg.volumes" -}}
+{{- include "pgcg.tmpVolume" . }}
+{{- with .extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
-{{- $literal := printf "'%s'" (replace "'" "''" .group) }}
-{{- join " " $lines | replace "%(group)s" $literal }}
+
+{{- define "pgcg.volumeMounts" -}}
+{{- include "pgcg.tmpVolumeMount" . }}
+{{- with .extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
