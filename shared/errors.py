@@ -19,6 +19,10 @@ class ConfigError(PgcgError):
     exit_code = 2
 
 
+class MissingExtra(ConfigError):
+    """A feature needs an optional dependency that is not installed (`pip install 'pgcg[x]'`)."""
+
+
 class InvalidInput(PgcgError):
     """Bad input from the caller (payload, key, name); nothing was written."""
 

@@ -93,6 +93,14 @@ def serving(
         yield server
 
 
+def _no_metrics_reason() -> str:
+    from pgcg.shared.extras import installed
+
+    if not installed("opentelemetry.exporter.prometheus"):
+        return "no metrics: /metrics needs pgcg's 'otel' extra (pip install 'pgcg[otel]')\n"
+    return "no metrics: the application installed its own MeterProvider\n"
+
+
 def _handler(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "pgcg"
@@ -114,7 +122,7 @@ def _handler(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
 
         def _metrics(self) -> None:
             if owner.registry is None:
-                self._reply(404, b"no metrics: the application installed its own MeterProvider\n")
+                self._reply(404, _no_metrics_reason())
                 return
             from prometheus_client.exposition import choose_encoder
 
