@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgcg.shared import names, tracing
 from pgcg.shared.db import translated
@@ -199,6 +199,56 @@ class Producer:
             async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
                 await cur.execute(Q.enqueue, params)
                 return _result(await cur.fetchall())
+
+
+class SyncProducer:
+    """Producer for synchronous code: the same messages, checks and trace context as
+    Producer, on a psycopg Connection.
+
+    `conn=` may be a psycopg Connection, or a SQLAlchemy Session or Connection on the
+    psycopg driver (`postgresql+psycopg://`): the messages then go through the
+    connection under the ORM's transaction and commit or roll back with it. Without
+    `conn=`, the producer takes a connection from its pool and commits at once.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Any] | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self._pool = pool
+        self.max_payload_bytes = max_payload_bytes
+
+    def enqueue(
+        self,
+        topic: str,
+        key: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        delay: float = 0.0,
+        conn: Any = None,
+    ) -> Enqueued:
+        msg = OutgoingMessage(key, payload, headers or {}, dedup_key, delay)
+        return self.enqueue_many(topic, [msg], conn=conn)[0]
+
+    def enqueue_many(
+        self, topic: str, messages: Iterable[OutgoingMessage], *, conn: Any = None
+    ) -> list[Enqueued]:
+        if conn is not None:
+            from pgcg.shared.orm import psycopg_connection
+
+            return enqueue_many_sync(
+                psycopg_connection(conn), topic, messages, max_payload_bytes=self.max_payload_bytes
+            )
+        if self._pool is None:
+            raise InvalidInput("pass conn=... or create the SyncProducer with a connection pool")
+        with self._pool.connection() as pooled:
+            return enqueue_many_sync(
+                pooled, topic, messages, max_payload_bytes=self.max_payload_bytes
+            )
 
 
 def enqueue_many_sync(
