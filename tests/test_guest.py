@@ -146,7 +146,7 @@ def _status(url: str) -> tuple[int, str]:
 
 @pytest.mark.anyio
 async def test_healthz_fails_while_the_event_loop_is_blocked() -> None:
-    watch = LoopWatch(stall_after=0.5, interval=0.05)
+    watch = LoopWatch(stall_after=2.0, interval=0.05)
     with HealthServer(0, ready=lambda: (True, ""), alive=watch.alive, host="127.0.0.1") as server:
         url = f"http://127.0.0.1:{server.port}/healthz"
         async with anyio.create_task_group() as tg:
