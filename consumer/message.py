@@ -5,16 +5,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class Message(Generic[P]):
+    """One delivery. `Message[Order]` in a handler's signature declares the payload's type:
+    the payload is then validated into an `Order` (see consumer/payloads.py)."""
+
     id: int
     topic: str
     partition: int
     key: str
-    payload: Any
+    payload: P
     headers: dict[str, str]
     attempt: int  # 1 on the first delivery
     enqueued_at: datetime
@@ -48,7 +53,7 @@ class Claimed:
     the message becomes available, so no two hosts' wall clocks are ever compared.
     """
 
-    message: Message
+    message: Message[Any]
     epoch: int
     due: float
     progress_deadline: float = field(default=0.0)

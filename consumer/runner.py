@@ -8,7 +8,7 @@ import anyio
 from pgcg.consumer.handlers import Handler
 from pgcg.consumer.observer import ConsumerObserver
 from pgcg.consumer.service import Consumer
-from pgcg.shared.health import serving
+from pgcg.shared.health import LoopWatch, serving
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_telemetry
 
@@ -46,9 +46,18 @@ def run_consumer(
     async def main() -> None:
         consumer = Consumer(settings, group=group, topic=topic, handler=handler)
         observer = ConsumerObserver(consumer)
+        # A loop that has not run for a whole session timeout has lost its membership
+        # anyway: past that, restarting the process is the way back.
+        watch = LoopWatch(settings.session_timeout)
         try:
-            with serving(settings.http_port, ready=observer.ready, registry=telemetry.registry):
+            with serving(
+                settings.http_port,
+                ready=observer.ready,
+                registry=telemetry.registry,
+                alive=watch.alive,
+            ):
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch.run)
                     tg.start_soon(observer.run)
                     await run(consumer)
                     tg.cancel_scope.cancel()

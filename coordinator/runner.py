@@ -6,7 +6,7 @@ import anyio
 
 from pgcg.coordinator.observer import CoordinatorObserver
 from pgcg.coordinator.service import Coordinator
-from pgcg.shared.health import serving
+from pgcg.shared.health import LoopWatch, serving
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_telemetry
 
@@ -17,9 +17,17 @@ def run_coordinator(settings: Settings, *, groups: list[str] | None = None) -> N
     async def main() -> None:
         coordinator = Coordinator(settings, groups=groups)
         observer = CoordinatorObserver(coordinator)
+        # Past a leader timeout without running, a standby has taken over anyway.
+        watch = LoopWatch(settings.leader_timeout)
         try:
-            with serving(settings.http_port, ready=observer.ready, registry=telemetry.registry):
+            with serving(
+                settings.http_port,
+                ready=observer.ready,
+                registry=telemetry.registry,
+                alive=watch.alive,
+            ):
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch.run)
                     tg.start_soon(observer.run)
                     await coordinator.run()
                     tg.cancel_scope.cancel()

@@ -11,6 +11,8 @@ import functools
 import json
 import logging
 import sys
+import types
+import typing
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NoReturn
@@ -18,6 +20,7 @@ from typing import Any, NoReturn
 import click
 import psycopg
 import pydantic
+from pydantic import SecretStr
 
 from pgcg.shared.db import translate
 from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
@@ -61,9 +64,14 @@ def with_settings(*fields: str) -> Callable[[F], F]:
         for name in reversed(chosen):
             info = Settings.model_fields[name]
             env = f"PGCG_{name.upper()}"
+            flag = f"--{name.replace('_', '-')}"
+            kind = _click_type(info.annotation)
             wrapper = click.option(
-                f"--{name.replace('_', '-')}",
+                f"{flag}/--no-{name.replace('_', '-')}" if kind is bool else flag,
                 name,
+                type=None if kind is bool else kind,
+                metavar="URL" if info.annotation == SecretStr | None else None,
+                # None when not given, so the PGCG_* variable or the default applies.
                 default=None,
                 show_default=False,
                 help=f"{info.description or ''} [env {env}; default {info.default!r}]".strip(),
@@ -71,6 +79,21 @@ def with_settings(*fields: str) -> Callable[[F], F]:
         return wrapper
 
     return decorate
+
+
+def _click_type(annotation: Any) -> Any:
+    """The click type for a Settings field, so --help and usage errors show the real one
+    (FLOAT, INTEGER, a choice); pydantic still checks the ranges. `bool` means a flag pair."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(a) for a in args], case_sensitive=False)
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = args  # Optional[X]: a flag for X
+    if annotation is bool:
+        return bool
+    if annotation is SecretStr:
+        return click.STRING
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}[annotation]
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -23,6 +23,10 @@ class PermissionDenied(ConfigError):
     """The database role lacks a privilege this process needs (a grant to add)."""
 
 
+class MissingExtra(ConfigError):
+    """A feature needs an optional dependency that is not installed (`pip install 'pgcg[x]'`)."""
+
+
 class InvalidInput(PgcgError):
     """Bad input from the caller (payload, key, name); nothing was written."""
 

@@ -14,6 +14,7 @@ the scrape path: the consumer refreshes its lag in the background.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -24,11 +25,13 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from pgcg.shared.errors import ConfigError
+from pgcg.shared.extras import installed, require
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
     from prometheus_client import CollectorRegistry
 
+log = logging.getLogger("pgcg.metrics")
 meter = metrics.get_meter("pgcg")
 
 # Seconds: from a no-op handler to one at the visibility timeout's default scale.
@@ -141,6 +144,7 @@ def _exporter_readers() -> list[MetricReader]:
     ]
     readers: list[MetricReader] = []
     for name in names:
+        require("otel", "opentelemetry.sdk", f"OTEL_METRICS_EXPORTER={name}")
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         if name == "console":
@@ -165,6 +169,7 @@ def _exporter_readers() -> list[MetricReader]:
                     ) from None
                 readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
             elif protocol == "http/protobuf":
+                require("otel", "opentelemetry.exporter.otlp.proto.http", "OTLP over http")
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                     OTLPMetricExporter,
                 )
@@ -193,6 +198,12 @@ def setup_metrics(
         return None
     readers: list[MetricReader] = [*extra_readers, *_exporter_readers()]
     registry = None
+    if prometheus and not installed("opentelemetry.exporter.prometheus"):
+        log.warning(
+            "/metrics is off: it needs pgcg's 'otel' extra (pip install 'pgcg[otel]')",
+            extra={"action": "metrics_unavailable"},
+        )
+        prometheus = False
     if prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry

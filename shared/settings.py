@@ -92,8 +92,10 @@ class Settings(BaseSettings):
         description="Trace every query as a child span (needs `pip install 'pgcg[otel]'`; "
         "tracing itself is configured by the standard OTEL_* variables).",
     )
-    log_format: Literal["auto", "json", "text"] = Field(
-        "auto", description="json lines, or text; auto picks text on a terminal."
+    log_format: Literal["auto", "json", "text", "none"] = Field(
+        "auto",
+        description="json lines, or text; auto picks text on a terminal; none leaves "
+        "logging alone (handlers, levels and format are the host program's).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 

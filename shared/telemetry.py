@@ -82,13 +82,23 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
+    """Logging for a process that pgcg's own command runs: one handler on the root logger,
+    so the records of the user's handler modules come out in the same format.
+
+    Only the CLI calls this; pgcg as a library never touches the root logger, its level
+    or its handlers, and with fmt "none" neither does the CLI. The root level is at most
+    INFO (a handler's logger.info shows) and `level` applies to pgcg's own loggers, so
+    DEBUG is pgcg's debug rather than every library's.
+    """
+    if fmt == "none":
+        return
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(max(logging.INFO, logging.getLevelName(level)))
     logging.getLogger("pgcg").setLevel(level)
 
 

@@ -41,6 +41,7 @@ from opentelemetry.trace import (
 )
 
 from pgcg.shared.errors import ConfigError
+from pgcg.shared.extras import require
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -95,6 +96,8 @@ def enabled() -> bool:
 
 
 def _exporter(name: str) -> SpanExporter:
+    if name in ("console", "otlp"):
+        require("otel", "opentelemetry.sdk", f"OTEL_TRACES_EXPORTER={name}")
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -109,6 +112,7 @@ def _exporter(name: str) -> SpanExporter:
         or "http/protobuf"
     ).strip()
     if protocol == "http/protobuf":
+        require("otel", "opentelemetry.exporter.otlp.proto.http", "OTLP over http/protobuf")
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
@@ -183,13 +187,9 @@ def recheck() -> None:
 
 def instrument_psycopg() -> None:
     """Every psycopg query as a child span (PGCG_INSTRUMENT_PSYCOPG=true)."""
-    try:
-        from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
-    except ImportError:
-        raise ConfigError(
-            "PGCG_INSTRUMENT_PSYCOPG=true needs opentelemetry-instrumentation-psycopg: "
-            "`pip install 'pgcg[otel]'`"
-        ) from None
+    require("otel", "opentelemetry.instrumentation.psycopg", "PGCG_INSTRUMENT_PSYCOPG=true")
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
     instrumentor = PsycopgInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument()
@@ -384,8 +384,10 @@ def drops_unsampled_remote_parent(sampler: Any) -> bool:
     The SDK's ParentBased keeps that choice in a private attribute: if a release renames
     it, the answer is False and the SDK decides each span itself, correct and slower.
     """
-    from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
-
+    try:
+        from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
+    except ImportError:  # a provider that is not the SDK's: it decides each span itself
+        return False
     if not isinstance(sampler, ParentBased) or (
         type(sampler).should_sample is not ParentBased.should_sample
     ):

