@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.bench.throwaway import ThrowawayPostgres, server_bin
 from pgcg.shared.db import connect_sync
 from pgcg.shared.migrate import check, migrate
 
@@ -66,13 +66,15 @@ def unique_suffix() -> str:
 
 
 @contextlib.contextmanager
-def bench_database(url: str | None) -> Iterator[BenchDatabase]:
+def bench_database(url: str | None, server_spec: str | None = None) -> Iterator[BenchDatabase]:
+    """The caller's database, or a throwaway server: the embedded PostgreSQL 18, or with
+    `server_spec` another one ("15": Debian's postgresql-15; or a bin/ folder)."""
     if url is not None:
         with connect_sync(url) as conn:
             check(conn)
         yield BenchDatabase(url, None)
         return
-    server = ThrowawayPostgres()
+    server = ThrowawayPostgres(bin_dir=server_bin(server_spec))
     server.start()
     try:
         migrate(server.url)
