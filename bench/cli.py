@@ -8,14 +8,8 @@ from typing import Any
 
 import click
 
+from pgcg.bench.cli_options import server_option
 from pgcg.shared.errors import PgcgError
-
-server_option = click.option(
-    "--server",
-    default=None,
-    help="Throwaway server when no database is given: 18 (embedded, the default), 15 "
-    "(Debian's postgresql-15 package) or a server's bin/ folder.",
-)
 
 
 @click.group(name="bench")
@@ -215,9 +209,15 @@ def _text(result: dict[str, Any]) -> str:
 
 
 def _register() -> None:
+    from pgcg.bench.idle import idle
+    from pgcg.bench.latency import latency
     from pgcg.bench.rebalance import rebalance
+    from pgcg.bench.soak import soak
 
     bench.add_command(rebalance)
+    bench.add_command(soak)
+    bench.add_command(latency)
+    bench.add_command(idle)
 
 
 _register()

@@ -83,13 +83,16 @@ def bench_database(url: str | None, server_spec: str | None = None) -> Iterator[
         server.cleanup()
 
 
-def drop_topic(dsn: str, topic: str, group: str) -> None:
-    """Remove what a bench run created for one topic and group."""
+def drop_topic(dsn: str, topic: str, group: str, *, keep_topic: bool = False) -> None:
+    """Remove what a bench run created for one topic and group (only the group's rows
+    with `keep_topic`, while other groups of the topic remain)."""
     with connect_sync(dsn, autocommit=False) as conn, conn.transaction():
         conn.execute("DELETE FROM pgcg.consumer_groups WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.partition_assignments WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.rebalances WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.subscriptions WHERE group_name = %s", (group,))
+        if keep_topic:
+            return
         conn.execute("DELETE FROM pgcg.dead_letters WHERE topic = %s", (topic,))
         conn.execute(
             sql.SQL("DROP TABLE IF EXISTS pgcg.{}").format(sql.Identifier(f"messages_{topic}"))
