@@ -88,6 +88,38 @@ def percentiles(values: list[float], points: tuple[float, ...] = (50, 90, 99)) -
     return out
 
 
+class IdSet:
+    """Message ids seen, one bit each from a little below the first id seen (ids come from
+    one sequence, so a run's are close together): millions of messages in a few megabytes."""
+
+    def __init__(self) -> None:
+        self.base: int | None = None
+        self.bits = bytearray()
+        self.below: set[int] = set()  # ids lower than the first one seen (rare)
+        self.count = 0
+
+    def add(self, n: int) -> bool:
+        """Add `n`; False if it was there already."""
+        if self.base is None:
+            self.base = max(0, n - 1_000_000)  # records of other processes may be older
+        if n < self.base:
+            if n in self.below:
+                return False
+            self.below.add(n)
+        else:
+            byte, bit = divmod(n - self.base, 8)
+            if byte >= len(self.bits):
+                self.bits.extend(bytes(max(byte + 1 - len(self.bits), len(self.bits))))
+            if self.bits[byte] >> bit & 1:
+                return False
+            self.bits[byte] |= 1 << bit
+        self.count += 1
+        return True
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class Collector:
     """The handlers' start records, paired with their batch's commit, bucketed by interval
     of handler start."""
@@ -102,7 +134,7 @@ class Collector:
         self.interval = 1.0
         self.latency_ms: dict[int, list[float]] = defaultdict(list)  # bucket -> all groups
         self.handled: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.seen: dict[str, set[int]] = defaultdict(set)
+        self.seen: dict[str, IdSet] = defaultdict(IdSet)
         self.duplicates: dict[str, int] = defaultdict(int)
 
     def poll(self) -> None:
@@ -118,9 +150,8 @@ class Collector:
             if batch >= known:
                 self.pending.append((group, message_id, batch, started))
                 continue
-            if message_id in self.seen[group]:
+            if not self.seen[group].add(message_id):
                 self.duplicates[group] += 1
-            self.seen[group].add(message_id)
             bucket = int((started - self.started) // self.interval)
             self.handled[bucket][group] += 1
             self.latency_ms[bucket].append((started - commits[batch]) * 1000)
