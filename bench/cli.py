@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from pgcg.bench.cli_options import server_option
 from pgcg.shared.errors import PgcgError
 from pgcg.shared.extras import require_or_exit
 
@@ -74,6 +75,10 @@ def bench() -> None:
 )
 @click.option("--no-raw", is_flag=True, help="Skip the raw PostgreSQL baseline.")
 @click.option(
+    "--no-loop", is_flag=True, help="Skip the hand-written asyncio loop baseline (per handler)."
+)
+@server_option
+@click.option(
     "--timeout",
     type=float,
     default=300.0,
@@ -104,9 +109,11 @@ def bench() -> None:
     "(0.01 or 1%); e.g. off,on,1% compares each with off in the same run.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def drain(handler: str, no_raw: bool, tracing: str, as_json: bool, **options: Any) -> None:
+def drain(
+    handler: str, no_raw: bool, no_loop: bool, tracing: str, as_json: bool, **options: Any
+) -> None:
     """Enqueue N messages over K keys, drain them in key order with P consumer processes,
-    and compare with raw PostgreSQL on the same server.
+    and compare with raw PostgreSQL and a hand-written consumer loop on the same server.
 
     \b
     Example:
@@ -128,12 +135,13 @@ def drain(handler: str, no_raw: bool, tracing: str, as_json: bool, **options: An
     opts = DrainOptions(
         handlers=["noop", "sleep1ms"] if handler == "both" else [handler],
         raw=not no_raw,
+        loop=not no_loop,
         tracing=modes,
         **options,
     )
     try:
         result = run_drain(opts)
-    except (BenchError, PgcgError, ValueError) as exc:
+    except (BenchError, PgcgError, ValueError, FileNotFoundError) as exc:
         click.echo(f"pgcg bench: error: {exc}", err=True)
         raise SystemExit(getattr(exc, "exit_code", 1)) from None
     if as_json:
@@ -157,6 +165,13 @@ def _text(result: dict[str, Any]) -> str:
         lines.append(
             f"raw drain       {raw['drain']['msgs_per_s']:>9,} msgs/s "
             f"({raw['drain']['connections']} connections, batches of 100)"
+        )
+    for handler, loop in (result.get("loop") or {}).items():
+        d = loop["drain"]
+        lines.append(
+            f"loop {handler} drain {d['msgs_per_s']:>9,} msgs/s (hand-written asyncio loop: "
+            f"{d['processes']} processes x {d['connections_per_process']} connections, "
+            f"batches of {d['batch']}; key order violations={d['key_order_violations']})"
         )
     width = max((len(name) for name in result["pgcg"]), default=9)
     for name, run in result["pgcg"].items():
@@ -199,9 +214,15 @@ def _text(result: dict[str, Any]) -> str:
 
 
 def _register() -> None:
+    from pgcg.bench.idle import idle
+    from pgcg.bench.latency import latency
     from pgcg.bench.rebalance import rebalance
+    from pgcg.bench.soak import soak
 
     bench.add_command(rebalance)
+    bench.add_command(soak)
+    bench.add_command(latency)
+    bench.add_command(idle)
 
 
 _register()

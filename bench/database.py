@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.bench.throwaway import ThrowawayPostgres, server_bin
 from pgcg.shared.db import connect_sync
 from pgcg.shared.migrate import check, migrate
 
@@ -66,13 +66,15 @@ def unique_suffix() -> str:
 
 
 @contextlib.contextmanager
-def bench_database(url: str | None) -> Iterator[BenchDatabase]:
+def bench_database(url: str | None, server_spec: str | None = None) -> Iterator[BenchDatabase]:
+    """The caller's database, or a throwaway server: the embedded PostgreSQL 18, or with
+    `server_spec` another one ("15": Debian's postgresql-15; or a bin/ folder)."""
     if url is not None:
         with connect_sync(url) as conn:
             check(conn)
         yield BenchDatabase(url, None)
         return
-    server = ThrowawayPostgres()
+    server = ThrowawayPostgres(bin_dir=server_bin(server_spec))
     server.start()
     try:
         migrate(server.url)
@@ -81,13 +83,16 @@ def bench_database(url: str | None) -> Iterator[BenchDatabase]:
         server.cleanup()
 
 
-def drop_topic(dsn: str, topic: str, group: str) -> None:
-    """Remove what a bench run created for one topic and group."""
+def drop_topic(dsn: str, topic: str, group: str, *, keep_topic: bool = False) -> None:
+    """Remove what a bench run created for one topic and group (only the group's rows
+    with `keep_topic`, while other groups of the topic remain)."""
     with connect_sync(dsn, autocommit=False) as conn, conn.transaction():
         conn.execute("DELETE FROM pgcg.consumer_groups WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.partition_assignments WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.rebalances WHERE group_name = %s", (group,))
         conn.execute("DELETE FROM pgcg.subscriptions WHERE group_name = %s", (group,))
+        if keep_topic:
+            return
         conn.execute("DELETE FROM pgcg.dead_letters WHERE topic = %s", (topic,))
         conn.execute(
             sql.SQL("DROP TABLE IF EXISTS pgcg.{}").format(sql.Identifier(f"messages_{topic}"))

@@ -9,8 +9,12 @@ enqueued it (sampled at the same ratio), and the ratios compare each mode with o
 
 Phases, each on its own fresh topic/table:
   raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
-  <handler> for each handler: batched enqueue (pgcg.enqueue), then P consumers drain with
-           the partitions assigned directly and evenly (the coordinator's `assign`)
+  <handler> for each handler:
+           loop: the same rows in a plain table of its own, drained by a hand-written
+                 asyncio + psycopg loop (bench/loop.py) in P processes with the same
+                 handler and concurrency, without key order
+           pgcg: batched enqueue (pgcg.enqueue), then P consumers drain with the
+                 partitions assigned directly and evenly (the coordinator's `assign`)
 
 Drain time runs from the commit of the assignment to the first poll that finds the topic
 empty; the poll is a count(*), at most `poll_interval` apart near the end (see
@@ -32,6 +36,7 @@ from typing import Any
 from pgcg.bench.cpu import CpuMeter, postmaster_pid
 from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
 from pgcg.bench.handlers import HANDLERS
+from pgcg.bench.loop import loop_baseline
 from pgcg.bench.members import BenchError, ConsumerProcesses
 from pgcg.bench.otlp_sink import OtlpSink
 from pgcg.bench.producers import run_producers, split_by_key
@@ -59,6 +64,8 @@ class DrainOptions:
     timeout: float = 300.0
     poll_interval: float = 0.05
     raw: bool = True
+    loop: bool = True
+    server: str | None = None  # a throwaway server's bin/ (bench/throwaway.py server_bin)
     database_url: str | None = None
     profile_dir: str | None = None
     statement_stats: bool = False
@@ -129,7 +136,7 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
         raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
     result: dict[str, Any] = {"config": {k: v for k, v in asdict(opts).items()
                                          if k != "database_url"}}  # fmt: skip
-    with bench_database(opts.database_url) as db:
+    with bench_database(opts.database_url, opts.server) as db:
         if opts.statement_stats:
             result["config"]["statement_stats"] = db.enable_statement_stats()
             opts.statement_stats = result["config"]["statement_stats"]
@@ -148,9 +155,13 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
                 timeout=opts.timeout,
             )
         result["pgcg"] = {}
+        if opts.loop:
+            result["loop"] = {}
         traced = any(mode is not None for mode in opts.tracing)
         with OtlpSink() if traced else nullcontext() as sink:
             for handler in opts.handlers:
+                if opts.loop:
+                    result["loop"][handler] = _loop_run(db, opts, handler)
                 for mode in opts.tracing:
                     result["pgcg"][run_name(handler, mode)] = _pgcg_run(
                         db, opts, handler, make_workload(opts, mode), mode, sink
@@ -159,6 +170,22 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
     result["ratios"] = _ratios(result)
     result["targets"] = _targets(result)
     return result
+
+
+def _loop_run(db: BenchDatabase, opts: DrainOptions, handler: str) -> dict[str, Any]:
+    workload = make_workload(opts)
+    rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
+    return loop_baseline(
+        db.dsn,
+        postmaster_pid(db.throwaway.pgdata) if db.throwaway else None,
+        split_by_key(rows, lambda n: n % opts.keys, opts.producers),
+        handler=HANDLERS[handler],
+        processes=opts.consumers,
+        concurrency=opts.concurrency,
+        batch_size=opts.batch_size,
+        table_name=f"bench_loop_{unique_suffix()}",
+        timeout=opts.timeout,
+    )
 
 
 def _pgcg_run(
@@ -344,6 +371,7 @@ def _top_statements(conn: Any, limit: int = 8) -> list[dict[str, Any]]:
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
     ratios = _tracing_ratios(result["pgcg"])
+    ratios.update(_loop_ratios(result))
     raw = result.get("raw")
     if not raw:
         return ratios
@@ -361,6 +389,24 @@ def _ratios(result: dict[str, Any]) -> dict[str, float]:
         ratios[f"enqueue_{handler}_run_vs_raw_insert"] = round(
             run["enqueue"]["msgs_per_s"] / raw["insert"]["msgs_per_s"], 3
         )
+    return ratios
+
+
+def _loop_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """pgcg's drain against the hand-written loop with the same handler."""
+    ratios = {}
+    for handler, loop in (result.get("loop") or {}).items():
+        run = result["pgcg"].get(handler)
+        if run is None:
+            continue
+        ratios[f"drain_{handler}_vs_loop_drain"] = round(
+            run["drain"]["msgs_per_s"] / loop["drain"]["msgs_per_s"], 3
+        )
+        ours, theirs = run["drain"].get("cpu") or {}, loop["drain"].get("cpu") or {}
+        if ours.get("msgs_per_cpu_s") and theirs.get("msgs_per_cpu_s"):
+            ratios[f"drain_{handler}_vs_loop_drain_per_cpu_s"] = round(
+                ours["msgs_per_cpu_s"] / theirs["msgs_per_cpu_s"], 3
+            )
     return ratios
 
 

@@ -16,10 +16,42 @@ from typing import Any
 import psycopg
 
 from pgcg.bench.handlers import REPORT_DIR_ENV
+from pgcg.shared.queries import Queries
+
+COORD = Queries("coordinator")
 
 
 class BenchError(RuntimeError):
     pass
+
+
+def assign_evenly(
+    conn: psycopg.Connection[Any], group: str, topic: str, partitions: int, members: list[str]
+) -> None:
+    """Partitions round-robin over `members` at once, with the coordinator's statement."""
+    with conn.transaction():
+        conn.execute(COORD.assign, {
+            "group": group, "topic": topic, "partitions": list(range(partitions)),
+            "members": [members[p % len(members)] for p in range(partitions)],
+        })  # fmt: skip
+        conn.execute(COORD.notify_group, {"group": group})
+
+
+def wait_assignments_seen(conn: Any, group: str, timeout: float = 60.0) -> None:
+    """Until every member heartbeated after its partitions were assigned: the heartbeat's
+    answer carries the assignments (at once with NOTIFY, within a heartbeat without)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        behind = conn.execute(
+            "SELECT count(*) AS n FROM pgcg.partition_assignments AS pa "
+            "JOIN pgcg.consumer_groups AS cg USING (group_name, member_id) "
+            "WHERE pa.group_name = %s AND cg.last_heartbeat <= pa.assigned_at",
+            (group,),
+        ).fetchone()
+        if behind["n"] == 0:
+            return
+        time.sleep(0.05)
+    raise BenchError(f"the consumers of {group} did not see their assignments in {timeout}s")
 
 
 class ConsumerProcesses:

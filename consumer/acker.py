@@ -87,7 +87,9 @@ class Acker:
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.ctx.dsn, application_name="pgcg-acker")
+            self._conn = await connect(
+                self.ctx.dsn, application_name="pgcg-acker", through_pooler=self.ctx.through_pooler
+            )
         return self._conn
 
     async def close(self) -> None:

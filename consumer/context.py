@@ -33,6 +33,10 @@ class Context:
     wake: Wakeups = field(default_factory=Wakeups)
     stopping: bool = False
     running: int = 0  # handlers executing right now
+    # Where connections go (shared/pooler.py), decided when the consumer starts: the
+    # pooler prepares nothing, and LISTEN needs session_dsn (None: poll only).
+    through_pooler: bool = False
+    session_dsn: str | None = None
 
     @property
     def group(self) -> str:

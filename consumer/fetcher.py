@@ -35,7 +35,11 @@ class Fetcher:
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.ctx.dsn, application_name="pgcg-fetcher")
+            self._conn = await connect(
+                self.ctx.dsn,
+                application_name="pgcg-fetcher",
+                through_pooler=self.ctx.through_pooler,
+            )
         return self._conn
 
     async def close(self) -> None:

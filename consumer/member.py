@@ -75,6 +75,7 @@ class Membership:
         self.answered_sent_at = 0.0
         self.partitions = 0
         self._conn: AsyncConn | None = None
+        self.through_pooler = False  # set by the consumer once it knows (pooler.py)
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -82,7 +83,11 @@ class Membership:
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.dsn, application_name=f"pgcg-member:{self.group}")
+            self._conn = await connect(
+                self.dsn,
+                application_name=f"pgcg-member:{self.group}",
+                through_pooler=self.through_pooler,
+            )
         return self._conn
 
     async def _drop_connection(self) -> None:

@@ -250,7 +250,9 @@ class ConsumerObserver:
         owned = sorted(ctx.assignment.owned)
         if owned:
             if self._conn is None or self._conn.closed:
-                self._conn = await connect(ctx.dsn, application_name="pgcg-observer")
+                self._conn = await connect(
+                    ctx.dsn, application_name="pgcg-observer", through_pooler=ctx.through_pooler
+                )
             with translated(ctx.dsn):
                 cur = await self._conn.execute(
                     Q.partition_lag, {"topic": ctx.topic, "partitions": owned}

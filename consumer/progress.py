@@ -210,7 +210,11 @@ class Progress:
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.ctx.dsn, application_name="pgcg-progress")
+            self._conn = await connect(
+                self.ctx.dsn,
+                application_name="pgcg-progress",
+                through_pooler=self.ctx.through_pooler,
+            )
         return self._conn
 
     async def close(self) -> None:

@@ -39,7 +39,7 @@ from pgcg.consumer.progress import Progress
 from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
-from pgcg.shared import names
+from pgcg.shared import names, pooler
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.loops import reconnecting
@@ -106,6 +106,7 @@ class Consumer:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         ctx = self.ctx
+        await self._route()
         await ctx.membership.join()
         self.joined.set()
         try:
@@ -115,7 +116,8 @@ class Consumer:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     tg.start_soon(self._heartbeat_loop)
-                    tg.start_soon(self._listener_loop)
+                    if ctx.settings.listen and ctx.session_dsn is not None:
+                        tg.start_soon(self._listener_loop)
                     tg.start_soon(self.fetcher.run)
                     tg.start_soon(self._dispatch_loop)
                     tg.start_soon(self.acker.run)
@@ -126,6 +128,26 @@ class Consumer:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close()
+
+    async def _route(self) -> None:
+        """Decide where connections go (pooler.py) before the first one is made."""
+        ctx = self.ctx
+        route = await pooler.route(ctx.settings, ctx.dsn)
+        ctx.through_pooler = ctx.membership.through_pooler = route.pooled
+        ctx.session_dsn = route.session_dsn
+        if not ctx.settings.listen:
+            log.info(
+                "LISTEN is off (PGCG_LISTEN=false): polling for new messages and assignments",
+                extra={"action": "listen_off", **ctx.fields},
+            )
+        elif route.session_dsn is None:
+            log.warning(
+                "PGCG_DATABASE_URL goes through a transaction pooler and "
+                "PGCG_SESSION_DATABASE_URL is not set: cannot LISTEN, so new messages wait "
+                "up to %gs (PGCG_POLL_INTERVAL) and assignment changes up to a heartbeat",
+                ctx.settings.poll_interval,
+                extra={"action": "listen_unavailable", **ctx.fields},
+            )
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -248,6 +270,8 @@ class Consumer:
 
     async def _listener_loop(self) -> None:
         ctx = self.ctx
+        dsn = ctx.session_dsn
+        assert dsn is not None, "started only with a session to LISTEN on"
         topic_channel = names.topic_channel(ctx.topic)
         group_channel = names.group_channel(ctx.group)
         while True:
@@ -255,8 +279,8 @@ class Consumer:
             try:
                 async for attempt in reconnecting(log, "listen", **ctx.fields):
                     with attempt:
-                        conn = await connect(ctx.dsn, application_name="pgcg-listener")
-                        with translated(ctx.dsn):
+                        conn = await connect(dsn, application_name="pgcg-listener")
+                        with translated(dsn):
                             for channel in (topic_channel, group_channel):
                                 await conn.execute(
                                     sql.SQL("LISTEN {}").format(sql.Identifier(channel))
@@ -265,7 +289,7 @@ class Consumer:
                 ctx.wake.fetch.set()
                 ctx.wake.heartbeat.set()
                 assert conn is not None
-                with translated(ctx.dsn):
+                with translated(dsn):
                     async with contextlib.aclosing(conn.notifies()) as notifies:
                         async for note in notifies:
                             if note.channel == group_channel:
@@ -328,7 +352,9 @@ class Consumer:
         ctx = self.ctx
         if not parts:
             return
-        conn = await connect(ctx.dsn, application_name="pgcg-release")
+        conn = await connect(
+            ctx.dsn, application_name="pgcg-release", through_pooler=ctx.through_pooler
+        )
         try:
             with ctx.assignment.handing_off(parts), translated(ctx.dsn):
                 cur = await conn.execute(

@@ -201,8 +201,9 @@ class Transactional:
                 # One connection per running handler at most; it grows on demand.
                 size = self.ctx.settings.concurrency
                 self._pool = await open_pool(
-                    self.ctx.dsn, min_size=min(size, 4), max_size=size, name="pgcg-handler-tx"
-                )
+                    self.ctx.dsn, min_size=min(size, 4), max_size=size, name="pgcg-handler-tx",
+                    through_pooler=self.ctx.through_pooler,
+                )  # fmt: skip
         return self._pool
 
     async def close(self) -> None:

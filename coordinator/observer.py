@@ -107,7 +107,11 @@ class CoordinatorObserver:
             if topic is None:
                 continue
             if self._conn is None or self._conn.closed:
-                self._conn = await connect(coordinator.dsn, application_name="pgcg-observer")
+                self._conn = await connect(
+                    coordinator.dsn,
+                    application_name="pgcg-observer",
+                    through_pooler=coordinator.through_pooler,
+                )
             with translated(coordinator.dsn):
                 cur = await self._conn.execute(
                     Q.partition_lag, {"topic": topic, "partitions": None}

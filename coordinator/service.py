@@ -21,9 +21,9 @@ from psycopg import sql
 
 from pgcg.coordinator.elector import Elector
 from pgcg.coordinator.rebalancer import LostLeadership, Outcome, rebalance
-from pgcg.shared import names
+from pgcg.shared import names, pooler
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.errors import ConfigError, DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
@@ -44,6 +44,10 @@ class Coordinator:
         self.settings = settings
         self.dsn = dsn or settings.dsn()
         self.only = [names.group_name(g) for g in groups] if groups else None
+        # The leader lock and LISTEN need a session: PGCG_SESSION_DATABASE_URL when
+        # self.dsn goes through a transaction pooler (decided in run(), see pooler.py).
+        self.session_dsn = self.dsn
+        self.through_pooler = False
         self.elector = Elector(self.dsn, leader_timeout=settings.leader_timeout)
         self.topics: dict[str, str] = {}  # group -> topic
         self.dirty: dict[str, str] = {}  # group -> reason of the pending rebalance
@@ -59,6 +63,7 @@ class Coordinator:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         # Fail fast, with the one-line error, on a missing schema or a wrong URL.
+        await self._route()
         await self._refresh_groups()
         log.info(
             "coordinator started",
@@ -79,6 +84,17 @@ class Coordinator:
             await self.elector.close()
         log.info("coordinator stopped", extra={"action": "coordinator_stopped",
                                                "leader_id": self.leader_id})  # fmt: skip
+
+    async def _route(self) -> None:
+        route = await pooler.route(self.settings, self.dsn)
+        if route.session_dsn is None:
+            raise ConfigError(
+                "PGCG_DATABASE_URL goes through a transaction pooler, where the leader's "
+                "advisory lock would stay behind on a server connection other clients use: "
+                "set PGCG_SESSION_DATABASE_URL to a direct URL of the same database"
+            )
+        self.through_pooler = route.pooled
+        self.session_dsn = self.elector.dsn = route.session_dsn
 
     async def run_until_stopped(self) -> None:
         await self.run(install_signal_handlers=False)
@@ -114,7 +130,7 @@ class Coordinator:
     async def _refresh_groups(self) -> None:
         async with self.elector.conn_lock:
             conn = await self.elector.connection()
-            with translated(self.dsn):
+            with translated(self.session_dsn):
                 rows = await (await conn.execute(Q.groups)).fetchall()
         self.topics = {
             r["group_name"]: r["topic"]
@@ -128,8 +144,8 @@ class Coordinator:
             try:
                 async for attempt in reconnecting(log, "coordinator listen"):
                     with attempt:
-                        conn = await connect(self.dsn, application_name="pgcg-coord-listen")
-                        with translated(self.dsn):
+                        conn = await connect(self.session_dsn, application_name="pgcg-coord-listen")
+                        with translated(self.session_dsn):
                             await conn.execute(
                                 sql.SQL("LISTEN {}").format(
                                     sql.Identifier(names.COORDINATOR_CHANNEL)
@@ -139,7 +155,7 @@ class Coordinator:
                 for group in self.elector.leading():
                     self.mark(group, "listener reconnected")
                 assert conn is not None
-                with translated(self.dsn):
+                with translated(self.session_dsn):
                     async with contextlib.aclosing(conn.notifies()) as notifies:
                         async for note in notifies:
                             self._on_notify(note.payload)
@@ -182,7 +198,7 @@ class Coordinator:
         try:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
-                with translated(self.dsn):
+                with translated(self.session_dsn):
                     cur = await conn.execute(Q.expired_groups, {"groups": leading})
                     return [r["group_name"] for r in await cur.fetchall()]
         except DatabaseUnavailable:

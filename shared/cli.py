@@ -259,7 +259,7 @@ def _parse_json(text: str, where: str) -> Any:
 @click.option("--delay", type=float, default=0.0, help="Seconds before it may be handled.")
 @click.option("--batch-size", type=int, default=1000, show_default=True,
               help="Messages per statement when reading JSON lines.")  # fmt: skip
-@with_settings("database_url", "max_payload_bytes", "log_level", "log_format")
+@with_settings("database_url", "pooler", "max_payload_bytes", "log_level", "log_format")
 @run_cli
 def produce(
     topic_: str,
@@ -280,6 +280,7 @@ def produce(
       cat orders.jsonl | pgcg produce --topic orders
     A bad line stops the run: nothing of its batch is written, earlier batches are.
     """
+    from pgcg.shared import pooler
     from pgcg.shared.db import connect_sync
     from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
     from pgcg.shared.tracing import setup_tracing
@@ -312,6 +313,7 @@ def produce(
     total = 0
     batch: list[OutgoingMessage] = []
     with connect_sync(dsn) as conn:
+        pooler.adjust(conn, settings)  # one statement many times: prepared, unless pooled
 
         def flush() -> None:
             nonlocal total
@@ -414,7 +416,7 @@ def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="--watch period.")
-@with_settings("database_url", "leader_timeout", "log_level", "log_format")
+@with_settings("database_url", "pooler", "leader_timeout", "log_level", "log_format")
 @run_cli
 def status(
     group: str | None, as_json: bool, watch: bool, interval: float, settings: Settings
@@ -430,7 +432,7 @@ def status(
     import math
     import time
 
-    from pgcg.shared import names
+    from pgcg.shared import names, pooler
     from pgcg.shared import status as st
     from pgcg.shared.db import connect_sync
 
@@ -439,6 +441,8 @@ def status(
     if group is not None:
         names.group_name(group)
     with connect_sync(settings.dsn()) as conn:
+        if watch:
+            pooler.adjust(conn, settings)
         while True:
             snapshot = st.collect(conn, group, leader_timeout=settings.leader_timeout)
             # JSON escapes control characters itself.

@@ -223,9 +223,16 @@ def _loads(data: bytes) -> Any:
 
 
 async def connect(
-    dsn: str, *, autocommit: bool = True, application_name: str = "pgcg"
+    dsn: str,
+    *,
+    autocommit: bool = True,
+    application_name: str = "pgcg",
+    through_pooler: bool = False,
 ) -> AsyncConn:
-    """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one)."""
+    """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one).
+
+    `through_pooler`: `dsn` goes through a transaction pooler (see pooler.py), so nothing
+    is prepared: the next transaction may run on a server connection that never saw it."""
     remember(dsn)
     with translated(dsn):
         conn = await psycopg.AsyncConnection.connect(
@@ -234,6 +241,7 @@ async def connect(
             row_factory=dict_row,
             application_name=application_name,
             connect_timeout=10,
+            prepare_threshold=None if through_pooler else 5,
         )
     if _json_loads_is_default():
         set_json_loads(_loads, conn)
@@ -257,7 +265,12 @@ def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dic
 
 
 async def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 4, name: str = "pgcg"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    name: str = "pgcg",
+    through_pooler: bool = False,
 ) -> AsyncConnectionPool[AsyncConn]:
     async def configure(conn: AsyncConn) -> None:
         await conn.set_autocommit(True)
@@ -269,7 +282,12 @@ async def open_pool(
         max_size=max_size,
         open=False,
         name=name,
-        kwargs={"row_factory": dict_row, "application_name": name, "connect_timeout": 10},
+        kwargs={
+            "row_factory": dict_row,
+            "application_name": name,
+            "connect_timeout": 10,
+            "prepare_threshold": None if through_pooler else 5,
+        },
         configure=configure,
     )
     with translated(dsn):

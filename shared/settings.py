@@ -24,6 +24,23 @@ class Settings(BaseSettings):
         description="PostgreSQL connection URL (postgresql://user:pass@host:5432/db). "
         "Required except for `pgcg demo`, which starts a throwaway server without it.",
     )
+    session_database_url: SecretStr | None = Field(
+        None,
+        description="Direct PostgreSQL URL (same database) for what needs a session of its "
+        "own when PGCG_DATABASE_URL goes through a transaction pooler: the coordinator's "
+        "leader lock and LISTEN. Unset: PGCG_DATABASE_URL, unless that is pooled.",
+    )
+    pooler: Literal["auto", "none", "transaction"] = Field(
+        "auto",
+        description="`transaction`: PGCG_DATABASE_URL goes through a transaction-mode pooler "
+        "(PgBouncer pool_mode=transaction): no prepared statements on it, and LISTEN and the "
+        "leader lock use PGCG_SESSION_DATABASE_URL. `auto` detects a pooler at start.",
+    )
+    listen: bool = Field(
+        True,
+        description="LISTEN for new messages and assignment changes; false: poll only "
+        "(new messages within poll_interval, assignments within heartbeat_interval).",
+    )
     heartbeat_interval: float = Field(
         2.0,
         gt=0,
@@ -136,6 +153,11 @@ class Settings(BaseSettings):
                 "e.g. postgresql://user:password@localhost:5432/app"
             )
         return self.database_url.get_secret_value()
+
+    def session_dsn(self) -> str | None:
+        """PGCG_SESSION_DATABASE_URL as given (see shared/pooler.py for what uses it)."""
+        url = self.session_database_url
+        return url.get_secret_value() if url is not None else None
 
     @property
     def lease_margin(self) -> float:

@@ -45,7 +45,8 @@ async def _connections() -> AsyncConnectionPool[Any]:
     async with _lock:
         if _pool is None:
             _pool = AsyncConnectionPool(
-                os.environ["PGCG_DATABASE_URL"],
+                # TEST_JOURNAL_URL: straight to the server when pgcg goes through a pooler.
+                os.environ.get("TEST_JOURNAL_URL") or os.environ["PGCG_DATABASE_URL"],
                 min_size=4,
                 max_size=4,
                 kwargs={"autocommit": True},

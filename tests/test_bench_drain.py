@@ -22,7 +22,7 @@ def test_traced_drains_export_their_process_spans(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9")
     opts = DrainOptions(
         messages=400, keys=20, consumers=2, partitions=4, handlers=["noop"], raw=False,
-        database_url=dsn, tracing=[None, 1.0, 0.25], timeout=120,
+        loop=False, database_url=dsn, tracing=[None, 1.0, 0.25], timeout=120,
     )  # fmt: skip
     result = run_drain(opts)
     runs = result["pgcg"]
