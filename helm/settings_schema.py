@@ -51,12 +51,15 @@ READERS: dict[str, tuple[str, ...]] = {
     "max_payload_bytes": ("consumer",),
     "prefetch": ("consumer",),
     "poll_interval": ("consumer",),
+    "listen": ("consumer",),
+    "pooler": ("consumer", "coordinator"),
     "http_port": ("consumer", "coordinator"),
     "instrument_psycopg": ("consumer", "coordinator"),
     "log_format": ("consumer", "coordinator"),
     "log_level": ("consumer", "coordinator"),
 }
-NOT_IN_CHART = {"database_url"}
+# URLs come from Secrets (databaseUrl / sessionDatabaseUrl), never from the settings map.
+NOT_IN_CHART = {"database_url", "session_database_url"}
 # Consumer settings a group may not set for itself: the probes, the metrics Service and
 # the NetworkPolicy address every pod on one port.
 NOT_PER_GROUP = {"http_port"}

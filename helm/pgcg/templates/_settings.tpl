@@ -4,6 +4,19 @@ Each chart setting: its variable, type, bounds, pgcg's default, the workloads
 that read it, and whether a group may set it for itself. Read with fromYaml.
 */}}
 {{- define "pgcg.settingsSpec" -}}
+pooler:
+  env: "PGCG_POOLER"
+  readers: ["consumer", "coordinator"]
+  type: "enum"
+  enum: ["auto", "none", "transaction"]
+  default: "auto"
+  perGroup: true
+listen:
+  env: "PGCG_LISTEN"
+  readers: ["consumer"]
+  type: "boolean"
+  default: true
+  perGroup: true
 heartbeatInterval:
   env: "PGCG_HEARTBEAT_INTERVAL"
   readers: ["consumer", "coordinator"]
@@ -59,6 +72,7 @@ retryBase:
   readers: ["consumer"]
   type: "number"
   exclusiveMinimum: 0
+  maximum: 315360000
   default: 1.0
   perGroup: true
 retryMax:
@@ -66,6 +80,7 @@ retryMax:
   readers: ["consumer"]
   type: "number"
   exclusiveMinimum: 0
+  maximum: 315360000
   default: 300.0
   perGroup: true
 visibilityTimeout:
@@ -114,7 +129,7 @@ logFormat:
   env: "PGCG_LOG_FORMAT"
   readers: ["consumer", "coordinator"]
   type: "enum"
-  enum: ["auto", "json", "text"]
+  enum: ["auto", "json", "text", "none"]
   default: "auto"
   perGroup: true
 logLevel:
