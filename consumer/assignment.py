@@ -19,6 +19,7 @@ import anyio
 from opentelemetry import trace
 
 from pgcg.consumer.member import AssignmentRow
+from pgcg.consumer.message import Item
 from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.shared import tracing
 
@@ -30,7 +31,7 @@ class Owned:
     partition: int
     epoch: int
     state: str  # assigned | revoking
-    adopted: bool = False  # our earlier claims under this epoch were put back (see adopt)
+    adopted: bool = False  # the group's state here was read back (see adopt)
     revoke_by: float | None = None  # monotonic: cancel in-flight work and release by then
     scopes: set[anyio.CancelScope] = field(default_factory=set)
     # Set once its handlers were cancelled (partition lost, drain time up): a cancelled
@@ -43,6 +44,57 @@ class Owned:
             scope.cancel()
 
     revoke_span: trace.Span | None = None  # open from the revocation to the release
+
+    # What the member read and finished here (set by adopt; see reader.py).
+    gen: int = 0  # the group's seek generation
+    done: int = 0  # every batch up to this tick has been read
+    cur: int | None = None  # the batch being read (the one after `done`)...
+    cur_offset: int | None = None  # ...and the last offset read in it
+    finished: set[int] = field(default_factory=set)  # offsets finished above the position
+    unfinished: dict[int, int] = field(default_factory=dict)  # batch (its a_tick) -> count
+    saved: int = 0  # the position last written
+    blocked_since: tuple[int, float] | None = None  # (position, monotonic) while it holds
+    # Keys with messages in the group's parked queue (as far as this member knows), and
+    # the writer round after which a fetch sees each of our own parks.
+    parked_keys: set[str] = field(default_factory=set)
+    recent_parks: dict[str, int] = field(default_factory=dict)
+    # False once something of this epoch may still be running after we let go (handlers
+    # cancelled at a drain deadline, threads that would not stop): the next owner charges.
+    clean: bool = True
+
+    def position(self) -> int:
+        """The tick up to which every batch of this partition is finished."""
+        waiting = [a for a, n in self.unfinished.items() if n > 0]
+        return min(waiting) if waiting else self.done
+
+    def read_log(self, item: Item) -> None:
+        """A log message of batch `item.a_tick` is held: the position waits for it."""
+        assert item.a_tick is not None
+        self.unfinished[item.a_tick] = self.unfinished.get(item.a_tick, 0) + 1
+
+    def finished_log(self, item: Item) -> None:
+        """A log message is done with (handled, dead-lettered or parked)."""
+        if item.a_tick is None:
+            return
+        left = self.unfinished.get(item.a_tick, 0) - 1
+        if left > 0:
+            self.unfinished[item.a_tick] = left
+        else:
+            self.unfinished.pop(item.a_tick, None)
+        item.a_tick = None
+
+    def parked_left(self, key: str, remaining: int | None) -> None:
+        """A parked message of `key` finished; `remaining` of the key are still parked."""
+        if remaining == 0:
+            self.parked_keys.discard(key)
+
+    def reset_reading(self) -> None:
+        """Back to the durable position: the next adopt reads state back from there."""
+        self.adopted = False
+        self.cur = self.cur_offset = None
+        self.unfinished.clear()
+        self.finished.clear()
+        self.blocked_since = None
 
 
 @dataclass
@@ -133,12 +185,12 @@ class Assignment:
                     )  # fmt: skip
             elif row.state == "assigned" and mine.state == "revoking":
                 # The leader changed its mind (the target left): keep the partition. The
-                # revoke dropped its buffered messages while their rows stay claimed under
-                # this epoch, which the claim skips: adopt them again, or the key's later
-                # messages overtake them.
+                # revoke dropped its buffered messages: read again from the durable
+                # position (adopt tells what was finished), or the reader's cursor would
+                # have passed messages no longer held.
                 mine.state = "assigned"
                 mine.revoke_by = None
-                mine.adopted = False
+                mine.reset_reading()
                 changes.resumed.append(mine)
                 _end_revoke(mine, "resumed")
         for partition in [p for p in self.owned if p not in seen | self._handing_off]:

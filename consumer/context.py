@@ -20,6 +20,7 @@ class Wakeups:
     heartbeat: Signal = field(default_factory=Signal)  # assignments may have changed
     release: Signal = field(default_factory=Signal)  # a revoked partition may be drained
     acks: Signal = field(default_factory=Signal)  # results wait to be written
+    parked: Signal = field(default_factory=Signal)  # parked messages may be ready to load
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable, InvalidInput, UnknownTopic
+from pgcg.shared.errors import DatabaseUnavailable, UnknownTopic
 from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.consumer.member")
@@ -96,7 +96,7 @@ class Membership:
             self._conn = None
 
     async def join(self, *, rejoin: bool = False) -> None:
-        """Insert our member row (subscribing the group to the topic on first use)."""
+        """Insert our member row (creating the group on first use)."""
         if rejoin:
             self.member_id = new_member_id()
         params = {
@@ -120,14 +120,9 @@ class Membership:
                         )
                     self.partitions = int(row["partitions"])
                     params["partitions"] = self.partitions
-                    await conn.execute(Q.subscribe, params)
-                    sub = await (await conn.execute(Q.subscription, params)).fetchone()
-                    if sub is not None and sub["topic"] != self.topic:
-                        raise InvalidInput(
-                            f"group {self.group!r} consumes topic {sub['topic']!r}, not "
-                            f"{self.topic!r}: a group consumes one topic; use another group name"
-                        )
-                    await conn.execute(Q.ensure_assignment_rows, params)
+                    # A group that does not exist yet starts at the earliest message; one
+                    # of another topic is refused (a group consumes one topic).
+                    await conn.execute(Q.create_group, params)
                     sent = time.monotonic()
                     await conn.execute(Q.join, params)
                     await conn.execute(Q.notify_coordinator, params)

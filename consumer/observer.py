@@ -29,9 +29,9 @@ from pgcg.shared.loops import refresh_forever
 from pgcg.shared.queries import Queries
 
 if TYPE_CHECKING:
-    from pgcg.consumer.acker import Result
     from pgcg.consumer.context import Context
     from pgcg.consumer.service import Consumer
+    from pgcg.consumer.writer import Result
 
 log = logging.getLogger("pgcg.consumer.observer")
 Q = Queries("observer")
@@ -131,21 +131,24 @@ def _message_fields(ctx: Context, message: Message, action: str) -> dict[str, An
 
 
 def record_results(
-    ctx: Context, batch: Iterable[Result], done: set[int], retried: Iterable[int]
+    ctx: Context,
+    batch: Iterable[Result],
+    logs: dict[tuple[int, int], dict[str, Any]],
+    parked: dict[int, dict[str, Any]],
 ) -> None:
-    """Count the results a fenced write accepted (rejected ones were never acked)."""
-    retried_ids = set(retried)
+    """Count the results a fenced write accepted (rejected ones were never written)."""
     ok = retries = dead = 0
     for result in batch:
-        item_id = result.item.id
-        if item_id not in done:
+        item = result.item
+        row = parked.get(item.parked_id) if item.parked else logs.get((item.partition, item.offset))
+        if row is None or not row["ok"]:
             continue
         if result.ok:
             ok += 1
-        elif item_id in retried_ids:
-            retries += 1
-        else:
+        elif result.dead or ctx.retry.exhausted(item.message.attempt):
             dead += 1
+        else:
+            retries += 1
     attributes = group_attributes(ctx)
     if ok:
         metrics.processed.add(ok, attributes)
@@ -254,11 +257,13 @@ class ConsumerObserver:
                     ctx.dsn, application_name="pgcg-observer", through_pooler=ctx.through_pooler
                 )
             with translated(ctx.dsn):
-                cur = await self._conn.execute(
-                    Q.partition_lag, {"topic": ctx.topic, "partitions": owned}
-                )
+                cur = await self._conn.execute(Q.group_lag, {"group": ctx.group})
                 rows = await cur.fetchall()
-            self.lag = {r["partition"]: (int(r["messages"]), float(r["oldest_s"])) for r in rows}
+            self.lag = {
+                r["partition"]: (int(r["lag"]), float(r["age_s"]))
+                for r in rows
+                if r["partition"] in ctx.assignment.owned
+            }
         else:
             self.lag = {}
         self.refreshed.set()

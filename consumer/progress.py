@@ -15,7 +15,6 @@ partition gone drops it (which cancels its handlers) like a rejected ack.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -29,7 +28,8 @@ import psycopg
 from opentelemetry import metrics
 
 from pgcg.consumer.context import Context
-from pgcg.consumer.message import Claimed, Message
+from pgcg.consumer.message import Item, Message
+from pgcg.consumer.writer import Writer
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable, InvalidInput
 from pgcg.shared.loops import Signal
@@ -66,7 +66,7 @@ _stuck = _meter.create_counter(
 class Delivery:
     """One message in a handler: its deadline and its latest progress report."""
 
-    item: Claimed
+    item: Item
     deadline: anyio.CancelScope  # the handler runs inside it; a report moves its deadline
     message: Message = field(init=False)
     percent: float | None = None
@@ -79,8 +79,9 @@ class Delivery:
 class Progress:
     """Deadlines of running handlers, and the loop that writes their progress reports."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, writer: Writer) -> None:
         self.ctx = ctx
+        self.writer = writer
         self._live: dict[int, Delivery] = {}
         self._wake = Signal()
         self._conn: AsyncConn | None = None
@@ -91,7 +92,7 @@ class Progress:
 
     # -- the handler's side ---------------------------------------------------------------
 
-    def start(self, item: Claimed) -> Delivery:
+    def start(self, item: Item) -> Delivery:
         """A handler is about to run on `item`: its deadline, and the message it gets."""
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.visibility)
         delivery = Delivery(item, scope)
@@ -99,11 +100,15 @@ class Progress:
         async def report(percent: float, text: str = "") -> None:
             await self.report(delivery, percent, text)
 
-        delivery.message = dataclasses.replace(item.message, reporter=report)
+        # The item's message is this delivery's alone (a retry is a new delivery with a new
+        # reporter), so set the reporter in place: a copy per message costs more than all
+        # the rest of starting it.
+        object.__setattr__(item.message, "reporter", report)
+        delivery.message = item.message
         self._live[item.id] = delivery
         return delivery
 
-    def end(self, item: Claimed) -> None:
+    def end(self, item: Item) -> None:
         """The handler is done (whatever the outcome): nothing more to write for it."""
         self._live.pop(item.id, None)
 
@@ -119,6 +124,11 @@ class Progress:
         delivery.text = text[:MAX_TEXT]
         delivery.reports += 1
         _reports.add(1, {"group": self.ctx.group, "topic": self.ctx.topic})
+        item = delivery.item
+        if not item.parked and not item.parking:
+            # A long delivery: park it (it goes on running), so it does not hold the
+            # partition's position, and its progress has a row to go to.
+            self.writer.park_key(item.key, "long")
         if not delivery.dirty:
             delivery.dirty = True
             self._wake.set()  # the writer works out when this one is due
@@ -152,11 +162,13 @@ class Progress:
             due = [
                 d
                 for d in self._live.values()
-                if d.dirty and now - d.written_at >= MIN_WRITE_INTERVAL
+                if d.dirty and now - d.written_at >= MIN_WRITE_INTERVAL and d.item.parked
             ]
             if due:
                 await self.write(due)
-            waiting = [d.written_at for d in self._live.values() if d.dirty]
+            waiting = [d.written_at for d in self._live.values() if d.dirty and d.item.parked]
+            if any(d.dirty and not d.item.parked for d in self._live.values()):
+                waiting.append(now - MIN_WRITE_INTERVAL + 0.1)  # its park is on the way
             timeout = None
             if waiting:
                 timeout = max(min(waiting) + MIN_WRITE_INTERVAL - time.monotonic(), 0.01)
@@ -174,14 +186,14 @@ class Progress:
             conn = await self._connection()
             with translated(ctx.dsn):
                 cur = await conn.execute(
-                    Q.progress,
+                    Q.report_progress,
                     ctx.params(
                         partitions=[i.partition for i in items],
                         epochs=[i.epoch for i in items],
-                        ids=[i.id for i in items],
+                        ids=[i.parked_id for i in items],
                         percents=[d.percent for d in due],
                         texts=[d.text for d in due],
-                        visibility_s=self.visibility,
+                        visibility_ms=round(self.visibility * 1000),
                     ),
                 )
                 rows = await cur.fetchall()

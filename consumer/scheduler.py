@@ -1,21 +1,25 @@
-"""Per-key FIFO over claimed messages. Pure bookkeeping: no I/O, no clock of its own.
+"""Per-key FIFO over the messages a member holds. Pure bookkeeping: no I/O, no clock of its own.
 
-Rules, which hold from the claimed rows alone (so also right after a hand-off):
-- A key's messages are handed out in id order, one at a time: the next only after the
-  previous one is finished (acked or dead-lettered).
-- A key whose oldest message is not yet due (waiting for a retry) is blocked as a whole;
-  a later message of the same key never overtakes it.
+Rules, which hold from what was read alone (so also right after a hand-off):
+- A key's messages are handed out in the key's order (`Item.order`: its parked messages
+  first, then its log messages by position), one at a time: the next only after the
+  previous one is finished (its result committed).
+- A key whose first message is not yet due (a short delay) is blocked as a whole; a later
+  message of the same key never overtakes it.
 - Different keys are independent: a failing or slow key blocks nobody else.
+- A key can be taken out whole (it is being parked); a head handed out but not started
+  (its start was refused) goes back to the front.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterable
 
-from pgcg.consumer.message import Claimed
+from pgcg.consumer.message import Item
 
 
 class _KeyQueue:
@@ -23,19 +27,20 @@ class _KeyQueue:
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
-        self.items: deque[Claimed] = deque()
-        self.busy = False  # its head is with a handler or waiting for its ack
+        self.items: deque[Item] = deque()
+        self.busy = False  # its head is out: starting, with a handler, or being written
 
-    def insert(self, item: Claimed) -> None:
-        if not self.items or item.id > self.items[-1].id:
+    def insert(self, item: Item) -> None:
+        if not self.items or item.order > self.items[-1].order:
             self.items.append(item)
             return
-        # A late commit or a replayed dead letter arrives with a lower id than what is
-        # buffered: it goes in id order, but never ahead of a head already being handled.
+        # An item that sorts earlier than what is buffered (a parked message loaded after
+        # the key's log messages were read) goes in order, but never ahead of a head
+        # already out.
         ordered = list(self.items)
         start = 1 if self.busy else 0
-        ids = [c.id for c in ordered[start:]]
-        ordered.insert(start + bisect.bisect_left(ids, item.id), item)
+        orders = [c.order for c in ordered[start:]]
+        ordered.insert(start + bisect.bisect_left(orders, item.order), item)
         self.items = deque(ordered)
 
 
@@ -43,24 +48,22 @@ class KeyScheduler:
     def __init__(self) -> None:
         self._keys: dict[str, _KeyQueue] = {}
         self._ready: dict[str, None] = {}  # idle keys whose head is due, oldest first
-        self._timed: list[tuple[float, int, str]] = []  # (due, head id, key) of blocked heads
+        self._timed: list[tuple[float, int, str]] = []  # (due, head uid, key) of blocked heads
         self._known: set[int] = set()
         self._buffered_by_partition: dict[int, int] = {}
         self._busy_by_partition: dict[int, int] = {}
-        # Keys whose head waits for its time and whose later messages went back to the
-        # table (see trim_waiting); the fetcher does not claim them until the head is done.
-        self._held: dict[str, int] = {}  # key -> partition
-        self.held_released = False  # a held key moved on: its later messages are claimable
+        self._bytes = 0
 
-    # -- adding --------------------------------------------------------------------------
+    # -- adding ----------------------------------------------------------------------------
 
-    def add(self, items: Iterable[Claimed], now: float) -> int:
-        """Buffer claimed messages; ids already known are ignored. Returns how many were new."""
+    def add(self, items: Iterable[Item], now: float) -> int:
+        """Hold messages; ones already held are ignored. Returns how many were new."""
         added = 0
         for item in items:
-            if item.id in self._known:
+            if item.uid in self._known:
                 continue
-            self._known.add(item.id)
+            self._known.add(item.uid)
+            self._bytes += item.size
             queue = self._keys.get(item.key)
             if queue is None:
                 queue = self._keys[item.key] = _KeyQueue(item.partition)
@@ -73,13 +76,16 @@ class KeyScheduler:
                 self._schedule(item.key, queue, now)
         return added
 
+    def holds(self, uid: int) -> bool:
+        return uid in self._known
+
     def _schedule(self, key: str, queue: _KeyQueue, now: float) -> None:
         head = queue.items[0]
         if head.due <= now:
             self._ready[key] = None
         else:
             self._ready.pop(key, None)
-            heapq.heappush(self._timed, (head.due, head.id, key))
+            heapq.heappush(self._timed, (head.due, head.uid, key))
 
     # -- handing out -----------------------------------------------------------------------
 
@@ -90,20 +96,20 @@ class KeyScheduler:
 
     def _promote(self, now: float) -> None:
         while self._timed and self._timed[0][0] <= now:
-            _, head_id, key = heapq.heappop(self._timed)
+            _, head_uid, key = heapq.heappop(self._timed)
             queue = self._keys.get(key)
             # Stale heap entries (the head changed, the key went busy or was dropped) are
             # skipped rather than removed eagerly.
-            if queue and not queue.busy and queue.items and queue.items[0].id == head_id:
+            if queue and not queue.busy and queue.items and queue.items[0].uid == head_uid:
                 if queue.items[0].due <= now:
                     self._ready[key] = None
                 else:
-                    heapq.heappush(self._timed, (queue.items[0].due, head_id, key))
+                    heapq.heappush(self._timed, (queue.items[0].due, head_uid, key))
 
-    def take(self, now: float, limit: int) -> list[Claimed]:
+    def take(self, now: float, limit: int) -> list[Item]:
         """Up to `limit` heads of idle keys that are due; their keys become busy."""
         self._promote(now)
-        taken: list[Claimed] = []
+        taken: list[Item] = []
         while self._ready and len(taken) < limit:
             key = next(iter(self._ready))
             del self._ready[key]
@@ -119,9 +125,9 @@ class KeyScheduler:
     def next_due(self) -> float | None:
         """When the earliest blocked head becomes due (monotonic), if any."""
         while self._timed:
-            due, head_id, key = self._timed[0]
+            due, head_uid, key = self._timed[0]
             queue = self._keys.get(key)
-            if queue and not queue.busy and queue.items and queue.items[0].id == head_id:
+            if queue and not queue.busy and queue.items and queue.items[0].uid == head_uid:
                 return due
             heapq.heappop(self._timed)
         return None
@@ -131,120 +137,120 @@ class KeyScheduler:
 
     # -- results ---------------------------------------------------------------------------
 
-    def finish(self, item: Claimed, now: float) -> None:
-        """The head was acked or dead-lettered: the key moves on to its next message."""
+    def finish(self, item: Item, now: float) -> None:
+        """The head's result is committed: the key moves on to its next message."""
         queue = self._release(item)
         if queue is None:
             return
         queue.items.popleft()
-        self._known.discard(item.id)
-        self._buffered_by_partition[item.partition] -= 1
-        if self._held.pop(item.key, None) is not None:
-            self.held_released = True
+        self._forget(item)
         if queue.items:
             self._schedule(item.key, queue, now)
         else:
             del self._keys[item.key]
 
-    def defer(self, item: Claimed, due: float, now: float) -> None:
-        """The head failed and will be retried at `due`; the whole key waits for it.
-
-        Its next delivery is the next attempt, as the failure recorded in the database
-        says: a retry handed out from memory must not repeat attempt 1 forever (it would
-        never reach max_attempts and never be dead-lettered).
-        """
+    def unstart(self, item: Item, now: float) -> None:
+        """The head was handed out but must not start (its start was refused, or it cannot
+        start yet): the key is idle again with the same head."""
         queue = self._release(item)
-        if queue is None:
-            return
-        item.due = due
-        if len(queue.items) > 1 and queue.items[1].id < item.id:
-            # A lower id arrived while this head was being handled and had to queue behind
-            # it. The head is no longer in flight, so the key is back to plain id order:
-            # the order a new owner reading the rows would see, and the one insert() gives
-            # a lower id that arrives while the head waits for its retry.
-            queue.items = deque(sorted(queue.items, key=lambda c: c.id))
-        self._schedule(item.key, queue, now)
+        if queue is not None:
+            # Messages that sort earlier may have arrived while it was out (they queued
+            # behind it); it never started, so the key's order applies again.
+            if any(a.order > b.order for a, b in itertools.pairwise(queue.items)):
+                queue.items = deque(sorted(queue.items, key=lambda c: c.order))
+            self._schedule(item.key, queue, now)
 
-    def _release(self, item: Claimed) -> _KeyQueue | None:
+    def _release(self, item: Item) -> _KeyQueue | None:
         queue = self._keys.get(item.key)
         if queue is None or not queue.busy or not queue.items or queue.items[0] is not item:
-            return None  # its partition was dropped meanwhile
+            return None  # its partition or key was dropped meanwhile
         queue.busy = False
         self._busy_by_partition[item.partition] -= 1
         return queue
 
-    def trim_waiting(self, now: float) -> list[Claimed]:
-        """Keys whose head is not due (a retry, a delay) keep only that head in memory.
+    def _forget(self, item: Item) -> None:
+        self._known.discard(item.uid)
+        self._bytes -= item.size
+        self._buffered_by_partition[item.partition] -= 1
 
-        Their later messages cannot move before the head anyway; kept in memory they would
-        fill the prefetch window and starve every other key. Returns the dropped messages,
-        which the caller puts back in the table; `held_keys()` names the keys the next
-        claims must skip until the head is done.
-        """
-        trimmed: list[Claimed] = []
-        for _, head_id, key in self._timed:
-            queue = self._keys.get(key)
-            if (
-                queue is None
-                or queue.busy
-                or not queue.items
-                or queue.items[0].id != head_id
-                or queue.items[0].due <= now
-            ):
-                continue
-            self._held[key] = queue.partition
-            if len(queue.items) > 1:
-                head = queue.items.popleft()
-                tail = list(queue.items)
-                queue.items = deque([head])
-                for item in tail:
-                    self._known.discard(item.id)
-                self._buffered_by_partition[queue.partition] -= len(tail)
-                trimmed.extend(tail)
-        return trimmed
+    # -- whole keys and partitions ---------------------------------------------------------
 
-    def held_keys(self) -> list[str]:
-        return list(self._held)
+    def items_of(self, key: str) -> list[Item]:
+        """The key's messages in memory, in the key's order (a busy head first)."""
+        queue = self._keys.get(key)
+        return list(queue.items) if queue is not None else []
 
-    # -- partitions ------------------------------------------------------------------------
+    def busy_head(self, key: str) -> Item | None:
+        queue = self._keys.get(key)
+        return queue.items[0] if queue is not None and queue.busy and queue.items else None
 
-    def drop_partition(self, partition: int, *, keep_busy: bool = False) -> list[Claimed]:
-        """Forget a partition's buffered messages (revoked or lost). Returns what was dropped.
-
-        With keep_busy, keys whose head is being handled stay until that head finishes
-        (a revoked partition drains its in-flight work); their later messages are dropped.
-        """
-        dropped: list[Claimed] = []
-        for key in [k for k, q in self._keys.items() if q.partition == partition]:
-            queue = self._keys[key]
-            self._ready.pop(key, None)
-            if keep_busy and queue.busy:
-                head = queue.items.popleft()
-                dropped.extend(queue.items)
-                queue.items = deque([head])
-                continue
+    def drop_key(self, key: str, *, keep_busy: bool = True) -> list[Item]:
+        """Forget a key's messages (it was parked: they come back from the parked queue).
+        With keep_busy, a head that is out stays (its result is still to come)."""
+        queue = self._keys.get(key)
+        if queue is None:
+            return []
+        self._ready.pop(key, None)
+        if keep_busy and queue.busy:
+            head = queue.items.popleft()
+            dropped = list(queue.items)
+            queue.items = deque([head])
+        else:
             if queue.busy:
-                self._busy_by_partition[partition] -= 1
-            dropped.extend(queue.items)
+                self._busy_by_partition[queue.partition] -= 1
+            dropped = list(queue.items)
             del self._keys[key]
         for item in dropped:
-            self._known.discard(item.id)
-        for key in [k for k, p in self._held.items() if p == partition]:
-            del self._held[key]
-        self._buffered_by_partition[partition] = self._buffered_by_partition.get(
-            partition, 0
-        ) - len(dropped)
+            self._forget(item)
         return dropped
+
+    def reidentify(self, item: Item, parked_id: int) -> None:
+        """A busy log message was parked while it runs: from now on it is the parked one."""
+        self._known.discard(item.uid)
+        item.parked_id = parked_id
+        self._known.add(item.uid)
+
+    def drop_partition(self, partition: int, *, keep_busy: bool = False) -> list[Item]:
+        """Forget a partition's messages (revoked or lost). Returns what was dropped.
+
+        With keep_busy, keys whose head is out stay until that head finishes (a revoked
+        partition drains its in-flight work); their later messages are dropped.
+        """
+        dropped: list[Item] = []
+        for key in [k for k, q in self._keys.items() if q.partition == partition]:
+            dropped.extend(self.drop_key(key, keep_busy=keep_busy))
+        return dropped
+
+    def keys(self, partition: int) -> list[str]:
+        return [k for k, q in self._keys.items() if q.partition == partition]
 
     def buffered(self, partition: int | None = None) -> int:
         if partition is None:
             return len(self._known)
         return self._buffered_by_partition.get(partition, 0)
 
-    def held(self, partition: int) -> list[int]:
-        """Ids of a partition's messages in memory: buffered, being handled, or waiting
-        for their result to be written."""
-        return [c.id for q in self._keys.values() if q.partition == partition for c in q.items]
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    def waiting_keys(self, now: float) -> list[tuple[float, str]]:
+        """Idle keys whose head is not due yet, (due, key), latest first."""
+        out = [
+            (q.items[0].due, k)
+            for k, q in self._keys.items()
+            if not q.busy and q.items and q.items[0].due > now
+        ]
+        return sorted(out, reverse=True)
+
+    def held_parked(self, partitions: Iterable[int]) -> list[int]:
+        """Ids of the parked messages held for these partitions."""
+        wanted = set(partitions)
+        return [
+            c.parked_id
+            for q in self._keys.values()
+            if q.partition in wanted
+            for c in q.items
+            if c.parked_id is not None
+        ]
 
     def busy(self, partition: int | None = None) -> int:
         if partition is None:

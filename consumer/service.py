@@ -1,19 +1,19 @@
-"""One consumer member: wires membership, fetcher, scheduler, handlers and acker together,
+"""One consumer member: wires membership, reader, scheduler, writer and handlers together,
 and owns shutdown.
 
 Loops (all in one task group, all cancellable):
   heartbeat  renew the lease, read assignments, rejoin when expelled
   listener   LISTEN for new messages and assignment changes (a hint; polling backs it up)
-  fetcher    claim rows of owned partitions
-  dispatcher put workers (up to `concurrency`) on due heads of idle keys
-  stuck sweep cancel handlers past the visibility timeout
-  acker      write results in fenced batches
+  reader     adopt partitions, read the log and the parked queue (reader.py)
+  dispatcher hand due heads of idle keys to the writer to be started (up to `concurrency`)
+  writer     mark or claim what starts, write results and parks, save positions, all in
+             fenced rounds (writer.py); cleared messages go to the workers
   progress   write handlers' progress reports (throttled, fenced)
   releaser   release revoked partitions once drained (or at their deadline)
   watchdog   self-fence when the lease runs out
 
-SIGTERM/SIGINT: stop claiming, let in-flight handlers finish up to the drain deadline,
-write their results, release every partition, leave the group, exit.
+SIGTERM/SIGINT: stop reading, let in-flight handlers finish up to the drain deadline,
+write their results, release every partition with its position, leave the group, exit.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.consumer import handlers, observer
-from pgcg.consumer.acker import Acker
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
-from pgcg.consumer.fetcher import Fetcher
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
 from pgcg.consumer.progress import Progress
+from pgcg.consumer.reader import Reader
 from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
+from pgcg.consumer.writer import Writer
 from pgcg.shared import names, pooler
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
@@ -80,17 +80,18 @@ class Consumer:
         )
         # A `process <topic>` span and duration per call (observer.py); same signature.
         self.handler = observer.instrument(handler, self.ctx)
-        self.fetcher = Fetcher(self.ctx)
-        self.acker = Acker(self.ctx)
-        self.progress = Progress(self.ctx)
-        # handle(message, tx): the handler's writes and the ack commit together.
+        self.workers: Workers
+        self.writer = Writer(self.ctx, started=lambda items: self.workers.submit(items))
+        self.reader = Reader(self.ctx, self.writer)
+        self.progress = Progress(self.ctx, self.writer)
+        # handle(message, tx): the handler's writes and its completion commit together.
         self.transactional = (
             Transactional(self.ctx, self.handler) if handlers.wants_transaction(handler) else None
         )
         self.workers = Workers(
             self.ctx,
             handlers.caller(self.handler),
-            self.acker.submit,
+            self.writer.submit,
             self.progress,
             self.transactional,
         )
@@ -115,12 +116,13 @@ class Consumer:
                     outer.start_soon(self._signals, outer)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    self.workers._tg = tg
                     tg.start_soon(self._heartbeat_loop)
                     if ctx.settings.listen and ctx.session_dsn is not None:
                         tg.start_soon(self._listener_loop)
-                    tg.start_soon(self.fetcher.run)
+                    tg.start_soon(self.reader.run)
                     tg.start_soon(self._dispatch_loop)
-                    tg.start_soon(self.acker.run)
+                    tg.start_soon(self.writer.run)
                     tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
@@ -187,7 +189,7 @@ class Consumer:
                 owned.cancel_handlers()
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
-                await self.acker.flush()
+                await self.writer.flush()
                 # Partitions handed to us while we drained are released too.
                 rows = await ctx.membership.heartbeat()
                 if rows is not None:
@@ -210,8 +212,8 @@ class Consumer:
         self._tg.cancel_scope.cancel()
 
     async def _close(self) -> None:
-        await self.fetcher.close()
-        await self.acker.close()
+        await self.reader.close()
+        await self.writer.close()
         await self.progress.close()
         if self.transactional is not None:
             await self.transactional.close()
@@ -315,11 +317,24 @@ class Consumer:
     # -- handling ----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        """Put workers on ready keys (see workers.py); woken by claims, acks and the
-        earliest retry becoming due."""
+        """Hand due heads of idle keys to the writer, which marks (log) or claims (parked)
+        them before the workers may start them; woken by reads, results and the earliest
+        delayed head becoming due."""
         ctx = self.ctx
         while True:
-            self.workers.dispatch(self._tg, time.monotonic())
+            now = time.monotonic()
+            free = self.workers.free
+            if free > 0 and not ctx.stopping and ctx.membership.lease.valid(now):
+                starting = []
+                for item in ctx.scheduler.take(now, free):
+                    owned = ctx.assignment.current(item.partition, item.epoch)
+                    if owned is not None and owned.state == "assigned" and not item.parking:
+                        starting.append(item)
+                    else:
+                        ctx.scheduler.unstart(item, now)
+                if starting:
+                    self.workers.pending += len(starting)
+                    self.writer.start(starting)
             next_due = ctx.scheduler.next_due()
             timeout = None if next_due is None else next_due - time.monotonic()
             await ctx.wake.dispatch.wait(timeout)
@@ -332,7 +347,7 @@ class Consumer:
             now = time.monotonic()
             ready = ctx.assignment.releasable(now)
             if ready and not ctx.stopping:
-                await self.acker.flush()
+                await self.writer.flush()
                 # The flush can take a while (a reconnect, results that keep coming); the
                 # leader may have called a revocation off meanwhile, and the partition be
                 # working again. Release only what is still revoked and releasable.
@@ -362,6 +377,15 @@ class Consumer:
                     ctx.params(
                         partitions=[p.partition for p in parts],
                         epochs=[p.epoch for p in parts],
+                        # The next owner reads from the position; `clean`: nothing of this
+                        # epoch is still running, so it charges no delivery.
+                        ticks=[p.position() if p.adopted else p.saved for p in parts],
+                        clean=[
+                            p.clean
+                            and not p.handlers_cancelled
+                            and ctx.scheduler.busy(p.partition) == 0
+                            for p in parts
+                        ],
                         revoked_only=revoked_only,
                     ),
                 )

@@ -3,8 +3,8 @@ consumer's database, and the message's ack commits in that same transaction, so 
 handler's writes, the ack and any messages it enqueues through `tx` land together or not
 at all.
 
-Fencing. The ack (tx_ack) locks the partition's assignment row FOR SHARE and checks this
-member's epoch right before COMMIT, in the handler's transaction: an epoch bump by the
+Fencing. The completion (tx_complete) locks the partition's assignment row FOR SHARE and
+checks this member's epoch right before COMMIT, in the handler's transaction: an epoch bump by the
 coordinator either waits for that commit, or has already happened and the ack matches
 nothing, and then everything rolls back. A zombie's writes (a member paused past its
 session, or one whose partition was handed off while it worked) never land.
@@ -36,10 +36,10 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgcg.consumer import handlers
-from pgcg.consumer.acker import wake_after_results
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler
-from pgcg.consumer.message import Claimed, Message
+from pgcg.consumer.message import Item, Message
+from pgcg.consumer.writer import wake_after_results
 from pgcg.shared.db import AsyncConn, open_pool, translated
 from pgcg.shared.errors import HandlerLoadError, HandlerMisuse, LostOwnership
 from pgcg.shared.producer import Enqueued, OutgoingMessage, Producer
@@ -210,7 +210,7 @@ class Transactional:
         if self._pool is not None:
             await self._pool.close()
 
-    async def handle(self, item: Claimed, message: Message) -> None:
+    async def handle(self, item: Item, message: Message) -> None:
         """Run the handler and ack `item` in one transaction.
 
         Returns once it committed (the key moves on). Raises LostOwnership when the epoch
@@ -221,7 +221,7 @@ class Transactional:
         pool = await self._connections()
         conn = await pool.getconn()
         try:
-            await self._run(conn, item, message)
+            parked_left = await self._run(conn, item, message)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await _rollback(conn)
@@ -236,13 +236,26 @@ class Transactional:
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.putconn(conn)
+        owned = ctx.assignment.current(item.partition, item.epoch)
+        if owned is not None:
+            owned.finished_log(item)
+            if item.parked:
+                owned.parked_left(item.key, parked_left)
         ctx.scheduler.finish(item, time.monotonic())
+        if item.parked:
+            ctx.wake.parked.set()  # the key's next parked message may be loaded now
         wake_after_results(ctx)
 
-    async def _run(self, conn: AsyncConn, item: Claimed, message: Message) -> None:
+    async def _run(self, conn: AsyncConn, item: Item, message: Message) -> int | None:
         ctx = self.ctx
         params = ctx.params(
-            partition=item.partition, epoch=item.epoch, id=item.id, token=uuid.uuid4().hex
+            partition=item.partition,
+            epoch=item.epoch,
+            tick=item.tick,
+            offset=item.offset,
+            slot=item.slot,
+            parked_id=item.parked_id,
+            token=uuid.uuid4().hex,
         )
         with translated(ctx.dsn):
             async with conn.pipeline():  # BEGIN and tx_begin in one round trip
@@ -262,7 +275,7 @@ class Transactional:
         if status != TransactionStatus.INTRANS:
             raise _broken(status, message)
         with translated(ctx.dsn):
-            acked = await (await conn.execute(Q.tx_ack, params)).fetchone()
+            acked = await (await conn.execute(Q.tx_complete, params)).fetchone()
         assert acked is not None
         if not acked["intact"]:
             raise HandlerMisuse(
@@ -272,22 +285,24 @@ class Transactional:
                 f"{_HOW}: never run COMMIT, ROLLBACK or BEGIN in a transactional handler."
             )
         if not acked["owned"]:
-            raise self._fenced(item, "at the ack")
-        if not acked["acked"]:
-            # Owned, yet the row is gone (deleted by hand?): its effects must not land.
+            raise self._fenced(item, "at the completion")
+        if not acked["completed"]:
+            # Owned, yet already completed (a second handling) or its parked row is gone:
+            # its effects must not land twice.
             log.warning(
-                "message %s vanished before its transactional ack: rolled back",
+                "message %s was already completed: its transaction rolled back",
                 item.id,
                 extra={"action": "ack_missing", **ctx.fields, "partition": item.partition,
                        "epoch": item.epoch, "message_id": item.id},
             )  # fmt: skip
             await conn.execute("ROLLBACK")
-            return
+            return None
         # Shielded: once COMMIT is sent, we must learn whether it landed.
         with anyio.CancelScope(shield=True), translated(ctx.dsn):
             await conn.execute("COMMIT")
+        return acked["parked_left"]
 
-    def _fenced(self, item: Claimed, when: str) -> LostOwnership:
+    def _fenced(self, item: Item, when: str) -> LostOwnership:
         ctx = self.ctx
         log.warning(
             "transactional ack rejected for partition %s at epoch %s (%s): it belongs to a "

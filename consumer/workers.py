@@ -1,10 +1,10 @@
-"""Handler workers: up to `concurrency` long-lived tasks that take ready messages from the
-scheduler, run the handler on each, and hand the result to the acker.
+"""Handler workers: up to `concurrency` long-lived tasks that run the handler on messages the
+writer cleared to start (their mark or claim committed), and hand each result back to it.
 
 Not a task per message: starting an anyio task cost 47 us of CPU, and a cancel scope
 with a deadline timer 8 us, against well under 1 us for a no-op handler. A worker lives
 until shutdown; when nothing is ready it waits on its own Event until the dispatcher
-wakes it, and the dispatcher starts more workers only while every one is busy.
+wakes it, and more workers are started only while every one is busy.
 
 Cancellation: a worker's CancelScope is in its partition's `Owned.scopes` only while it
 runs a handler of that partition, so `cancel_handlers()` reaches exactly those handlers;
@@ -12,9 +12,9 @@ the worker then writes no result, opens a new scope and goes on. Each delivery a
 under its own deadline (progress.py): past the visibility timeout without a progress
 report the handler is stuck, cancelled, and its result is a failure.
 
-Transactional handlers (`handle(message, tx)`) write their own ack in the handler's
+Transactional handlers (`handle(message, tx)`) write their own completion in the handler's
 transaction (transactional.py); a fenced one raises LostOwnership and the partition is
-dropped here, with no result for the acker.
+dropped here, with no result for the writer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -29,12 +30,12 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from pgcg.consumer.acker import MAX_ERROR_TEXT, Result
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
-from pgcg.consumer.message import Claimed, Message
+from pgcg.consumer.message import Item, Message
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.transactional import Transactional
+from pgcg.consumer.writer import MAX_ERROR_TEXT, Result
 from pgcg.shared.errors import LostOwnership
 
 log = logging.getLogger("pgcg.consumer")
@@ -45,7 +46,7 @@ YIELD_EVERY = 16  # messages a worker handles back to back before it yields to t
 @dataclass(eq=False)
 class _Worker:
     scope: anyio.CancelScope | None = None
-    item: Claimed | None = None  # the message whose handler runs now
+    item: Item | None = None  # the message whose handler runs now
     owned: Owned | None = None
     handled: int = 0
 
@@ -67,40 +68,52 @@ class Workers:
         self._workers: set[_Worker] = set()
         self._idle: list[anyio.Event] = []
         self._starting = 0
+        self._cleared: deque[Item] = deque()
+        self.pending = 0  # handed to the writer to be marked or claimed
+        self._tg: TaskGroup | None = None
 
     @property
     def size(self) -> int:
         return len(self._workers) + self._starting
 
-    def dispatch(self, tg: TaskGroup, now: float) -> None:
-        """Wake an idle worker per ready key; start new ones, up to `concurrency`, for the
-        keys no idle worker is left for."""
-        ctx = self.ctx
-        if ctx.stopping or not ctx.membership.lease.valid(now):
-            return
-        wanted = ctx.scheduler.ready_count(now)
+    @property
+    def free(self) -> int:
+        """How many more messages may be started now (running, cleared and starting count)."""
+        return self.ctx.settings.concurrency - self.ctx.running - len(self._cleared) - self.pending
+
+    def submit(self, items: list[Item]) -> None:
+        """Messages cleared to start: wake an idle worker for each, or start workers, up to
+        `concurrency`."""
+        self.pending = max(0, self.pending - len(items))
+        self._cleared.extend(items)
+        self.wake()
+
+    def wake(self) -> None:
+        wanted = len(self._cleared)
         while wanted > 0 and self._idle:
             self._idle.pop().set()
             wanted -= 1
-        while wanted > 0 and self.size < ctx.settings.concurrency:
+        while wanted > 0 and self.size < self.ctx.settings.concurrency and self._tg is not None:
             self._starting += 1
-            tg.start_soon(self._run)
+            self._tg.start_soon(self._run)
             wanted -= 1
 
-    def _next_ready(self, now: float) -> tuple[Claimed, Owned] | None:
-        """The due head of an idle key, its key now busy; None if nothing may start."""
+    def _next_ready(self, now: float) -> tuple[Item, Owned] | None:
+        """A cleared message whose partition we still hold (assigned); None if none."""
         ctx = self.ctx
-        if ctx.stopping or not ctx.membership.lease.valid(now):
-            return None
-        while taken := ctx.scheduler.take(now, 1):
-            item = taken[0]
+        while self._cleared:
+            item = self._cleared.popleft()
             owned = ctx.assignment.current(item.partition, item.epoch)
-            if owned is not None and owned.state == "assigned":
+            if (
+                owned is not None
+                and owned.state == "assigned"
+                and not ctx.stopping
+                and ctx.membership.lease.valid(now)
+            ):
                 return item, owned
-            # Not ours to start (a revoked partition's head whose retry came due while
-            # draining): forget it, or it stays busy and holds the release until the drain
-            # deadline. Its row is the next owner's.
-            ctx.scheduler.finish(item, now)
+            # Not ours to start any more (revoked, lost, stopping, lease gone): the key is
+            # idle again, its message the next owner's or the next start's.
+            ctx.scheduler.unstart(item, now)
         return None
 
     async def _run(self) -> None:
@@ -162,7 +175,7 @@ class Workers:
             if worker.handled % YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
 
-    def _begin(self, worker: _Worker, item: Claimed, owned: Owned) -> None:
+    def _begin(self, worker: _Worker, item: Item, owned: Owned) -> None:
         assert worker.scope is not None
         worker.item, worker.owned = item, owned
         owned.scopes.add(worker.scope)

@@ -113,13 +113,11 @@ class CoordinatorObserver:
                     through_pooler=coordinator.through_pooler,
                 )
             with translated(coordinator.dsn):
-                cur = await self._conn.execute(
-                    Q.partition_lag, {"topic": topic, "partitions": None}
-                )
+                cur = await self._conn.execute(Q.group_lag, {"group": group})
                 rows = await cur.fetchall()
             lag[group] = (
                 topic,
-                {r["partition"]: (int(r["messages"]), float(r["oldest_s"])) for r in rows},
+                {r["partition"]: (int(r["lag"]), float(r["age_s"])) for r in rows},
             )
         self.lag = lag
         self.refreshed.set()

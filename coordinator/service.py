@@ -1,7 +1,8 @@
 """A coordinator process: elects itself leader of the groups it can, rebalances them.
 
 Loops (one task group): elector (every second), listener (joins, leaves and releases
-NOTIFY us; a hint only), sweeper (expire members and force overdue hand-offs every
+NOTIFY us; a hint only), topic upkeep (retention.py, every topic, every
+maintenance interval), sweeper (expire members and force overdue hand-offs every
 heartbeat interval, and a lock-free probe for expired members every 0.25 s in between;
 full safety-net rebalance every rebalance interval), rebalancer
 (works through the groups marked dirty by the others, one transaction each).
@@ -21,6 +22,7 @@ from psycopg import sql
 
 from pgcg.coordinator.elector import Elector
 from pgcg.coordinator.rebalancer import LostLeadership, Outcome, rebalance
+from pgcg.coordinator.retention import Retention
 from pgcg.shared import names, pooler
 from pgcg.shared.db import AsyncConn, connect, translated
 from pgcg.shared.errors import ConfigError, DatabaseUnavailable
@@ -49,6 +51,9 @@ class Coordinator:
         self.session_dsn = self.dsn
         self.through_pooler = False
         self.elector = Elector(self.dsn, leader_timeout=settings.leader_timeout)
+        self.retention = Retention(
+            self.dsn, settings.maintenance_interval, {"leader_id": self.elector.leader_id}
+        )
         self.topics: dict[str, str] = {}  # group -> topic
         self.dirty: dict[str, str] = {}  # group -> reason of the pending rebalance
         self.wake = Signal()
@@ -78,6 +83,7 @@ class Coordinator:
             tg.start_soon(self._listener_loop)
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._rebalance_loop)
+            tg.start_soon(self.retention.run)
             await self._stopped.wait()
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -95,6 +101,7 @@ class Coordinator:
             )
         self.through_pooler = route.pooled
         self.session_dsn = self.elector.dsn = route.session_dsn
+        self.retention.through_pooler = self.through_pooler
 
     async def run_until_stopped(self) -> None:
         await self.run(install_signal_handlers=False)

@@ -7,142 +7,21 @@ usage or input; 3 unknown topic or group; 4 database unreachable; 5 schema not m
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import sys
-import types
-import typing
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-import psycopg
-import pydantic
-from pydantic import SecretStr
 
-from pgcg.shared.db import translate
-from pgcg.shared.errors import ConfigError, InvalidInput, PgcgError
-from pgcg.shared.redaction import scrub
+from pgcg.shared.cli_support import F, OneLineErrors, run_cli, with_settings
+from pgcg.shared.errors import InvalidInput
 from pgcg.shared.settings import Settings
-from pgcg.shared.telemetry import setup_logging
 from pgcg.shared.terminal import printable, printable_values
-
-log = logging.getLogger("pgcg.cli")
-
-F = Callable[..., Any]
-
-
-def _settings_from(overrides: dict[str, Any]) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'/'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from None
-
-
-def with_settings(*fields: str) -> Callable[[F], F]:
-    """Add a flag per named Settings field (all of them if none named); the command then
-    receives `settings`. Flags override PGCG_* environment variables."""
-
-    def decorate(fn: F) -> F:
-        chosen = fields or tuple(Settings.model_fields)
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            overrides = {name: kwargs.pop(name, None) for name in chosen}
-            try:
-                settings = _settings_from(overrides)
-            except PgcgError as exc:
-                _fail(exc)
-            setup_logging(settings.log_level, settings.log_format)
-            return fn(*args, settings=settings, **kwargs)
-
-        for name in reversed(chosen):
-            info = Settings.model_fields[name]
-            env = f"PGCG_{name.upper()}"
-            flag = f"--{name.replace('_', '-')}"
-            kind = _click_type(info.annotation)
-            wrapper = click.option(
-                f"{flag}/--no-{name.replace('_', '-')}" if kind is bool else flag,
-                name,
-                type=None if kind is bool else kind,
-                metavar="URL" if info.annotation == SecretStr | None else None,
-                # None when not given, so the PGCG_* variable or the default applies.
-                default=None,
-                show_default=False,
-                help=f"{info.description or ''} [env {env}; default {info.default!r}]".strip(),
-            )(wrapper)
-        return wrapper
-
-    return decorate
-
-
-def _click_type(annotation: Any) -> Any:
-    """The click type for a Settings field, so --help and usage errors show the real one
-    (FLOAT, INTEGER, a choice); pydantic still checks the ranges. `bool` means a flag pair."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Literal:
-        return click.Choice([str(a) for a in args], case_sensitive=False)
-    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        (annotation,) = args  # Optional[X]: a flag for X
-    if annotation is bool:
-        return bool
-    if annotation is SecretStr:
-        return click.STRING
-    return {int: click.INT, float: click.FLOAT, str: click.STRING}[annotation]
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
-def _fail(exc: PgcgError) -> NoReturn:
-    # Errors quote names, keys and database text: one line, nothing a terminal obeys.
-    click.echo(f"pgcg: error: {printable(scrub(str(exc)))}", err=True)
-    sys.exit(exc.exit_code)
-
-
-def _ours(exc: BaseException) -> PgcgError | None:
-    """The pgcg error for `exc`, translating a driver error that escaped its boundary."""
-    if isinstance(exc, PgcgError):
-        return exc
-    if isinstance(exc, psycopg.Error):
-        return translate(exc)
-    return None
-
-
-def run_cli(fn: F) -> F:
-    """Turn pgcg errors into one line on stderr and their exit code; no tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (PgcgError, psycopg.Error) as exc:
-            ours = _ours(exc)
-            if ours is None:
-                raise
-            _fail(ours)
-        except BaseExceptionGroup as group:
-            # A loop inside a task group failed with one of ours: report it like any other.
-            first = next((e for e in map(_ours, _leaves(group)) if e is not None), None)
-            if first is None:
-                raise
-            _fail(first)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(
+    cls=OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Every flag has an environment variable (PGCG_<NAME>); see README.md.",
 )
@@ -161,7 +40,7 @@ def main() -> None:
     """
 
 
-# -- schema and topics --------------------------------------------------------------------
+# -- schema ---------------------------------------------------------------------------
 
 
 @main.command()
@@ -183,63 +62,6 @@ def migrate(settings: Settings) -> None:
         click.echo("schema is up to date")
 
 
-@main.group()
-def topic() -> None:
-    """Create and list topics.
-
-    \b
-    Example:
-      pgcg topic create orders --partitions 16
-    """
-
-
-@topic.command("create")
-@click.argument("name")
-@click.option("--partitions", type=int, default=16, show_default=True,
-              help="Fixed for the topic's lifetime.")  # fmt: skip
-@click.option("--if-not-exists", is_flag=True, help="Succeed if it exists with this count.")
-@with_settings("database_url", "log_level", "log_format")
-@run_cli
-def topic_create(name: str, partitions: int, if_not_exists: bool, settings: Settings) -> None:
-    """Create topic NAME with its partition tables.
-
-    \b
-    Example:
-      pgcg topic create orders --partitions 32
-    """
-    import anyio
-
-    from pgcg.shared.db import connect
-    from pgcg.shared.producer import create_topic
-
-    async def go() -> bool:
-        conn = await connect(settings.dsn())
-        async with conn:
-            return await create_topic(conn, name, partitions)
-
-    created = anyio.run(go)
-    if not created and not if_not_exists:
-        raise InvalidInput(f"topic {name!r} already exists (pass --if-not-exists to accept)")
-    click.echo(f"topic {name} {'created' if created else 'exists'} ({partitions} partitions)")
-
-
-@topic.command("list")
-@with_settings("database_url", "log_level", "log_format")
-@run_cli
-def topic_list(settings: Settings) -> None:
-    """List topics and their partition counts.
-
-    \b
-    Example:
-      pgcg topic list
-    """
-    from pgcg.shared.db import connect_sync, translated
-
-    with connect_sync(settings.dsn()) as conn, translated():
-        for row in conn.execute("SELECT name, partitions FROM pgcg.topics ORDER BY name"):
-            click.echo(f"{printable(row['name'])}\t{row['partitions']}")
-
-
 # -- producing ----------------------------------------------------------------------------
 
 
@@ -255,7 +77,9 @@ def _parse_json(text: str, where: str) -> Any:
 @click.option("--key", help="Ordering key (single-message mode).")
 @click.option("--payload", help="JSON payload (single-message mode).")
 @click.option("--header", "headers", multiple=True, help="name=value, repeatable.")
-@click.option("--dedup-key", help="Skip if a pending message of this key has it.")
+@click.option("--dedup-key",
+              help="Skip if this key and dedup key were enqueued within the topic's dedup "
+              "window (5 minutes unless `pgcg topic alter --dedup-window` says).")  # fmt: skip
 @click.option("--delay", type=float, default=0.0, help="Seconds before it may be handled.")
 @click.option("--batch-size", type=int, default=1000, show_default=True,
               help="Messages per statement when reading JSON lines.")  # fmt: skip
@@ -412,7 +236,7 @@ def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
 
 
 @main.command()
-@click.option("--group", help="Only this group.")
+@click.option("--group", help="Only this group (and its topic).")
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="--watch period.")
@@ -421,7 +245,9 @@ def coordinator(groups: tuple[str, ...], settings: Settings) -> None:
 def status(
     group: str | None, as_json: bool, watch: bool, interval: float, settings: Settings
 ) -> None:
-    """Leader and its epoch, members, partitions with owner, epoch, state and lag.
+    """Per group: leader and its epoch, members, partitions with owner, epoch, state, lag
+    and parked messages, dead letters, recent rebalances. Per topic: its segments and what
+    holds storage back.
 
     \b
     Examples:
@@ -461,6 +287,7 @@ def status(
 def _dlq_filter(fn: F) -> F:
     for decorator in reversed(
         [
+            click.option("--group", help="Only this group's (required for replay)."),
             click.option("--topic", "topic_", help="Only this topic."),
             click.option("--key", help="Only this ordering key."),
             click.option("--since", type=click.DateTime(), help="Dead-lettered at or after."),
@@ -472,20 +299,20 @@ def _dlq_filter(fn: F) -> F:
     return fn
 
 
-def _filter(topic_: str | None, key: str | None, since: datetime | None,
+def _filter(group: str | None, topic_: str | None, key: str | None, since: datetime | None,
             until: datetime | None, limit: int) -> Any:  # fmt: skip
     from pgcg.shared.dlq import Filter
 
-    return Filter(topic_, key, since, until, limit)
+    return Filter(topic_, key, since, until, limit, group)
 
 
 @main.group()
 def dlq() -> None:
-    """Inspect, replay and purge dead letters.
+    """Inspect, replay and purge dead letters. Each group has its own.
 
     \b
     Example:
-      pgcg dlq list --topic orders
+      pgcg dlq list --group billing
     """
 
 
@@ -495,11 +322,12 @@ def dlq() -> None:
 @with_settings("database_url", "log_level", "log_format")
 @run_cli
 def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
-    """List dead letters, oldest first.
+    """List dead letters, oldest first: message id, group, topic, key, attempts, when,
+    last error.
 
     \b
     Example:
-      pgcg dlq list --topic orders --key customer-42 --since 2026-01-01
+      pgcg dlq list --group billing --key customer-42 --since 2026-01-01
     """
     from pgcg.shared import dlq as dead
     from pgcg.shared.db import connect_sync
@@ -511,7 +339,8 @@ def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
             click.echo(json.dumps(row, default=str))
         else:
             click.echo(
-                f"{row['message_id']}\t{printable(row['topic'])}\t{printable(row['key'])}\t"
+                f"{row['message_id']}\t{printable(row['group_name'] or '-')}\t"
+                f"{printable(row['topic'])}\t{printable(row['key'])}\t"
                 f"{row['attempts']}\t{row['dead_at']:%Y-%m-%d %H:%M:%S}\t"
                 f"{printable((row['last_error'] or '')[:80])}"
             )
@@ -522,18 +351,25 @@ def dlq_list(as_json: bool, settings: Settings, **flt: Any) -> None:
 @with_settings("database_url", "log_level", "log_format")
 @run_cli
 def dlq_replay(settings: Settings, **flt: Any) -> None:
-    """Put dead letters back in their queue, ahead of newer messages of the same key.
+    """Enqueue a group's dead letters again, for that group only.
 
     \b
-    Example:
-      pgcg dlq replay --topic orders --key customer-42
+    Each goes to the end of its topic's log as a new message (a new id, printed), seen by
+    no other group, with its headers and dedup key (the dedup window does not apply). It
+    is handled after the messages of its key enqueued before the replay. Example:
+      pgcg dlq replay --group billing --key customer-42
     """
     from pgcg.shared import dlq as dead
     from pgcg.shared.db import connect_sync
 
     with connect_sync(settings.dsn()) as conn:
         rows = dead.replay(conn, _filter(**flt))
-    click.echo(json.dumps({"replayed": len(rows)}))
+    click.echo(
+        json.dumps(
+            {"replayed": len(rows), "ids": [r.id for r in rows],
+             "from": [r.message_id for r in rows]}
+        )
+    )  # fmt: skip
 
 
 @dlq.command("purge")
@@ -546,7 +382,7 @@ def dlq_purge(everything: bool, settings: Settings, **flt: Any) -> None:
 
     \b
     Example:
-      pgcg dlq purge --topic orders --until 2026-01-01
+      pgcg dlq purge --group billing --until 2026-01-01
     """
     from pgcg.shared import dlq as dead
     from pgcg.shared.db import connect_sync
@@ -560,6 +396,10 @@ def _register() -> None:
     from pgcg.bench.chaos.run import chaos
     from pgcg.bench.cli import bench
     from pgcg.bench.demo import demo
+    from pgcg.shared.cli_admin import group, topic
+
+    main.add_command(topic)
+    main.add_command(group)
 
     for command in (demo, chaos):
         # One line and the exit code for their errors too: a traceback would show the

@@ -24,6 +24,8 @@ from pgcg.shared.errors import (
     PermissionDenied,
     PgcgError,
     SchemaNotMigrated,
+    StatementFailed,
+    UnknownGroup,
     UnknownTopic,
 )
 from pgcg.shared.redaction import clean_driver_message, misread_url, parse, redact, remember
@@ -79,6 +81,10 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
         return _permission_denied(str(exc), dsn)
     if sqlstate == "PGC02":
         return InvalidInput(str(exc).splitlines()[0] + " (the partition count is fixed)")
+    if sqlstate in ("PGC03", "PGC08", "PGC09"):  # bad input, nothing written
+        return InvalidInput(str(exc).strip().splitlines()[0])
+    if sqlstate == "PGC04":
+        return UnknownGroup(str(exc).strip().splitlines()[0] + ": check the group name")
     if isinstance(exc, pg_errors.InvalidSchemaName | pg_errors.UndefinedTable) or (
         isinstance(exc, pg_errors.UndefinedFunction) and "pgcg." in str(exc)
     ):
@@ -92,6 +98,10 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
         return Contention(f"transient conflict in the database, retrying: {str(exc).strip()}")
     if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
         return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
+    if isinstance(exc, psycopg.OperationalError) and not _connection_class(sqlstate):
+        # A statement the server refused (a limit, resources of one query): retrying the
+        # same statement fails the same way, so it must not read as an outage.
+        return StatementFailed(f"the database refused a statement: {_first_line(exc, dsn)}")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
         return _connection_error(exc, dsn, where)
     text = str(exc).lower()
@@ -102,6 +112,18 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
             f"PGCG_DATABASE_URL is not a valid connection URL: {_first_line(exc, dsn)}"
         )
     return None
+
+
+def _connection_class(sqlstate: str | None) -> bool:
+    """Whether an error means "the connection or the server is not there right now": no
+    SQLSTATE (the socket), class 08 (connection exception), a server shutting down or
+    restarting (57P01-57P05), too many connections (53300), or a statement timeout
+    (57014: the same statement may well finish in time later)."""
+    return (
+        sqlstate is None
+        or sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03", "57P04", "57P05", "53300", "57014")
+    )
 
 
 # What each kind of object needs, by the word PostgreSQL's message uses for it. A table's

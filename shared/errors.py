@@ -60,6 +60,14 @@ class Contention(DatabaseUnavailable):
     """A deadlock, serialization failure or lock timeout: transient, retry the statement."""
 
 
+class StatementFailed(PgcgError):
+    """The database refused a statement for a reason that retrying will not change (a
+    limit, a constraint, a bug): the caller isolates the item that caused it instead of
+    retrying the whole batch forever."""
+
+    exit_code = 1
+
+
 class SchemaNotMigrated(PgcgError):
     """The pgcg schema is missing or older than this code expects."""
 

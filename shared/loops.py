@@ -24,6 +24,13 @@ class Signal:
     def set(self) -> None:
         self._event.set()
 
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        if self._event.is_set():
+            self._event = anyio.Event()
+
     async def wait(self, timeout: float | None = None) -> bool:
         """True if set, False on timeout."""
         if not self._event.is_set():

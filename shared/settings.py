@@ -90,8 +90,24 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         1_048_576, gt=0, description="Largest accepted payload (JSON text, bytes)."
     )
-    prefetch: int = Field(
-        1000, ge=1, description="Messages a consumer keeps claimed in memory at most."
+    prefetch: int = Field(1000, ge=1, description="Messages a consumer holds in memory at most.")
+    maintenance_interval: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between a coordinator's rounds of topic upkeep (segment rotation "
+        "and reclaim by retention).",
+    )
+    prefetch_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of payload and headers a consumer holds in memory at most.",
+    )
+    park_after: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a key may hold its partition's position back (a long delay, a "
+        "slow message) before its messages move to the group's parked queue.",
     )
     poll_interval: float = Field(
         2.0,

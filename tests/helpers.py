@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
+from psycopg.rows import dict_row
 
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
@@ -90,9 +91,90 @@ def owners(conn: psycopg.Connection[Any], group: str) -> dict[int, tuple[str | N
     return {r["partition"]: (r["member_id"], r["epoch"], r["state"]) for r in rows}
 
 
+UNFINISHED = """
+SELECT (
+    SELECT count(*) FROM pgcg.log AS l
+    JOIN pgcg.group_progress AS gp ON gp.group_id = g.id AND gp.partition = l.partition
+    JOIN pgcg.ticks AS k ON k.topic_id = t.id AND k.tick = gp.tick
+    WHERE l.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+      AND NOT pg_visible_in_snapshot(l.txid, k.snapshot)
+      AND (l.only_group IS NULL OR l.only_group = g.id)
+      AND NOT EXISTS (
+          SELECT FROM pgcg.ledger AS d
+          WHERE d.group_id = g.id AND d.partition = l.partition AND d.kind = 'd'
+            AND d.gen = g.seek_gen AND l."offset" = ANY (coalesce(d.offsets, ARRAY[d."offset"])))
+) + (SELECT count(*) FROM pgcg.parked AS pk WHERE pk.group_id = g.id) AS n
+FROM pgcg.groups AS g JOIN pgcg.topics AS t ON t.name = g.topic
+WHERE g.group_name = %(group)s
+"""
+
+
+UNFINISHED_IDS = """
+SELECT l."offset" * 1024 + l.partition AS id
+FROM pgcg.groups AS g JOIN pgcg.topics AS t ON t.name = g.topic
+JOIN pgcg.log AS l ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+JOIN pgcg.group_progress AS gp ON gp.group_id = g.id AND gp.partition = l.partition
+JOIN pgcg.ticks AS k ON k.topic_id = t.id AND k.tick = gp.tick
+WHERE g.group_name = %(group)s
+  AND NOT pg_visible_in_snapshot(l.txid, k.snapshot)
+  AND (l.only_group IS NULL OR l.only_group = g.id)
+  AND NOT EXISTS (
+      SELECT FROM pgcg.ledger AS d
+      WHERE d.group_id = g.id AND d.partition = l.partition AND d.kind = 'd'
+        AND d.gen = g.seek_gen AND l."offset" = ANY (coalesce(d.offsets, ARRAY[d."offset"])))
+UNION
+SELECT pk."offset" * 1024 + pk.partition FROM pgcg.parked AS pk
+JOIN pgcg.groups AS g ON g.id = pk.group_id WHERE g.group_name = %(group)s
+"""
+
+
+def unfinished_ids(conn: psycopg.Connection[Any], group: str) -> set[int]:
+    """Ids of the messages `group` has not finished (see unfinished)."""
+    return {
+        r["id"] if isinstance(r, dict) else r[0]
+        for r in conn.execute(UNFINISHED_IDS, {"group": group})
+    }
+
+
+def parked(conn: psycopg.Connection[Any], group: str) -> list[dict[str, Any]]:
+    """The group's parked messages, in their order: id, attempts, error, origin, due."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(
+        'SELECT pk."offset" * 1024 + pk.partition AS id, pk.key, pk.attempts, pk.last_error, '
+        "pk.origin, pk.available_at > now() AS waiting, pk.claimed_epoch "
+        "FROM pgcg.parked AS pk JOIN pgcg.groups AS g ON g.id = pk.group_id "
+        "WHERE g.group_name = %s ORDER BY pk.id",
+        (group,),
+    ).fetchall()
+
+
+def unfinished(conn: psycopg.Connection[Any], group: str) -> int:
+    """Messages `group` has not finished: log messages after its position without a
+    completion, plus its parked ones (what it still has to handle or dead-letter)."""
+    row = conn.execute(UNFINISHED, {"group": group}).fetchone()
+    return int(row["n"] if isinstance(row, dict) else row[0]) if row else 0  # type: ignore[index]
+
+
+def stored(conn: psycopg.Connection[Any], topic: str) -> int:
+    """Messages a topic's log holds (whatever any group did with them)."""
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pgcg.log AS l JOIN pgcg.topics AS t "
+        "ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63 WHERE t.name = %s",
+        (topic,),
+    ).fetchone()
+    return int(row["n"] if isinstance(row, dict) else row[0])  # type: ignore[index]
+
+
 def pending(conn: psycopg.Connection[Any], topic: str) -> int:
-    row = conn.execute("SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,))
-    return int(row.fetchone()["n"])  # type: ignore[index]
+    """What the groups of `topic` still have to do: the most any of them has unfinished
+    (tests here run one group per topic); with no group, what the topic holds."""
+    groups = [
+        r["group_name"] if isinstance(r, dict) else r[0]
+        for r in conn.execute("SELECT group_name FROM pgcg.groups WHERE topic = %s", (topic,))
+    ]
+    if not groups:
+        return stored(conn, topic)
+    return max(unfinished(conn, g) for g in groups)
 
 
 def partition_of(key: str, partitions: int) -> int:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from pgcg.shared.cli import main
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from tests.helpers import assign
+from tests.ops_helpers import dead_letter, park
 
 GROUP = "billing"
 TOPIC = "orders"
@@ -27,16 +28,11 @@ def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None)
 
 def known_state(db: psycopg.Connection[Any]) -> None:
     db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
-    db.execute("INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%s, %s)", (GROUP, TOPIC))
-    db.execute(
-        "INSERT INTO pgcg.partition_assignments (group_name, topic, partition) "
-        "SELECT %s, %s, p FROM generate_series(0, 3) p",
-        (GROUP, TOPIC),
-    )
+    db.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
     for member, pid in (("m-a", 101), ("m-b", 102)):
         db.execute(
             "INSERT INTO pgcg.consumer_groups (group_name, member_id, host, pid, "
-            "session_timeout_ms) VALUES (%s, %s, 'host1', %s, 10000)",
+            "session_timeout_ms, protocol) VALUES (%s, %s, 'host1', %s, 10000, 3)",
             (GROUP, member, pid),
         )
     assign(db, GROUP, TOPIC, [0, 1], "m-a")
@@ -52,11 +48,8 @@ def known_state(db: psycopg.Connection[Any]) -> None:
         (GROUP,),
     )
     enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {"i": i}) for i in range(20)])
-    db.execute(
-        "INSERT INTO pgcg.dead_letters (message_id, topic, partition, key, payload, headers, "
-        "enqueued_at, attempts) VALUES (999, %s, 0, 'kx', '{}', '{}', now(), 3)",
-        (TOPIC,),
-    )
+    dead_letter(db, GROUP, TOPIC, 999 * 1024, "kx")
+    dead_letter(db, "another-group", TOPIC, 998 * 1024, "kx")  # not this group's
 
 
 def test_status_json_reports_the_known_state(db: psycopg.Connection[Any], dsn: str) -> None:
@@ -74,8 +67,9 @@ def test_status_json_reports_the_known_state(db: psycopg.Connection[Any], dsn: s
     assert 0 < parts[2]["revoke_in_s"] <= 5
     assert (parts[3]["owner"], parts[3]["state"]) == (None, "unassigned")
     assert sum(p["lag"] for p in g["partitions"]) == g["lag_total"] == 20
-    assert g["dead_letters"] == 1 and g["in_flight_total"] == 0
+    assert g["dead_letters"] == 1 and g["in_flight_total"] == 0 and g["parked_total"] == 0
     assert all(p["oldest_age_s"] is not None for p in g["partitions"] if p["lag"])
+    assert all(p["oldest_age_s"] is None for p in g["partitions"] if not p["lag"])
     table = run("status", env={"PGCG_DATABASE_URL": dsn})
     assert table.exit_code == 0 and "coord-1" in table.output and "revoking" in table.output
 
@@ -86,6 +80,11 @@ def test_lag_query_matches_status(db: psycopg.Connection[Any]) -> None:
     known_state(db)
     row = db.execute(Queries("status").group_lag_total, {"group": GROUP}).fetchone()
     assert row is not None and row["lag"] == 20
+    db.execute("SELECT pgcg.create_group('late', %s, 'latest')", (TOPIC,))
+    row = db.execute(Queries("status").group_lag_total, {"group": "late"}).fetchone()
+    assert row is not None and row["lag"] == 0
+    row = db.execute(Queries("status").group_lag_total, {"group": "nobody"}).fetchone()
+    assert row is not None and row["lag"] == 0
 
 
 @pytest.mark.parametrize(
@@ -122,6 +121,7 @@ def test_database_errors_name_the_fix(dsn: str, empty_dsn: str) -> None:
     assert not_migrated.exit_code == 5 and "run `pgcg migrate`" in not_migrated.output
     unknown_group = run("status", "--group", "nope", env={"PGCG_DATABASE_URL": dsn})
     assert unknown_group.exit_code == 3 and "unknown group 'nope'" in unknown_group.output
+    assert "pgcg group create nope" in unknown_group.output
     unknown_topic = run(
         "produce", "--topic", "nope", "--key", "k", "--payload", "{}",
         env={"PGCG_DATABASE_URL": dsn},
@@ -144,7 +144,10 @@ def test_database_errors_name_the_fix(dsn: str, empty_dsn: str) -> None:
 def test_help_everywhere_has_examples() -> None:
     for command in (["--help"], ["consumer", "--help"], ["status", "--help"],
                     ["produce", "--help"], ["dlq", "replay", "--help"], ["demo", "--help"],
-                    ["coordinator", "--help"], ["migrate", "--help"]):  # fmt: skip
+                    ["coordinator", "--help"], ["migrate", "--help"], ["group", "--help"],
+                    ["group", "create", "--help"], ["group", "list", "--help"],
+                    ["group", "delete", "--help"], ["group", "seek", "--help"],
+                    ["topic", "--help"]):  # fmt: skip
         result = run(*command)
         assert result.exit_code == 0
         assert "xample" in result.output or "Quick start" in result.output, command
@@ -152,7 +155,8 @@ def test_help_everywhere_has_examples() -> None:
 
 @pytest.mark.slow
 def test_demo_passes_its_own_check() -> None:
-    """`pgcg demo` end to end: throwaway server, real processes, faults, verdict."""
+    """`pgcg demo` end to end: throwaway server, real processes, faults, two groups on one
+    topic, a verdict for each."""
     result = subprocess.run(
         [sys.executable, "-m", "pgcg.shared.cli", "demo", "--duration", "15"],
         capture_output=True,
@@ -166,6 +170,11 @@ def test_demo_passes_its_own_check() -> None:
     for event in ("killed consumer-", "started consumer-", "paused coord-", "SIGTERM to",
                   "rebalance #", "lost=0 order_violations=0 concurrent_violations=0"):  # fmt: skip
         assert event in out, event
+    # Two groups on one topic, each checked on its own: every group gets every message.
+    for group in ("demo-billing", "demo-audit"):
+        (line,) = [ln for ln in out.splitlines() if f"verdict for {group}: " in ln]
+        produced = line.split("produced=")[1].split()[0]
+        assert f"handled={produced} " in line and " lost=0 " in line, line
 
 
 def test_coordinator_and_consumer_refuse_an_unmigrated_database(empty_dsn: str) -> None:
@@ -182,22 +191,24 @@ def test_coordinator_and_consumer_refuse_an_unmigrated_database(empty_dsn: str) 
 
 def test_status_shows_handler_progress(db: psycopg.Connection[Any], dsn: str) -> None:
     known_state(db)
-    row = db.execute(
-        "UPDATE pgcg.messages m SET claimed_by = 'm-a', claim_epoch = 1, "
-        "locked_until = now() + interval '60 seconds', "
-        "progress = jsonb_build_object('percent', 40, 'text', 'page 4 of 10', 'at', now()) "
-        "WHERE id = (SELECT min(id) FROM pgcg.messages WHERE partition = 0) RETURNING id"
-    ).fetchone()
-    assert row is not None
+    # A handler that reports progress runs as a parked delivery, claimed at the epoch.
+    message_id = park(db, GROUP, 0, 3, "k0", member="m-a", epoch=1, attempts=2,
+                      progress=(40, "page 4 of 10"))  # fmt: skip
+    park(db, GROUP, 1, 4, "k1", member="m-a", epoch=0, progress=(10, "a stale epoch's"))
     result = run("status", "--group", GROUP, "--json", env={"PGCG_DATABASE_URL": dsn})
     (g,) = json.loads(result.output)["groups"]
     (p,) = g["progress"]
-    assert (p["message_id"], p["member_id"], p["percent"], p["text"]) == (
-        row["id"],
+    assert (p["message_id"], p["member_id"], p["percent"], p["text"], p["attempt"]) == (
+        message_id,
         "m-a",
         40.0,
         "page 4 of 10",
+        2,
     )
     assert not p["overdue"]
+    assert g["parked_total"] == 2 and g["in_flight_total"] == 1
+    parts = {q["partition"]: q for q in g["partitions"]}
+    assert (parts[0]["parked"], parts[0]["in_flight"]) == (1, 1)
+    assert (parts[1]["parked"], parts[1]["in_flight"]) == (1, 0)
     table = run("status", "--group", GROUP, env={"PGCG_DATABASE_URL": dsn})
     assert "40.0% page 4 of 10" in table.output

@@ -17,7 +17,17 @@ from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import assign, await_for, fast_settings, key_in, owners, pending, running
+from tests.helpers import (
+    assign,
+    await_for,
+    fast_settings,
+    key_in,
+    owners,
+    parked,
+    pending,
+    running,
+    unfinished_ids,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +111,8 @@ def enqueue(db: psycopg.Connection[Any], *messages: tuple[str, Any]) -> list[int
 
 
 def row_ids(db: psycopg.Connection[Any]) -> set[int]:
-    return {r["id"] for r in db.execute("SELECT id FROM pgcg.messages")}
+    """Ids of the messages the group has not finished."""
+    return unfinished_ids(db, GROUP)
 
 
 def actions(caplog: pytest.LogCaptureFixture, action: str) -> list[logging.LogRecord]:
@@ -187,21 +198,26 @@ async def test_zombie_result_is_rejected_while_owned_partitions_still_ack(
             gate.set()
             await await_for(lambda: actions(caplog, "ack_rejected"), what="ack_rejected log")
             await await_for(lambda: owned not in row_ids(db), what="the owned partition's ack")
-            row = db.execute(
-                "SELECT attempts, last_error FROM pgcg.messages WHERE id = %s", (stale,)
-            ).fetchone()
-            assert row == {"attempts": 0, "last_error": None}, "a zombie's result was written"
+            assert stale in row_ids(db), "a zombie's result was written"
+            assert parked(db, GROUP) == [], "a zombie's retry was written"
             assert db.execute("SELECT * FROM pgcg.dead_letters").fetchall() == []
             (rejected,) = actions(caplog, "ack_rejected")
             assert (rejected.partition, rejected.count) == (0, 1)  # type: ignore[attr-defined]
             assert (owned, 1) in handled
             blocker.rollback()
-        # The member still owns partition 0, under the new epoch: the message comes back
-        # as a new delivery (the lost claim counts as an attempt) and is acked this time.
+        # The member still owns partition 0, under the new epoch: the cut-off delivery
+        # counts as an attempt, and the message comes back as a new delivery, acked this
+        # time; with one attempt allowed, it was its only one: dead-lettered.
         await await_for(lambda: stale not in row_ids(db), what="redelivery under the new epoch")
-    assert (stale, 2) in handled
     assert len(actions(caplog, "ack_rejected")) == 1
-    assert db.execute("SELECT * FROM pgcg.dead_letters").fetchall() == []
+    dead = db.execute("SELECT message_id, reason FROM pgcg.dead_letters").fetchall()
+    if outcome == "dead_letter":
+        assert [d["message_id"] for d in dead] == [stale]
+        assert "handler never returned" in dead[0]["reason"]
+        assert (stale, 2) not in handled
+    else:
+        assert (stale, 2) in handled
+        assert dead == []
 
 
 async def test_always_failing_message_is_dead_lettered_before_its_key_moves_on(
@@ -312,28 +328,26 @@ async def test_delayed_retry_blocks_its_key_after_a_hand_off(
         assign(db, GROUP, TOPIC, [0], first.member_id)
 
         def failed_once() -> bool:
-            row = db.execute(
-                "SELECT attempts, last_error, available_at > now() AS waiting "
-                "FROM pgcg.messages WHERE id = %s",
-                (a,),
-            ).fetchone()
-            return bool(row and row["attempts"] == 1 and row["last_error"] and row["waiting"])
+            rows = parked(db, GROUP)
+            return bool(
+                rows
+                and rows[0]["id"] == a
+                and rows[0]["attempts"] == 1
+                and rows[0]["last_error"]
+                and rows[0]["waiting"]
+            )
 
         await await_for(failed_once, what="A's failure recorded, its retry not yet due")
         await await_for(lambda: ("first", other, 1) in handled, what="the other key handled")
-
-        def b_put_back() -> bool:
-            row = db.execute("SELECT claimed_by FROM pgcg.messages WHERE id = %s", (b,))
-            found = row.fetchone()
-            return bool(found and found["claimed_by"] is None)
-
-        await await_for(b_put_back, what="the first owner put B back behind waiting A")
+        # B went to the parked queue behind waiting A: the key's order lives in the rows.
+        await await_for(
+            lambda: [r["id"] for r in parked(db, GROUP)] == [a, b], what="B parked behind A"
+        )
         assign(db, GROUP, TOPIC, [0], second.member_id)
         await await_for(
-            lambda: second.ctx.scheduler.held_keys() == ["k"],
-            what="the new owner holds key k behind A, from the rows alone",
+            lambda: 0 in second.ctx.assignment.owned and second.ctx.assignment.owned[0].adopted,
+            what="the new owner adopted the partition",
         )
-        assert second.ctx.scheduler.next_due() is not None, "A should still be waiting"
         assert not any(i == b for _, i, _ in handled)
         await await_for(lambda: any(i == b for _, i, _ in handled), what="B handled")
     # B was never delivered before, so it is on its first attempt.
@@ -345,7 +359,7 @@ async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
     db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A revoked partition drains its in-flight work. A message that fails meanwhile is
-    not retried here (the row keeps its retry time for the next owner): the partition
+    not retried here (it is parked with its retry time for the next owner): the partition
     is released as soon as the failure is written, not at the drain deadline."""
     caplog.set_level(logging.INFO, logger="pgcg")
     setup_topic(db, partitions=1)
@@ -377,12 +391,8 @@ async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
     assert not actions(caplog, "drain_deadline")
     assert attempts == [1]
     assert owners(db, GROUP)[0] == (None, 2, "unassigned")
-    row = db.execute(
-        "SELECT attempts, claim_epoch, last_error, available_at > now() - interval '1 minute' "
-        "AS retry_time_kept FROM pgcg.messages WHERE id = %s",
-        (first,),
-    ).fetchone()
-    assert row is not None and row["attempts"] == 1 and row["claim_epoch"] is None
+    (row,) = parked(db, GROUP)
+    assert row["id"] == first and row["attempts"] == 1 and row["claimed_epoch"] is None
     assert "downstream is down" in row["last_error"]
 
 
@@ -405,13 +415,20 @@ async def test_a_key_waiting_for_its_retry_does_not_starve_other_keys(
     async with running(consumer):
         assign(db, GROUP, TOPIC, [0, 1], consumer.member_id)
         await await_for(lambda: set(others) <= set(handled), 5, "other keys handled")
-        # The waiting key holds only its head: its later messages went back to the table.
-        held = db.execute(
-            "SELECT count(*) FILTER (WHERE claim_epoch IS NOT NULL) AS claimed, count(*) AS n "
-            "FROM pgcg.messages WHERE key = %s",
-            (hot,),
-        ).fetchone()
-        assert held is not None and held["n"] == 60 and held["claimed"] == 1
+
+        # The waiting key left memory for the parked queue, in its order, head first.
+        def hot_parked() -> bool:
+            rows = parked(db, GROUP)
+            return (
+                len(rows) == 60
+                and rows[0]["id"] == first
+                and rows[0]["attempts"] == 1
+                and rows[0]["waiting"]
+            )
+
+        await await_for(hot_parked, 5, "the hot key parked, its head waiting for the retry")
+        rows = parked(db, GROUP)
+        assert all(r["key"] == hot and r["attempts"] == 0 for r in rows[1:])
         assert first not in handled and not set(handled) - set(others)
 
 
@@ -482,30 +499,35 @@ async def test_a_release_does_not_hand_on_a_partition_whose_revocation_was_calle
         assert consumer.ctx.assignment.owned.get(0) is owned
 
 
-async def test_a_result_whose_row_is_already_gone_keeps_an_owned_partition(
+async def test_a_result_written_twice_keeps_an_owned_partition(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
-    """Found by pgcg chaos: after a connection loss, an ack for a row our own earlier write
-    had already removed was taken for a zombie's, and the member dropped a partition it
-    still owned, handing that key's later messages out a second time."""
-    from datetime import UTC, datetime
-
-    from pgcg.consumer.message import Claimed
+    """Found by pgcg chaos: after a connection loss, a result our own earlier write had
+    already recorded was taken for a zombie's, and the member dropped a partition it still
+    owned. Results are idempotent: the same round written again is accepted."""
+    from pgcg.consumer.writer import Result, _Round
 
     setup_topic(db, partitions=1)
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=Recorder(), dsn=dsn)
+    (first,) = enqueue(db, ("k", "A"))
+    gate = anyio.Event()
+
+    async def handler(message: Message) -> None:
+        await gate.wait()
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
     async with running(consumer):
         assign(db, GROUP, TOPIC, [0], consumer.member_id)
-        await await_for(lambda: 0 in consumer.ctx.assignment.owned, what="partition 0 owned")
+        await await_for(lambda: consumer.ctx.running == 1, what="A in flight")
         owned = consumer.ctx.assignment.owned[0]
-        gone = Message(10**9, TOPIC, 0, "k", {}, {}, 1, datetime.now(UTC))
-        conn = await consumer.acker._connection()
-        settled = await consumer.acker._settle_rejected(conn, [Claimed(gone, owned.epoch, 0.0)])
-        assert settled == {gone.id}
+        (item,) = [
+            i for k in consumer.ctx.scheduler.keys(0) for i in consumer.ctx.scheduler.items_of(k)
+        ]
+        # What a lost reply leads to: the same result written twice.
+        for _ in range(2):
+            await consumer.writer._write(_Round(results=[Result(item)]))
         assert consumer.ctx.assignment.owned.get(0) is owned
-        # A result under an epoch that moved on is still a zombie's: the partition goes.
-        stale = Claimed(gone, owned.epoch - 1, 0.0)
-        assert await consumer.acker._settle_rejected(conn, [stale]) == set()
+        assert first not in row_ids(db)
+        gate.set()
 
 
 async def test_a_late_heartbeat_answer_does_not_push_the_revocation_deadline_back(

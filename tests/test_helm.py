@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 try:
@@ -900,7 +899,9 @@ def test_keda_query_calls_the_group_lag_function_for_each_group(helm):
     for group, obj in scaled.items():
         (trigger,) = obj["spec"]["triggers"]
         assert trigger["type"] == "postgresql"
-        assert trigger["metadata"]["query"] == f"SELECT pgcg.group_lag('{group}') AS lag"
+        assert trigger["metadata"]["query"] == (
+            f"SELECT coalesce(sum(lag), 0) AS lag FROM pgcg.group_lag('{group}')"
+        )
         assert trigger["useCachedMetrics"] is True
         # KEDA's trigger metadata is a map of strings.
         assert all(isinstance(v, str) for v in trigger["metadata"].values())
@@ -910,36 +911,15 @@ def test_keda_query_runs_and_counts_each_group_on_a_shared_topic(helm, db, dsn):
     """The rendered query against PostgreSQL: two groups on one topic, each its own lag."""
     from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 
-    _ensure_group_lag(db)
     docs = render(helm, values_file("keda-values.yaml"))
     db.execute("SELECT pgcg.create_topic('orders', 4)")
     for group in ("billing", "shipping"):
-        db.execute(
-            "INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%s, 'orders')"
-            " ON CONFLICT DO NOTHING",
-            (group,),
-        )
+        db.execute("SELECT pgcg.create_group(%s, 'orders')", (group,))
     enqueue_many_sync(db, "orders", [OutgoingMessage(f"k{i}", {"n": i}) for i in range(7)])
     for obj in of_kind(docs, "ScaledObject"):
         query = obj["spec"]["triggers"][0]["metadata"]["query"]
         row = db.execute(query).fetchone()
         assert row is not None and list(row) == ["lag"] and row["lag"] == 7
-
-
-def _ensure_group_lag(db: psycopg.Connection[Any]) -> None:
-    """pgcg.group_lag(group) is the storage's to define (one place, next to the log it
-    reads); until it exists there, a stand-in over today's message table."""
-    if db.execute("SELECT to_regprocedure('pgcg.group_lag(text)') AS f").fetchone()["f"]:
-        return
-    db.execute(
-        """
-        CREATE FUNCTION pgcg.group_lag(group_name text) RETURNS bigint
-        LANGUAGE sql STABLE RETURN (
-            SELECT count(*) FROM pgcg.messages AS m
-            JOIN pgcg.subscriptions AS s ON s.topic = m.topic
-            WHERE s.group_name = group_lag.group_name)
-        """
-    )
 
 
 def test_keda_scales_the_group_deployment_and_owns_its_replicas(helm):

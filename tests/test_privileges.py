@@ -53,12 +53,7 @@ def _error_line(stderr: str) -> str:
 
 def _setup(db: psycopg.Connection[Any]) -> None:
     db.execute("SELECT pgcg.create_topic(%s, 2)", (TOPIC,))
-    db.execute("INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%s, %s)", (GROUP, TOPIC))
-    db.execute(
-        "INSERT INTO pgcg.partition_assignments (group_name, topic, partition) "
-        "SELECT %s, %s, p FROM generate_series(0, 1) p",
-        (GROUP, TOPIC),
-    )
+    db.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
     enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {}) for i in range(4)])
 
 

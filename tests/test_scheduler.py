@@ -1,9 +1,10 @@
 """The per-key scheduler against a model, through random operations (hypothesis stateful).
 
 The model is the rule set in consumer/scheduler.py stated as plainly as possible: a key's
-buffered messages form an id-ordered queue; only its lowest id may be handed out, only
-when due, and only while nothing of the key is out. Everything the scheduler hands out or
-reports is checked against it after every step.
+held messages form a queue in the key's order (parked ones first, by parked id; then log
+ones by position); only its first may be handed out, only when due, and only while
+nothing of the key is out. Everything the scheduler hands out or reports is checked
+against it after every step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pgcg.consumer.message import Claimed, Message
+from pgcg.consumer.message import Item, Message
 from pgcg.consumer.scheduler import KeyScheduler
 
 KEYS = ["a", "b", "c", "d", "e"]
@@ -29,30 +30,40 @@ PARTITION_OF = {k: i % 3 for i, k in enumerate(KEYS)}  # a key always lives in o
 EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-def claimed(id_: int, key: str, due: float) -> Claimed:
-    msg = Message(id_, "t", PARTITION_OF[key], key, {"id": id_}, {}, 1, EPOCH)
-    return Claimed(msg, epoch=1, due=due)
+def claimed(id_: int, key: str, due: float, *, parked: bool = False) -> Item:
+    """A log message at position (1, id), or (parked) the parked message with that id."""
+    partition = PARTITION_OF[key]
+    msg = Message(id_ * 1024 + partition, "t", partition, key, {"id": id_}, {}, 1, EPOCH,
+                  offset=id_)  # fmt: skip
+    if parked:
+        return Item(msg, epoch=1, due=due, parked_id=id_)
+    return Item(msg, epoch=1, due=due, tick=1, a_tick=0)
 
 
 class SchedulerModel(RuleBasedStateMachine):
-    out = Bundle("out")  # items handed out by take() and not yet finished or deferred
+    out = Bundle("out")  # items handed out by take() and not yet finished or unstarted
 
     def __init__(self) -> None:
         super().__init__()
         self.s = KeyScheduler()
         self.now = 100.0
-        self.next_id = 1000  # ids of new claims grow from here
-        self.low_id = 1000  # ids of late arrivals shrink from here
-        self.buffered: dict[int, Claimed] = {}  # id -> item the scheduler should hold
-        self.busy: dict[str, Claimed] = {}  # key -> its item that is out
+        self.next_id = 1000  # ids of new log messages and parked ones grow from here
+        self.buffered: dict[int, Item] = {}  # uid -> item the scheduler should hold
+        self.busy: dict[str, Item] = {}  # key -> its item that is out
         self.kept_busy: set[int] = set()  # out items of dropped-with-keep_busy partitions
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def of_key(self, key: str) -> list[Claimed]:
-        return sorted((c for c in self.buffered.values() if c.key == key), key=lambda c: c.id)
+    def of_key(self, key: str) -> list[Item]:
+        """The key's held items in its order; a head that is out stays first."""
+        items = sorted((c for c in self.buffered.values() if c.key == key), key=lambda c: c.order)
+        busy = self.busy.get(key)
+        if busy is not None and busy in items:
+            items.remove(busy)
+            items.insert(0, busy)
+        return items
 
-    def head(self, key: str) -> Claimed | None:
+    def head(self, key: str) -> Item | None:
         items = self.of_key(key)
         return items[0] if items else None
 
@@ -64,30 +75,24 @@ class SchedulerModel(RuleBasedStateMachine):
             min_size=1,
             max_size=6,
         ),
-        late=st.booleans(),
+        parked=st.booleans(),
     )
-    def add(self, batch: list[tuple[str, float]], late: bool) -> None:
-        """New claims; `late` gives them ids lower than everything seen (a late commit or a
-        replayed dead letter), which must still go in id order."""
+    def add(self, batch: list[tuple[str, float]], parked: bool) -> None:
+        """New messages read from the log, or (parked) loaded from the parked queue: those
+        sort before every log message of their key."""
         items = []
         for key, offset in batch:
-            if late:
-                self.low_id -= 1
-                id_ = self.low_id
-            else:
-                self.next_id += 1
-                id_ = self.next_id
-            items.append(claimed(id_, key, self.now + offset))
-        # An id that is still held is ignored (the claim query can return a row twice only
-        # across epochs, after a drop; model both by offering one known id again).
+            self.next_id += 1
+            items.append(claimed(self.next_id, key, self.now + offset, parked=parked))
+        # One that is still held is ignored (a re-read after a revocation called off).
         if self.buffered:
             known = next(iter(self.buffered.values()))
-            items.append(claimed(known.id, known.key, self.now))
+            items.append(known)
         added = self.s.add(items, self.now)
-        new = [c for c in items if c.id not in self.buffered]
-        assert added == len({c.id for c in new})
+        new = [c for c in items if c.uid not in self.buffered]
+        assert added == len({c.uid for c in new})
         for c in new:
-            self.buffered.setdefault(c.id, c)
+            self.buffered.setdefault(c.uid, c)
 
     @rule(dt=st.sampled_from([0.0, 0.25, 1.0, 4.0, 20.0]))
     def tick(self, dt: float) -> None:
@@ -107,54 +112,70 @@ class SchedulerModel(RuleBasedStateMachine):
         for key in KEYS:
             head = self.head(key)
             if head is not None and key not in self.busy:
-                assert head.due > self.now, f"key {key}: due head {head.id} not handed out"
+                assert head.due > self.now, f"key {key}: due head {head.uid} not handed out"
         return multiple(*taken)
 
-    def check_taken(self, taken: list[Claimed], limit: int) -> None:
+    def check_taken(self, taken: list[Item], limit: int) -> None:
         assert len(taken) <= limit
         keys = [c.key for c in taken]
         assert len(keys) == len(set(keys)), "two heads of one key handed out at once"
         for c in taken:
             assert c.key not in self.busy, f"key {c.key} handed out while {self.busy} is out"
-            assert c.id in self.buffered, f"{c.id} was never buffered, or was dropped/finished"
+            assert c.uid in self.buffered, f"{c.uid} was never held, or was dropped/finished"
             head = self.head(c.key)
-            assert head is c, f"key {c.key}: took {c.id} but its head is {head and head.id}"
-            assert c.due <= self.now, f"{c.id} taken before it was due"
+            assert head is c, f"key {c.key}: took {c.uid} but its head is {head and head.uid}"
+            assert c.due <= self.now, f"{c.uid} taken before it was due"
             self.busy[c.key] = c
 
     @rule(item=consumes(out))
-    def finish(self, item: Claimed) -> None:
+    def finish(self, item: Item) -> None:
         self.s.finish(item, self.now)
         if self.busy.get(item.key) is item:
             del self.busy[item.key]
-            del self.buffered[item.id]
-            self.kept_busy.discard(item.id)
+            del self.buffered[item.uid]
+            self.kept_busy.discard(item.uid)
 
-    @rule(item=consumes(out), delay=st.sampled_from([0.0, 0.5, 2.0, 30.0]))
-    def defer(self, item: Claimed, delay: float) -> None:
-        self.s.defer(item, self.now + delay, self.now)
+    @rule(item=consumes(out))
+    def unstart(self, item: Item) -> None:
+        """Its start was refused: the key is idle again with the same head."""
+        self.s.unstart(item, self.now)
         if self.busy.get(item.key) is item:
             del self.busy[item.key]
-            self.kept_busy.discard(item.id)
-            assert item.due == self.now + delay
+            self.kept_busy.discard(item.uid)
+            if item.uid not in self.buffered:
+                return
+
+    @rule(key=st.sampled_from(KEYS), keep_busy=st.booleans())
+    def drop_key(self, key: str, keep_busy: bool) -> None:
+        """The key went to the parked queue: forget it (a head that is out may stay)."""
+        busy = self.busy.get(key)
+        expected = {
+            c.uid for c in self.buffered.values() if c.key == key and not (keep_busy and busy is c)
+        }
+        dropped = self.s.drop_key(key, keep_busy=keep_busy)
+        assert {c.uid for c in dropped} == expected
+        for uid in expected:
+            del self.buffered[uid]
+        if busy is not None and not keep_busy:
+            del self.busy[key]
 
     @rule(partition=st.sampled_from([0, 1, 2]), keep_busy=st.booleans())
     def drop_partition(self, partition: int, keep_busy: bool) -> None:
         expected = {
-            c.id
+            c.uid
             for c in self.buffered.values()
             if c.partition == partition and not (keep_busy and self.busy.get(c.key) is c)
         }
         dropped = self.s.drop_partition(partition, keep_busy=keep_busy)
-        assert {c.id for c in dropped} == expected
+        assert {c.uid for c in dropped} == expected
         assert len(dropped) == len(expected)
-        for id_ in expected:
-            del self.buffered[id_]
+        for uid in expected:
+            del self.buffered[uid]
         for key, c in list(self.busy.items()):
             if c.partition != partition:
                 continue
             if keep_busy:
-                self.kept_busy.add(c.id)
+                self.kept_busy.add(c.uid)
             else:
                 del self.busy[key]  # its result will arrive and must change nothing
 
@@ -196,42 +217,63 @@ TestScheduler = SchedulerModel.TestCase
 # -- the traps, spelled out -------------------------------------------------------------------
 
 
-def test_head_waiting_for_retry_blocks_later_messages_of_its_key() -> None:
+def test_head_not_due_blocks_later_messages_of_its_key() -> None:
     s = KeyScheduler()
-    a1, a2, b1 = claimed(1, "a", 0.0), claimed(2, "a", 0.0), claimed(3, "b", 0.0)
+    a1, a2, b1 = claimed(1, "a", 5.0), claimed(2, "a", 0.0), claimed(3, "b", 0.0)
     s.add([a1, a2, b1], now=0.0)
-    assert s.take(0.0, 10) == [a1, b1]
-    s.defer(a1, due=5.0, now=1.0)
-    s.finish(b1, 1.0)
-    assert s.take(1.0, 10) == []  # a2 is due but must wait for a1
+    assert s.take(0.0, 10) == [b1]  # a2 is due but must wait for a1
     assert s.next_due() == 5.0
     assert s.take(5.0, 10) == [a1]
     s.finish(a1, 5.0)
     assert s.take(5.0, 10) == [a2]
 
 
-def test_claimed_head_not_yet_due_blocks_its_key_after_a_hand_off() -> None:
-    """A new owner sees only rows: the old owner's retry arrives as a head that is not due."""
+def test_a_keys_parked_messages_come_before_its_log_messages() -> None:
+    """After a hand-off the new owner may read a key's log messages before it loads the
+    key's parked ones: those still go first."""
     s = KeyScheduler()
-    s.add([claimed(1, "a", 5.0), claimed(2, "a", 0.0), claimed(3, "b", 0.0)], now=0.0)
-    assert [c.id for c in s.take(0.0, 10)] == [3]
-    assert s.take(4.9, 10) == []
-    assert [c.id for c in s.take(5.0, 10)] == [1]
+    log_item = claimed(10, "a", 0.0)
+    s.add([log_item], now=0.0)
+    parked_item = claimed(99, "a", 0.0, parked=True)
+    s.add([parked_item], now=0.0)
+    assert s.take(0.0, 10) == [parked_item]
+    s.finish(parked_item, 0.0)
+    assert s.take(0.0, 10) == [log_item]
 
 
-def test_late_lower_id_that_is_not_due_blocks_a_due_head() -> None:
+def test_a_parked_message_not_due_blocks_its_key() -> None:
     s = KeyScheduler()
-    s.add([claimed(10, "a", 0.0)], now=0.0)
-    s.add([claimed(5, "a", 3.0)], now=0.0)  # a replayed message, waiting for its retry
-    assert s.take(0.0, 10) == []
-    assert [c.id for c in s.take(3.0, 10)] == [5]
+    s.add([claimed(10, "a", 0.0), claimed(11, "b", 0.0)], now=0.0)
+    s.add([claimed(5, "a", 3.0, parked=True)], now=0.0)  # a retry, waiting
+    assert [c.key for c in s.take(0.0, 10)] == ["b"]
+    assert [c.uid for c in s.take(3.0, 10)] == [-5]
 
 
-def test_late_lower_id_goes_after_the_head_being_handled() -> None:
+def test_a_message_that_sorts_earlier_goes_after_the_head_being_handled() -> None:
     s = KeyScheduler()
     s.add([claimed(10, "a", 0.0), claimed(11, "a", 0.0)], now=0.0)
     (head,) = s.take(0.0, 10)
-    s.add([claimed(5, "a", 0.0)], now=0.0)
+    s.add([claimed(5, "a", 0.0, parked=True)], now=0.0)
     assert s.take(0.0, 10) == []
     s.finish(head, 0.0)
-    assert [c.id for c in s.take(0.0, 10)] == [5]
+    assert [c.uid for c in s.take(0.0, 10)] == [-5]
+
+
+def test_an_unstarted_head_is_handed_out_again() -> None:
+    s = KeyScheduler()
+    a1, a2 = claimed(1, "a", 0.0), claimed(2, "a", 0.0)
+    s.add([a1, a2], now=0.0)
+    assert s.take(0.0, 10) == [a1]
+    s.unstart(a1, 0.0)
+    assert s.take(0.0, 10) == [a1]
+
+
+def test_dropping_a_key_keeps_its_running_head() -> None:
+    s = KeyScheduler()
+    a1, a2 = claimed(1, "a", 0.0), claimed(2, "a", 0.0)
+    s.add([a1, a2], now=0.0)
+    (head,) = s.take(0.0, 10)
+    assert s.drop_key("a") == [a2]
+    assert s.busy() == 1 and s.buffered() == 1
+    s.finish(head, 0.0)
+    assert s.buffered() == 0 and s.take(0.0, 10) == []

@@ -15,6 +15,7 @@ from pgcg.shared.cli import run_cli
 from pgcg.shared.errors import InvalidInput
 from pgcg.shared.telemetry import TextFormatter
 from pgcg.shared.terminal import printable
+from tests.ops_helpers import park
 from tests.test_cli import GROUP, TOPIC, known_state, run
 
 TITLE = "\x1b]0;pwned\x07"  # sets the terminal's title when printed raw
@@ -39,8 +40,9 @@ def test_dlq_list_escapes_keys_and_errors(db: psycopg.Connection[Any], dsn: str)
     known_state(db)
     db.execute(
         "INSERT INTO pgcg.dead_letters (message_id, topic, partition, key, payload, headers, "
-        "enqueued_at, attempts, last_error) VALUES (1000, %s, 0, %s, '{}', '{}', now(), 3, %s)",
-        (TOPIC, TITLE, f"boom{CLEAR}\u202e"),
+        "enqueued_at, attempts, last_error, group_name) "
+        "VALUES (1000, %s, 0, %s, '{}', '{}', now(), 3, %s, %s)",
+        (TOPIC, TITLE, f"boom{CLEAR}\u202e", f"g{TITLE}"),
     )
     table = run("dlq", "list", env={"PGCG_DATABASE_URL": dsn})
     assert table.exit_code == 0, table.output
@@ -57,16 +59,10 @@ def test_status_escapes_members_hosts_and_progress(db: psycopg.Connection[Any], 
     known_state(db)
     db.execute(
         "INSERT INTO pgcg.consumer_groups (group_name, member_id, host, pid, "
-        "session_timeout_ms) VALUES (%s, %s, %s, 7, 10000)",
+        "session_timeout_ms, protocol) VALUES (%s, %s, %s, 7, 10000, 3)",
         (GROUP, f"m-{TITLE}", f"h{CLEAR}"),
     )
-    db.execute(
-        "UPDATE pgcg.messages SET claimed_by = 'm-a', claim_epoch = 1, "
-        "locked_until = now() + interval '60 seconds', "
-        "progress = jsonb_build_object('percent', 40, 'text', %s::text, 'at', now()) "
-        "WHERE id = (SELECT min(id) FROM pgcg.messages WHERE partition = 0)",
-        (f"page{CLEAR}",),
-    )
+    park(db, GROUP, 0, 3, "k", member="m-a", epoch=1, progress=(40, f"page{CLEAR}"))
     db.execute(
         "INSERT INTO pgcg.rebalances (group_name, generation, leader_epoch, reason, members, "
         "moves, started_at, duration_ms) VALUES (%s, 1, 1, %s, 1, '[]', now(), 1)",

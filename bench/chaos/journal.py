@@ -3,18 +3,19 @@
 What is recorded, each piece in a way that survives the process that wrote it dying:
 - the producer writes each message's (seq, key, id) in the same transaction as the
   enqueue, so the produced table is exactly what was committed;
-- the recording handler journals every handling (message, key, seq, member, epoch,
+- the recording handler journals every handling (group, message, key, seq, member, epoch,
   process, start, end) in its own transaction;
-- triggers record every deleted message row (an accepted ack or a dead-letter: when, and
-  from which process's session) and every change of a partition's owner or epoch.
+- triggers record every completion a group's fenced write recorded (when, and from which
+  process's session) and every change of a partition's owner or epoch, per group.
 
-The checker then proves, trusting nothing the fencing under test decides:
+The checker then proves, for every group of the topic (each must handle every message),
+trusting nothing the fencing under test decides:
 - no loss: every produced message has an accepted handling, or is dead-lettered (or,
   reported separately, still pending);
 - key order: no message was handled after a later message of its key had finished;
 - no concurrency per key: accepted handlings of one key never overlap in time. Overlaps
   with superseded handlings are zombie work whose ack the fence rejected; they are counted;
-- no stale ack: no message was deleted after its handling's epoch had ended;
+- no stale ack: no completion was recorded after its handling's epoch had ended;
 - no stale work: no handling started after its epoch had ended (a member must stop before
   anyone else can be given its partitions);
 - no stale leader: no rebalance was recorded by a leader after a newer leader epoch had
@@ -24,8 +25,8 @@ The checker then proves, trusting nothing the fencing under test decides:
   network fault, a server restart, a forced hand-off);
 - the longest time a partition had no working owner.
 
-The accepted handling of a message is the last one its deleting process journaled before
-the deletion: the ack that took effect is the one that deleted the row.
+The accepted handling of a message is the last one its completing process journaled before
+the completion: the write that took effect is the one that recorded it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ WORK_ENV = "PGCG_JOURNAL_WORK_MS"
 # a handler's side effects usually go to another system than its queue.
 DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
 
+# Test builds only: pgcg.owned replaced by one that lets every write through.
+UNFENCED = Q.unfenced
+# Per group and partition of a topic: what the group has not finished, and who owns it.
+PENDING_BY_PARTITION = Q.pending_by_partition
+
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None
 
@@ -85,6 +91,7 @@ async def record(message: Message) -> None:
             await _conn.execute(
                 Q.record,
                 {
+                    "group": message.group,
                     "message_id": message.id,
                     "key": message.key,
                     "seq": int(message.payload["seq"]),
@@ -227,6 +234,7 @@ class Verdict:
     max_unowned_partition: int | None = None
     max_unowned_since: datetime | None = None
     max_unassigned_s: float = 0.0  # longest time a partition had no owner at all
+    groups: dict[str, Verdict] = field(default_factory=dict)  # per group, when several
 
     @property
     def violations(self) -> dict[str, int]:
@@ -291,7 +299,36 @@ class Verdict:
             "max_unowned_since": self.max_unowned_since,
             "max_unassigned_s": round(self.max_unassigned_s, 3),
             "examples": self.examples(),
+            "groups": {name: v.as_dict() for name, v in self.groups.items()},
         }
+
+    def add(self, other: Verdict, group: str) -> None:
+        """Fold one group's verdict into this one (violations get the group's name)."""
+        self.groups[group] = other
+        self.handled += other.handled
+        self.pending += other.pending
+        self.dead_lettered += other.dead_lettered
+        self.lost += other.lost
+        for name in (
+            "order_violations",
+            "concurrent_violations",
+            "stale_acks",
+            "stale_work",
+            "stale_leader_writes",
+            "unexplained_duplicates",
+        ):
+            getattr(self, name).extend(f"[{group}] {v}" for v in getattr(other, name))
+        self.duplicates += other.duplicates
+        for cause, n in other.duplicate_causes.items():
+            self.duplicate_causes[cause] = self.duplicate_causes.get(cause, 0) + n
+        self.fenced_overlaps += other.fenced_overlaps
+        self.resumed_starts += other.resumed_starts
+        self.attributed_acks += other.attributed_acks
+        if other.max_unowned_s > self.max_unowned_s:
+            self.max_unowned_s = other.max_unowned_s
+            self.max_unowned_partition = other.max_unowned_partition
+            self.max_unowned_since = other.max_unowned_since
+        self.max_unassigned_s = max(self.max_unassigned_s, other.max_unassigned_s)
 
 
 Row = dict[str, Any]
@@ -304,30 +341,48 @@ def check(
     disruptions: Sequence[Disruption] | None = None,
     window: tuple[datetime, datetime] | None = None,
 ) -> Verdict:
-    """Check the recorded history of `topic`.
+    """Check the recorded history of `topic`, for every group that consumes it.
 
     `disruptions` (what a runner injected) lets duplicates be told apart from violations
     and start stamps taken after a SIGCONT be recognised; without it, duplicates are only
     counted. `window` bounds the ownership measurements (default: the whole history).
+    Every group must account for every produced message: the verdict sums the groups'.
     """
     conn.row_factory = dict_row  # type: ignore[assignment]
     produced = {r["seq"]: r for r in conn.execute(Q.produced_rows)}
-    rows: list[Row] = conn.execute(Q.journal_rows).fetchall()
-    deleted = {r["message_id"]: r for r in conn.execute(Q.deleted_rows, {"topic": topic})}
-    history: list[Row] = conn.execute(Q.ownership_rows, {"topic": topic}).fetchall()
-    pending = {r["id"] for r in conn.execute(Q.pending_ids, {"topic": topic})}
-    dead = {r["message_id"] for r in conn.execute(Q.dead_ids, {"topic": topic})}
+    verdict = Verdict(produced=len(produced))
+    _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
+    for (group,) in [tuple(r.values()) for r in conn.execute(Q.groups, {"topic": topic})]:
+        verdict.add(_check_group(conn, group, produced, disruptions, window), group)
+    return verdict
+
+
+def _check_group(
+    conn: psycopg.Connection[Any],
+    group: str,
+    produced: dict[int, Row],
+    disruptions: Sequence[Disruption] | None,
+    window: tuple[datetime, datetime] | None,
+) -> Verdict:
+    params = {"group": group}
+    rows: list[Row] = conn.execute(Q.journal_rows, params).fetchall()
+    completed: dict[int, Row] = {}
+    for r in conn.execute(Q.completed_rows, params):
+        completed.setdefault(r["message_id"], r)  # the first completion is the one that took
+    history: list[Row] = conn.execute(Q.ownership_rows, params).fetchall()
+    pending = {r["id"] for r in conn.execute(Q.pending_ids, params)}
+    dead = {r["message_id"] for r in conn.execute(Q.dead_ids, params)}
     forced: dict[int, list[datetime]] = defaultdict(list)
-    for r in conn.execute(Q.forced_handoffs):
+    for r in conn.execute(Q.forced_handoffs, params):
         forced[r["partition"]].append(r["started_at"])
     verdict = Verdict(produced=len(produced), pending=len(pending), dead_lettered=len(dead))
 
     by_message: dict[int, list[Row]] = defaultdict(list)
     for r in rows:
         by_message[r["message_id"]].append(r)
-    accepted = _accepted(by_message, deleted, dead, verdict)
+    accepted = _accepted(by_message, completed, dead, verdict)
     verdict.handled = len(accepted)
-    # A message deleted without a journaled handling before it counts as lost too.
+    # A message completed without a journaled handling before it counts as lost too.
     verdict.lost = sorted(
         seq
         for seq, p in produced.items()
@@ -363,11 +418,11 @@ def check(
     verdict.resumed_starts = len(resumed)
 
     for mid, r in accepted.items():
-        gone = deleted.get(mid)
+        gone = completed.get(mid)
         ended = epochs.ended(r["partition"], r["epoch"])
         if gone is not None and ended is not None and gone["deleted_at"] > ended:
             verdict.stale_acks.append(
-                f"seq {r['seq']} ({r['key']}, partition {r['partition']}): ack of "
+                f"seq {r['seq']} ({r['key']}, partition {r['partition']}): completion of "
                 f"{r['member_id']} under epoch {r['epoch']} accepted at "
                 f"{gone['deleted_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
             )
@@ -381,7 +436,6 @@ def check(
         handlings.sort(key=lambda r: r["started_at"])
         _check_key(key, handlings, accepted_ids, verdict)
 
-    _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
     _duplicates(by_message, disruptions, forced, verdict)
     _ownership(history, disruptions or (), window, rows, verdict)
     return verdict
@@ -393,7 +447,7 @@ def _accepted(
     dead: set[int],
     verdict: Verdict,
 ) -> dict[int, Row]:
-    """message id -> its accepted handling."""
+    """message id -> its accepted handling (`deleted`: its completion)."""
     accepted: dict[int, Row] = {}
     if not deleted:
         # No deletion triggers (a history recorded before they existed): a handling whose

@@ -12,7 +12,8 @@ One run:
 5. check the recorded history (journal.check) and print a report; exit 1 on any
    violation, or if the queue did not drain.
 
-`--unsafe-no-fencing` runs the consumers with PGCG_UNSAFE_DISABLE_FENCING=1 (acks without
+`--unsafe-no-fencing` replaces the database's ownership check with one that lets every write
+through (results without
 the epoch fence): the same checks must then fail, which proves they can.
 """
 
@@ -52,6 +53,8 @@ from pgcg.shared.migrate import migrate
 log = logging.getLogger("pgcg.chaos")
 
 GROUP = "chaos"
+# A second group on the same topic: it must get every message too, at its own pace.
+OTHER_GROUP = "chaos-audit"
 TOPIC = "chaos"
 HANDLER = "pgcg.bench.chaos.journal:record"
 
@@ -73,6 +76,7 @@ class ChaosOptions:
     keys: int = 64
     partitions: int = 16
     consumers: int = 4
+    groups: int = 2  # 2: a second group of one consumer reads the same topic
     coordinators: int = 2
     faults: tuple[str, ...] = FAULT_KINDS
     database_url: str | None = None
@@ -302,6 +306,8 @@ class _Run:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
             journal.create(conn)
+            if options.unsafe_no_fencing:
+                conn.execute(journal.UNFENCED)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -319,9 +325,6 @@ class _Run:
         # What the processes run with, --env included: the faults are sized on it.
         self.session_timeout = float(env["PGCG_SESSION_TIMEOUT"])
         self.leader_timeout = float(env["PGCG_LEADER_TIMEOUT"])
-        self.consumer_env = (
-            {"PGCG_UNSAFE_DISABLE_FENCING": "1"} if options.unsafe_no_fencing else {}
-        )
         self.hub = stack.enter_context(ProxyHub())
         self.cluster = stack.enter_context(Cluster(dsn, workdir, env=env))
         self.proxies: dict[Proc, NetProxy] = {}
@@ -330,6 +333,8 @@ class _Run:
             self.spawn_coordinator()
         for _ in range(options.consumers):
             self.spawn_consumer()
+        if options.groups > 1:
+            self.spawn_consumer(OTHER_GROUP)
         self.nemesis = Nemesis(
             cluster=self.cluster, dsn=dsn, group=GROUP, proxies=self.proxies,
             server=db.server, spawn_consumer=self.spawn_consumer,
@@ -338,13 +343,13 @@ class _Run:
         )  # fmt: skip
         self.producer = stack.enter_context(_producer(dsn, workdir, options))
 
-    def spawn_consumer(self) -> Proc:
+    def spawn_consumer(self, group: str = GROUP) -> Proc:
         """A consumer behind a new proxy of its own."""
         n = sum(1 for p in self.cluster.procs if p.kind == "consumer") + 1
         proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
         proc = self.cluster.consumer(
-            GROUP, TOPIC, HANDLER, name=f"consumer-{n}",
-            env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn), **self.consumer_env},
+            group, TOPIC, HANDLER, name=f"consumer-{n}",
+            env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn)},
         )  # fmt: skip
         self.proxies[proc] = proxy
         return proc
@@ -407,8 +412,8 @@ class _Run:
                 log.warning(
                     "still pending: %s",
                     "; ".join(
-                        f"p{r['partition']}={r['pending']} ({r['claimed']} claimed, owner "
-                        f"{r['member_id']} epoch {r['epoch']} {r['state']})"
+                        f"{r['group_name']} p{r['partition']}={r['pending']} ({r['parked']} "
+                        f"parked, owner {r['member_id']} epoch {r['epoch']} {r['state']})"
                         for r in stuck
                     ),
                     extra={"action": "drain_slow"},
@@ -416,19 +421,12 @@ class _Run:
             time.sleep(0.2)
 
     def _pending_by_partition(self) -> list[dict[str, Any]]:
+        """What each group has not finished, per partition (journal.PENDING counts it)."""
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
-            return conn.execute(
-                "SELECT m.partition, count(*) AS pending, "
-                "count(*) FILTER (WHERE m.claim_epoch = pa.epoch) AS claimed, "
-                "pa.member_id, pa.epoch, pa.state "
-                "FROM pgcg.messages m JOIN pgcg.partition_assignments pa "
-                "  ON pa.topic = m.topic AND pa.partition = m.partition AND pa.group_name = %s "
-                "WHERE m.topic = %s GROUP BY 1, 4, 5, 6 ORDER BY 1",
-                (GROUP, TOPIC),
-            ).fetchall()
+            return conn.execute(journal.PENDING_BY_PARTITION, {"topic": TOPIC}).fetchall()
 
 
-HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_deleted", "pgcg_ownership")
+HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_completed", "pgcg_ownership")
 
 
 def _dump_history(dsn: str, workdir: Path) -> None:
@@ -527,7 +525,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 @click.option(
     "--unsafe-no-fencing",
     is_flag=True,
-    help="Run consumers with PGCG_UNSAFE_DISABLE_FENCING=1: the checks must fail.",
+    help="Let every write through the database's ownership check: the checks must fail.",
 )
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,

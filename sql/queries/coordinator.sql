@@ -63,7 +63,7 @@ SELECT leader_epoch, leader_id, heartbeat_at,
 FROM pgcg.coordinator_leader WHERE scope = %(scope)s
 
 -- name: groups
-SELECT group_name, topic FROM pgcg.subscriptions ORDER BY group_name
+SELECT group_name, topic FROM pgcg.groups ORDER BY group_name
 
 -- name: expire_members
 DELETE FROM pgcg.consumer_groups
@@ -128,7 +128,7 @@ WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.partition = ANY(
 RETURNING pa.partition
 
 -- name: next_generation
-UPDATE pgcg.subscriptions SET generation = generation + 1
+UPDATE pgcg.groups SET generation = generation + 1
 WHERE group_name = %(group)s RETURNING generation
 
 -- name: record_rebalance
@@ -147,3 +147,11 @@ SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')
 SELECT DISTINCT group_name FROM pgcg.consumer_groups
 WHERE group_name = ANY(%(groups)s::text[])
   AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
+
+-- name: topics
+SELECT name FROM pgcg.topics ORDER BY name
+
+-- name: maintain
+-- One round of a topic's retention upkeep (rotation, sealing, reclaiming, trimming); one
+-- caller at a time per topic, the others return nothing.
+SELECT event, seq, group_name, partition, n FROM pgcg.maintain(%(topic)s)

@@ -1,47 +1,41 @@
 -- Statements of shared/dlq.py. Filters are optional: a null parameter matches everything.
+-- Dead letters are per group: each group dead-letters its own failures.
 
 -- name: list
-SELECT id, message_id, topic, partition, key, payload, headers, attempts, last_error,
-       group_name, member_id, enqueued_at, dead_at
+SELECT id, message_id, group_name, topic, partition, "offset", key, payload, headers,
+       dedup_key, attempts, last_error, reason, member_id, enqueued_at, dead_at
 FROM pgcg.dead_letters
-WHERE (%(topic)s::text IS NULL OR topic = %(topic)s)
+WHERE (%(group)s::text IS NULL OR group_name = %(group)s)
+  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
   AND (%(key)s::text IS NULL OR key = %(key)s)
   AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
   AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
 ORDER BY id
 LIMIT %(limit)s
 
+-- name: pick
+-- The dead letters of one group to replay, locked until the replay commits.
+SELECT id, message_id FROM pgcg.dead_letters
+WHERE group_name = %(group)s
+  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
+  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+
 -- name: replay
--- Back into the queue under the message's original id: ids grow with enqueue order, so
--- the replayed message sorts before every newer pending message of its key and is
--- handled first. Attempts start over.
-WITH picked AS (
-    DELETE FROM pgcg.dead_letters AS d
-    WHERE d.id IN (
-        SELECT id FROM pgcg.dead_letters
-        WHERE (%(topic)s::text IS NULL OR topic = %(topic)s)
-          AND (%(key)s::text IS NULL OR key = %(key)s)
-          AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
-          AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
-        ORDER BY id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING d.*
-), replayed AS (
-    INSERT INTO pgcg.messages AS m (id, topic, partition, key, payload, headers, enqueued_at)
-    SELECT message_id, topic, partition, key, payload, headers, enqueued_at FROM picked
-    RETURNING m.id, m.topic, m.partition
-), notified AS (
-    SELECT pg_notify('pgcg.t.' || topic, string_agg(DISTINCT partition::text, ','))
-    FROM replayed GROUP BY topic
-)
-SELECT r.id, r.topic, r.partition, (SELECT count(*) FROM notified) AS topics
-FROM replayed AS r ORDER BY r.id
+-- Each dead letter goes back at the end of its topic's log for its group only (other
+-- groups skip it), bypassing the dedup window and keeping its dedup key; the dead letter
+-- is removed. A replayed message is handled after the messages of its key enqueued before
+-- the replay. Returns the dead letter's row id and the message's new id.
+SELECT dead_letter, id, partition FROM pgcg.replay_dead_letters(%(group)s, %(ids)s)
 
 -- name: purge
 DELETE FROM pgcg.dead_letters
-WHERE (%(topic)s::text IS NULL OR topic = %(topic)s)
+WHERE (%(group)s::text IS NULL OR group_name = %(group)s)
+  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
   AND (%(key)s::text IS NULL OR key = %(key)s)
   AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
   AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)

@@ -1,13 +1,14 @@
 -- Statements of bench/chaos/journal.py: the history a demo, chaos run or test records, and the
 -- checks over it. These tables are not part of the pgcg schema.
 --
--- Besides what the producer and the recording handler write, two AFTER triggers on pgcg's
--- own tables record what the database decided, with the server's clock_timestamp():
---   pgcg_deleted    every message row deleted (an accepted ack or a dead-letter), and which
---                   process's session deleted it (the pgcg.proc setting, see cluster.py);
---   pgcg_ownership  every change of a partition's owner, epoch or state.
+-- Besides what the producer and the recording handler write, AFTER triggers on pgcg's own
+-- tables record what the database decided, with the server's clock_timestamp():
+--   pgcg_completed  every completion a group's fenced write recorded (a handled log message
+--                   in the ledger, or a parked message deleted), and which process's session
+--                   wrote it (the pgcg.proc setting, see bench/cluster.py);
+--   pgcg_ownership  every change of a partition's owner, epoch or state, per group.
 -- They only insert into these side tables, so pgcg behaves as without them. Together they
--- tell exactly which handling's ack was accepted and when each epoch ended, without
+-- tell exactly which handling's completion was accepted and when each epoch ended, without
 -- assuming that the fencing under test works.
 
 -- name: create
@@ -19,6 +20,7 @@ CREATE TABLE IF NOT EXISTS public.pgcg_produced (
 );
 CREATE TABLE IF NOT EXISTS public.pgcg_journal (
     id           bigserial PRIMARY KEY,
+    group_name   text NOT NULL,
     message_id   bigint NOT NULL,
     key          text NOT NULL,
     seq          bigint NOT NULL,
@@ -31,15 +33,14 @@ CREATE TABLE IF NOT EXISTS public.pgcg_journal (
     started_at   timestamptz NOT NULL,
     finished_at  timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS pgcg_journal_key ON public.pgcg_journal (key, started_at);
-CREATE TABLE IF NOT EXISTS public.pgcg_deleted (
-    message_id   bigint NOT NULL,
-    topic        text NOT NULL,
-    partition    integer NOT NULL,
-    proc         text,
-    claimed_by   text,
-    claim_epoch  bigint,
-    deleted_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+CREATE INDEX IF NOT EXISTS pgcg_journal_key ON public.pgcg_journal (group_name, key, started_at);
+CREATE TABLE IF NOT EXISTS public.pgcg_completed (
+    group_name    text NOT NULL,
+    message_id    bigint NOT NULL,
+    partition     integer NOT NULL,
+    epoch         bigint,
+    proc          text,
+    completed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE TABLE IF NOT EXISTS public.pgcg_ownership (
     id          bigserial PRIMARY KEY,
@@ -51,16 +52,31 @@ CREATE TABLE IF NOT EXISTS public.pgcg_ownership (
     state       text NOT NULL,
     changed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE OR REPLACE FUNCTION public.pgcg_journal_deleted() RETURNS trigger
+CREATE OR REPLACE FUNCTION public.pgcg_journal_handled() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO public.pgcg_deleted (message_id, topic, partition, proc, claimed_by, claim_epoch)
-    VALUES (OLD.id, OLD.topic, OLD.partition, current_setting('pgcg.proc', true),
-            OLD.claimed_by, OLD.claim_epoch);
+    IF NEW.kind = 'd' AND NOT NEW.parked THEN
+        INSERT INTO public.pgcg_completed (group_name, message_id, partition, epoch, proc)
+        SELECT g.group_name, o * 1024 + NEW.partition, NEW.partition, NEW.epoch,
+               current_setting('pgcg.proc', true)
+        FROM pgcg.groups AS g, unnest(coalesce(NEW.offsets, ARRAY[NEW."offset"])) AS o
+        WHERE g.id = NEW.group_id;
+    END IF;
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER pgcg_journal_deleted AFTER DELETE ON pgcg.messages
-    FOR EACH ROW EXECUTE FUNCTION public.pgcg_journal_deleted();
+CREATE OR REPLACE TRIGGER pgcg_journal_handled AFTER INSERT ON pgcg.ledger
+    FOR EACH ROW EXECUTE FUNCTION public.pgcg_journal_handled();
+CREATE OR REPLACE FUNCTION public.pgcg_journal_unparked() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.pgcg_completed (group_name, message_id, partition, epoch, proc)
+    SELECT g.group_name, OLD."offset" * 1024 + OLD.partition, OLD.partition,
+           OLD.claimed_epoch, current_setting('pgcg.proc', true)
+    FROM pgcg.groups AS g WHERE g.id = OLD.group_id;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER pgcg_journal_unparked AFTER DELETE ON pgcg.parked
+    FOR EACH ROW EXECUTE FUNCTION public.pgcg_journal_unparked();
 CREATE OR REPLACE FUNCTION public.pgcg_journal_ownership() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -75,12 +91,23 @@ CREATE OR REPLACE TRIGGER pgcg_journal_ownership AFTER INSERT OR UPDATE
     ON pgcg.partition_assignments
     FOR EACH ROW EXECUTE FUNCTION public.pgcg_journal_ownership();
 
+-- name: unfenced
+-- Test builds only (`pgcg chaos --unsafe-no-fencing`): every fenced write of pgcg goes
+-- through pgcg.owned; this one says every partition asked about is owned, so a zombie's
+-- writes go through, and the checker must catch what the fence prevents.
+CREATE OR REPLACE FUNCTION pgcg.owned(p_group text, p_member text, p_partitions integer[],
+                                      p_epochs bigint[])
+RETURNS TABLE (partition integer, epoch bigint, startable boolean)
+LANGUAGE sql AS $$
+    SELECT w.p, w.e, true FROM unnest(p_partitions, p_epochs) AS w(p, e)
+$$
+
 -- name: record
 INSERT INTO public.pgcg_journal
-    (message_id, key, seq, partition, member_id, epoch, attempt, pid, proc, started_at,
-     finished_at)
-VALUES (%(message_id)s, %(key)s, %(seq)s, %(partition)s, %(member_id)s, %(epoch)s,
-        %(attempt)s, %(pid)s, current_setting('pgcg.proc', true), %(started_at)s,
+    (group_name, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc,
+     started_at, finished_at)
+VALUES (%(group)s, %(message_id)s, %(key)s, %(seq)s, %(partition)s, %(member_id)s,
+        %(epoch)s, %(attempt)s, %(pid)s, current_setting('pgcg.proc', true), %(started_at)s,
         %(finished_at)s)
 
 -- name: produced
@@ -90,42 +117,88 @@ SELECT * FROM unnest(%(seqs)s::bigint[], %(keys)s::text[], %(ids)s::bigint[])
 -- name: produced_rows
 SELECT seq, key, message_id FROM public.pgcg_produced
 
+-- name: groups
+SELECT group_name FROM pgcg.groups WHERE topic = %(topic)s ORDER BY group_name
+
 -- name: journal_rows
 SELECT id, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc,
        started_at, finished_at
-FROM public.pgcg_journal ORDER BY id
+FROM public.pgcg_journal WHERE group_name = %(group)s ORDER BY id
 
--- name: deleted_rows
-SELECT message_id, partition, proc, deleted_at FROM public.pgcg_deleted
-WHERE topic = %(topic)s ORDER BY deleted_at
+-- name: completed_rows
+SELECT message_id, partition, epoch, proc, completed_at AS deleted_at
+FROM public.pgcg_completed WHERE group_name = %(group)s ORDER BY completed_at
 
 -- name: ownership_rows
 SELECT partition, member_id, epoch, state, changed_at FROM public.pgcg_ownership
-WHERE topic = %(topic)s ORDER BY id
+WHERE group_name = %(group)s ORDER BY id
 
 -- name: pending_ids
-SELECT id FROM pgcg.messages WHERE topic = %(topic)s
+-- What the group has not finished: log messages after its position with no completion,
+-- and its parked messages.
+SELECT l."offset" * 1024 + l.partition AS id
+FROM pgcg.groups AS g JOIN pgcg.topics AS t ON t.name = g.topic
+JOIN pgcg.log AS l ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+JOIN pgcg.group_progress AS gp ON gp.group_id = g.id AND gp.partition = l.partition
+JOIN pgcg.ticks AS k ON k.topic_id = t.id AND k.tick = gp.tick
+WHERE g.group_name = %(group)s
+  AND NOT pg_visible_in_snapshot(l.txid, k.snapshot)
+  AND (l.only_group IS NULL OR l.only_group = g.id)
+  AND NOT EXISTS (
+      SELECT FROM pgcg.ledger AS d
+      WHERE d.group_id = g.id AND d.partition = l.partition AND d.kind = 'd'
+        AND d.gen = g.seek_gen AND l."offset" = ANY (coalesce(d.offsets, ARRAY[d."offset"])))
+UNION
+SELECT pk."offset" * 1024 + pk.partition FROM pgcg.parked AS pk
+JOIN pgcg.groups AS g ON g.id = pk.group_id WHERE g.group_name = %(group)s
+
+-- name: pending_by_partition
+SELECT u.group_name, u.partition, count(*) AS pending, count(*) FILTER (WHERE u.parked) AS parked,
+       pa.member_id, pa.epoch, pa.state
+FROM (
+    SELECT g.group_name, l.partition, false AS parked
+    FROM pgcg.groups AS g JOIN pgcg.topics AS t ON t.name = g.topic
+    JOIN pgcg.log AS l ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+    JOIN pgcg.group_progress AS gp ON gp.group_id = g.id AND gp.partition = l.partition
+    JOIN pgcg.ticks AS k ON k.topic_id = t.id AND k.tick = gp.tick
+    WHERE g.topic = %(topic)s
+      AND NOT pg_visible_in_snapshot(l.txid, k.snapshot)
+      AND (l.only_group IS NULL OR l.only_group = g.id)
+      AND NOT EXISTS (
+          SELECT FROM pgcg.ledger AS d
+          WHERE d.group_id = g.id AND d.partition = l.partition AND d.kind = 'd'
+            AND d.gen = g.seek_gen AND l."offset" = ANY (coalesce(d.offsets, ARRAY[d."offset"])))
+    UNION ALL
+    SELECT g.group_name, pk.partition, true FROM pgcg.parked AS pk
+    JOIN pgcg.groups AS g ON g.id = pk.group_id WHERE g.topic = %(topic)s
+) AS u
+JOIN pgcg.partition_assignments AS pa
+  ON pa.group_name = u.group_name AND pa.partition = u.partition
+GROUP BY 1, 2, 5, 6, 7 ORDER BY 1, 2
 
 -- name: dead_ids
-SELECT message_id FROM pgcg.dead_letters WHERE topic = %(topic)s
+SELECT message_id FROM pgcg.dead_letters WHERE group_name = %(group)s
 
 -- name: forced_handoffs
 -- Hand-offs the leader forced (drain deadline passed, or the owner died): redeliveries
 -- after these are expected.
 SELECT r.started_at, (m ->> 'partition')::int AS partition
 FROM pgcg.rebalances AS r, jsonb_array_elements(r.moves) AS m
-WHERE m ->> 'kind' = 'forced'
+WHERE m ->> 'kind' = 'forced' AND r.group_name = %(group)s
 
 -- name: rebalances
 -- The leaders' recorded rebalances of the groups consuming a topic, in generation order.
 SELECT r.group_name, r.generation, r.leader_epoch, r.started_at
-FROM pgcg.rebalances AS r JOIN pgcg.subscriptions AS s USING (group_name)
+FROM pgcg.rebalances AS r JOIN pgcg.groups AS s USING (group_name)
 WHERE s.topic = %(topic)s
 ORDER BY r.group_name, r.generation
 
 -- name: queue_depth
-SELECT (SELECT count(*) FROM pgcg.messages WHERE topic = %(topic)s) AS pending,
-       (SELECT count(*) FROM pgcg.dead_letters WHERE topic = %(topic)s) AS dead
+-- Per group of the topic: what it has not finished yet, and its dead letters.
+SELECT g.group_name,
+       (SELECT coalesce(sum(x.lag), 0) FROM pgcg.group_lag(g.group_name) AS x)::bigint AS pending,
+       (SELECT count(*) FROM pgcg.dead_letters AS d WHERE d.group_name = g.group_name) AS dead
+FROM pgcg.groups AS g WHERE g.topic = %(topic)s ORDER BY g.group_name
 
 -- name: max_seq
 SELECT coalesce(max(seq), -1) AS seq FROM public.pgcg_produced

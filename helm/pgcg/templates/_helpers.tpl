@@ -388,7 +388,7 @@ Call with (dict "root" $ "config" $configDataYaml "podAnnotations" $map).
 {{- end }}
 
 {{/*
-The group_lag function's result for one group, as KEDA's postgresql trigger
+The sum of the group_lag function's rows for one group, as KEDA's postgresql trigger
 query. pgcg.group_lag(group) is the one definition of a group's lag (pgcg status
 shows the same number); it must stay cheap on any backlog, since KEDA runs it
 every pollingInterval. The group name goes in as a quoted SQL literal; group
@@ -397,7 +397,7 @@ the literal well-formed whatever the schema allows later.
 Call with (dict "group" $name).
 */}}
 {{- define "pgcg.lagQuery" -}}
-{{- printf "SELECT pgcg.group_lag('%s') AS lag" (replace "'" "''" .group) }}
+{{- printf "SELECT coalesce(sum(lag), 0) AS lag FROM pgcg.group_lag('%s')" (replace "'" "''" .group) }}
 {{- end }}
 
 {{/*

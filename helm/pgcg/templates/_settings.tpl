@@ -104,6 +104,28 @@ prefetch:
   minimum: 1
   default: 1000
   perGroup: true
+maintenanceInterval:
+  env: "PGCG_MAINTENANCE_INTERVAL"
+  readers: ["coordinator"]
+  type: "number"
+  exclusiveMinimum: 0
+  maximum: 3600
+  default: 5.0
+  perGroup: false
+prefetchBytes:
+  env: "PGCG_PREFETCH_BYTES"
+  readers: ["consumer"]
+  type: "integer"
+  minimum: 1024
+  default: 67108864
+  perGroup: true
+parkAfter:
+  env: "PGCG_PARK_AFTER"
+  readers: ["consumer"]
+  type: "number"
+  exclusiveMinimum: 0
+  default: 30.0
+  perGroup: true
 pollInterval:
   env: "PGCG_POLL_INTERVAL"
   readers: ["consumer"]

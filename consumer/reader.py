@@ -1,0 +1,377 @@
+"""Reads what the group has to handle in the partitions this member owns: log messages in
+position order (woken by NOTIFY, else adaptive polling) and the group's parked messages
+that are due. Reading is never fenced: nothing read starts before the writer's fenced
+mark or claim.
+
+When a member starts a partition it adopts it first (`pgcg.adopt`): the group's position
+and what it finished above it come back, and deliveries an earlier owner started and
+never finished are charged (see docs/design/storage.md).
+
+Parking rules, which keep the position moving and memory bounded whatever the backlog:
+- a message read for a key that has parked messages is parked after them (a key's parked
+  messages always come first);
+- a message due later than `park_after` (a producer delay) is parked with its key;
+- a key whose messages hold the partition's position back longer than `park_after` is
+  parked;
+- a key with more than a quarter of the prefetch in memory while memory is nearly full is
+  parked (one deep key must not starve the others).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from pgcg.consumer.assignment import Owned
+from pgcg.consumer.context import Context
+from pgcg.consumer.message import Item, Message, message_id
+from pgcg.consumer.writer import Writer
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable
+from pgcg.shared.queries import Queries
+
+log = logging.getLogger("pgcg.consumer.reader")
+Q = Queries("consumer")
+
+MIN_POLL = 0.05
+PARKED_LOAD_INTERVAL = 0.5  # seconds between looks at the parked queue, unless woken
+PARKED_LOOKAHEAD = 1.0  # parked messages due within this many seconds are loaded
+FOLLOWERS = 16  # messages of a parked key loaded after its first one
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    return {str(k): str(v) for k, v in (raw or {}).items()}
+
+
+class Reader:
+    def __init__(self, ctx: Context, writer: Writer) -> None:
+        self.ctx = ctx
+        self.writer = writer
+        self._conn: AsyncConn | None = None
+        self._parked_at = 0.0
+        self._pin_checked = 0.0
+
+    async def _connection(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(
+                self.ctx.dsn, application_name="pgcg-reader", through_pooler=self.ctx.through_pooler
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        poll = MIN_POLL
+        while not ctx.stopping:
+            try:
+                got = await self.read_once()
+            except DatabaseUnavailable as exc:
+                log.warning("read failed: %s", exc, extra={"action": "read_failed", **ctx.fields})
+                self._conn = None
+                got = 0
+                poll = min(max(poll * 2, 0.5), ctx.settings.poll_interval)
+            if got:
+                poll = MIN_POLL
+                continue
+            if await ctx.wake.fetch.wait(poll):
+                poll = MIN_POLL
+            else:
+                poll = min(poll * 2, ctx.settings.poll_interval)
+
+    async def read_once(self) -> int:
+        """One round: adopt new partitions, load due parked messages, read the log, and
+        park what must be parked. Returns how many messages were taken into memory."""
+        ctx = self.ctx
+        if not ctx.membership.lease.valid():
+            return 0
+        conn = await self._connection()
+        for part in ctx.assignment.claimable():
+            if not part.adopted:
+                await self._adopt(conn, part)
+        owned = [o for o in ctx.assignment.claimable() if o.adopted]
+        if not owned:
+            return 0
+        now = time.monotonic()
+        got = 0
+        if now - self._parked_at >= PARKED_LOAD_INTERVAL or ctx.wake.parked.is_set():
+            ctx.wake.parked.clear()
+            self._parked_at = now
+            got += await self._load_parked(conn, owned)
+        got += await self._fetch(conn, owned)
+        if now - self._pin_checked >= 1.0:
+            self._pin_checked = now
+            self._park_pinned(now)
+        return got
+
+    # -- adopting ---------------------------------------------------------------------------
+
+    async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
+        ctx = self.ctx
+        with translated(ctx.dsn):
+            cur = await conn.execute(
+                Q.adopt,
+                ctx.params(
+                    partition=part.partition,
+                    epoch=part.epoch,
+                    max_attempts=ctx.retry.max_attempts,
+                    retry_delay_ms=round(ctx.retry.delay(1) * 1000),
+                ),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            # Not ours at this epoch any more: the heartbeat will tell.
+            ctx.wake.heartbeat.set()
+            return
+        if ctx.assignment.current(part.partition, part.epoch) is not part:
+            return  # it moved on while we asked
+        part.gen = row["gen"]
+        part.done = part.saved = row["tick"]
+        part.cur = part.cur_offset = None
+        part.finished = set(row["finished"])
+        # Messages still held (a revocation called off while they ran) keep the position.
+        part.unfinished.clear()
+        for key in ctx.scheduler.keys(part.partition):
+            for item in ctx.scheduler.items_of(key):
+                if item.a_tick is not None:
+                    part.read_log(item)
+        part.adopted = True
+        if row["charged"] or row["buried"]:
+            log.warning(
+                "partition %s: %s deliveries were cut off under an earlier owner: %s parked "
+                "for retry, %s dead-lettered (handler never returned)",
+                part.partition, row["charged"] + row["buried"], row["charged"], row["buried"],
+                extra={"action": "deliveries_charged", **ctx.fields, "partition": part.partition,
+                       "epoch": part.epoch, "charged": row["charged"], "buried": row["buried"]},
+            )  # fmt: skip
+        log.debug(
+            "partition %s adopted at position %s", part.partition, part.done,
+            extra={"action": "adopted", **ctx.fields, "partition": part.partition,
+                   "epoch": part.epoch, "tick": part.done},
+        )  # fmt: skip
+
+    # -- the log ----------------------------------------------------------------------------
+
+    async def _fetch(self, conn: AsyncConn, owned: list[Owned]) -> int:
+        ctx = self.ctx
+        room = ctx.settings.prefetch - ctx.scheduler.buffered()
+        room_bytes = ctx.settings.prefetch_bytes - ctx.scheduler.buffered_bytes()
+        if room <= 0 or room_bytes <= 0:
+            return 0
+        if ctx.scheduler.buffered() and room < ctx.settings.prefetch // 4:
+            return 0  # wait for a worthwhile batch; results wake us as room frees up
+        seen_rounds = self.writer.rounds
+        # Rotate who goes first, so a byte budget that runs out does not always starve the
+        # same partitions.
+        owned = (
+            owned[int(time.monotonic() * 1000) % len(owned) :]
+            + owned[: int(time.monotonic() * 1000) % len(owned)]
+        )
+        with translated(ctx.dsn):
+            cur = await conn.execute(
+                Q.fetch,
+                ctx.params(
+                    partitions=[o.partition for o in owned],
+                    done=[o.done for o in owned],
+                    cur=[o.cur for o in owned],
+                    cur_offsets=[o.cur_offset for o in owned],
+                    limit=max(1, room // len(owned)),
+                    limit_bytes=room_bytes,
+                ),
+            )
+            rows = await cur.fetchall()
+        now = time.monotonic()
+        by_partition = {o.partition: o for o in owned}
+        fresh: list[Item] = []
+        follow: list[Item] = []
+        late: dict[str, float] = {}
+        for r in rows:
+            part = by_partition[r["partition"]]
+            if ctx.assignment.current(part.partition, part.epoch) is not part or not part.adopted:
+                continue  # lost or reset while we read: its cursor starts over
+            if r["state"] == "e":
+                part.done = max(part.done, r["tick"])
+                if part.cur is not None and part.cur <= part.done:
+                    part.cur = part.cur_offset = None
+                continue
+            part.cur, part.cur_offset = r["tick"], r["offset"]
+            if r["state"] == "s" or r["offset"] in part.finished:
+                part.finished.discard(r["offset"])
+                continue
+            item = self._item(r, part, now)
+            if ctx.scheduler.holds(item.uid):
+                continue
+            part.read_log(item)
+            key = item.key
+            recent = part.recent_parks.get(key)
+            if (
+                r["state"] == "p"
+                or key in part.parked_keys
+                or (recent is not None and recent > seen_rounds)
+            ):
+                follow.append(item)  # its key has parked messages: it goes after them
+            else:
+                fresh.append(item)
+                if r["due_in_ms"] > ctx.settings.park_after * 1000:
+                    late[key] = r["due_in_ms"] / 1000
+        added = ctx.scheduler.add(fresh, now)
+        for o in owned:
+            o.recent_parks = {k: v for k, v in o.recent_parks.items() if v > seen_rounds}
+        if follow:
+            self.writer.park_rows(follow, "follow")
+        for key, delay in late.items():
+            self.writer.park_key(key, "delay", head_delay=delay)
+        self._park_crowding(now)
+        if added:
+            log.debug("read %s", added, extra={"action": "read", **ctx.fields, "count": added})
+            ctx.wake.dispatch.set()
+        return added + len(follow)
+
+    def _item(self, r: dict[str, Any], part: Owned, now: float) -> Item:
+        ctx = self.ctx
+        message = Message(
+            id=message_id(r["offset"], part.partition),
+            topic=ctx.topic,
+            partition=part.partition,
+            key=r["key"],
+            payload=r["payload"],
+            headers=_headers(r["headers"]),
+            attempt=1,
+            enqueued_at=r["enqueued_at"],
+            member_id=ctx.member_id,
+            epoch=part.epoch,
+            offset=r["offset"],
+            group=ctx.group,
+        )
+        return Item(
+            message,
+            part.epoch,
+            now + r["due_in_ms"] / 1000,
+            tick=r["tick"],
+            slot=r["slot"],
+            a_tick=r["a_tick"],
+            size=r["bytes"],
+        )
+
+    # -- the parked queue -------------------------------------------------------------------
+
+    async def _load_parked(self, conn: AsyncConn, owned: list[Owned]) -> int:
+        ctx = self.ctx
+        room = ctx.settings.prefetch - ctx.scheduler.buffered()
+        if room <= 0:
+            return 0
+        partitions = [o.partition for o in owned]
+        with translated(ctx.dsn):
+            cur = await conn.execute(
+                Q.load_parked,
+                ctx.params(
+                    partitions=partitions,
+                    held=ctx.scheduler.held_parked(partitions),
+                    lookahead_ms=round(PARKED_LOOKAHEAD * 1000),
+                    limit=max(1, room // (FOLLOWERS + 1)),
+                    followers=FOLLOWERS,
+                ),
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            return 0
+        now = time.monotonic()
+        by_partition = {o.partition: o for o in owned}
+        items = []
+        for r in rows:
+            part = by_partition.get(r["partition"])
+            if part is None or ctx.assignment.current(part.partition, part.epoch) is not part:
+                continue
+            part.parked_keys.add(r["key"])
+            message = Message(
+                id=message_id(r["offset"], part.partition),
+                topic=ctx.topic,
+                partition=part.partition,
+                key=r["key"],
+                payload=r["payload"],
+                headers=_headers(r["headers"]),
+                attempt=r["attempts"] + 1,
+                enqueued_at=r["enqueued_at"],
+                member_id=ctx.member_id,
+                epoch=part.epoch,
+                offset=r["offset"],
+                group=ctx.group,
+            )
+            items.append(
+                Item(message, part.epoch, now + r["due_in_ms"] / 1000, tick=r["tick"],
+                     parked_id=r["id"], size=r["bytes"])
+            )  # fmt: skip
+        added = ctx.scheduler.add(items, now)
+        if added:
+            ctx.wake.dispatch.set()
+        return added
+
+    # -- parking what holds things back -----------------------------------------------------
+
+    def _park_pinned(self, now: float) -> None:
+        """Keys that hold a partition's position back longer than `park_after` go to the
+        parked queue, so the position (and with it retention and the re-read after a
+        hand-off) moves on."""
+        ctx = self.ctx
+        for part in ctx.assignment.claimable():
+            if not part.adopted:
+                continue
+            position = part.position()
+            if position >= part.done:
+                part.blocked_since = None
+                continue
+            if part.blocked_since is None or part.blocked_since[0] != position:
+                part.blocked_since = (position, now)
+                continue
+            if now - part.blocked_since[1] < ctx.settings.park_after:
+                continue
+            keys = {
+                item.key
+                for key in ctx.scheduler.keys(part.partition)
+                for item in ctx.scheduler.items_of(key)
+                if item.a_tick == position
+            }
+            for key in keys:
+                log.info(
+                    "partition %s: key %r holds the position for over %ss: parked",
+                    part.partition, key, ctx.settings.park_after,
+                    extra={"action": "key_parked", **ctx.fields, "partition": part.partition,
+                           "epoch": part.epoch, "reason": "pinned"},
+                )  # fmt: skip
+                self.writer.park_key(key, "pinned")
+            part.blocked_since = (position, now)
+
+    def _park_crowding(self, now: float) -> None:
+        """When memory is nearly full: one key with more than its share goes to the parked
+        queue, so the others keep being read; else keys whose first message is not due
+        yet (short delays) make room for due work."""
+        ctx = self.ctx
+        prefetch = ctx.settings.prefetch
+        full = ctx.scheduler.buffered() >= prefetch * 9 // 10 or (
+            ctx.scheduler.buffered_bytes() >= ctx.settings.prefetch_bytes * 9 // 10
+        )
+        if not full:
+            return
+        deepest, count = None, 0
+        for part in ctx.assignment.claimable():
+            for key in ctx.scheduler.keys(part.partition):
+                n = len(ctx.scheduler.items_of(key))
+                if n > count:
+                    deepest, count = key, n
+        if deepest is not None and count > max(prefetch // 4, 1):
+            log.info(
+                "key %r has %s messages in memory: parked, so the other keys keep flowing",
+                deepest, count, extra={"action": "key_parked", **ctx.fields, "reason": "deep"},
+            )  # fmt: skip
+            self.writer.park_key(deepest, "deep")
+            return
+        for due, key in ctx.scheduler.waiting_keys(now)[: max(prefetch // 10, 1)]:
+            self.writer.park_key(key, "delay", head_delay=due - now)

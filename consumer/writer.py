@@ -1,0 +1,464 @@
+"""Every write a member makes about its messages, in rounds: one `pgcg.settle` statement per
+round carries the marks of log messages about to start, the claims of parked messages
+about to start, and the results of finished ones; each item is fenced by its own
+partition's epoch.
+
+Nothing starts before its mark or claim committed: a delivery is counted before it runs
+(so a message that kills its process is still counted), and a member that lost a
+partition cannot start anything there. Work queues up while a round is in flight and goes
+out together in the next, so rounds grow with the load without a timer.
+
+A failed message is parked with its key (its retry state must outlive this process), and
+so is a key that holds its partition's position back too long; see reader.py for the
+rest of the parking rules. Every few seconds the position of each partition is saved.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+from psycopg.rows import dict_row
+
+from pgcg.consumer import observer
+from pgcg.consumer.assignment import Owned
+from pgcg.consumer.context import Context
+from pgcg.consumer.message import Item
+from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.errors import DatabaseUnavailable, StatementFailed
+from pgcg.shared.loops import reconnecting
+from pgcg.shared.queries import Queries
+
+log = logging.getLogger("pgcg.consumer.writer")
+Q = Queries("consumer")
+
+MAX_ERROR_TEXT = 2000
+SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
+
+# A test build's switch, read once: results are written without the epoch fence, so the
+# chaos checker (`pgcg chaos --unsafe-no-fencing`) can prove it fails when fencing is gone.
+UNSAFE_NO_FENCING = os.environ.get("PGCG_UNSAFE_DISABLE_FENCING") == "1"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    item: Item
+    error: str | None = None  # None: handled
+    dead: bool = False  # dead-letter now (the handler said so, or the payload is invalid)
+    retry_after: float | None = None  # seconds, when the handler asked for it
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(slots=True)
+class _Park:
+    item: Item
+    origin: str
+    attempts: int
+    delay: float
+    error: str | None
+    running: bool  # its delivery goes on: the parked row is claimed by this epoch
+
+
+@dataclass
+class _Round:
+    starts: list[Item] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    parks: list[_Park] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.starts or self.results or self.parks)
+
+
+class Writer:
+    def __init__(self, ctx: Context, started: Callable[[list[Item]], None]) -> None:
+        self.ctx = ctx
+        self._started = started  # hands cleared items to the workers
+        self._next = _Round()
+        self._conn: AsyncConn | None = None
+        self._lock = anyio.Lock()  # one round at a time
+        self._saved_at = time.monotonic()
+        self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
+        if UNSAFE_NO_FENCING:
+            log.warning(
+                "PGCG_UNSAFE_DISABLE_FENCING=1: results are NOT fenced by the partition "
+                "epoch; a zombie's results will be accepted. Test builds only, never "
+                "production.",
+                extra={"action": "unsafe_no_fencing", **ctx.fields},
+            )
+
+    # -- what the other loops hand in -------------------------------------------------------
+
+    def start(self, items: list[Item]) -> None:
+        """Heads about to start: marked (log) or claimed (parked) before they run."""
+        self._next.starts.extend(items)
+        self.ctx.wake.acks.set()
+
+    def submit(self, result: Result) -> None:
+        self._next.results.append(result)
+        item = result.item
+        if not item.parked and not result.ok and self._log_kind(result) == "p":
+            # The failed head is parked for its retry: the rest of its key in memory goes
+            # after it, in the same round (a key's parked messages come first).
+            for follower in self.ctx.scheduler.items_of(item.key)[1:]:
+                if not follower.parking and not follower.parked:
+                    follower.parking = True
+                    self._next.parks.append(_Park(follower, "follow", 0, 0.0, None, False))
+        self.ctx.wake.acks.set()
+
+    def park_key(self, key: str, origin: str, *, head_delay: float = 0.0) -> None:
+        """Move a key, from its first message in memory on, to the group's parked queue.
+        A head that is running keeps running, as a parked delivery."""
+        items = self.ctx.scheduler.items_of(key)
+        if not items or any(i.parking for i in items):
+            return
+        busy = self.ctx.scheduler.busy_head(key)
+        for n, item in enumerate(items):
+            if item.parked:
+                continue  # already parked (a loaded follower); the rest follow it
+            item.parking = True
+            self._next.parks.append(
+                _Park(item, origin, item.message.attempt if item is busy else 0,
+                      head_delay if n == 0 else 0.0, None, item is busy)
+            )  # fmt: skip
+        self.ctx.wake.acks.set()
+
+    def park_rows(self, items: list[Item], origin: str) -> None:
+        """Log messages that are not held at all (read for a key that has parked messages):
+        parked straight away, in their order."""
+        for item in items:
+            item.parking = True
+            self._next.parks.append(_Park(item, origin, 0, 0.0, None, False))
+        self.ctx.wake.acks.set()
+
+    @property
+    def pending(self) -> int:
+        n = self._next
+        return len(n.starts) + len(n.results) + len(n.parks)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _connection(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(
+                self.ctx.dsn, application_name="pgcg-writer", through_pooler=self.ctx.through_pooler
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def run(self) -> None:
+        while True:
+            timeout = max(self._saved_at + SAVE_INTERVAL - time.monotonic(), 0.0)
+            await self.ctx.wake.acks.wait(timeout)
+            await self.flush()
+            if time.monotonic() >= self._saved_at + SAVE_INTERVAL:
+                await self.save_positions()
+
+    async def flush(self) -> None:
+        """Write everything handed in so far; returns once it is written (or dropped with
+        its partition)."""
+        async with self._lock:
+            while self._next:
+                batch, self._next = self._next, _Round()
+                async for attempt in reconnecting(log, "write", **self.ctx.fields):
+                    with attempt:
+                        await self._write(batch)
+                self.rounds += 1
+
+    async def save_positions(self, parts: list[Owned] | None = None) -> None:
+        ctx = self.ctx
+        self._saved_at = time.monotonic()
+        due = [
+            o
+            for o in (parts if parts is not None else list(ctx.assignment.owned.values()))
+            if o.adopted and o.position() > o.saved
+        ]
+        if not due:
+            return
+        positions = {o.partition: o.position() for o in due}
+        try:
+            conn = await self._connection()
+            with translated(ctx.dsn):
+                cur = await conn.execute(
+                    Q.save_position,
+                    ctx.params(
+                        partitions=[o.partition for o in due],
+                        epochs=[o.epoch for o in due],
+                        ticks=[positions[o.partition] for o in due],
+                    ),
+                )
+                saved = {r["partition"] for r in await cur.fetchall()}
+        except DatabaseUnavailable as exc:
+            self._conn = None
+            log.warning("could not save positions: %s", exc,
+                        extra={"action": "position_failed", **ctx.fields})  # fmt: skip
+            return
+        for o in due:
+            if o.partition in saved:
+                o.saved = max(o.saved, positions[o.partition])
+
+    # -- one round --------------------------------------------------------------------------
+
+    async def _write(self, batch: _Round) -> None:
+        try:
+            rows = await self._settle(batch)
+        except StatementFailed as exc:
+            if len(batch.starts) + len(batch.results) + len(batch.parks) > 1:
+                # One item's statement error must not hold back the others: split.
+                for half in _halves(batch):
+                    await self._write(half)
+                return
+            self._give_up(batch, exc)
+            return
+        self._apply(batch, rows)
+
+    async def _settle(self, batch: _Round) -> list[dict[str, Any]]:
+        ctx = self.ctx
+        marks = [i for i in batch.starts if not i.parked]
+        claims = [i for i in batch.starts if i.parked]
+        log_results = [r for r in batch.results if not r.item.parked]
+        parked_results = [r for r in batch.results if r.item.parked]
+        kinds = [self._log_kind(r) for r in log_results]
+        paired = list(zip(log_results, kinds, strict=True))
+        log_items = [r.item for r in log_results] + [p.item for p in batch.parks]
+        attempts = [r.item.message.attempt for r in log_results]
+        attempts += [p.attempts for p in batch.parks]
+        delays = [self._delay_ms(r) if k == "p" else 0 for r, k in paired]
+        delays += [round(p.delay * 1000) for p in batch.parks]
+        errors = [_reason(r) if k != "d" else None for r, k in paired]
+        errors += [p.error for p in batch.parks]
+        origins = ["retry" if k == "p" else None for k in kinds] + [p.origin for p in batch.parks]
+        kinds += ["p"] * len(batch.parks)
+        claimed = [False] * len(log_results) + [p.running for p in batch.parks]
+        pk_kinds = [self._parked_kind(r) for r in parked_results]
+        params = ctx.params(
+            m_parts=[i.partition for i in marks], m_epochs=[i.epoch for i in marks],
+            m_ticks=[i.tick for i in marks], m_offsets=[i.offset for i in marks],
+            m_slots=[i.slot for i in marks],
+            c_ids=[i.parked_id for i in claims], c_parts=[i.partition for i in claims],
+            c_epochs=[i.epoch for i in claims],
+            c_tokens=[f"{ctx.member_id}:{i.epoch}:{i.parked_id}:{i.message.attempt}"
+                      for i in claims],
+            visibility_ms=round(ctx.settings.visibility_timeout * 1000),
+            l_kinds=kinds, l_parts=[i.partition for i in log_items],
+            l_epochs=[i.epoch for i in log_items], l_ticks=[i.tick for i in log_items],
+            l_offsets=[i.offset for i in log_items], l_slots=[i.slot for i in log_items],
+            l_attempts=attempts, l_delays=delays, l_errors=errors, l_origins=origins,
+            l_claimed=claimed,
+            k_kinds=pk_kinds, k_ids=[r.item.parked_id for r in parked_results],
+            k_parts=[r.item.partition for r in parked_results],
+            k_epochs=[r.item.epoch for r in parked_results],
+            k_delays=[self._delay_ms(r) if k == "r" else 0
+                      for r, k in zip(parked_results, pk_kinds, strict=True)],
+            k_errors=[_reason(r) if k != "d" else None
+                      for r, k in zip(parked_results, pk_kinds, strict=True)],
+        )  # fmt: skip
+        try:
+            conn = await self._connection()
+            with translated(ctx.dsn):
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(Q.settle, params)
+                    return await cur.fetchall()
+        except DatabaseUnavailable:
+            self._conn = None
+            raise
+
+    def _log_kind(self, r: Result) -> str:
+        if r.ok:
+            return "d"
+        if r.dead or self.ctx.retry.exhausted(r.item.message.attempt):
+            return "x"
+        return "p"
+
+    def _parked_kind(self, r: Result) -> str:
+        if r.ok:
+            return "d"
+        if r.dead or self.ctx.retry.exhausted(r.item.message.attempt):
+            return "x"
+        return "r"
+
+    def _delay_ms(self, r: Result) -> int:
+        seconds = (
+            r.retry_after
+            if r.retry_after is not None
+            else self.ctx.retry.delay(r.item.message.attempt)
+        )
+        return round(seconds * 1000)
+
+    # -- what the answer means --------------------------------------------------------------
+
+    def _apply(self, batch: _Round, rows: list[dict[str, Any]]) -> None:
+        ctx = self.ctx
+        now = time.monotonic()
+        marks = {r["partition"]: r["ok"] for r in rows if r["what"] == "m"}
+        claims = {r["ref"]: r for r in rows if r["what"] == "c"}
+        logs = {(r["partition"], r["ref"]): r for r in rows if r["what"] == "l"}
+        parked = {r["ref"]: r for r in rows if r["what"] == "k"}
+        lost: collections.Counter[tuple[int, int]] = collections.Counter()
+
+        cleared: list[Item] = []
+        for item in batch.starts:
+            owned = ctx.assignment.current(item.partition, item.epoch)
+            if item.parked:
+                row = claims.get(item.parked_id)
+                ok = bool(row and row["ok"])
+                if ok and row is not None:
+                    item.message = replace(item.message, attempt=int(row["info"]))
+            else:
+                ok = bool(marks.get(item.partition))
+            if ok and owned is not None and owned.state == "assigned":
+                cleared.append(item)
+                continue
+            # Not started: a revoked partition (nothing new may start), a lost one, or a
+            # parked message someone else holds. The key is idle again; what happens to it
+            # is the partition's business.
+            ctx.scheduler.unstart(item, now)
+            if item.parked and owned is not None and owned.state == "assigned":
+                ctx.scheduler.drop_key(item.key, keep_busy=False)
+            elif owned is not None and owned.state == "assigned":
+                lost[(item.partition, item.epoch)] += 1
+        if cleared:
+            self._started(cleared)
+
+        for result in batch.results:
+            item = result.item
+            if item.parked:
+                row = parked.get(item.parked_id)
+            else:
+                row = logs.get((item.partition, item.offset))
+            if row is None or not row["ok"]:
+                lost[(item.partition, item.epoch)] += 1
+                continue
+            self._settled(result, row, now)
+
+        for park in batch.parks:
+            row = logs.get((park.item.partition, park.item.offset))
+            if row is None or not row["ok"]:
+                lost[(park.item.partition, park.item.epoch)] += 1
+                park.item.parking = False
+                continue
+            self._parked(park, row, now)
+
+        for (partition, epoch), count in lost.items():
+            owned = ctx.assignment.current(partition, epoch)
+            if owned is None:
+                continue  # already dropped
+            log.warning(
+                "write rejected for partition %s at epoch %s: it belongs to a newer epoch now",
+                partition, epoch,
+                extra={"action": "ack_rejected", **ctx.fields, "partition": partition,
+                       "epoch": epoch, "count": count},
+            )  # fmt: skip
+            ctx.assignment.lose(partition, "write rejected by the epoch fence")
+            ctx.wake.heartbeat.set()
+        observer.record_results(ctx, batch.results, logs, parked)
+        wake_after_results(ctx)
+
+    def _settled(self, result: Result, row: dict[str, Any], now: float) -> None:
+        ctx = self.ctx
+        item = result.item
+        owned = ctx.assignment.current(item.partition, item.epoch)
+        kind = (self._parked_kind if item.parked else self._log_kind)(result)
+        if not item.parked and owned is not None:
+            owned.finished_log(item)
+        if kind in ("d", "x"):
+            ctx.scheduler.finish(item, now)
+            if item.parked and owned is not None:
+                owned.parked_left(item.key, row["info"])
+            if kind == "x":
+                log.warning(
+                    "message %s dead-lettered after %s attempts: %s",
+                    item.id, item.message.attempt, result.error,
+                    extra={"action": "message_dead_lettered", **ctx.fields,
+                           "partition": item.partition, "epoch": item.epoch,
+                           "message_id": item.id, "attempt": item.message.attempt},
+                )  # fmt: skip
+            return
+        # Retried later, from the parked queue: the key leaves memory until then.
+        ctx.scheduler.drop_key(item.key, keep_busy=False)
+        if owned is not None:
+            owned.parked_keys.add(item.key)
+        log.info(
+            "message %s failed (attempt %s), retry in %.2fs: %s",
+            item.id, item.message.attempt, self._delay_ms(result) / 1000, result.error,
+            extra={"action": "message_retry", **ctx.fields, "partition": item.partition,
+                   "epoch": item.epoch, "message_id": item.id,
+                   "attempt": item.message.attempt},
+        )  # fmt: skip
+
+    def _parked(self, park: _Park, row: dict[str, Any], now: float) -> None:
+        ctx = self.ctx
+        item = park.item
+        item.parking = False
+        owned = ctx.assignment.current(item.partition, item.epoch)
+        if owned is None:
+            return
+        owned.finished_log(item)
+        owned.parked_keys.add(item.key)
+        owned.recent_parks[item.key] = self.rounds + 1
+        if park.running and row["info"] is not None:
+            ctx.scheduler.reidentify(item, int(row["info"]))
+            return
+        if ctx.scheduler.holds(item.uid):
+            ctx.scheduler.drop_key(item.key)
+        log.debug(
+            "message %s parked (%s)", item.id, park.origin,
+            extra={"action": "message_parked", **ctx.fields, "partition": item.partition,
+                   "epoch": item.epoch, "message_id": item.id, "origin": park.origin},
+        )  # fmt: skip
+
+    def _give_up(self, batch: _Round, exc: StatementFailed) -> None:
+        """A single item the database refuses to write: logged, and left unfinished (the
+        next owner or a restart tries again); it holds back nothing else."""
+        ctx = self.ctx
+        items = [*batch.starts, *[r.item for r in batch.results], *[p.item for p in batch.parks]]
+        for item in items:
+            log.error(
+                "message %s: the database refused its write (%s); it stays unfinished",
+                item.id, exc,
+                extra={"action": "write_failed", **ctx.fields, "partition": item.partition,
+                       "epoch": item.epoch, "message_id": item.id},
+            )  # fmt: skip
+            item.parking = False
+            ctx.scheduler.unstart(item, time.monotonic())
+
+
+def _reason(r: Result) -> str | None:
+    return None if r.error is None else r.error[:MAX_ERROR_TEXT]
+
+
+def _halves(batch: _Round) -> list[_Round]:
+    entries: list[tuple[str, Any]] = (
+        [("s", i) for i in batch.starts]
+        + [("r", r) for r in batch.results]
+        + [("p", p) for p in batch.parks]
+    )
+    mid = len(entries) // 2
+    out = []
+    for part in (entries[:mid], entries[mid:]):
+        half = _Round()
+        for kind, value in part:
+            {"s": half.starts, "r": half.results, "p": half.parks}[kind].append(value)
+        out.append(half)
+    return out
+
+
+def wake_after_results(ctx: Context) -> None:
+    """Results were committed (here, or by a transactional handler with its own writes):
+    keys may move on, revoked partitions may be drained, room freed up, parked keys may
+    have their next message to load."""
+    ctx.wake.dispatch.set()
+    ctx.wake.release.set()
+    if ctx.scheduler.buffered() < ctx.settings.prefetch // 2:
+        ctx.wake.fetch.set()
