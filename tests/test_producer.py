@@ -138,6 +138,7 @@ def test_key_limits_are_in_utf8_bytes_and_inclusive(
     assert row["key"] == longest.key and row["dedup_key"] == longest.dedup_key
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 def test_the_limits_python_checks_are_the_ones_the_database_enforces(
     db: psycopg.Connection[Any],
 ) -> None:
@@ -174,6 +175,7 @@ def sql_enqueue(
     ).fetchall()
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
@@ -207,6 +209,7 @@ def test_the_database_enforces_the_limits_for_every_language(
     assert count(db) == 0 and digests(db) == 0
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 def test_the_database_accepts_what_is_at_the_limits(
     db: psycopg.Connection[Any], topic: str
 ) -> None:
@@ -252,6 +255,7 @@ def test_empty_batch(db: psycopg.Connection[Any], topic: str) -> None:
 # -- what gets written -----------------------------------------------------------------------
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 def test_a_batch_keeps_its_order_in_each_partition(db: psycopg.Connection[Any], topic: str) -> None:
     """A message is (topic, partition, offset): offsets follow input order within each
     partition (so each key's messages keep their order), ids are unique and name them."""
@@ -268,6 +272,7 @@ def test_a_batch_keeps_its_order_in_each_partition(db: psycopg.Connection[Any], 
     assert all(r["id"] == r["offset"] * 1024 + r["partition"] for r in rows)
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 def test_dedup_key_skips_within_the_window(db: psycopg.Connection[Any], topic: str) -> None:
     """A producer retrying after a lost commit reply creates no duplicate: the same key and
     dedup key are skipped for the topic's dedup window (5 minutes by default), handled or
@@ -306,6 +311,7 @@ def test_dedup_key_skips_within_the_window(db: psycopg.Connection[Any], topic: s
     assert skipped.id is None and count(db) == 4
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 def test_the_dedup_window_is_the_topics(db: psycopg.Connection[Any], topic: str) -> None:
     db.execute("SELECT pgcg.alter_topic(%s, p_dedup_window_ms => 0)", (topic,))
     twice = [OutgoingMessage("k", 1, dedup_key="d")]
@@ -363,6 +369,7 @@ async def test_enqueue_commits_and_rolls_back_with_the_callers_transaction(
         assert set(by_id(db, topic)) == {retried.id} | {e.id for e in kept}
 
 
+@pytest.mark.pg15  # pgcg.enqueue's SQL, on both versions
 @pytest.mark.parametrize("groups", [0, 3])
 def test_one_write_per_message_whatever_the_number_of_groups(
     db: psycopg.Connection[Any], dsn: str, topic: str, groups: int
