@@ -56,8 +56,9 @@ ALTER SEQUENCE pgcg.topic_id_seq OWNED BY pgcg.topics.id;
 CREATE FUNCTION pgcg.max_key_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 1024;
 CREATE FUNCTION pgcg.max_dedup_key_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 512;
 CREATE FUNCTION pgcg.max_headers_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 65536;
--- A delay beyond a year is almost certainly a unit mistake (ms for s).
-CREATE FUNCTION pgcg.max_delay_ms() RETURNS bigint LANGUAGE sql IMMUTABLE RETURN 31622400000;
+-- The longest delay (10 years, as MAX_DELAY_SECONDS in Python and the longest retry a
+-- consumer may schedule): far enough for any schedule, and well inside what timestamptz holds.
+CREATE FUNCTION pgcg.max_delay_ms() RETURNS bigint LANGUAGE sql IMMUTABLE RETURN 315360000000;
 
 -- The log: pgcg.log (by slot range: one topic) -> pgcg.log_<topic> (by slot) -> one table
 -- per slot. Enqueue inserts through pgcg.log; each topic's reader reads pgcg.log_<topic>.
