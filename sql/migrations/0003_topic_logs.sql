@@ -1132,14 +1132,16 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
 #variable_conflict use_column
 DECLARE
     g pgcg.groups;
+    -- One reading of the clock: the deadline is exactly the visibility after the report.
+    v_at timestamptz := clock_timestamp();
 BEGIN
     SELECT * INTO STRICT g FROM pgcg.groups AS gr WHERE gr.group_name = p_group;
     RETURN QUERY
     WITH owned AS (SELECT * FROM pgcg.owned(p_group, p_member, p_parts, p_epochs)),
     written AS (
         UPDATE pgcg.parked AS pk
-        SET progress = jsonb_build_object('percent', b.pct, 'text', b.txt, 'at', clock_timestamp()),
-            locked_until = clock_timestamp() + p_visibility_ms * interval '1 millisecond'
+        SET progress = jsonb_build_object('percent', b.pct, 'text', b.txt, 'at', v_at),
+            locked_until = v_at + p_visibility_ms * interval '1 millisecond'
         FROM unnest(p_ids, p_parts, p_epochs, p_percents, p_texts) AS b(id, p, e, pct, txt)
         JOIN owned AS o ON o.partition = b.p AND o.epoch = b.e
         WHERE pk.id = b.id AND pk.group_id = g.id AND pk.claimed_epoch = b.e
