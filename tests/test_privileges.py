@@ -57,23 +57,25 @@ def _setup(db: psycopg.Connection[Any]) -> None:
     enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {}) for i in range(4)])
 
 
-def test_a_coordinator_without_select_on_messages(
+def test_a_coordinator_without_select_on_group_progress(
     db: psycopg.Connection[Any], make_role: Callable[..., str]
 ) -> None:
+    """Topic upkeep reads every group's position before it lets a segment go."""
     _setup(db)
-    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.messages FROM {role}")
+    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.group_progress FROM {role}")
     code, stderr = _finish(_start(["coordinator"], dsn))
     line = _error_line(stderr)
     assert code == 2, stderr[-3000:]
-    assert "lacks a privilege on table messages" in line and "docs/security.md" in line
-    assert "permission denied for table messages" in line
+    assert "permission denied for table group_progress" in line and "docs/security.md" in line
+    assert "coordinators GRANT SELECT, UPDATE ON pgcg.group_progress" in line
 
 
-def test_a_consumer_without_update_on_messages(
+def test_a_consumer_without_insert_on_the_ledger(
     db: psycopg.Connection[Any], make_role: Callable[..., str]
 ) -> None:
+    """Nothing starts before its dispatch mark is in the ledger: the first one is refused."""
     _setup(db)
-    dsn = make_role(*FULL_GRANTS, "REVOKE UPDATE ON pgcg.messages FROM {role}")
+    dsn = make_role(*FULL_GRANTS, "REVOKE INSERT ON pgcg.ledger FROM {role}")
     proc = _start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler",
                    "pgcg.bench.chaos.journal:record"], dsn)  # fmt: skip
     try:
@@ -84,11 +86,13 @@ def test_a_consumer_without_update_on_messages(
     except AssertionError:
         proc.kill()
         raise
-    assign(db, GROUP, TOPIC, [0, 1], member["member_id"])  # its first fetch is refused
+    assign(db, GROUP, TOPIC, [0, 1], member["member_id"])  # its first mark is refused
     code, stderr = _finish(proc)
     line = _error_line(stderr)
     assert code == 2, stderr[-3000:]
-    assert "on table messages" in line and "permission denied for table messages" in line
+    assert "permission denied for table ledger" in line
+    assert "consumers GRANT SELECT, INSERT ON pgcg.ledger" in line
+    assert db.execute("SELECT count(*) AS n FROM pgcg.ledger").fetchone()["n"] == 0
 
 
 def test_a_consumer_without_usage_on_the_schema(
