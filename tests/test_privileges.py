@@ -16,6 +16,7 @@ from click.testing import Result
 
 from pgcg.shared.db import connect_sync
 from pgcg.shared.errors import PermissionDenied
+from pgcg.shared.grants import NEEDS
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from tests.conftest import FULL_GRANTS
 from tests.helpers import FAST_ENV, assign, wait_for
@@ -127,3 +128,10 @@ def test_no_connect_on_the_database(
     with pytest.raises(PermissionDenied) as caught:
         connect_sync(role_dsn)
     assert f"lacks CONNECT on database {database}" in str(caught.value)
+
+
+def test_the_security_guide_lists_every_table_the_errors_name() -> None:
+    """The grants an error names and the guide's table are one list."""
+    guide = (ROOT / "docs" / "security.md").read_text()
+    rows = {line.split("`")[1] for line in guide.splitlines() if line.startswith("| `")}
+    assert set(NEEDS) <= rows
