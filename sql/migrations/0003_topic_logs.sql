@@ -1461,9 +1461,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg AS $$
                        - coalesce(k.offsets[gp.partition + 1], -1)) AS lag,
            CASE WHEN coalesce(pg_sequence_last_value(t.offset_seqs[gp.partition + 1]), -1)
                      > coalesce(k.offsets[gp.partition + 1], -1)
-                THEN extract(epoch FROM clock_timestamp() - coalesce(
+                -- With no tick after the position yet (no consumer has read since), the
+                -- first message after it: its age grows while nobody reads.
+                THEN greatest(0, extract(epoch FROM clock_timestamp() - coalesce(
                          (SELECT min(n.at) FROM pgcg.ticks AS n
-                          WHERE n.topic_id = t.id AND n.tick > gp.tick), clock_timestamp()))::float8
+                          WHERE n.topic_id = t.id AND n.tick > gp.tick),
+                         (SELECT l.enqueued_at FROM pgcg.log AS l
+                          WHERE l.slot >= t.id * 64 AND l.slot < t.id * 64 + 64
+                            AND l.partition = gp.partition
+                            AND l."offset" > coalesce(k.offsets[gp.partition + 1], -1)
+                          ORDER BY l."offset" LIMIT 1),
+                         clock_timestamp()))::float8)
                 ELSE 0 END AS age_s,
            gp.tick
     FROM pgcg.groups AS g
