@@ -223,6 +223,7 @@ class Transactional:
         conn = await pool.getconn()
         try:
             parked_left = await self._run(conn, item, message)
+            self._finished(item, parked_left)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await _rollback(conn)
@@ -235,8 +236,14 @@ class Transactional:
                 )  # fmt: skip
             raise
         finally:
+            self.writer.finishing.discard(item)
             with anyio.CancelScope(shield=True):
                 await pool.putconn(conn)
+
+    def _finished(self, item: Item, parked_left: int | None) -> None:
+        """Committed (or found completed before): the key moves on. No await before this
+        since the completion, so nothing can park the finished message in between."""
+        ctx = self.ctx
         owned = ctx.assignment.current(item.partition, item.epoch)
         if owned is not None:
             owned.finished_log(item)
@@ -273,6 +280,8 @@ class Transactional:
             # is written, the message is the parked row, and completing it must delete
             # that row; a ledger row for its log offset would leave the copy to run again.
             await self.writer.flush()
+        # From here until the key moves on, nothing may park it (see Writer.finishing).
+        self.writer.finishing.add(item)
         params = self._params(item, token)
         with translated(ctx.dsn):
             acked = await (await conn.execute(Q.tx_complete, params)).fetchone()
