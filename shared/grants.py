@@ -15,7 +15,12 @@ import re
 
 # table -> ((process, privileges), ...); every process also needs USAGE on schema pgcg.
 NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "log": (("producers and `pgcg dlq replay`", "INSERT"), ("consumers", "SELECT")),
+    # Coordinators read the first waiting message for the lag's age.
+    "log": (
+        ("producers and `pgcg dlq replay`", "INSERT"),
+        ("consumers", "SELECT"),
+        ("coordinators", "SELECT"),
+    ),
     # The topic's reader reads its log table directly; maintenance counts and truncates
     # the slots.
     "log_<topic>": (("consumers", "SELECT"),),
@@ -28,7 +33,7 @@ NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "segments": (("consumers", "SELECT"), ("coordinators", "SELECT, INSERT, UPDATE, DELETE")),
     "group_losses": (("coordinators", "INSERT"),),
     "dead_letters": (("consumers", "INSERT"), ("`pgcg dlq`", "SELECT, DELETE")),
-    "dedup": (("producers", "SELECT, INSERT, UPDATE"), ("coordinators", "DELETE")),
+    "dedup": (("producers", "SELECT, INSERT, UPDATE"), ("coordinators", "SELECT, DELETE")),
     "topics": (("producers", "SELECT"), ("consumers", "SELECT"), ("coordinators", "SELECT")),
     # A consumer creates its group when it joins one that does not exist yet.
     "groups": (("consumers", "SELECT, INSERT"), ("coordinators", "SELECT, UPDATE")),
