@@ -87,6 +87,9 @@ class Writer:
         self._lock = anyio.Lock()  # one round at a time
         self._saved_at = time.monotonic()
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
+        # Deliveries whose result is on its way (handed in, or a transactional handler's
+        # completion): parking one now would leave a parked copy of a finished message.
+        self.finishing: set[Item] = set()
         if UNSAFE_NO_FENCING:
             log.warning(
                 "PGCG_UNSAFE_DISABLE_FENCING=1: results are NOT fenced by the partition "
@@ -104,6 +107,7 @@ class Writer:
 
     def submit(self, result: Result) -> None:
         self._next.results.append(result)
+        self.finishing.add(result.item)
         item = result.item
         if not item.parked and not result.ok and self._log_kind(result) == "p":
             # The failed head is parked for its retry: the rest of its key in memory goes
@@ -121,6 +125,8 @@ class Writer:
         if not items or any(i.parking for i in items):
             return
         busy = self.ctx.scheduler.busy_head(key)
+        if busy is not None and busy in self.finishing:
+            return  # its head is finishing: the rest of the key may be parked after that
         for n, item in enumerate(items):
             if item.parked:
                 continue  # already parked (a loaded follower); the rest follow it
@@ -362,6 +368,7 @@ class Writer:
             )  # fmt: skip
             ctx.assignment.lose(partition, "write rejected by the epoch fence")
             ctx.wake.heartbeat.set()
+        self.finishing.difference_update(r.item for r in batch.results)
         observer.record_results(ctx, batch.results, logs, parked)
         wake_after_results(ctx)
 
@@ -423,6 +430,7 @@ class Writer:
         next owner or a restart tries again); it holds back nothing else."""
         ctx = self.ctx
         items = [*batch.starts, *[r.item for r in batch.results], *[p.item for p in batch.parks]]
+        self.finishing.difference_update(r.item for r in batch.results)
         for item in items:
             log.error(
                 "message %s: the database refused its write (%s); it stays unfinished",
