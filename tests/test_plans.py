@@ -52,19 +52,21 @@ class Backlog:
     def params(self, **extra: Any) -> dict[str, Any]:
         return self.owner.params(topic=TOPIC, **extra)
 
-    def parked(self, where: str) -> list[dict[str, Any]]:
-        """Heads of the deep keys (the first parked message of each), filtered by `where`."""
-        return self.db.execute(
+    def heads(self, *, running: bool) -> list[dict[str, Any]]:
+        """The first parked message of each deep key: those running, or the others."""
+        rows = self.db.execute(
             "SELECT DISTINCT ON (key) id, partition, key, claimed_epoch FROM pgcg.parked "
-            f"WHERE {where} ORDER BY key, id"
+            "ORDER BY key, id"
         ).fetchall()
+        return [r for r in rows if (r["claimed_epoch"] is not None) == running]
 
 
 @pytest.fixture(scope="module", params=["analyzed", "no statistics"])
 def backlog(pg_server: str, template_db: str, request: pytest.FixtureRequest) -> Iterator[Backlog]:
-    """A topic of 4 partitions with 20k messages over 1,000 keys, in 40 batches, read by a
-    group whose 100 deepest keys are parked (2,000 parked messages, the heads of 40 of them
-    running), owned by MEMBER: with fresh statistics (as autovacuum leaves them), and
+    """A topic of 4 partitions with 20k messages over 1,000 keys, in 1,000 batches (a tick
+    after each producer call), read by a group whose 100 deepest keys are parked (2,000
+    parked messages, the heads of 40 keys running, of 20 waiting for a retry), owned by
+    MEMBER: with fresh statistics (as autovacuum leaves them), and
     without any (a new topic filled faster than autovacuum analyzes it, which is how a bench
     or a burst meets it). Every check runs in a transaction rolled back afterwards, so the
     module shares one database per case."""
@@ -174,8 +176,8 @@ def assert_nested_index_driven(
     found: dict[str, list[Plan]] = {}
     text = []
     for mode in ("custom", "generic"):
-        db.execute("SET plan_cache_mode = %s" % ("force_generic_plan" if mode == "generic"
-                                                 else "auto"))  # fmt: skip
+        value = "force_generic_plan" if mode == "generic" else "auto"
+        db.execute("SELECT set_config('plan_cache_mode', %s, false)", (value,))
         try:
             plans = nested_plans(db, query, params)
         finally:
@@ -377,9 +379,7 @@ def test_a_round_of_results_is_written_by_index(backlog: Backlog) -> None:
     """The writer's round at load: the marks of the next 1,000 messages, the results of
     1,000 (a few parked for a retry), claims of parked heads and results of running ones."""
     rows = backlog.first
-    running = backlog.parked("claimed_epoch IS NOT NULL")
-    waiting = backlog.parked("claimed_epoch IS NULL AND key <> ALL (SELECT key FROM "
-                             "pgcg.parked WHERE claimed_epoch IS NOT NULL)")  # fmt: skip
+    running, waiting = backlog.heads(running=True), backlog.heads(running=False)
     assert len(running) == CLAIMED_KEYS and len(waiting) == DEEP_KEYS - CLAIMED_KEYS
     params = settle_params(
         backlog, start=rows, done=rows[10:], park=rows[:10], claims=waiting[:20],
@@ -392,7 +392,7 @@ def test_a_round_of_results_is_written_by_index(backlog: Backlog) -> None:
 
 
 def test_progress_reports_are_written_by_index(backlog: Backlog) -> None:
-    running = backlog.parked("claimed_epoch IS NOT NULL")
+    running = backlog.heads(running=True)
     params = backlog.params(
         ids=[r["id"] for r in running], partitions=[r["partition"] for r in running],
         epochs=[epoch(backlog, r["partition"]) for r in running],

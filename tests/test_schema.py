@@ -17,21 +17,42 @@ from pgcg.shared.errors import SchemaNotMigrated
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 
 TABLES = {
-    "coordinator_leader",
     "consumer_groups",
+    "coordinator_leader",
     "dead_letters",
-    "messages",
+    "dedup",
+    "group_losses",
+    "group_progress",
+    "groups",
+    "ledger",
+    "log",
+    "parked",
     "partition_assignments",
     "rebalances",
     "schema_migrations",
-    "subscriptions",
+    "segments",
+    "ticks",
     "topics",
 }
-FUNCTIONS = {"create_topic", "enqueue", "partition_for"}
+FUNCTIONS = {
+    # Topics and producers.
+    "alter_topic", "build_reader", "build_topic", "claim_dedup", "create_topic", "enqueue",
+    "max_dedup_key_bytes", "max_delay_ms", "max_headers_bytes", "max_key_bytes",
+    "partition_for", "reject", "slot_lock", "slot_of", "topic_offsets", "write_slot",
+    # Reading: ticks and batches.
+    "fetch", "snapshot_excluding_self", "tick", "tick_lock", "tick_now",
+    # The owner's fenced writes and the parked queue.
+    "adopt", "bury", "load_parked", "log_rows", "owned", "release", "report_progress",
+    "save_position", "settle", "tx_complete",
+    # Groups, retention, dead letters.
+    "create_group", "delete_group", "group_lag", "maint_lock", "maintain",
+    "replay_dead_letters", "seek_group", "start_tick",
+}  # fmt: skip
 
 
 def objects(conn: psycopg.Connection[Any]) -> dict[str, set[str]]:
-    """The pgcg schema's own objects, by kind (partition children of messages excluded)."""
+    """The pgcg schema's own objects, by kind (the topics' log and ledger tables, partitions
+    of pgcg.log and pgcg.ledger, excluded)."""
     rel = conn.execute(
         "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'pgcg' AND NOT c.relispartition"
@@ -64,7 +85,7 @@ def test_replay_from_empty_creates_every_object(empty_dsn: str) -> None:
         found = objects(conn)
         assert found["tables"] == TABLES
         assert found["functions"] == FUNCTIONS
-        assert "message_id_seq" in found["sequences"]
+        assert {"tick_seq", "topic_id_seq", "group_id_seq"} <= found["sequences"]
         assert mig.current_version(conn) == mig.LATEST
         mig.check(conn)
         rows = conn.execute(
