@@ -41,8 +41,8 @@ async def test_an_expired_member_is_expired_well_within_a_heartbeat_interval(
         # without a NOTIFY: only a sweep can find it.
         db.execute(
             "INSERT INTO pgcg.consumer_groups "
-            "(group_name, member_id, host, pid, session_timeout_ms, last_heartbeat) "
-            "VALUES (%s, 'silent', 'h', 1, 1000, now() - interval '1 minute')",
+            "(group_name, member_id, host, pid, session_timeout_ms, last_heartbeat, protocol) "
+            "VALUES (%s, 'silent', 'h', 1, 1000, now() - interval '1 minute', 3)",
             (GROUP,),
         )
         started = time.monotonic()
