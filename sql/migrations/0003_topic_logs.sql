@@ -620,7 +620,8 @@ BEGIN
                -- reads about what it returns however far behind it is (PostgreSQL 15 does
                -- not stop reading the batches of the window at the limit).
                (SELECT w.tick FROM (
-                    SELECT k.tick, k.offsets[u.p + 1] AS o, row_number() OVER (ORDER BY k.tick) AS n
+                    SELECT k.tick, k.offsets[u.p + 1] AS o,
+                           row_number() OVER (ORDER BY k.tick) AS n
                     FROM pgcg.ticks AS k
                     WHERE k.topic_id = p_topic_id AND k.tick > u.done AND k.tick <= p_newest
                     ORDER BY k.tick LIMIT p_window) AS w
@@ -1009,12 +1010,10 @@ BEGIN
             locked_until = clock_timestamp() + c_visibility_ms * interval '1 millisecond',
             progress = NULL
         FROM unnest(c_ids, c_parts, c_epochs, c_tokens) AS c(id, p, e, tok)
-        -- The claimed rows by primary key, whatever the statistics: joined to the unnest
-        -- alone, the planner may hash the group's whole parked queue, and without
-        -- statistics it takes `group_id =` for selective (IS NOT DISTINCT FROM is no index
-        -- condition, so it cannot pick an index by it).
-        WHERE pk.id = c.id AND pk.id = ANY (c_ids) AND pk.group_id IS NOT DISTINCT FROM g.id
-          AND pk.partition = c.p
+        -- The claimed rows by primary key, whatever the statistics: without them the
+        -- planner takes `group_id =` for selective and reads the group's whole parked
+        -- queue through another index (IS NOT DISTINCT FROM is no index condition).
+        WHERE pk.id = c.id AND pk.group_id IS NOT DISTINCT FROM g.id AND pk.partition = c.p
           AND c.p = ANY (start_p)
           AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok)
         RETURNING pk.id, pk.partition, pk.attempts
@@ -1080,7 +1079,8 @@ BEGIN
                pk.dedup_key, pk.enqueued_at, pk.attempts
         FROM unnest(k_kinds, k_ids, k_parts, k_epochs, k_delays_ms, k_errors)
              AS x(kind, id, p, e, delay, err)
-        LEFT JOIN pgcg.parked AS pk  -- `= ANY`: by primary key, as the claims
+        -- By primary key, as the claims; `= ANY` too, or a join reads the whole primary key.
+        LEFT JOIN pgcg.parked AS pk
                ON pk.id = x.id AND pk.id = ANY (k_ids) AND pk.group_id IS NOT DISTINCT FROM g.id
               AND pk.partition = x.p AND pk.claimed_epoch = x.e
               AND (x.p, x.e) IN (SELECT * FROM unnest(owned_p, owned_e))
