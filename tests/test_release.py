@@ -30,7 +30,7 @@ async def test_a_revocation_called_off_during_the_flush_is_not_released(
     """The release loop flushes results before releasing what it found releasable. If the
     leader calls the revocation off meanwhile (the target left), the partition is ours
     again and working: releasing it from the stale list hands it to nobody while its
-    new work is in flight, whose acks are then rejected (found by `pgcg chaos`, seed 44:
+    new work is in flight, whose results are then rejected (found by `pgcg chaos`, seed 44:
     duplicates after a revocation that had been called off)."""
     db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
     consumer = Consumer(

@@ -19,8 +19,8 @@ from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 # The storage of docs/design/storage.md: topics as logs, groups with their positions,
 # ledger and parked queues (the old messages and subscriptions tables are gone).
 TABLES = {
-    "coordinator_leader",
     "consumer_groups",
+    "coordinator_leader",
     "dead_letters",
     "dedup",
     "group_losses",
@@ -63,7 +63,8 @@ FUNCTIONS = {
 
 
 def objects(conn: psycopg.Connection[Any]) -> dict[str, set[str]]:
-    """The pgcg schema's own objects, by kind (partition children of messages excluded)."""
+    """The pgcg schema's own objects, by kind (the topics' log and ledger tables, partitions
+    of pgcg.log and pgcg.ledger, excluded)."""
     rel = conn.execute(
         "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'pgcg' AND NOT c.relispartition"
@@ -96,7 +97,7 @@ def test_replay_from_empty_creates_every_object(empty_dsn: str) -> None:
         found = objects(conn)
         assert found["tables"] == TABLES
         assert found["functions"] >= FUNCTIONS, FUNCTIONS - found["functions"]
-        assert {"topic_id_seq", "tick_seq"} <= found["sequences"]
+        assert {"tick_seq", "topic_id_seq", "group_id_seq"} <= found["sequences"]
         assert mig.current_version(conn) == mig.LATEST
         mig.check(conn)
         rows = conn.execute(

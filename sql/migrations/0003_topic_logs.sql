@@ -662,10 +662,21 @@ BEGIN
     RETURN QUERY
     WITH c AS (
         SELECT u.p, u.done, u.cur, u.cur_off, coalesce(u.parked, false) AS parked, u.ord,
-               (SELECT max(w.tick) FROM (
-                    SELECT k.tick FROM pgcg.ticks AS k
+               -- The window ends at the first tick whose offsets leave room for the limit
+               -- past the cursor, at most p_window ticks on, else at the newest: a round
+               -- reads about what it returns however far behind it is (PostgreSQL 15 does
+               -- not stop reading the batches of the window at the limit).
+               (SELECT w.tick FROM (
+                    SELECT k.tick, k.offsets[u.p + 1] AS o,
+                           row_number() OVER (ORDER BY k.tick) AS n
+                    FROM pgcg.ticks AS k
                     WHERE k.topic_id = p_topic_id AND k.tick > u.done AND k.tick <= p_newest
-                    ORDER BY k.tick LIMIT p_window) AS w) AS window_end
+                    ORDER BY k.tick LIMIT p_window) AS w
+                WHERE w.tick = p_newest OR w.n = p_window
+                   OR w.o >= greatest(u.cur_off, (
+                          SELECT d.offsets[u.p + 1] FROM pgcg.ticks AS d
+                          WHERE d.topic_id = p_topic_id AND d.tick = u.done)) + p_limit
+                ORDER BY w.tick LIMIT 1) AS window_end
         FROM unnest(p_partitions, p_done, p_cur, p_cur_offsets, p_parked)
              WITH ORDINALITY AS u(p, done, cur, cur_off, parked, ord)
     ), got AS MATERIALIZED (
@@ -729,11 +740,14 @@ BEGIN
         WHERE s.running - coalesce(pg_column_size(s.payload), 0) < p_limit_bytes
     )
     SELECT k.p, CASE WHEN k.only_group IS NOT NULL AND k.only_group <> p_group_id THEN 's'
-                     WHEN k.parked AND EXISTS (
-                         SELECT FROM pgcg.parked AS pk
+                     -- A probe of parked_key per row (as an EXISTS, a planner without
+                     -- statistics may hash the group's whole parked queue instead).
+                     WHEN k.parked AND (
+                         SELECT pk.id FROM pgcg.parked AS pk
                          WHERE pk.group_id = p_group_id AND pk.partition = k.p
                            AND hashtextextended(pk.key, 0) = hashtextextended(k.key, 0)
-                           AND pk.key = k.key) THEN 'p'
+                           AND pk.key = k.key
+                         ORDER BY pk.id LIMIT 1) IS NOT NULL THEN 'p'
                      ELSE 'r' END::"char",
            k.a_tick, k.tick, k."offset", k.slot, k.key,
            CASE WHEN k.only_group IS NULL OR k.only_group = p_group_id THEN k.payload END,
@@ -793,8 +807,11 @@ BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT * FROM pgcg.%I($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)', 'read_' || t.name)
     USING t.id, g.id, p_partitions, p_done, p_cur, p_cur_offsets,
-          ARRAY(SELECT EXISTS (SELECT FROM pgcg.parked AS pk
-                               WHERE pk.group_id = g.id AND pk.partition = u.p)
+          -- A probe of parked_due per partition: as an EXISTS, the planner may hash the
+          -- group's whole parked queue instead.
+          ARRAY(SELECT (SELECT pk.available_at FROM pgcg.parked AS pk
+                        WHERE pk.group_id = g.id AND pk.partition = u.p
+                        ORDER BY pk.available_at LIMIT 1) IS NOT NULL
                 FROM unnest(p_partitions) WITH ORDINALITY AS u(p, o) ORDER BY u.o),
           pgcg.tick(t.id), p_limit, p_limit_bytes;
 END $$;
@@ -983,7 +1000,10 @@ CREATE FUNCTION pgcg.settle(
     k_kinds "char"[], k_ids bigint[], k_parts integer[], k_epochs bigint[], k_delays_ms bigint[],
     k_errors text[]
 ) RETURNS TABLE (what "char", partition integer, ref bigint, ok boolean, info bigint)
-LANGUAGE plpgsql SET search_path = pg_catalog, pgcg SET jit = off AS $$
+-- Every statement here is driven by the round's items: a lookup per item by index is right
+-- at any size, while scans of the parked queue look cheaper to a planner without statistics.
+LANGUAGE plpgsql SET search_path = pg_catalog, pgcg SET jit = off
+SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
     g      pgcg.groups;
@@ -994,6 +1014,11 @@ DECLARE
     owned_e bigint[];
     start_p integer[];
     r      record;
+    pid    bigint;
+    -- What this call parked: (partition, offset) -> parked id.
+    park_p integer[] := '{}';
+    park_o bigint[] := '{}';
+    park_id bigint[] := '{}';
 BEGIN
     SELECT * INTO STRICT g FROM pgcg.groups AS gr WHERE gr.group_name = p_group;
     SELECT * INTO STRICT t FROM pgcg.topics AS tp WHERE tp.name = g.topic;
@@ -1032,7 +1057,10 @@ BEGIN
             locked_until = clock_timestamp() + c_visibility_ms * interval '1 millisecond',
             progress = NULL
         FROM unnest(c_ids, c_parts, c_epochs, c_tokens) AS c(id, p, e, tok)
-        WHERE pk.id = c.id AND pk.group_id = g.id AND pk.partition = c.p
+        -- The claimed rows by primary key, whatever the statistics: without them the
+        -- planner takes `group_id =` for selective and reads the group's whole parked
+        -- queue through another index (IS NOT DISTINCT FROM is no index condition).
+        WHERE pk.id = c.id AND pk.group_id IS NOT DISTINCT FROM g.id AND pk.partition = c.p
           AND c.p = ANY (start_p)
           AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok)
         RETURNING pk.id, pk.partition, pk.attempts
@@ -1064,7 +1092,11 @@ BEGIN
                     r.att, r.err, r.origin,
                     CASE WHEN r.claimed THEN r.e END, CASE WHEN r.claimed THEN p_member END,
                     CASE WHEN r.claimed THEN clock_timestamp() + c_visibility_ms * interval '1 millisecond' END)
-            ON CONFLICT (group_id, partition, "offset", gen) DO NOTHING;
+            ON CONFLICT (group_id, partition, "offset", gen) DO NOTHING
+            RETURNING pk.id INTO pid;
+            IF pid IS NOT NULL THEN
+                park_p := park_p || r.p; park_o := park_o || r.o; park_id := park_id || pid;
+            END IF;
         ELSE
             PERFORM pgcg.bury(p_group, t.name, p_member, r.p, r.o, r.key, r.payload, r.headers,
                               r.dedup_key, r.enqueued_at, r.att, r.err, r.err);
@@ -1076,12 +1108,17 @@ BEGIN
     FROM unnest(l_kinds, l_parts, l_epochs, l_ticks, l_offsets, l_slots) AS x(k, p, e, t, o, s)
     WHERE (x.p, x.e) IN (SELECT * FROM unnest(owned_p, owned_e))
     GROUP BY x.p, x.e, x.k = 'p';
+    -- The parked ids come from the inserts above; only a park written by an earlier call
+    -- (its reply was lost) is looked up. Without statistics the planner cannot tell the
+    -- unique index from the parked queue's other (group, partition) indexes.
     RETURN QUERY
     SELECT 'l'::"char", x.p, x.o, (x.p, x.e) IN (SELECT * FROM unnest(owned_p, owned_e)),
-           (SELECT pk.id FROM pgcg.parked AS pk
-            WHERE x.k = 'p' AND pk.group_id = g.id AND pk.partition = x.p
-              AND pk."offset" = x.o AND pk.gen = g.seek_gen)
-    FROM unnest(l_kinds, l_parts, l_epochs, l_offsets) AS x(k, p, e, o);
+           CASE WHEN x.k = 'p' THEN coalesce(n.id, (
+               SELECT pk.id FROM pgcg.parked AS pk
+               WHERE pk.group_id = g.id AND pk.partition = x.p
+                 AND pk."offset" = x.o AND pk.gen = g.seek_gen)) END
+    FROM unnest(l_kinds, l_parts, l_epochs, l_offsets) AS x(k, p, e, o)
+    LEFT JOIN unnest(park_p, park_o, park_id) AS n(p, o, id) ON n.p = x.p AND n.o = x.o;
 
     -- Parked results, each only under the epoch that claimed it.
     FOR r IN
@@ -1089,9 +1126,10 @@ BEGIN
                pk.dedup_key, pk.enqueued_at, pk.attempts
         FROM unnest(k_kinds, k_ids, k_parts, k_epochs, k_delays_ms, k_errors)
              AS x(kind, id, p, e, delay, err)
+        -- By primary key, as the claims; `= ANY` too, or a join reads the whole primary key.
         LEFT JOIN pgcg.parked AS pk
-               ON pk.id = x.id AND pk.group_id = g.id AND pk.partition = x.p
-              AND pk.claimed_epoch = x.e
+               ON pk.id = x.id AND pk.id = ANY (k_ids) AND pk.group_id IS NOT DISTINCT FROM g.id
+              AND pk.partition = x.p AND pk.claimed_epoch = x.e
               AND (x.p, x.e) IN (SELECT * FROM unnest(owned_p, owned_e))
     LOOP
         IF r.pid IS NOT NULL AND r.kind = 'r' THEN
@@ -1135,13 +1173,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg SET jit = off AS $$
     heads AS (
         SELECT pk.* FROM pgcg.parked AS pk, g
         WHERE pk.group_id = g.id AND pk.partition = ANY (p_partitions)
-          AND pk.available_at <= clock_timestamp() + p_lookahead_ms * interval '1 millisecond'
+          -- Computed once (an InitPlan), so it bounds the scan of parked_due.
+          AND pk.available_at <= (SELECT clock_timestamp() + p_lookahead_ms * interval '1 millisecond')
           AND pk.id <> ALL (p_held) AND pk.claimed_epoch IS NULL
-          AND NOT EXISTS (
-              SELECT FROM pgcg.parked AS q
+          -- The first of its key: one probe of parked_key in id order (as a NOT EXISTS, the
+          -- planner may hash the whole queue, or read a partition's rows for each message).
+          AND pk.id = (
+              SELECT q.id FROM pgcg.parked AS q
               WHERE q.group_id = pk.group_id AND q.partition = pk.partition
                 AND hashtextextended(q.key, 0) = hashtextextended(pk.key, 0)
-                AND q.key = pk.key AND q.id < pk.id)
+                AND q.key = pk.key
+              ORDER BY q.id LIMIT 1)
         ORDER BY pk.available_at LIMIT p_limit
     ), picked AS (
         SELECT h.* FROM heads AS h
@@ -1175,7 +1217,9 @@ CREATE FUNCTION pgcg.report_progress(p_group text, p_member text, p_ids bigint[]
                                      p_parts integer[], p_epochs bigint[],
                                      p_percents float8[], p_texts text[], p_visibility_ms bigint)
 RETURNS TABLE (partition integer, epoch bigint)
-LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
+-- Lookups by id (see settle).
+LANGUAGE plpgsql SET search_path = pg_catalog, pgcg SET enable_seqscan = off
+SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
     g pgcg.groups;
@@ -1191,7 +1235,9 @@ BEGIN
             locked_until = v_at + p_visibility_ms * interval '1 millisecond'
         FROM unnest(p_ids, p_parts, p_epochs, p_percents, p_texts) AS b(id, p, e, pct, txt)
         JOIN owned AS o ON o.partition = b.p AND o.epoch = b.e
-        WHERE pk.id = b.id AND pk.group_id = g.id AND pk.claimed_epoch = b.e
+        -- By primary key, whatever the statistics (see settle's claims).
+        WHERE pk.id = b.id AND pk.group_id IS NOT DISTINCT FROM g.id
+          AND pk.claimed_epoch = b.e
         RETURNING pk.id
     )
     SELECT DISTINCT o.partition, o.epoch FROM owned AS o
@@ -1516,8 +1562,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg AS $$
                 -- With no tick after the position yet (no consumer has read since), the
                 -- first message after it: its age grows while nobody reads.
                 THEN greatest(0, extract(epoch FROM clock_timestamp() - coalesce(
-                         (SELECT min(n.at) FROM pgcg.ticks AS n
-                          WHERE n.topic_id = t.id AND n.tick > gp.tick),
+                         (SELECT n.at FROM pgcg.ticks AS n
+                          WHERE n.topic_id = t.id AND n.tick > gp.tick
+                          ORDER BY n.tick LIMIT 1),
                          (SELECT l.enqueued_at FROM pgcg.log AS l
                           WHERE l.slot >= t.id * 64 AND l.slot < t.id * 64 + 64
                             AND l.partition = gp.partition
