@@ -7,7 +7,7 @@ export over OTLP/HTTP to a sink in the bench (bench/otlp_sink.py) with a parent-
 ratio sampler, every message carries its own W3C traceparent as if a traced request had
 enqueued it (sampled at the same ratio), and the ratios compare each mode with off.
 
-Phases, each on its own fresh topic/table:
+Phases, each on its own fresh topic or table:
   raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
   <handler> for each handler:
            loop: the same rows in a plain table of its own, drained by a hand-written
@@ -16,9 +16,9 @@ Phases, each on its own fresh topic/table:
            pgcg: batched enqueue (pgcg.enqueue), then P consumers drain with the
                  partitions assigned directly and evenly (the coordinator's `assign`)
 
-Drain time runs from the commit of the assignment to the first poll that finds the topic
-empty; the poll is a count(*), at most `poll_interval` apart near the end (see
-_wait_empty), bounded by `timeout`.
+Drain time runs from the commit of the assignment to the first poll that finds nothing
+left for the group (its completions against the topic's offsets, at most `poll_interval`
+apart near the end: see _wait_empty), bounded by `timeout`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from pgcg.bench.cpu import CpuMeter, postmaster_pid
-from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
+from pgcg.bench.database import (
+    BenchDatabase,
+    bench_database,
+    drop_topic,
+    unfinished,
+    unique_suffix,
+)
 from pgcg.bench.handlers import HANDLERS
 from pgcg.bench.loop import loop_baseline
 from pgcg.bench.members import BenchError, ConsumerProcesses
@@ -276,13 +282,13 @@ def _drain(
                 conn.execute(COORD.notify_group, {"group": group})
             started = time.perf_counter()
             wall_started = time.time()
-            left = _wait_empty(conn, topic, started + opts.timeout, opts.poll_interval)
+            left = _wait_empty(conn, topic, group, started + opts.timeout, opts.poll_interval)
             elapsed = time.perf_counter() - started
             cpu = CpuMeter.report(cpu_start, meter.sample(), opts.messages)
             members.stop_profilers()
             if left:
                 raise BenchError(
-                    f"{handler}: {left} of {opts.messages} messages still queued after "
+                    f"{handler}: {left} of {opts.messages} messages still unfinished after "
                     f"{opts.timeout}s (--timeout)"
                 )
         reports = members.reports()
@@ -303,23 +309,19 @@ def _drain(
     return summary
 
 
-def _wait_empty(conn: Any, topic: str, deadline: float, interval: float) -> int:
-    """Poll count(*) until the topic is empty.
+def _wait_empty(conn: Any, topic: str, group: str, deadline: float, interval: float) -> int:
+    """Poll what `group` has not finished until nothing is left.
 
-    A count scans the whole topic, dead rows included, on the same CPUs as the consumers
-    (20-30 ms a poll mid-drain), so polls follow the observed rate: wait half the time
-    the rate says is left (at most 2 s; 0.2 s until the rate is known), down to
-    `interval` near the end. Finishing earlier than predicted needs the rate to double,
-    so the end is seen within `interval` in practice; a few dozen polls per run.
+    The poll reads the group's completion rows, not the log (bench/database.py
+    unfinished), on the same CPUs as the consumers, so polls follow the observed rate:
+    wait half the time the rate says is left (at most 2 s; 0.2 s until the rate is known),
+    down to `interval` near the end. Finishing earlier than predicted needs the rate to
+    double, so the end is seen within `interval` in practice; a few dozen polls per run.
     """
     previous: tuple[float, int] | None = None
     while True:
         now = time.perf_counter()
-        left = int(
-            conn.execute(
-                "SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,)
-            ).fetchone()["n"]
-        )
+        left = unfinished(conn, topic).get(group, 0)
         if left == 0 or now > deadline:
             return left
         wait = max(interval, 0.2)

@@ -23,9 +23,11 @@ PERCENTILES = {"p50", "p90", "p99", "max", "count"}
 def _leftovers(db: psycopg.Connection[Any]) -> dict[str, int]:
     row = db.execute(
         "SELECT (SELECT count(*) FROM pgcg.topics) AS topics, "
-        "(SELECT count(*) FROM pgcg.subscriptions) AS groups, "
-        "(SELECT count(*) FROM pg_tables WHERE schemaname = 'pgcg' "
-        " AND tablename LIKE 'bench%%') AS tables"
+        "(SELECT count(*) FROM pgcg.groups) AS groups, "
+        "(SELECT count(*) FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        " WHERE n.nspname = 'pgcg' AND c.relname ~ '^(log_|ledger_)?bench') "
+        "+ (SELECT count(*) FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        " WHERE n.nspname = 'pgcg' AND p.proname LIKE 'read_bench%%') AS tables"
     ).fetchone()
     assert row is not None
     return dict(row)
