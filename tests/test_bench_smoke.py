@@ -49,6 +49,27 @@ def test_drain_reports_both_baselines(db: psycopg.Connection[Any], dsn: str) -> 
     assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
 
 
+def test_drain_reports_each_group_beside_one_group(db: psycopg.Connection[Any], dsn: str) -> None:
+    result = run_drain(
+        DrainOptions(messages=200, keys=20, consumers=1, partitions=2, concurrency=8, groups=2,
+                     handlers=["noop"], raw=False, loop=False, database_url=dsn, timeout=120)
+    )  # fmt: skip
+    one = result["pgcg"]["noop"]["drain"]
+    assert one["handled"] == 200 and "msgs_per_consumer_cpu_s" in one
+    run = result["groups"]["noop"]
+    assert run["groups"] == 2 and len(run["by_group"]) == 2
+    for drained in run["by_group"].values():
+        # every group handles every message, in key order
+        assert drained["handled"] == 200 and drained["key_order_violations"] == 0
+        assert drained["msgs_per_s"] > 0 and "msgs_per_consumer_cpu_s" in drained
+    assert run["all"]["handled"] == 400
+    assert {"drain_noop_2_groups_g0_vs_one_group", "drain_noop_2_groups_g1_vs_one_group"} <= set(
+        result["ratios"]
+    )
+    assert "noop 2 groups, g1: drain" in _text(result)
+    assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
+
+
 def test_soak_reports_intervals_and_a_verdict(db: psycopg.Connection[Any], dsn: str) -> None:
     printed: list[dict[str, Any]] = []
     result = soak.run_soak(
