@@ -481,8 +481,8 @@ def _summarise(
         "messages": opts.messages,
         "seconds": round(elapsed, 3),
         "msgs_per_s": round(opts.messages / elapsed),
-        # When the last handler finished, from the handlers' own clocks: the empty-queue
-        # poll adds up to one poll interval plus the last ack on top of this.
+        # When the last handler finished, from the handlers' own clocks: the end-of-drain
+        # poll adds up to one poll interval plus the last completion write on top of this.
         "handled_in_s": round(last_at - wall_started, 3),
         "handled": handled,
         "key_order_violations": sum(r["violations"] for r in reports),

@@ -77,8 +77,8 @@ DEFINITIONS = {
     "leader_stop.terminated_s": "SIGSTOP -> the standby terminated the silent leader's "
     "session (its leader_terminated log line)",
     "leader_stop.elected_after_terminated_s": "terminated -> elected",
-    "backlog_at_start": "messages not yet acked when the scenario began; each scenario waits "
-    "up to 30 s for the group to catch up to about a second of production first",
+    "backlog_at_start": "messages the group had not finished when the scenario began; each "
+    "scenario waits up to 30 s for the group to catch up to about a second of production first",
     "per_partition": "join: [partition, assigned, learned, first handled] after joined_at; "
     "member_kill: [partition, new owner pid, reassigned, learned, first handled] after the "
     "SIGKILL",
