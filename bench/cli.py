@@ -73,6 +73,14 @@ def bench() -> None:
     show_default=True,
     help="Producer connections enqueueing at once (keys split between them).",
 )
+@click.option(
+    "--groups",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Also drain with this many groups at once (each handles every message, with "
+    "--consumers processes of its own) and report each group beside the one-group drain.",
+)
 @click.option("--no-raw", is_flag=True, help="Skip the raw PostgreSQL baseline.")
 @click.option(
     "--no-loop", is_flag=True, help="Skip the hand-written asyncio loop baseline (per handler)."
@@ -119,6 +127,7 @@ def drain(
     Example:
       pgcg bench drain --messages 100000 --keys 1000 --consumers 2 --json
       pgcg bench drain --handler noop --no-raw --tracing off,on,1%
+      pgcg bench drain --handler noop --groups 2
     """
     from pgcg.bench.drain import DrainOptions, parse_tracing, run_drain
     from pgcg.bench.members import BenchError
@@ -179,7 +188,8 @@ def _text(result: dict[str, Any]) -> str:
         d = run["drain"]
         lines.append(f"{handler} enqueue {run['enqueue']['msgs_per_s']:>9,} msgs/s")
         lines.append(
-            f"{handler} drain   {d['msgs_per_s']:>9,} msgs/s  "
+            f"{handler} drain   {d['msgs_per_s']:>9,} msgs/s, "
+            f"{d.get('msgs_per_consumer_cpu_s') or '-'} msgs per consumer CPU-second  "
             f"violations={d['key_order_violations']} handled={d['handled']}"
         )
         spans = d.get("spans_exported")
@@ -197,6 +207,18 @@ def _text(result: dict[str, Any]) -> str:
                 f"{cpu['wall_s']} s on {cpu['cores']} cores "
                 f"({cpu['msgs_per_cpu_s']:,} msgs per CPU-second)"
             )
+    for handler, run in (result.get("groups") or {}).items():
+        for n, d in enumerate(run["by_group"].values()):
+            lines.append(
+                f"{handler} {run['groups']} groups, g{n}: drain {d['msgs_per_s']:>9,} msgs/s, "
+                f"{d['msgs_per_consumer_cpu_s'] or '-'} msgs per consumer CPU-second  "
+                f"violations={d['key_order_violations']} handled={d['handled']}"
+            )
+        every = run["all"]
+        lines.append(
+            f"{handler} {run['groups']} groups together: {every['msgs_per_s']:,} msgs/s "
+            f"({every['handled']:,} handlings in {every['seconds']} s)"
+        )
     host = result["host"]
     lines.append(
         f"host load average {host['loadavg_at_start'][0]:.1f} at start, "

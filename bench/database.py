@@ -18,6 +18,9 @@ from psycopg import sql
 from pgcg.bench.throwaway import ThrowawayPostgres, server_bin
 from pgcg.shared.db import connect_sync
 from pgcg.shared.migrate import check, migrate
+from pgcg.shared.queries import Queries
+
+Q = Queries("bench")
 
 SERVER_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
 
@@ -84,17 +87,36 @@ def bench_database(url: str | None, server_spec: str | None = None) -> Iterator[
 
 
 def drop_topic(dsn: str, topic: str, group: str, *, keep_topic: bool = False) -> None:
-    """Remove what a bench run created for one topic and group (only the group's rows
-    with `keep_topic`, while other groups of the topic remain)."""
+    """Remove what a bench run created for one topic and group (only the group, while
+    other groups of the topic remain, with `keep_topic`)."""
     with connect_sync(dsn, autocommit=False) as conn, conn.transaction():
-        conn.execute("DELETE FROM pgcg.consumer_groups WHERE group_name = %s", (group,))
-        conn.execute("DELETE FROM pgcg.partition_assignments WHERE group_name = %s", (group,))
-        conn.execute("DELETE FROM pgcg.rebalances WHERE group_name = %s", (group,))
-        conn.execute("DELETE FROM pgcg.subscriptions WHERE group_name = %s", (group,))
-        if keep_topic:
-            return
-        conn.execute("DELETE FROM pgcg.dead_letters WHERE topic = %s", (topic,))
+        conn.execute(Q.drop_group, {"group": group})
+        if not keep_topic:
+            remove_topic(conn, topic)
+
+
+def remove_topic(conn: psycopg.Connection[Any], topic: str) -> None:
+    """A topic a bench made up, with every group still on it and what its log holds."""
+    params = {"topic": topic}
+    for row in conn.execute(Q.topic_groups, params).fetchall():
+        conn.execute(Q.drop_group, {"group": row["group_name"]})
+    conn.execute(Q.drop_dead_letters, params)
+    found = conn.execute(Q.topic_relations, params).fetchone()
+    if found is not None:
+        # Identifiers cannot be parameters; every name here passed pgcg's topic-name check.
+        for parent in (found["log"], found["ledger"]):
+            conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier("pgcg", parent))
+            )
+        for seq in found["sequences"]:
+            conn.execute(sql.SQL("DROP SEQUENCE IF EXISTS {}").format(sql.Identifier("pgcg", seq)))
         conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS pgcg.{}").format(sql.Identifier(f"messages_{topic}"))
+            sql.SQL("DROP FUNCTION IF EXISTS {}").format(sql.Identifier("pgcg", found["reader"]))
         )
-        conn.execute("DELETE FROM pgcg.topics WHERE name = %s", (topic,))
+    conn.execute(Q.drop_topic_row, params)
+
+
+def unfinished(conn: psycopg.Connection[Any], topic: str) -> dict[str, int]:
+    """Messages each group of `topic` has not finished (see the query)."""
+    rows = conn.execute(Q.unfinished, {"topic": topic}).fetchall()
+    return {r["group_name"]: int(r["unfinished"]) for r in rows}

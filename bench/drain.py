@@ -7,7 +7,7 @@ export over OTLP/HTTP to a sink in the bench (bench/otlp_sink.py) with a parent-
 ratio sampler, every message carries its own W3C traceparent as if a traced request had
 enqueued it (sampled at the same ratio), and the ratios compare each mode with off.
 
-Phases, each on its own fresh topic/table:
+Phases, each on its own fresh topic or table:
   raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
   <handler> for each handler:
            loop: the same rows in a plain table of its own, drained by a hand-written
@@ -15,14 +15,19 @@ Phases, each on its own fresh topic/table:
                  handler and concurrency, without key order
            pgcg: batched enqueue (pgcg.enqueue), then P consumers drain with the
                  partitions assigned directly and evenly (the coordinator's `assign`)
+           groups (with --groups G > 1): the same on a fresh topic drained by G groups
+                 at once, P consumers each; every group handles every message, and each
+                 group's drain rate and messages per consumer CPU-second are reported
+                 beside the one-group drain's
 
-Drain time runs from the commit of the assignment to the first poll that finds the topic
-empty; the poll is a count(*), at most `poll_interval` apart near the end (see
-_wait_empty), bounded by `timeout`.
+Drain time runs from the commit of the assignment to the first poll that finds nothing
+left for the group (its completions against the topic's offsets, at most `poll_interval`
+apart near the end: see _wait_empty), bounded by `timeout`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -34,7 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from pgcg.bench.cpu import CpuMeter, postmaster_pid
-from pgcg.bench.database import BenchDatabase, bench_database, drop_topic, unique_suffix
+from pgcg.bench.database import (
+    BenchDatabase,
+    bench_database,
+    drop_topic,
+    unfinished,
+    unique_suffix,
+)
 from pgcg.bench.handlers import HANDLERS
 from pgcg.bench.loop import loop_baseline
 from pgcg.bench.members import BenchError, ConsumerProcesses
@@ -70,6 +81,7 @@ class DrainOptions:
     profile_dir: str | None = None
     statement_stats: bool = False
     tracing: list[float | None] = field(default_factory=lambda: [None])  # None: off
+    groups: int = 1  # > 1: also drain the same workload with that many groups at once
 
 
 def parse_tracing(text: str) -> list[float | None]:
@@ -129,8 +141,9 @@ def make_workload(opts: DrainOptions, tracing: float | None = None) -> list[Outg
 
 
 def run_drain(opts: DrainOptions) -> dict[str, Any]:
-    if min(opts.messages, opts.keys, opts.consumers, opts.producers, opts.batch_size) < 1:
-        raise ValueError("messages, keys, consumers, producers and batch size must be >= 1")
+    if min(opts.messages, opts.keys, opts.consumers, opts.producers, opts.batch_size,
+           opts.groups) < 1:  # fmt: skip
+        raise ValueError("messages, keys, consumers, producers, batch size and groups must be >= 1")
     unknown = [h for h in opts.handlers if h not in HANDLERS]
     if unknown:
         raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
@@ -166,6 +179,8 @@ def run_drain(opts: DrainOptions) -> dict[str, Any]:
                     result["pgcg"][run_name(handler, mode)] = _pgcg_run(
                         db, opts, handler, make_workload(opts, mode), mode, sink
                     )
+                if opts.groups > 1:
+                    result.setdefault("groups", {})[handler] = _groups_run(db, opts, handler)
     result["host"]["loadavg_at_end"] = os.getloadavg()
     result["ratios"] = _ratios(result)
     result["targets"] = _targets(result)
@@ -213,6 +228,132 @@ def _pgcg_run(
         drop_topic(db.dsn, topic, group)
     return {"handler": handler, "tracing": tracing_label(tracing), "enqueue": enqueue,
             "drain": drain}  # fmt: skip
+
+
+def _groups_run(db: BenchDatabase, opts: DrainOptions, handler: str) -> dict[str, Any]:
+    """The same workload on a fresh topic drained by `opts.groups` groups at once, each
+    with its own P consumers: every group handles every message, at its own pace."""
+    suffix = unique_suffix()
+    topic = f"bench_{suffix}"
+    names = [f"bench-{suffix}-g{n}" for n in range(opts.groups)]
+    with connect_sync(db.dsn) as conn:
+        conn.execute("SELECT pgcg.create_topic(%s, %s)", (topic, opts.partitions))
+    try:
+        enqueue = _enqueue(db.dsn, topic, opts, make_workload(opts))
+        by_group, cpu = _drain_groups(db, opts, handler, topic, names)
+    finally:
+        for name in names[:-1]:
+            drop_topic(db.dsn, topic, name, keep_topic=True)
+        drop_topic(db.dsn, topic, names[-1])
+    handled = opts.messages * opts.groups
+    slowest = max(d["seconds"] for d in by_group.values())
+    return {
+        "handler": handler,
+        "groups": opts.groups,
+        "enqueue": enqueue,
+        "by_group": by_group,
+        # Every group together: messages handled (each message once per group) until the
+        # slowest group was done, and the CPU of every consumer and the server meanwhile.
+        "all": {
+            "handled": handled,
+            "seconds": slowest,
+            "msgs_per_s": round(handled / slowest),
+            "cpu": cpu,
+            "msgs_per_consumer_cpu_s": _per_consumer_cpu_s(handled, cpu),
+        },
+    }
+
+
+def _drain_groups(
+    db: BenchDatabase, opts: DrainOptions, handler: str, topic: str, names: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    settings = {"concurrency": opts.concurrency, "prefetch": opts.prefetch}
+    postmaster = postmaster_pid(db.throwaway.pgdata) if db.throwaway else None
+    with (
+        tempfile.TemporaryDirectory(prefix="pgcg-bench-") as workdir,
+        connect_sync(db.dsn) as conn,
+    ):
+        with contextlib.ExitStack() as stack:
+            groups = []
+            for name in names:
+                folder = Path(workdir) / name
+                folder.mkdir()
+                groups.append(stack.enter_context(ConsumerProcesses(
+                    db.dsn, group=name, topic=topic, handler=HANDLERS[handler],
+                    count=opts.consumers, workdir=folder, settings=settings,
+                    env=_tracing_env(None, None),
+                )))  # fmt: skip
+            member_ids = {g.group: g.wait_joined(conn) for g in groups}
+            meters = {g.group: CpuMeter([p.pid for p in g.procs], None) for g in groups}
+            every = CpuMeter([p.pid for g in groups for p in g.procs], postmaster)
+            starts = {name: meter.sample() for name, meter in meters.items()}
+            every_start = every.sample()
+            partitions = list(range(opts.partitions))
+            with conn.transaction():
+                for name, members in member_ids.items():
+                    conn.execute(COORD.assign, {
+                        "group": name, "topic": topic, "partitions": partitions,
+                        "members": [members[p % len(members)] for p in partitions],
+                    })  # fmt: skip
+                    conn.execute(COORD.notify_group, {"group": name})
+            started = time.perf_counter()
+            wall_started = time.time()
+            done = _wait_groups(
+                conn, topic, meters, started, started + opts.timeout, opts.poll_interval
+            )
+            cpu = CpuMeter.report(every_start, every.sample(), opts.messages * len(names))
+            late = [name for name in names if name not in done]
+            if late:
+                raise BenchError(
+                    f"{handler}: groups {', '.join(late)} still had messages unfinished after "
+                    f"{opts.timeout}s (--timeout)"
+                )
+        by_group = {}
+        for g in groups:
+            seconds, end = done[g.group]
+            summary = _summarise(opts, seconds, wall_started, g.reports())
+            summary["cpu"] = CpuMeter.report(starts[g.group], end)
+            summary["msgs_per_consumer_cpu_s"] = _per_consumer_cpu_s(opts.messages, summary["cpu"])
+            by_group[g.group] = summary
+    return by_group, cpu
+
+
+def _wait_groups(
+    conn: Any,
+    topic: str,
+    meters: dict[str, CpuMeter],
+    started: float,
+    deadline: float,
+    interval: float,
+) -> dict[str, tuple[float, Any]]:
+    """Poll until every group finished; per group, seconds since `started` when it was
+    seen done and a CPU sample of its consumers then. Polls as _wait_empty does, on what
+    the group furthest behind has left."""
+    done: dict[str, tuple[float, Any]] = {}
+    previous: tuple[float, int] | None = None
+    while True:
+        now = time.perf_counter()
+        left = unfinished(conn, topic)
+        for name, meter in meters.items():
+            if name not in done and left.get(name, 1) == 0:
+                done[name] = (now - started, meter.sample())
+        most = max((n for name, n in left.items() if name not in done), default=0)
+        if len(done) == len(meters) or now > deadline:
+            return done
+        wait = max(interval, 0.2)
+        if previous is not None and previous[1] > most:
+            rate = (previous[1] - most) / (now - previous[0])
+            wait = min(max(most / rate / 2, interval), 2.0)
+        previous = (now, most)
+        time.sleep(wait)
+
+
+def _per_consumer_cpu_s(messages: int, cpu: dict[str, Any] | None) -> int | None:
+    """Messages per CPU-second of the consumer processes alone (the server's CPU is
+    shared by every group, so only this one can be told apart per group)."""
+    if not cpu or not cpu.get("consumers_s"):
+        return None
+    return round(messages / cpu["consumers_s"])
 
 
 def _tracing_env(tracing: float | None, sink: OtlpSink | None) -> dict[str, str]:
@@ -276,18 +417,19 @@ def _drain(
                 conn.execute(COORD.notify_group, {"group": group})
             started = time.perf_counter()
             wall_started = time.time()
-            left = _wait_empty(conn, topic, started + opts.timeout, opts.poll_interval)
+            left = _wait_empty(conn, topic, group, started + opts.timeout, opts.poll_interval)
             elapsed = time.perf_counter() - started
             cpu = CpuMeter.report(cpu_start, meter.sample(), opts.messages)
             members.stop_profilers()
             if left:
                 raise BenchError(
-                    f"{handler}: {left} of {opts.messages} messages still queued after "
+                    f"{handler}: {left} of {opts.messages} messages still unfinished after "
                     f"{opts.timeout}s (--timeout)"
                 )
         reports = members.reports()
         summary = _summarise(opts, elapsed, wall_started, reports)
         summary["cpu"] = cpu
+        summary["msgs_per_consumer_cpu_s"] = _per_consumer_cpu_s(opts.messages, cpu)
         if sink is not None and tracing is not None:
             # The consumers flushed their last spans when they exited.
             spans = sink.take()
@@ -303,23 +445,19 @@ def _drain(
     return summary
 
 
-def _wait_empty(conn: Any, topic: str, deadline: float, interval: float) -> int:
-    """Poll count(*) until the topic is empty.
+def _wait_empty(conn: Any, topic: str, group: str, deadline: float, interval: float) -> int:
+    """Poll what `group` has not finished until nothing is left.
 
-    A count scans the whole topic, dead rows included, on the same CPUs as the consumers
-    (20-30 ms a poll mid-drain), so polls follow the observed rate: wait half the time
-    the rate says is left (at most 2 s; 0.2 s until the rate is known), down to
-    `interval` near the end. Finishing earlier than predicted needs the rate to double,
-    so the end is seen within `interval` in practice; a few dozen polls per run.
+    The poll reads the group's completion rows, not the log (bench/database.py
+    unfinished), on the same CPUs as the consumers, so polls follow the observed rate:
+    wait half the time the rate says is left (at most 2 s; 0.2 s until the rate is known),
+    down to `interval` near the end. Finishing earlier than predicted needs the rate to
+    double, so the end is seen within `interval` in practice; a few dozen polls per run.
     """
     previous: tuple[float, int] | None = None
     while True:
         now = time.perf_counter()
-        left = int(
-            conn.execute(
-                "SELECT count(*) AS n FROM pgcg.messages WHERE topic = %s", (topic,)
-            ).fetchone()["n"]
-        )
+        left = unfinished(conn, topic).get(group, 0)
         if left == 0 or now > deadline:
             return left
         wait = max(interval, 0.2)
@@ -343,8 +481,8 @@ def _summarise(
         "messages": opts.messages,
         "seconds": round(elapsed, 3),
         "msgs_per_s": round(opts.messages / elapsed),
-        # When the last handler finished, from the handlers' own clocks: the empty-queue
-        # poll adds up to one poll interval plus the last ack on top of this.
+        # When the last handler finished, from the handlers' own clocks: the end-of-drain
+        # poll adds up to one poll interval plus the last completion write on top of this.
         "handled_in_s": round(last_at - wall_started, 3),
         "handled": handled,
         "key_order_violations": sum(r["violations"] for r in reports),
@@ -372,6 +510,7 @@ def _top_statements(conn: Any, limit: int = 8) -> list[dict[str, Any]]:
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
     ratios = _tracing_ratios(result["pgcg"])
     ratios.update(_loop_ratios(result))
+    ratios.update(_group_ratios(result))
     raw = result.get("raw")
     if not raw:
         return ratios
@@ -410,6 +549,26 @@ def _loop_ratios(result: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
+def _group_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Each group of a G-group drain against the one-group drain of the same handler, in
+    the same run: throughput, and messages per CPU-second of its consumers."""
+    ratios = {}
+    for handler, run in (result.get("groups") or {}).items():
+        one = result["pgcg"].get(handler)
+        if one is None:
+            continue
+        for n, drained in enumerate(run["by_group"].values()):
+            label = f"{handler}_{run['groups']}_groups_g{n}"
+            ratios[f"drain_{label}_vs_one_group"] = round(
+                drained["msgs_per_s"] / one["drain"]["msgs_per_s"], 3
+            )
+            ours = drained.get("msgs_per_consumer_cpu_s")
+            theirs = one["drain"].get("msgs_per_consumer_cpu_s")
+            if ours and theirs:
+                ratios[f"consumer_cpu_per_msg_{label}_vs_one_group"] = round(theirs / ours, 3)
+    return ratios
+
+
 def _tracing_ratios(runs: dict[str, Any]) -> dict[str, float]:
     """Each traced drain against the same handler's untraced one, in the same run:
     throughput, and the consumer processes' CPU time per message."""
@@ -441,5 +600,11 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         got = max(r["enqueue"]["msgs_per_s"] for r in runs.values())
         want = TARGETS["enqueue_msgs_per_s"]
         out["enqueue"] = {"target": want, "measured": got, "met": got >= want}
-    out["key_order_violations"] = sum(r["drain"]["key_order_violations"] for r in runs.values())
+    out["key_order_violations"] = sum(
+        r["drain"]["key_order_violations"] for r in runs.values()
+    ) + sum(
+        d["key_order_violations"]
+        for g in (result.get("groups") or {}).values()
+        for d in g["by_group"].values()
+    )
     return out

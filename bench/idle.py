@@ -10,7 +10,7 @@ polls back off to the steady rhythm) the bench measures for `duration` seconds:
              whose application_name starts with `pgcg-`; each change of its query_start
              is one statement (two statements of one backend within one sample count once,
              which at idle rates does not happen). Broken down by application_name, which
-             names the consumer loop (pgcg-fetcher, pgcg-member:<group>, pgcg-observer, ...).
+             names the consumer loop (pgcg-reader, pgcg-writer, pgcg-member:<group>, ...).
   xacts      cross-check: pg_stat_database.xact_commit + xact_rollback of this database
              over the window, less the bench's own sampling transactions (PostgreSQL 15+:
              the bench flushes its own counters on demand). Other backends report theirs

@@ -112,7 +112,7 @@ class GroupProbe:
         return rows[0] if rows else None
 
     def backlog(self) -> int:
-        """Messages of the topic not yet acked."""
+        """Messages the group has not finished yet."""
         return int(self._one(Q.backlog)["pending"])
 
     # -- the journal -------------------------------------------------------------------------

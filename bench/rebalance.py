@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import psycopg
-from psycopg import sql
 
+from pgcg.bench.database import remove_topic
 from pgcg.bench.probe import BenchTimeout
 from pgcg.bench.rebalance_cost import KINDS, measure
 from pgcg.bench.scenarios import HANDLER_WORK_MS, GroupRun, Profile
@@ -78,8 +77,8 @@ DEFINITIONS = {
     "leader_stop.terminated_s": "SIGSTOP -> the standby terminated the silent leader's "
     "session (its leader_terminated log line)",
     "leader_stop.elected_after_terminated_s": "terminated -> elected",
-    "backlog_at_start": "messages not yet acked when the scenario began; each scenario waits "
-    "up to 30 s for the group to catch up to about a second of production first",
+    "backlog_at_start": "messages the group had not finished when the scenario began; each "
+    "scenario waits up to 30 s for the group to catch up to about a second of production first",
     "per_partition": "join: [partition, assigned, learned, first handled] after joined_at; "
     "member_kill: [partition, new owner pid, reassigned, learned, first handled] after the "
     "SIGKILL",
@@ -253,22 +252,11 @@ def run_cost(dsn: str, *, run_id: str, members: int, partitions: int, repeat: in
 def cleanup(dsn: str, group: str, topic: str) -> None:
     """Remove a benchmark group and its topic (names this run made up, never a user's)."""
     params = {"group": group, "topic": topic}
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
-        for query in (
-            Q.drop_rebalances,
-            Q.drop_assignments,
-            Q.drop_members,
-            Q.drop_leader,
-            Q.drop_subscription,
-        ):
+    with connect_sync(dsn) as conn, conn.transaction():
+        # Rows of a group that never got to exist (a run stopped early) go as well.
+        for query in (Q.drop_rebalances, Q.drop_assignments, Q.drop_members, Q.drop_leader):
             conn.execute(query, params)
-        # An identifier cannot be a parameter; the name passed pgcg's topic-name check.
-        conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS pgcg.{} CASCADE").format(
-                sql.Identifier(f"messages_{topic}")
-            )
-        )
-        conn.execute(Q.drop_topic_row, params)
+        remove_topic(conn, topic)
 
 
 @contextlib.contextmanager

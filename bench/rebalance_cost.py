@@ -75,11 +75,8 @@ class CostBench:
 
     async def _setup(self, conn: AsyncConn) -> None:
         await create_topic(conn, self.topic, self.partitions)
-        async with conn.transaction():
-            await conn.execute(CONSUMER_Q.subscribe, self._params())
-            await conn.execute(
-                CONSUMER_Q.ensure_assignment_rows, self._params(partitions=self.partitions)
-            )
+        # The group and its assignment rows, as a consumer's first join makes them.
+        await conn.execute(CONSUMER_Q.create_group, self._params())
 
     async def _join(self, conn: AsyncConn, count: int) -> list[str]:
         joined = []

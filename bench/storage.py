@@ -37,11 +37,12 @@ FROM rel LEFT JOIN pg_stat_all_tables AS s ON s.relid = rel.oid
 def topic_relation_prefixes(topic: str) -> list[str]:
     """Names (prefixes) of the relations that hold `topic`'s messages.
 
-    Today: the topic's table `messages_<topic>` and its partitions `messages_<topic>_p<N>`,
-    with their indexes. A storage with other tables (a log per partition, per-group
-    progress) lists its prefixes here.
+    The topic's log `log_<topic>` with its slot tables `log_<topic>_<slot>`, and its
+    ledger `ledger_<topic>` (the groups' completion rows, in the same slots), with their
+    indexes. The topic's sequences share the log's prefix but are not tables, so they do
+    not count. Parked messages, positions and ticks live in tables shared by every topic.
     """
-    return [f"messages_{topic}"]
+    return [f"log_{topic}", f"ledger_{topic}"]
 
 
 def storage_stats(conn: psycopg.Connection[Any], topic: str) -> dict[str, int]:

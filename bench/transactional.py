@@ -6,14 +6,14 @@ One in-process consumer drains the same N messages over the same K keys in each 
 a throwaway PostgreSQL (or --database-url, which must be migrated), with two workloads:
 
   noop   the handler does nothing: the pure cost of the mode (a transaction and its
-         commit per message, against the acker's batched acks)
+         commit per message, against the writer's batched completions)
   write  the handler inserts one row into the same database: plain mode on a pooled
          autocommit connection of its own (at-least-once), transactional mode through
-         `tx` (exactly-once; the insert commits with the ack)
+         `tx` (exactly-once; the insert commits with the message's completion)
 
 Per round and mode: enqueue N messages in one transaction, warm up on a first small
-batch, then time from the commit of the batch to the first poll that finds the topic
-empty. Handlers check the key order. The median of the rounds is reported, with the
+batch, then time from the commit of the batch to the first poll that finds nothing left
+for the group. Handlers check the key order. The median of the rounds is reported, with the
 transactional/plain ratio per workload, as JSON on stdout.
 """
 
@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from pgcg.bench.database import remove_topic
 from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
@@ -48,6 +49,7 @@ from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
 
 COORD = Queries("coordinator")
+BENCH_Q = Queries("bench")
 WORKLOADS = ("noop", "write")
 MODES = ("plain", "transactional")
 WARMUP = 500
@@ -114,14 +116,12 @@ async def _assign(conn: AsyncConn, group: str, topic: str, partitions: int, memb
         await conn.execute(COORD.notify_group, {"group": group})
 
 
-async def _wait_empty(conn: AsyncConn, topic: str) -> float:
-    """Monotonic time of the first poll that finds the topic empty."""
+async def _wait_empty(conn: AsyncConn, topic: str, group: str) -> float:
+    """Monotonic time of the first poll that finds nothing left for the group."""
     while True:
-        cur = await conn.execute(
-            "SELECT NOT EXISTS (SELECT FROM pgcg.messages WHERE topic = %s) AS empty", (topic,)
-        )
-        row = await cur.fetchone()
-        if row and row["empty"]:
+        cur = await conn.execute(BENCH_Q.unfinished, {"topic": topic})
+        left = {r["group_name"]: r["unfinished"] for r in await cur.fetchall()}
+        if left.get(group) == 0:
             return time.monotonic()
         await anyio.sleep(0.01)
 
@@ -161,12 +161,12 @@ async def _drain_once(dsn: str, opts: Options, mode: str, workload: str) -> dict
             await _assign(conn, group, topic, opts.partitions, consumer.member_id)
             # Warm up: connections opened, statements prepared, partitions adopted.
             await anyio.to_thread.run_sync(_enqueue, dsn, topic, 0, WARMUP, opts.keys)
-            await _wait_empty(conn, topic)
+            await _wait_empty(conn, topic, group)
             committed = await anyio.to_thread.run_sync(
                 _enqueue, dsn, topic, WARMUP, opts.messages, opts.keys
             )
             cpu = time.process_time()
-            empty = await _wait_empty(conn, topic)
+            empty = await _wait_empty(conn, topic, group)
             cpu = time.process_time() - cpu
             consumer.stop()
     finally:
@@ -181,11 +181,8 @@ async def _drain_once(dsn: str, opts: Options, mode: str, workload: str) -> dict
         )
     with connect_sync(dsn) as admin:
         effects = admin.execute("SELECT count(*) AS n FROM public.bench_eo_effects").fetchone()
-        admin.execute("DELETE FROM pgcg.partition_assignments WHERE group_name = %s", (group,))
-        admin.execute("DELETE FROM pgcg.consumer_groups WHERE group_name = %s", (group,))
-        admin.execute("DELETE FROM pgcg.subscriptions WHERE group_name = %s", (group,))
-        admin.execute(sql.SQL("DROP TABLE pgcg.{}").format(sql.Identifier(f"messages_{topic}")))
-        admin.execute("DELETE FROM pgcg.topics WHERE name = %s", (topic,))
+        with admin.transaction():
+            remove_topic(admin, topic)
     return {
         "seconds": round(seconds, 3),
         "msgs_per_s": round(opts.messages / seconds),

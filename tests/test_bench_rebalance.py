@@ -31,10 +31,11 @@ def test_rebalance_cost_counts_statements_and_moves(db: psycopg.Connection[Any],
     left = db.execute(
         "SELECT (SELECT count(*) FROM pgcg.topics WHERE name = %(t)s) AS topics, "
         "(SELECT count(*) FROM pgcg.partition_assignments WHERE group_name = %(g)s) AS rows, "
-        "to_regclass(%(table)s) AS tbl",
-        {"t": topic, "g": group, "table": f"pgcg.messages_{topic}"},
+        "(SELECT count(*) FROM pgcg.groups WHERE group_name = %(g)s) AS groups, "
+        "to_regclass(%(log)s) AS log, to_regclass(%(seq)s) AS seq",
+        {"t": topic, "g": group, "log": f"pgcg.log_{topic}", "seq": f"pgcg.log_{topic}_p0"},
     ).fetchone()
-    assert left == {"topics": 0, "rows": 0, "tbl": None}
+    assert left == {"topics": 0, "rows": 0, "groups": 0, "log": None, "seq": None}
 
 
 def test_summarize_takes_numbers_of_completed_repeats() -> None:

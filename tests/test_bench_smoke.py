@@ -23,9 +23,11 @@ PERCENTILES = {"p50", "p90", "p99", "max", "count"}
 def _leftovers(db: psycopg.Connection[Any]) -> dict[str, int]:
     row = db.execute(
         "SELECT (SELECT count(*) FROM pgcg.topics) AS topics, "
-        "(SELECT count(*) FROM pgcg.subscriptions) AS groups, "
-        "(SELECT count(*) FROM pg_tables WHERE schemaname = 'pgcg' "
-        " AND tablename LIKE 'bench%%') AS tables"
+        "(SELECT count(*) FROM pgcg.groups) AS groups, "
+        "(SELECT count(*) FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        " WHERE n.nspname = 'pgcg' AND c.relname ~ '^(log_|ledger_)?bench') "
+        "+ (SELECT count(*) FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        " WHERE n.nspname = 'pgcg' AND p.proname LIKE 'read_bench%%') AS tables"
     ).fetchone()
     assert row is not None
     return dict(row)
@@ -44,6 +46,27 @@ def test_drain_reports_both_baselines(db: psycopg.Connection[Any], dsn: str) -> 
     assert result["raw"]["drain"]["messages"] == 300
     assert {"drain_noop_vs_loop_drain", "drain_noop_vs_raw_drain"} <= set(result["ratios"])
     assert "loop noop drain" in _text(result)
+    assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
+
+
+def test_drain_reports_each_group_beside_one_group(db: psycopg.Connection[Any], dsn: str) -> None:
+    result = run_drain(
+        DrainOptions(messages=200, keys=20, consumers=1, partitions=2, concurrency=8, groups=2,
+                     handlers=["noop"], raw=False, loop=False, database_url=dsn, timeout=120)
+    )  # fmt: skip
+    one = result["pgcg"]["noop"]["drain"]
+    assert one["handled"] == 200 and "msgs_per_consumer_cpu_s" in one
+    run = result["groups"]["noop"]
+    assert run["groups"] == 2 and len(run["by_group"]) == 2
+    for drained in run["by_group"].values():
+        # every group handles every message, in key order
+        assert drained["handled"] == 200 and drained["key_order_violations"] == 0
+        assert drained["msgs_per_s"] > 0 and "msgs_per_consumer_cpu_s" in drained
+    assert run["all"]["handled"] == 400
+    assert {"drain_noop_2_groups_g0_vs_one_group", "drain_noop_2_groups_g1_vs_one_group"} <= set(
+        result["ratios"]
+    )
+    assert "noop 2 groups, g1: drain" in _text(result)
     assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
 
 

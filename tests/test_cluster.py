@@ -16,13 +16,15 @@ from psycopg.rows import dict_row
 
 from pgcg.bench.chaos import journal
 from pgcg.bench.cluster import Cluster, Proc
-from tests.helpers import FAST_ENV, owners, wait_for
+from pgcg.shared.queries import Queries
+from tests.helpers import FAST_ENV, owners, pending, wait_for
 
 pytestmark = pytest.mark.slow
 
 GROUP = "orders-billing"
 TOPIC = "orders"
 HANDLER = "pgcg.bench.chaos.journal:record"
+JOURNAL = Queries("journal")
 ENV = {
     **FAST_ENV,
     "PGCG_RETRY_BASE": "0.05",
@@ -157,8 +159,7 @@ def _leader(
 
 def _drained(db: psycopg.Connection[Any]) -> bool:
     db.row_factory = dict_row  # type: ignore[assignment]
-    row = db.execute("SELECT count(*) AS n FROM pgcg.messages").fetchone()
-    return bool(row and row["n"] == 0)
+    return pending(db, TOPIC) == 0
 
 
 def _now() -> datetime:
@@ -166,12 +167,5 @@ def _now() -> datetime:
 
 
 def _where_pending(db: psycopg.Connection[Any]) -> str:
-    rows = db.execute(
-        "SELECT m.partition, count(*) AS n, min(m.claimed_by) AS claimed_by, pa.member_id, "
-        "pa.epoch, pa.state, (SELECT count(*) FROM pgcg.consumer_groups c "
-        "WHERE c.member_id = pa.member_id) AS owner_alive "
-        "FROM pgcg.messages m JOIN pgcg.partition_assignments pa "
-        "ON pa.topic = m.topic AND pa.partition = m.partition "
-        "GROUP BY m.partition, pa.member_id, pa.epoch, pa.state ORDER BY m.partition"
-    ).fetchall()
+    rows = db.execute(JOURNAL.pending_by_partition, {"topic": TOPIC}).fetchall()
     return "pending per partition: " + "; ".join(str(dict(r)) for r in rows)

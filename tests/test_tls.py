@@ -92,7 +92,7 @@ def test_coordinator_consumer_and_producer_in_verify_full(server: ThrowawayPostg
                 "JOIN pg_stat_ssl s USING (pid) WHERE a.client_addr IS NOT NULL"
             ).fetchall()
             names = {s["application_name"] for s in sessions}
-            assert {"pgcg-coordinator", "pgcg-fetcher", "pgcg-acker"} <= names, names
+            assert {"pgcg-coordinator", "pgcg-reader", "pgcg-writer"} <= names, names
             assert all(s["ssl"] and s["client_dn"] == "/CN=postgres" for s in sessions)
     finally:
         for proc in (consumer, coordinator):

@@ -131,7 +131,9 @@ async def test_one_trace_from_request_to_handler(
 
     stored = {
         r["id"]: r["headers"]
-        for r in db.execute("SELECT id, headers FROM pgcg.messages").fetchall()  # type: ignore[call-overload]
+        for r in db.execute(
+            'SELECT "offset" * 1024 + partition AS id, headers FROM pgcg.log'
+        ).fetchall()  # type: ignore[call-overload]
     }
     send_parent = f"00-{send.context.trace_id:032x}-{send.context.span_id:016x}-"
     assert stored[ids[0]]["traceparent"].startswith(send_parent)

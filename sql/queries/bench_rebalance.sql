@@ -41,7 +41,20 @@ ORDER BY generation
 LIMIT 1
 
 -- name: backlog
-SELECT count(*) AS pending FROM pgcg.messages WHERE topic = %(topic)s
+-- What the group has not finished, counted as bench.sql's `unfinished` does (enqueued
+-- offsets less the group's completions, plus its parked messages), without reading the
+-- log; before the group exists, everything enqueued.
+SELECT (SELECT coalesce(sum(o.v + 1), 0) FROM unnest(pgcg.topic_offsets(t.offset_seqs)) AS o(v))
+       - coalesce((SELECT count(*) FROM (
+              SELECT DISTINCT d.partition, x.v
+              FROM pgcg.ledger AS d, unnest(coalesce(d.offsets, ARRAY[d."offset"])) AS x(v)
+              WHERE d.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+                AND d.group_id = g.id AND d.kind = 'd' AND d.gen = g.seek_gen) AS f), 0)
+       + coalesce((SELECT count(*) FROM pgcg.parked AS pk WHERE pk.group_id = g.id), 0)
+       AS pending
+FROM pgcg.topics AS t
+LEFT JOIN pgcg.groups AS g ON g.topic = t.name AND g.group_name = %(group)s
+WHERE t.name = %(topic)s
 
 -- name: journal_mark
 SELECT coalesce(max(id), 0) AS id FROM public.pgcg_journal
@@ -75,10 +88,3 @@ DELETE FROM pgcg.consumer_groups WHERE group_name = %(group)s
 
 -- name: drop_leader
 DELETE FROM pgcg.coordinator_leader WHERE scope = %(group)s
-
--- name: drop_subscription
-DELETE FROM pgcg.subscriptions WHERE group_name = %(group)s
-
--- name: drop_topic_row
--- After its messages table (built by pgcg.create_topic from the validated name) is dropped.
-DELETE FROM pgcg.topics WHERE name = %(topic)s
