@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -70,6 +71,11 @@ class SoakOptions:
     prefetch: int = 1_000
     work_ms: float = 0.0
     hold_snapshot: bool = False
+    # Seconds finished messages stay (0: the topic's default, a day). Short, so that the
+    # run shows storage reaching a plateau: whole segments reclaimed by the upkeep that
+    # every coordinator runs, which the soak runs itself (it starts no coordinator).
+    retention: float = 60.0
+    upkeep_interval: float = 1.0
     settle: float = 10.0  # after the producer stops: seconds to wait for the backlog
     database_url: str | None = None
     server: str | None = None
@@ -181,6 +187,42 @@ def _snapshot_held(dsn: str, hold: bool) -> Iterator[None]:
             conn.rollback()
 
 
+class _Upkeep:
+    """pgcg.maintain on the topic every `interval` s in a thread, as a coordinator does:
+    segments rotate, and those past retention that no group needs are reclaimed."""
+
+    def __init__(self, dsn: str, topic: str, interval: float) -> None:
+        self.dsn, self.topic, self.interval = dsn, topic, interval
+        self.reclaimed = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-upkeep", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with connect_sync(self.dsn) as conn:
+                while not self._stop.wait(self.interval):
+                    rows = conn.execute(
+                        "SELECT event FROM pgcg.maintain(%s)", (self.topic,)
+                    ).fetchall()
+                    self.reclaimed += sum(1 for r in rows if r["event"] == "reclaimed")
+        except BaseException as exc:  # reported with the result, not lost in a thread
+            self.error = exc
+
+
+@contextlib.contextmanager
+def _upkeep(dsn: str, topic: str, interval: float) -> Iterator[_Upkeep]:
+    upkeep = _Upkeep(dsn, topic, interval)
+    upkeep._thread.start()
+    try:
+        yield upkeep
+    finally:
+        upkeep._stop.set()
+        upkeep._thread.join()
+    if upkeep.error is not None:
+        raise BenchError(f"topic upkeep failed: {upkeep.error}")
+
+
 @contextlib.contextmanager
 def _groups(
     db: BenchDatabase, opts: SoakOptions, topic: str, names: list[str], workdir: Path
@@ -232,6 +274,11 @@ def run_phase(
     names = [f"bench-soak-{suffix}-g{n}" for n in range(opts.groups)]
     with connect_sync(db.dsn) as conn:
         conn.execute("SELECT pgcg.create_topic(%s, %s)", (topic, opts.partitions))
+        if opts.retention > 0:
+            conn.execute(
+                "SELECT pgcg.alter_topic(%s, p_retention_ms => %s)",
+                (topic, round(opts.retention * 1000)),
+            )
     try:
         with (
             tempfile.TemporaryDirectory(prefix="pgcg-bench-soak-") as tmp,
@@ -244,7 +291,10 @@ def run_phase(
                 collector = Collector(workdir, producer, by_pid)
                 before = storage_stats(conn, topic)
                 intervals: list[dict[str, Any]] = []
-                with _snapshot_held(db.dsn, opts.hold_snapshot):
+                with (
+                    _snapshot_held(db.dsn, opts.hold_snapshot),
+                    _upkeep(db.dsn, topic, opts.upkeep_interval) as upkeep,
+                ):
                     collector.started = started = time.time()
                     collector.interval = opts.interval
                     producer.start()
@@ -273,6 +323,7 @@ def run_phase(
             for n, row in enumerate(intervals):
                 row.update(_interval(n, opts, producer, collector, names, started))
             after = storage_stats(conn, topic)
+            after["segments_reclaimed"] = upkeep.reclaimed
     finally:
         for name in names[:-1]:
             drop_topic(db.dsn, topic, name, keep_topic=True)
@@ -456,6 +507,14 @@ def render(result: dict[str, Any]) -> str:
     "--hold-snapshot",
     is_flag=True,
     help="Hold a REPEATABLE READ snapshot open in another session all along.",
+)
+@click.option(
+    "--retention",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds the topic keeps finished messages (0: the topic default); the soak runs "
+    "the topic's upkeep itself, so storage should level off.",
 )
 @click.option(
     "--database-url",
