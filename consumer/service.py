@@ -33,6 +33,7 @@ from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
+from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.reader import Reader
 from pgcg.consumer.scheduler import KeyScheduler
@@ -59,7 +60,13 @@ class Consumer:
         topic: str,
         handler: Handler,
         dsn: str | None = None,
+        max_attempts: int | None = None,
+        retry_on: ExceptionTypes = (Exception,),
+        dead_letter_on: ExceptionTypes = (),
+        backoff: Backoff | None = None,
     ) -> None:
+        """`max_attempts` (default: the setting), `retry_on`, `dead_letter_on` and
+        `backoff` decide what becomes of a failed delivery (outcomes.py)."""
         dsn = dsn or settings.dsn()
         membership = Membership(
             dsn,
@@ -76,7 +83,14 @@ class Consumer:
             scheduler=scheduler,
             # A callable: the member id in log fields changes when the member rejoins.
             assignment=Assignment(scheduler, lambda: membership.fields, settings.lease_margin),
-            retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
+            retry=RetryPolicy(
+                settings.max_attempts if max_attempts is None else max_attempts,
+                settings.retry_base,
+                settings.retry_max,
+                retry_on=retry_on,
+                dead_letter_on=dead_letter_on,
+                backoff=backoff,
+            ),
         )
         # A `process <topic>` span and duration per call (observer.py); same signature.
         self.handler = observer.instrument(handler, self.ctx)
