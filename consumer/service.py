@@ -28,7 +28,7 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
-from pgcg.consumer import handlers, observer
+from pgcg.consumer import handlers, observer, payloads
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler, RetryPolicy
@@ -64,9 +64,12 @@ class Consumer:
         retry_on: ExceptionTypes = (Exception,),
         dead_letter_on: ExceptionTypes = (),
         backoff: Backoff | None = None,
+        payload_type: Any = None,
     ) -> None:
         """`max_attempts` (default: the setting), `retry_on`, `dead_letter_on` and
-        `backoff` decide what becomes of a failed delivery (outcomes.py)."""
+        `backoff` decide what becomes of a failed delivery (outcomes.py); `payload_type`
+        (default: what the handler's first parameter declares, `Message[Order]`) is what
+        each payload is validated into before the handler sees it."""
         dsn = dsn or settings.dsn()
         membership = Membership(
             dsn,
@@ -108,6 +111,7 @@ class Consumer:
             self.writer.submit,
             self.progress,
             self.transactional,
+            payload_type if payload_type is not None else payloads.handler_payload_type(handler),
         )
         self.joined = anyio.Event()
         self.stopped = False

@@ -23,7 +23,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -33,6 +34,7 @@ from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item, Message
 from pgcg.consumer.outcomes import describe
+from pgcg.consumer.payloads import decode
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.writer import MAX_ERROR_TEXT, Result
@@ -59,8 +61,10 @@ class Workers:
         submit: Callable[[Result], None],
         progress: Progress,
         transactional: Transactional | None = None,
+        payload_type: Any = None,
     ) -> None:
         self.ctx = ctx
+        self._payload_type = payload_type  # what the handler declares (Message[Order])
         self._call = call
         self._submit = submit
         self._progress = progress
@@ -147,6 +151,11 @@ class Workers:
             try:
                 with delivery.deadline:
                     message = delivery.message
+                    if self._payload_type is not None:
+                        # Raises PayloadValidationError, a DeadLetter: never retried.
+                        message = replace(
+                            message, payload=decode(message.payload, self._payload_type)
+                        )
                     if self._transactional is None:
                         await self._call(message)
                         result = Result(item)

@@ -1,12 +1,17 @@
 """A running consumer does what a handler's exceptions ask (Retry, DeadLetter, retry_on,
-dead_letter_on, its own max_attempts and backoff): the same rules pgcg.testing judges by,
-against a real PostgreSQL."""
+dead_letter_on, its own max_attempts and backoff), and hands a handler that declares
+`Message[Order]` a validated Order, dead-lettering a payload that does not validate at
+once: the same rules pgcg.testing judges by, against a real PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
+from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pydantic
 import pytest
 
 from pgcg import DeadLetter, Message, Retry
@@ -163,3 +168,80 @@ async def test_a_backoff_of_an_hour_keeps_the_message_parked(
     assert [(r["id"], r["attempts"], r["waiting"]) for r in rows] == [(first, 1, True)]
     assert handler.attempts(0) == [1]
     assert marker not in dead(db)
+
+
+# -- typed payloads ---------------------------------------------------------------------------
+
+
+class Order(pydantic.BaseModel):
+    order_id: uuid.UUID
+    total: Decimal
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    sku: str
+    quantity: int
+
+
+class Typed:
+    def __init__(self) -> None:
+        self.orders: list[Order] = []
+        self.called = 0
+
+    async def __call__(self, message: Message[Order]) -> None:
+        self.called += 1
+        self.orders.append(message.payload)
+
+
+async def test_a_typed_handler_gets_validated_objects_and_bad_payloads_are_dead_at_once(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Same key: the invalid payload between two good ones is dead-lettered on its first
+    delivery (never retried, though max_attempts is 5) and the key goes on after it."""
+    setup(db)
+    handler = Typed()
+    good = Order(order_id=uuid.uuid4(), total=Decimal("12.30"))
+    msgs = [OutgoingMessage("k", good), OutgoingMessage("k", {"order_id": "not-a-uuid"}),
+            OutgoingMessage("k", {"order_id": str(uuid.uuid4()), "total": "1"})]  # fmt: skip
+    ids = [e.id for e in enqueue_many_sync(db, TOPIC, msgs)]
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: len(handler.orders) == 2, what="both good orders handled")
+        await await_for(lambda: unfinished(db, GROUP) == 0, what="results written")
+    assert handler.called == 2
+    assert handler.orders[0] == good and isinstance(handler.orders[1], Order)
+    assert handler.orders[1].total == Decimal("1")
+    row = dead(db)[ids[1]]
+    assert row["attempts"] == 1
+    assert row["reason"].startswith("payload does not validate as Order: ")
+    assert "order_id" in row["reason"] and "total" in row["reason"]
+    assert "not-a-uuid" not in row["reason"]  # payloads stay out of reasons
+
+
+async def test_a_transactional_handler_gets_a_dataclass_and_its_dead_letter(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    setup(db)
+    seen: list[Line] = []
+
+    async def handle(message: Message[Line], tx: Any) -> None:
+        if message.payload.quantity == 0:
+            raise DeadLetter("nothing to ship")
+        seen.append(message.payload)
+
+    msgs = [OutgoingMessage("k", {"sku": "a", "quantity": 2}),
+            OutgoingMessage("k", {"sku": "b", "quantity": 0}),
+            OutgoingMessage("k", {"sku": "c"})]  # fmt: skip
+    ids = [e.id for e in enqueue_many_sync(db, TOPIC, msgs)]
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handle, dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: len(dead(db)) == 2, what="two dead letters")
+        await await_for(lambda: unfinished(db, GROUP) == 0, what="results written")
+    assert seen == [Line("a", 2)]
+    letters = dead(db)
+    assert letters[ids[1]]["reason"] == "nothing to ship"
+    assert letters[ids[2]]["reason"].startswith("payload does not validate as Line: quantity")
+    assert {r["attempts"] for r in letters.values()} == {1}
