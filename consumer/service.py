@@ -115,7 +115,8 @@ class Consumer:
         )
         self.joined = anyio.Event()
         self.stopped = False
-        self._tg: TaskGroup
+        self._tg: TaskGroup | None = None  # the loops' group, while run() runs them
+        self._draining = False
 
     @property
     def member_id(self) -> str:
@@ -125,6 +126,9 @@ class Consumer:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         ctx = self.ctx
+        if ctx.stopping:  # stopped before it started: nothing to join, drain or leave
+            self.stopped = True
+            return
         await self._route()
         await ctx.membership.join()
         self.joined.set()
@@ -144,8 +148,11 @@ class Consumer:
                     tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
+                    if ctx.stopping:  # stop() came while joining
+                        self._begin_drain()
                 outer.cancel_scope.cancel()
         finally:
+            self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._close()
 
@@ -170,10 +177,17 @@ class Consumer:
             )
 
     def stop(self) -> None:
-        """Begin a graceful stop (what SIGTERM does)."""
-        if self.ctx.stopping:
-            return
+        """Begin a graceful stop (what SIGTERM does). Safe at any time and more than once:
+        before run() it makes run() return at once; while joining, the drain begins as
+        soon as the loops are up; after run() returned it does nothing."""
         self.ctx.stopping = True
+        if self._tg is not None:
+            self._begin_drain()
+
+    def _begin_drain(self) -> None:
+        if self._draining or self._tg is None:
+            return
+        self._draining = True
         self._tg.start_soon(self._drain_and_leave)
 
     async def _signals(self, outer: TaskGroup) -> None:
@@ -227,7 +241,8 @@ class Consumer:
             extra={"action": "consumer_stopped", **ctx.fields},
         )
         self.stopped = True
-        self._tg.cancel_scope.cancel()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
 
     async def _close(self) -> None:
         await self.reader.close()
