@@ -28,7 +28,7 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
-from pgcg.consumer import handlers, observer, payloads
+from pgcg.consumer import handlers, observer, payloads, rebalance
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler, RetryPolicy
@@ -65,11 +65,16 @@ class Consumer:
         dead_letter_on: ExceptionTypes = (),
         backoff: Backoff | None = None,
         payload_type: Any = None,
+        on_assigned: rebalance.PartitionsCallback | None = None,
+        on_revoked: rebalance.PartitionsCallback | None = None,
+        on_lost: rebalance.PartitionsCallback | None = None,
     ) -> None:
         """`max_attempts` (default: the setting), `retry_on`, `dead_letter_on` and
         `backoff` decide what becomes of a failed delivery (outcomes.py); `payload_type`
         (default: what the handler's first parameter declares, `Message[Order]`) is what
-        each payload is validated into before the handler sees it."""
+        each payload is validated into before the handler sees it. `on_assigned`,
+        `on_revoked` (drained, before the release) and `on_lost` are the application's
+        rebalance callbacks (rebalance.py)."""
         dsn = dsn or settings.dsn()
         membership = Membership(
             dsn,
@@ -95,6 +100,11 @@ class Consumer:
                 backoff=backoff,
             ),
         )
+        self.rebalance = rebalance.Events(
+            rebalance.Callbacks(on_assigned, on_revoked, on_lost), lambda: self.ctx.fields
+        )
+        if self.rebalance.callbacks:
+            self.ctx.assignment.notify = self.rebalance.add
         # A `process <topic>` span and duration per call (observer.py); same signature.
         self.handler = observer.instrument(handler, self.ctx)
         self.workers: Workers
@@ -148,6 +158,8 @@ class Consumer:
                     tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
+                    if self.rebalance.callbacks:
+                        tg.start_soon(self.rebalance.run)
                     if ctx.stopping:  # stop() came while joining
                         self._begin_drain()
                 outer.cancel_scope.cancel()
@@ -400,6 +412,12 @@ class Consumer:
         ctx = self.ctx
         if not parts:
             return
+        # Drained (or past the drain deadline): the application's last word before the
+        # next owner may start.
+        await self.rebalance.revoked(
+            [p.partition for p in parts if ctx.assignment.owned.get(p.partition) is p],
+            ctx.settings.drain_deadline,
+        )
         conn = await connect(
             ctx.dsn, application_name="pgcg-release", through_pooler=ctx.through_pooler
         )
