@@ -125,6 +125,9 @@ class Consumer:
         )
         self.joined = anyio.Event()
         self.stopped = False
+        # Set by an App that LISTENs once for all its consumers (app.py): wake-ups come
+        # from there instead of a listener connection of this consumer's own.
+        self.external_listener = False
         self._tg: TaskGroup | None = None  # the loops' group, while run() runs them
         self._draining = False
 
@@ -150,7 +153,11 @@ class Consumer:
                     self._tg = tg
                     self.workers._tg = tg
                     tg.start_soon(self._heartbeat_loop)
-                    if ctx.settings.listen and ctx.session_dsn is not None:
+                    if (
+                        ctx.settings.listen
+                        and ctx.session_dsn is not None
+                        and not self.external_listener
+                    ):
                         tg.start_soon(self._listener_loop)
                     tg.start_soon(self.reader.run)
                     tg.start_soon(self._dispatch_loop)
@@ -351,6 +358,13 @@ class Consumer:
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.close()
+
+    def notified(self, channel: str, payload: str) -> None:
+        """A NOTIFY on this consumer's topic or group channel (from a shared listener)."""
+        if channel == names.group_channel(self.ctx.group):
+            self.ctx.wake.heartbeat.set()
+        elif channel == names.topic_channel(self.ctx.topic) and self._mine(payload):
+            self.ctx.wake.fetch.set()
 
     def _mine(self, payload: str) -> bool:
         owned = self.ctx.assignment.owned

@@ -1,0 +1,140 @@
+"""pgcg.App against a real PostgreSQL: several handlers in one process (each in its own
+group, with its own concurrency and retry policy, one LISTEN connection between them),
+embedded in the test's own asyncio loop with its coordinator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+import pydantic
+import pytest
+
+from pgcg import App, Message, PgcgError
+from pgcg.shared import dlq
+from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from pgcg.shared.settings import Settings
+from tests.helpers import await_for, fast_settings, unfinished
+
+pytestmark = pytest.mark.anyio
+
+
+def settings(**overrides: Any) -> Settings:
+    return fast_settings(
+        {"drain_deadline": 2, "leader_timeout": 3, "retry_base": 0.01, "retry_max": 0.02},
+        overrides,
+    )
+
+
+class Order(pydantic.BaseModel):
+    order_id: int
+
+
+def listeners(db: psycopg.Connection[Any]) -> int:
+    row = db.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'pgcg-listener'"
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def members(db: psycopg.Connection[Any]) -> int:
+    row = db.execute("SELECT count(*) AS n FROM pgcg.consumer_groups").fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_two_handlers_run_together_each_with_its_own_policy(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    for topic in ("orders", "emails"):
+        db.execute("SELECT pgcg.create_topic(%s, 2)", (topic,))
+    app = App(dsn, settings=settings(), coordinator=True)
+    billed: list[Order] = []
+    sent: list[str] = []
+    active = 0
+    peak = 0
+    pair = anyio.Event()
+
+    @app.handler(topic="orders", group="billing", max_attempts=1)
+    async def bill(message: Message[Order]) -> None:
+        if message.payload.order_id < 0:
+            raise RuntimeError("refunds are not billed")
+        billed.append(message.payload)
+
+    @app.handler(topic="emails", group="mailer", concurrency=2)
+    async def mail(message: Message[str]) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        if active == 2:
+            pair.set()
+        with anyio.fail_after(20):  # the first two meet; the rest are past the gate
+            await pair.wait()
+        sent.append(message.payload)
+        active -= 1
+
+    async with app.running():
+        assert members(db) == 2
+        await await_for(lambda: listeners(db) == 1, what="one listener for both")
+        enqueue_many_sync(db, "orders", [OutgoingMessage("a", {"order_id": 1}),
+                                         OutgoingMessage("b", {"order_id": -1})])  # fmt: skip
+        enqueue_many_sync(db, "emails", [OutgoingMessage(f"k{n}", f"m{n}") for n in range(6)])
+        await await_for(lambda: len(sent) == 6 and billed == [Order(order_id=1)], 60,
+                        "both handlers' messages")  # fmt: skip
+        await await_for(lambda: unfinished(db, "billing") + unfinished(db, "mailer") == 0,
+                        what="results written")  # fmt: skip
+        assert listeners(db) == 1
+    assert members(db) == 0  # both left their groups
+    assert peak == 2
+    (dead,) = dlq.list_dead(db, dlq.Filter(group="billing"))
+    assert dead["attempts"] == 1 and dead["reason"].startswith("RuntimeError: refunds")
+
+
+async def test_start_and_stop_are_safe_in_any_order(db: psycopg.Connection[Any], dsn: str) -> None:
+    db.execute("SELECT pgcg.create_topic(%s, 1)", ("orders",))
+    app = App(dsn, settings=settings())
+
+    @app.handler(topic="orders", group="billing")
+    async def handle(message: Message[Any]) -> None:
+        pass
+
+    await app.stop()  # before start: nothing to do
+    await app.start()  # returns at once: it was stopped
+    assert members(db) == 0
+
+    app = App(dsn, settings=settings())
+    app.handler(topic="orders", group="billing")(handle)
+    await app.start()
+    assert members(db) == 1
+    await app.stop()
+    await app.stop()
+    assert members(db) == 0
+
+
+async def test_a_handler_that_cannot_start_fails_start(dsn: str) -> None:
+    app = App(dsn, settings=settings())
+
+    @app.handler(topic="nowhere", group="billing")
+    async def handle(message: Message[Any]) -> None:
+        pass
+
+    with pytest.raises(PgcgError):
+        await app.start()
+
+
+def test_registration_is_checked_at_once() -> None:
+    app = App("postgresql://unused", settings=settings())
+
+    async def handle(message: Message[Any]) -> None:
+        pass
+
+    app.handler(topic="orders", group="billing")(handle)
+    with pytest.raises(PgcgError, match="one handler per group"):
+        app.handler(topic="orders", group="billing")(handle)
+    with pytest.raises(PgcgError, match="concurrency"):
+        app.handler(topic="orders", group="other", concurrency=0)
+    with pytest.raises(PgcgError):
+        app.handler(topic="bad name!", group="third")
