@@ -66,6 +66,8 @@ class App:
         coordinator: bool = False,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
+        # `pgcg worker` gives its own (environment and flags) to an app built without any.
+        self.settings_given = settings is not None
         self._dsn = dsn
         self._coordinator = coordinator
         self._registered: list[_Registration] = []
@@ -74,6 +76,15 @@ class App:
         self._ready = anyio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stop_coordinator: Callable[[], Any] | None = None
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """Whether every handler joined its group and none is stopping (readiness)."""
+        if self._stopping:
+            return False, "draining for shutdown"
+        if not self._ready.is_set():
+            return False, "not every handler has joined its group yet"
+        return True, f"{len(self._consumers)} handlers running"
 
     @property
     def dsn(self) -> str:

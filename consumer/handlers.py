@@ -25,7 +25,7 @@ log = logging.getLogger("pgcg.consumer.handlers")
 Handler = Callable[..., Any]
 
 
-def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
+def load(spec: str, search_path: Sequence[str] = (), *, option: str = "--handler") -> Any:
     """`package.module:function` -> the callable. Errors say exactly what is wrong.
 
     The module is imported from the installed packages, and from the folders of
@@ -35,7 +35,8 @@ def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise HandlerLoadError(f"--handler {spec!r} must look like package.module:function")
+        what = "function" if option == "--handler" else "attribute"
+        raise HandlerLoadError(f"{option} {spec!r} must look like package.module:{what}")
     for folder in reversed([os.path.abspath(f) for f in search_path]):
         if not os.path.isdir(folder):
             raise HandlerLoadError(f"--handler-path {folder!r} is not a directory")
@@ -67,9 +68,9 @@ def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
         target = getattr(target, part, None)
         if target is None:
             raise HandlerLoadError(f"module {module_name!r} has no attribute {attr!r}")
-    if not callable(target):
+    if option == "--handler" and not callable(target):
         raise HandlerLoadError(f"handler {spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def wants_transaction(handler: Handler) -> bool:

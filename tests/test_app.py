@@ -4,6 +4,11 @@ embedded in the test's own asyncio loop with its coordinator."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,9 +20,9 @@ from pgcg import App, Message, PgcgError
 from pgcg.shared import dlq
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import Settings
-from tests.helpers import await_for, fast_settings, unfinished
+from tests.helpers import FAST_ENV, await_for, fast_settings, unfinished, wait_for
 
-pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings(**overrides: Any) -> Settings:
@@ -46,6 +51,7 @@ def members(db: psycopg.Connection[Any]) -> int:
     return int(row["n"])
 
 
+@pytest.mark.anyio
 async def test_two_handlers_run_together_each_with_its_own_policy(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
@@ -93,6 +99,7 @@ async def test_two_handlers_run_together_each_with_its_own_policy(
     assert dead["attempts"] == 1 and dead["reason"].startswith("RuntimeError: refunds")
 
 
+@pytest.mark.anyio
 async def test_start_and_stop_are_safe_in_any_order(db: psycopg.Connection[Any], dsn: str) -> None:
     db.execute("SELECT pgcg.create_topic(%s, 1)", ("orders",))
     app = App(dsn, settings=settings())
@@ -114,6 +121,7 @@ async def test_start_and_stop_are_safe_in_any_order(db: psycopg.Connection[Any],
     assert members(db) == 0
 
 
+@pytest.mark.anyio
 async def test_a_handler_that_cannot_start_fails_start(dsn: str) -> None:
     app = App(dsn, settings=settings())
 
@@ -138,3 +146,42 @@ def test_registration_is_checked_at_once() -> None:
         app.handler(topic="orders", group="other", concurrency=0)
     with pytest.raises(PgcgError):
         app.handler(topic="bad name!", group="third")
+
+
+def test_pgcg_worker_runs_an_app_until_sigterm(
+    db: psycopg.Connection[Any], dsn: str, tmp_path: Path
+) -> None:
+    for topic in ("orders", "emails"):
+        db.execute("SELECT pgcg.create_topic(%s, 2)", (topic,))
+    db.execute("CREATE TABLE public.worker_seen (handler text, message_id bigint)")
+    err = tmp_path / "worker.err"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgcg.shared.cli", "worker", "tests.worker_app:app"],
+            cwd=ROOT,
+            env={**os.environ, **FAST_ENV, "PGCG_DATABASE_URL": dsn, "PGCG_LOG_FORMAT": "json"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        orders = enqueue_many_sync(db, "orders", [OutgoingMessage("a", {"n": 1})])
+        emails = enqueue_many_sync(db, "emails", [OutgoingMessage("b", "hi")])
+        expected = {("bill", orders[0].id), ("mail", emails[0].id)}
+        wait_for(lambda: seen(db) == expected, 60, "both handlers ran in the worker")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert members(db) == 0
+
+
+def seen(db: psycopg.Connection[Any]) -> set[tuple[str, int]]:
+    return {(r["handler"], r["message_id"]) for r in db.execute("SELECT * FROM worker_seen")}
+
+
+def test_pgcg_worker_refuses_what_is_not_an_app(cli: Any, dsn: str) -> None:
+    done = cli(dsn, "worker", "tests.worker_app:bill")
+    assert done.exit_code == 2
+    assert "not a pgcg.App" in done.stderr
