@@ -236,8 +236,9 @@ class App:
             self._task.result()  # the error that ended it, if any
 
     async def stop(self) -> None:
-        """Stop gracefully and wait for it: in-flight messages finish (up to the drain
-        deadline), partitions are released, members leave. Safe before start() and twice."""
+        """Stop gracefully: in-flight messages finish (up to the drain deadline),
+        partitions are released, members leave; after start(), waits for all that (run()
+        returns by itself when it was called directly). Safe before start() and twice."""
         self._stopping = True
         self._stop_consumers()
         if self._task is not None:
