@@ -1,5 +1,6 @@
 """The application object: several handlers, each a member of its own group, in one
-process, one LISTEN connection between them, embeddable in an asyncio program.
+process, sharing one LISTEN connection and one pool for transactional handlers'
+transactions, embeddable in an asyncio program.
 
     app = App()
 
@@ -26,12 +27,13 @@ from typing import Any, TypeVar
 
 import anyio
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.rebalance import PartitionsCallback
 from pgcg.consumer.service import Consumer
 from pgcg.shared import names, pooler
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, connect, open_pool, translated
 from pgcg.shared.errors import ConfigError, DatabaseUnavailable
 from pgcg.shared.loops import reconnecting
 from pgcg.shared.settings import Settings
@@ -168,6 +170,13 @@ class App:
         shared_listener = self.settings.listen and route.session_dsn is not None
         for consumer in self._consumers:
             consumer.external_listener = shared_listener
+        transactional = [c for c in self._consumers if c.transactional is not None]
+        pool = _SharedPool(
+            dsn, sum(c.ctx.settings.concurrency for c in transactional), route.pooled
+        )
+        for consumer in transactional:
+            assert consumer.transactional is not None
+            consumer.transactional.shared_pool = pool.get
         try:
             await self._run_all(dsn, install_signal_handlers, route.session_dsn
                                 if shared_listener else None)  # fmt: skip
@@ -178,6 +187,9 @@ class App:
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
             raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
 
     async def _run_all(
         self, dsn: str, install_signal_handlers: bool, listen_dsn: str | None
@@ -301,6 +313,31 @@ class App:
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.close()
+
+
+class _SharedPool:
+    """One pool of connections for the transactional handlers of every group, opened when
+    the first one needs it: as large as their concurrencies together."""
+
+    def __init__(self, dsn: str, size: int, through_pooler: bool) -> None:
+        self._dsn = dsn
+        self._size = size
+        self._through_pooler = through_pooler
+        self._pool: AsyncConnectionPool[AsyncConn] | None = None
+        self._lock = anyio.Lock()
+
+    async def get(self) -> AsyncConnectionPool[AsyncConn]:
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await open_pool(
+                    self._dsn, min_size=min(self._size, 4), max_size=self._size,
+                    name="pgcg-handler-tx", through_pooler=self._through_pooler,
+                )  # fmt: skip
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

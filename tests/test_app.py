@@ -185,3 +185,33 @@ def test_pgcg_worker_refuses_what_is_not_an_app(cli: Any, dsn: str) -> None:
     done = cli(dsn, "worker", "tests.worker_app:bill")
     assert done.exit_code == 2
     assert "not a pgcg.App" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_transactional_handlers_share_one_pool(db: psycopg.Connection[Any], dsn: str) -> None:
+    """Two groups of transactional handlers, four at once each: one pool of at most 8
+    connections, 4 kept open (two pools would keep 4 each)."""
+    for topic in ("orders", "emails"):
+        db.execute("SELECT pgcg.create_topic(%s, 1)", (topic,))
+    db.execute("CREATE TABLE public.app_tx (topic text, message_id bigint)")
+    app = App(dsn, settings=settings(), coordinator=True)
+
+    async def record(message: Message[Any], tx: Any) -> None:
+        await tx.execute("INSERT INTO public.app_tx VALUES (%s, %s)", (message.topic, message.id))
+
+    app.handler(topic="orders", group="billing", concurrency=4)(record)
+    app.handler(topic="emails", group="mailer", concurrency=4)(record)
+    async with app.running():
+        (order,) = enqueue_many_sync(db, "orders", [OutgoingMessage("a", 1)])
+        (email,) = enqueue_many_sync(db, "emails", [OutgoingMessage("b", 2)])
+        expected = {("orders", order.id), ("emails", email.id)}
+        await await_for(
+            lambda: {(r["topic"], r["message_id"]) for r in db.execute("TABLE app_tx")} == expected,
+            60,
+            "both handled in their transactions",
+        )
+        row = db.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'pgcg-handler-tx'"
+        ).fetchone()
+        assert row is not None and row["n"] == 4
