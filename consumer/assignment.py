@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from opentelemetry import trace
@@ -120,6 +120,8 @@ class Assignment:
         self.margin = margin
         self.owned: dict[int, Owned] = {}
         self._handing_off: set[int] = set()  # our release of these is in flight
+        # Told of each partition assigned or lost (the application's callbacks).
+        self.notify: Callable[[Literal["assigned", "lost"], int], None] | None = None
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -150,6 +152,8 @@ class Assignment:
                 mine = Owned(row.partition, row.epoch, "assigned")
                 self.owned[row.partition] = mine
                 changes.started.append(mine)
+                if self.notify is not None:
+                    self.notify("assigned", row.partition)
                 with tracing.event_span(
                     "pgcg partition assign", self.fields, **_partition(row.partition, row.epoch)
                 ):
@@ -207,6 +211,8 @@ class Assignment:
         owned.cancel_handlers()
         dropped = self.scheduler.drop_partition(partition)
         _end_revoke(owned, "lost", reason)
+        if self.notify is not None:
+            self.notify("lost", partition)
         with tracing.event_span(
             "pgcg partition lost",
             self.fields,

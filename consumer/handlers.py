@@ -1,4 +1,4 @@
-"""Loading the user's handler, calling it, and the retry schedule for failures."""
+"""Loading the user's handler, calling it, and what becomes of its failures."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import anyio.to_thread
 from tenacity import wait_random_exponential
 
 from pgcg.consumer.message import Message
+from pgcg.consumer.outcomes import Backoff, ExceptionTypes, Outcome, outcome
 from pgcg.shared.errors import HandlerLoadError
 
 log = logging.getLogger("pgcg.consumer.handlers")
@@ -24,7 +25,7 @@ log = logging.getLogger("pgcg.consumer.handlers")
 Handler = Callable[..., Any]
 
 
-def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
+def load(spec: str, search_path: Sequence[str] = (), *, option: str = "--handler") -> Any:
     """`package.module:function` -> the callable. Errors say exactly what is wrong.
 
     The module is imported from the installed packages, and from the folders of
@@ -34,7 +35,8 @@ def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise HandlerLoadError(f"--handler {spec!r} must look like package.module:function")
+        what = "function" if option == "--handler" else "attribute"
+        raise HandlerLoadError(f"{option} {spec!r} must look like package.module:{what}")
     for folder in reversed([os.path.abspath(f) for f in search_path]):
         if not os.path.isdir(folder):
             raise HandlerLoadError(f"--handler-path {folder!r} is not a directory")
@@ -66,9 +68,9 @@ def load(spec: str, search_path: Sequence[str] = ()) -> Handler:
         target = getattr(target, part, None)
         if target is None:
             raise HandlerLoadError(f"module {module_name!r} has no attribute {attr!r}")
-    if not callable(target):
+    if option == "--handler" and not callable(target):
         raise HandlerLoadError(f"handler {spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def wants_transaction(handler: Handler) -> bool:
@@ -109,11 +111,27 @@ def caller(handler: Handler) -> Callable[[Message], Awaitable[None]]:
 
 
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; the schedule is tenacity's."""
+    """What becomes of a failed delivery (outcomes.py's rules) for one handler: its
+    `max_attempts`, which exceptions it retries or dead-letters at once, and its backoff
+    (by default exponential with full jitter, capped: tenacity's schedule)."""
 
-    def __init__(self, max_attempts: int, base: float, cap: float) -> None:
+    def __init__(
+        self,
+        max_attempts: int,
+        base: float,
+        cap: float,
+        *,
+        retry_on: ExceptionTypes = (Exception,),
+        dead_letter_on: ExceptionTypes = (),
+        backoff: Backoff | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts counts deliveries from 1, not {max_attempts!r}")
         self.max_attempts = max_attempts
+        self.retry_on = tuple(retry_on)
+        self.dead_letter_on = tuple(dead_letter_on)
         self._wait = wait_random_exponential(multiplier=base, max=cap)
+        self._backoff = backoff
 
     def exhausted(self, attempt: int) -> bool:
         """Whether a failure of delivery number `attempt` (1-based) is the last one."""
@@ -121,4 +139,17 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds before the next delivery after delivery `attempt` failed."""
+        if self._backoff is not None:
+            return float(self._backoff(attempt))
         return float(self._wait(SimpleNamespace(attempt_number=attempt)))  # type: ignore[arg-type]
+
+    def outcome(self, exc: Exception | None, attempt: int) -> Outcome:
+        """What to do after delivery `attempt` ended with `exc` (None: it returned)."""
+        return outcome(
+            exc,
+            attempt=attempt,
+            max_attempts=self.max_attempts,
+            retry_on=self.retry_on,
+            dead_letter_on=self.dead_letter_on,
+            backoff=self.delay,
+        )

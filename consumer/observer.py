@@ -94,9 +94,12 @@ def instrument(handler: Handler, ctx: Context) -> Handler:
                     )
                 else:
                     tracing.failed(span, exc)
-                    if span.is_recording():
-                        exhausted = ctx.retry.exhausted(message.attempt)
-                        span.set_attribute("pgcg.outcome", "dead_letter" if exhausted else "retry")
+                    if span.is_recording() and isinstance(exc, Exception):
+                        try:
+                            kind = ctx.retry.outcome(exc, message.attempt).kind
+                        except ValueError:  # a broken backoff: the worker logs it
+                            kind = "retry"
+                        span.set_attribute("pgcg.outcome", kind)
                 span.end()
             raise
         finally:

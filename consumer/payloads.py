@@ -2,7 +2,8 @@
 handler declares, or a PayloadValidationError that says why not.
 
 A handler declares its type as `message: Message[Order]` (or the consumer is given
-`model=Order`); Order may be a pydantic model, a dataclass, or anything pydantic can
+`payload_type=Order`); the consumer's workers validate each payload just before the
+handler runs; Order may be a pydantic model, a dataclass, or anything pydantic can
 validate (list[Order], a TypedDict, ...). Values come back from the encoding the producer
 uses (docs/api.md, "Payload encoding"): ISO 8601 strings become datetime and date, UUID
 strings UUID, decimal strings Decimal. A payload that does not validate can never succeed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anyio
 
+from pgcg.consumer.app import App
 from pgcg.consumer.handlers import Handler
 from pgcg.consumer.observer import ConsumerObserver
 from pgcg.consumer.service import Consumer
@@ -63,5 +64,27 @@ def run_consumer(
                     tg.cancel_scope.cancel()
         finally:
             observer.close()
+
+    anyio.run(main)
+
+
+def run_app(app: App) -> None:
+    """`pgcg worker`: an App's handlers in this process, with telemetry, the HTTP endpoint
+    (readiness: every handler joined its group) and SIGTERM/SIGINT draining."""
+    settings = app.settings
+    telemetry = setup_telemetry(settings, "pgcg-worker")
+
+    async def main() -> None:
+        watch = LoopWatch(settings.session_timeout)
+        with serving(
+            settings.http_port,
+            ready=lambda: app.ready,
+            registry=telemetry.registry,
+            alive=watch.alive,
+        ):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch.run)
+                await app.run()
+                tg.cancel_scope.cancel()
 
     anyio.run(main)

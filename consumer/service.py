@@ -28,11 +28,12 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
-from pgcg.consumer import handlers, observer
+from pgcg.consumer import handlers, observer, payloads, rebalance
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler, RetryPolicy
 from pgcg.consumer.member import Membership
+from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.reader import Reader
 from pgcg.consumer.scheduler import KeyScheduler
@@ -59,7 +60,21 @@ class Consumer:
         topic: str,
         handler: Handler,
         dsn: str | None = None,
+        max_attempts: int | None = None,
+        retry_on: ExceptionTypes = (Exception,),
+        dead_letter_on: ExceptionTypes = (),
+        backoff: Backoff | None = None,
+        payload_type: Any = None,
+        on_assigned: rebalance.PartitionsCallback | None = None,
+        on_revoked: rebalance.PartitionsCallback | None = None,
+        on_lost: rebalance.PartitionsCallback | None = None,
     ) -> None:
+        """`max_attempts` (default: the setting), `retry_on`, `dead_letter_on` and
+        `backoff` decide what becomes of a failed delivery (outcomes.py); `payload_type`
+        (default: what the handler's first parameter declares, `Message[Order]`) is what
+        each payload is validated into before the handler sees it. `on_assigned`,
+        `on_revoked` (drained, before the release) and `on_lost` are the application's
+        rebalance callbacks (rebalance.py)."""
         dsn = dsn or settings.dsn()
         membership = Membership(
             dsn,
@@ -76,8 +91,20 @@ class Consumer:
             scheduler=scheduler,
             # A callable: the member id in log fields changes when the member rejoins.
             assignment=Assignment(scheduler, lambda: membership.fields, settings.lease_margin),
-            retry=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max),
+            retry=RetryPolicy(
+                settings.max_attempts if max_attempts is None else max_attempts,
+                settings.retry_base,
+                settings.retry_max,
+                retry_on=retry_on,
+                dead_letter_on=dead_letter_on,
+                backoff=backoff,
+            ),
         )
+        self.rebalance = rebalance.Events(
+            rebalance.Callbacks(on_assigned, on_revoked, on_lost), lambda: self.ctx.fields
+        )
+        if self.rebalance.callbacks:
+            self.ctx.assignment.notify = self.rebalance.add
         # A `process <topic>` span and duration per call (observer.py); same signature.
         self.handler = observer.instrument(handler, self.ctx)
         self.workers: Workers
@@ -96,10 +123,15 @@ class Consumer:
             self.writer.submit,
             self.progress,
             self.transactional,
+            payload_type if payload_type is not None else payloads.handler_payload_type(handler),
         )
         self.joined = anyio.Event()
         self.stopped = False
-        self._tg: TaskGroup
+        # Set by an App that LISTENs once for all its consumers (app.py): wake-ups come
+        # from there instead of a listener connection of this consumer's own.
+        self.external_listener = False
+        self._tg: TaskGroup | None = None  # the loops' group, while run() runs them
+        self._draining = False
 
     @property
     def member_id(self) -> str:
@@ -109,6 +141,9 @@ class Consumer:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         ctx = self.ctx
+        if ctx.stopping:  # stopped before it started: nothing to join, drain or leave
+            self.stopped = True
+            return
         await self._route()
         await ctx.membership.join()
         self.joined.set()
@@ -120,7 +155,11 @@ class Consumer:
                     self._tg = tg
                     self.workers._tg = tg
                     tg.start_soon(self._heartbeat_loop)
-                    if ctx.settings.listen and ctx.session_dsn is not None:
+                    if (
+                        ctx.settings.listen
+                        and ctx.session_dsn is not None
+                        and not self.external_listener
+                    ):
                         tg.start_soon(self._listener_loop)
                     tg.start_soon(self.reader.run)
                     tg.start_soon(self._dispatch_loop)
@@ -128,8 +167,13 @@ class Consumer:
                     tg.start_soon(self.progress.run)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
+                    if self.rebalance.callbacks:
+                        tg.start_soon(self.rebalance.run)
+                    if ctx.stopping:  # stop() came while joining
+                        self._begin_drain()
                 outer.cancel_scope.cancel()
         finally:
+            self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._close()
 
@@ -154,10 +198,17 @@ class Consumer:
             )
 
     def stop(self) -> None:
-        """Begin a graceful stop (what SIGTERM does)."""
-        if self.ctx.stopping:
-            return
+        """Begin a graceful stop (what SIGTERM does). Safe at any time and more than once:
+        before run() it makes run() return at once; while joining, the drain begins as
+        soon as the loops are up; after run() returned it does nothing."""
         self.ctx.stopping = True
+        if self._tg is not None:
+            self._begin_drain()
+
+    def _begin_drain(self) -> None:
+        if self._draining or self._tg is None:
+            return
+        self._draining = True
         self._tg.start_soon(self._drain_and_leave)
 
     async def _signals(self, outer: TaskGroup) -> None:
@@ -211,7 +262,8 @@ class Consumer:
             extra={"action": "consumer_stopped", **ctx.fields},
         )
         self.stopped = True
-        self._tg.cancel_scope.cancel()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
 
     async def _close(self) -> None:
         await self.reader.close()
@@ -309,6 +361,13 @@ class Consumer:
                     with anyio.CancelScope(shield=True):
                         await conn.close()
 
+    def notified(self, channel: str, payload: str) -> None:
+        """A NOTIFY on this consumer's topic or group channel (from a shared listener)."""
+        if channel == names.group_channel(self.ctx.group):
+            self.ctx.wake.heartbeat.set()
+        elif channel == names.topic_channel(self.ctx.topic) and self._mine(payload):
+            self.ctx.wake.fetch.set()
+
     def _mine(self, payload: str) -> bool:
         owned = self.ctx.assignment.owned
         try:
@@ -369,6 +428,12 @@ class Consumer:
         ctx = self.ctx
         if not parts:
             return
+        # Drained (or past the drain deadline): the application's last word before the
+        # next owner may start.
+        await self.rebalance.revoked(
+            [p.partition for p in parts if ctx.assignment.owned.get(p.partition) is p],
+            ctx.settings.drain_deadline,
+        )
         conn = await connect(
             ctx.dsn, application_name="pgcg-release", through_pooler=ctx.through_pooler
         )

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -195,8 +195,12 @@ class Transactional:
         self._producer = Producer(max_payload_bytes=ctx.settings.max_payload_bytes)
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
         self._pool_lock = anyio.Lock()
+        # An App's handlers share one pool (its owner closes it); else this one's own.
+        self.shared_pool: Callable[[], Awaitable[AsyncConnectionPool[AsyncConn]]] | None = None
 
     async def _connections(self) -> AsyncConnectionPool[AsyncConn]:
+        if self.shared_pool is not None:
+            return await self.shared_pool()
         async with self._pool_lock:
             if self._pool is None:
                 # One connection per running handler at most; it grows on demand.

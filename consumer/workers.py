@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -33,6 +33,8 @@ from anyio.abc import TaskGroup
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item, Message
+from pgcg.consumer.outcomes import describe
+from pgcg.consumer.payloads import decode
 from pgcg.consumer.progress import Progress
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.writer import MAX_ERROR_TEXT, Result
@@ -59,8 +61,10 @@ class Workers:
         submit: Callable[[Result], None],
         progress: Progress,
         transactional: Transactional | None = None,
+        payload_type: Any = None,
     ) -> None:
         self.ctx = ctx
+        self._payload_type = payload_type  # what the handler declares (Message[Order])
         self._call = call
         self._submit = submit
         self._progress = progress
@@ -140,25 +144,31 @@ class Workers:
                 continue
             item, owned = ready
             self._begin(worker, item, owned)
-            error: str | None = None
-            settled = False  # transactional: acked in the handler's transaction, or fenced
+            result: Result | None = None
             fenced = False
             # The deadline moves with each progress report; past it the handler is stuck.
             delivery = self._progress.start(item)
             try:
                 with delivery.deadline:
+                    message = delivery.message
+                    if self._payload_type is not None:
+                        # Raises PayloadValidationError, a DeadLetter: never retried.
+                        message = replace(
+                            message, payload=decode(message.payload, self._payload_type)
+                        )
                     if self._transactional is None:
-                        await self._call(delivery.message)
+                        await self._call(message)
+                        result = Result(item)
                     else:
-                        await self._transactional.handle(item, delivery.message)
-                        settled = True
+                        # Acked in the handler's own transaction: no result to write.
+                        await self._transactional.handle(item, message)
                 if delivery.deadline.cancelled_caught:
-                    error = self._progress.stuck(delivery)
+                    # Stuck: a plain failure, retried with the backoff until the last attempt.
+                    result = Result(item, self._progress.stuck(delivery))
             except LostOwnership:
-                settled = fenced = True
+                fenced = True
             except Exception as exc:
-                error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
-                log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
+                result = self._failed(item, exc)
             finally:
                 self._progress.end(item)
             self._end(worker)
@@ -166,14 +176,31 @@ class Workers:
                 # Rolled back by the epoch fence: the partition's other handlers stop too
                 # (after _end, so this worker's own scope is not among those cancelled).
                 self.ctx.assignment.lose(item.partition, "ack rejected by the epoch fence")
-            if not settled:
-                self._submit(Result(item, error))
+            if result is not None:
+                self._submit(result)
             # A handler that never awaits must not starve the fetcher, the acker and the
             # heartbeat: yield every few messages (a checkpoint per message was 8 % of a
             # no-op consumer's CPU; the acker batches what piles up meanwhile).
             worker.handled += 1
             if worker.handled % YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
+
+    def _failed(self, item: Item, exc: Exception) -> Result:
+        """The handler's exception judged by its policy: retry (after Retry's delay or the
+        backoff), or dead-letter now (DeadLetter, an invalid payload, dead_letter_on, an
+        exception outside retry_on, the last attempt)."""
+        log.debug("handler failed", exc_info=exc, extra={"action": "handler_failed"})
+        try:
+            decided = self.ctx.retry.outcome(exc, item.message.attempt)
+        except ValueError as broken:  # the handler's backoff gave no usable delay
+            log.error("%s; retrying in %gs", broken, self.ctx.settings.retry_max,
+                      extra={"action": "backoff_failed", **self.ctx.fields})  # fmt: skip
+            return Result(item, describe(exc)[:MAX_ERROR_TEXT],
+                          retry_after=self.ctx.settings.retry_max)  # fmt: skip
+        reason = decided.reason[:MAX_ERROR_TEXT]
+        if decided.dead_lettered:
+            return Result(item, reason, dead=True)
+        return Result(item, reason, retry_after=decided.delay)
 
     def _begin(self, worker: _Worker, item: Item, owned: Owned) -> None:
         assert worker.scope is not None

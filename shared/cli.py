@@ -215,6 +215,40 @@ def consumer(
 
 
 @main.command()
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option(
+    "--handler-path",
+    "handler_path",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    envvar="PGCG_HANDLER_PATH",
+    help="Also import the module from this folder, searched first (repeatable).",
+)
+@with_settings()
+@run_cli
+def worker(app_spec: str, handler_path: tuple[str, ...], settings: Settings) -> None:
+    """Run every handler of a pgcg.App (MODULE:APP) in this process.
+
+    \b
+    Each `@app.handler(topic=..., group=...)` joins its group; SIGTERM drains them all.
+    Settings come from PGCG_* and these flags, unless the app was built with its own.
+    Example:
+      pgcg worker myapp.worker:app
+    """
+    from pgcg.consumer.app import App
+    from pgcg.consumer.handlers import load
+    from pgcg.consumer.runner import run_app
+    from pgcg.shared.errors import HandlerLoadError
+
+    app = load(app_spec, handler_path, option="MODULE:APP")
+    if not isinstance(app, App):
+        raise HandlerLoadError(f"{app_spec!r} is a {type(app).__name__}, not a pgcg.App")
+    if not app.settings_given:
+        app.settings = settings
+    run_app(app)
+
+
+@main.command()
 @click.option("--group", "groups", multiple=True,
               help="Lead only this group (repeatable); default: every group.")  # fmt: skip
 @with_settings()

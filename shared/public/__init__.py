@@ -3,13 +3,14 @@
 The names here are the stable public API (docs/api.md); every module below
 (pgcg.shared, pgcg.consumer, pgcg.coordinator, ...) is internal and may change.
 
-    from pgcg import Producer, Message, Retry, DeadLetter
+    from pgcg import App, Producer, Message, Retry, DeadLetter
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from pgcg.consumer.app import App
 from pgcg.consumer.message import Message
 from pgcg.consumer.outcomes import DeadLetter, Outcome, Retry
 from pgcg.consumer.payloads import PayloadValidationError
@@ -30,15 +31,13 @@ from pgcg.shared.errors import (
 from pgcg.shared.producer import Enqueued, OutgoingMessage, Producer, SyncProducer, create_topic
 from pgcg.shared.settings import Settings
 
-# The application object (several handlers in one process, embedding, rebalance
-# callbacks) joins this list as `App` once the consumer's storage rewrite has landed.
-
 try:
     __version__ = version("pgcg")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "App",
     "ConfigError",
     "Contention",
     "DatabaseUnavailable",
