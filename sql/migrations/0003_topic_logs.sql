@@ -913,6 +913,16 @@ BEGIN
           AND l.kind = 'd' AND l.gen = pr.gen AND o = ANY (started);
         SELECT coalesce(array_agg(o), '{}') INTO cut
         FROM unnest(started) AS o WHERE NOT o = ANY (done);
+        -- A mark row carries its round's newest tick, so one above the position can list
+        -- messages at or below it, whose 'd' rows are at or below it too: those finished
+        -- (the position only moves past finished messages) and must not be charged. A
+        -- message is at or below the position when the position's tick saw it committed.
+        SELECT coalesce(array_agg(lr."offset"), '{}') INTO cut
+        FROM pgcg.log_rows(t.name, array_fill(p_partition, ARRAY[cardinality(cut)]), cut) AS lr
+        WHERE NOT EXISTS (
+            SELECT FROM pgcg.ticks AS k
+            WHERE k.topic_id = t.id AND k.tick = pr.tick
+              AND pg_visible_in_snapshot(lr.txid, k.snapshot));
         FOR r IN SELECT * FROM pgcg.log_rows(t.name,
                      array_fill(p_partition, ARRAY[cardinality(cut)]), cut) LOOP
             IF p_max_attempts <= 1 THEN
