@@ -1,6 +1,8 @@
 """One rebalance of one group: the whole group protocol's decision logic lives here.
 
-In one transaction on the leader's session, fenced by the leader row:
+In one transaction on the leader's session, fenced by the leader row, whose lock waits
+are each bounded by `lock_timeout` (past it the transaction aborts, writing nothing, and
+the coordinator retries):
   1. expire members whose heartbeat is older than their session timeout;
   2. ask the assignor (pure) for the target over the live members;
   3. move partitions revoke-before-assign:
@@ -37,6 +39,11 @@ from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.coordinator.rebalancer")
 Q = Queries("coordinator")
+
+# Until a rebalance commits, owners' heartbeats still see the old assignments and renew
+# their leases on them; a rebalance stuck behind a lock must give up well within a lease
+# margin (at least 1 s) rather than commit a hand-off its owners have not heard of.
+DEFAULT_LOCK_TIMEOUT = 0.5
 
 
 class LostLeadership(LostOwnership):
@@ -105,6 +112,7 @@ async def rebalance(
     leader_timeout: float,
     drain_deadline: float,
     reason: str,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Outcome | None:
     """Run one rebalance; None when nothing needed to change."""
     started_at = datetime.now(UTC)
@@ -118,6 +126,7 @@ async def rebalance(
         "leader_epoch": leader_epoch,
         "leader_timeout_s": leader_timeout,
         "drain_deadline_s": drain_deadline,
+        "lock_timeout_ms": max(1, round(lock_timeout * 1000)),
     }
     statements = 0
 
@@ -130,6 +139,7 @@ async def rebalance(
     # The span is entered once there is something to do, but closes after the commit.
     with translated(), contextlib.ExitStack() as stack:
         async with conn.transaction():
+            await run(Q.bound_lock_waits)
             if not await run(Q.lock_leadership):
                 raise LostLeadership(f"no longer leader of {group} at leader epoch {leader_epoch}")
             expired = [r["member_id"] for r in await run(Q.expire_members)]

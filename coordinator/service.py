@@ -21,7 +21,12 @@ from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.coordinator.elector import Elector
-from pgcg.coordinator.rebalancer import LostLeadership, Outcome, rebalance
+from pgcg.coordinator.rebalancer import (
+    DEFAULT_LOCK_TIMEOUT,
+    LostLeadership,
+    Outcome,
+    rebalance,
+)
 from pgcg.coordinator.retention import Retention
 from pgcg.shared import names, pooler
 from pgcg.shared.db import AsyncConn, connect, translated
@@ -241,6 +246,7 @@ class Coordinator:
                     leader_timeout=self.settings.leader_timeout,
                     drain_deadline=self.settings.drain_deadline,
                     reason=reason,
+                    lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
                 )
         except LostLeadership as exc:
             log.error(

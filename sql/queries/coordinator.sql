@@ -75,13 +75,25 @@ RETURNING member_id, extract(epoch FROM now() - last_heartbeat)::float8 AS silen
 SELECT member_id, host, pid FROM pgcg.consumer_groups
 WHERE group_name = %(group)s ORDER BY joined_at, member_id
 
+-- name: bound_lock_waits
+-- How long any one lock wait of this rebalance may last (a lock timeout aborts it, and the
+-- coordinator retries): a heartbeat reads the assignments without a lock, so until this
+-- transaction commits owners keep seeing (and renewing their lease on) the old state.
+SELECT set_config('lock_timeout', %(lock_timeout_ms)s::int::text, true)
+
 -- name: assignments_for_update
+-- `overdue` is judged on the clock once the rows are locked (the outer query runs after
+-- the lock waits), not at the start of the transaction.
 SELECT partition, member_id, epoch, state, target_member_id,
-       revoke_deadline IS NOT NULL AND revoke_deadline <= now() AS overdue
-FROM pgcg.partition_assignments
-WHERE group_name = %(group)s AND topic = %(topic)s
+       revoke_deadline IS NOT NULL AND revoke_deadline <= clock_timestamp() AS overdue
+FROM (
+    SELECT partition, member_id, epoch, state, target_member_id, revoke_deadline
+    FROM pgcg.partition_assignments
+    WHERE group_name = %(group)s AND topic = %(topic)s
+    ORDER BY partition
+    FOR UPDATE
+) AS locked
 ORDER BY partition
-FOR UPDATE
 
 -- name: assign
 -- Give partitions to a member outright with a new epoch: unowned ones, ones whose owner
@@ -99,11 +111,14 @@ RETURNING pa.partition, pa.epoch, pa.member_id
 -- before it heard of this keeps working until its lease (counted from a heartbeat sent
 -- before now) runs out, and a forced hand-off before that would give its keys to a
 -- second member while it still works on them, whatever drain deadline the leader has.
+-- Counted from now, with the rows locked (clock_timestamp()), not from the start of the
+-- transaction (now()): an owner's heartbeat during this transaction's lock waits still saw
+-- `assigned` and renewed its lease from then.
 UPDATE pgcg.partition_assignments AS pa
 SET state = 'revoking', target_member_id = a.target,
     revoke_deadline = coalesce(
         pa.revoke_deadline,
-        now() + greatest(
+        clock_timestamp() + greatest(
             %(drain_deadline_s)s * interval '1 second',
             (SELECT cg.session_timeout_ms * interval '1 millisecond'
              FROM pgcg.consumer_groups AS cg
