@@ -281,7 +281,11 @@ class Consumer:
             try:
                 async for attempt in reconnecting(log, "listen", **ctx.fields):
                     with attempt:
-                        conn = await connect(dsn, application_name="pgcg-listener")
+                        conn = await connect(
+                            dsn,
+                            application_name="pgcg-listener",
+                            session_timeout=ctx.settings.session_timeout,
+                        )
                         with translated(dsn):
                             for channel in (topic_channel, group_channel):
                                 await conn.execute(
@@ -368,7 +372,10 @@ class Consumer:
         if not parts:
             return
         conn = await connect(
-            ctx.dsn, application_name="pgcg-release", through_pooler=ctx.through_pooler
+            ctx.dsn,
+            application_name="pgcg-release",
+            through_pooler=ctx.through_pooler,
+            session_timeout=ctx.settings.session_timeout,
         )
         try:
             with ctx.assignment.handing_off(parts), translated(ctx.dsn):

@@ -83,7 +83,9 @@ class Elector:
                     extra={"action": "leader_lost", **self.fields},
                 )
             self._leading.clear()  # the locks died with the old session
-            self._conn = await connect(self.dsn, application_name="pgcg-coordinator")
+            self._conn = await connect(
+                self.dsn, application_name="pgcg-coordinator", session_timeout=self.leader_timeout
+            )
         return self._conn
 
     async def close(self) -> None:

@@ -156,7 +156,11 @@ class Coordinator:
             try:
                 async for attempt in reconnecting(log, "coordinator listen"):
                     with attempt:
-                        conn = await connect(self.session_dsn, application_name="pgcg-coord-listen")
+                        conn = await connect(
+                            self.session_dsn,
+                            application_name="pgcg-coord-listen",
+                            session_timeout=self.settings.leader_timeout,
+                        )
                         with translated(self.session_dsn):
                             await conn.execute(
                                 sql.SQL("LISTEN {}").format(
