@@ -94,6 +94,7 @@ class Consumer:
             self.writer.submit,
             self.progress,
             self.transactional,
+            threaded=not handlers.is_async(handler),
         )
         self.joined = anyio.Event()
         self.stopped = False
@@ -185,8 +186,14 @@ class Consumer:
                 in_flight,
                 extra={"action": "drain_deadline", **ctx.fields},
             )
-            for owned in ctx.assignment.owned.values():
+            for owned in list(ctx.assignment.owned.values()):
                 owned.cancel_handlers()
+                if owned.threads:
+                    ctx.assignment.on_stuck(owned, "the drain deadline of a shutdown")
+            # Released once the cancelled handlers have really returned.
+            with anyio.move_on_after(ctx.settings.lease_margin):
+                while any(o.scopes for o in ctx.assignment.owned.values()):
+                    await ctx.wake.release.wait(0.05)
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.writer.flush()

@@ -59,8 +59,13 @@ class Workers:
         submit: Callable[[Result], None],
         progress: Progress,
         transactional: Transactional | None = None,
+        *,
+        threaded: bool = False,
     ) -> None:
         self.ctx = ctx
+        # Plain `def` handlers run in worker threads, which cancellation cannot stop: each
+        # running one is counted on its partition (Owned.threads), which is held meanwhile.
+        self._threaded = threaded
         self._call = call
         self._submit = submit
         self._progress = progress
@@ -145,6 +150,8 @@ class Workers:
             fenced = False
             # The deadline moves with each progress report; past it the handler is stuck.
             delivery = self._progress.start(item)
+            if self._threaded:
+                owned.threads += 1
             try:
                 with delivery.deadline:
                     if self._transactional is None:
@@ -160,6 +167,8 @@ class Workers:
                 error = "".join(traceback.format_exception_only(exc)).strip()[:MAX_ERROR_TEXT]
                 log.debug("handler failed", exc_info=True, extra={"action": "handler_failed"})
             finally:
+                if self._threaded:
+                    owned.threads -= 1
                 self._progress.end(item)
             self._end(worker)
             if fenced and self.ctx.assignment.current(item.partition, item.epoch) is not None:
