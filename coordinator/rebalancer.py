@@ -3,7 +3,8 @@
 In one transaction on the leader's session, fenced by the leader row, whose lock waits
 are each bounded by `lock_timeout` (past it the transaction aborts, writing nothing, and
 the coordinator retries):
-  1. expire members whose heartbeat is older than their session timeout;
+  1. expire members silent for their session timeout, timed on the coordinator's own
+     clock (expiry.py), never on the database's;
   2. ask the assignor (pure) for the target over the live members;
   3. move partitions revoke-before-assign:
      - unowned, or owner dead             -> assign to the target now (epoch + 1)
@@ -32,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgcg.coordinator.assignor import assign
+from pgcg.coordinator.expiry import MemberWatch
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, translated
 from pgcg.shared.errors import LostOwnership
@@ -113,8 +115,13 @@ async def rebalance(
     drain_deadline: float,
     reason: str,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    watch: MemberWatch | None = None,
 ) -> Outcome | None:
-    """Run one rebalance; None when nothing needed to change."""
+    """Run one rebalance; None when nothing needed to change.
+
+    `watch`: the leader's record of its members' heartbeats (expiry.py); without one
+    nobody has been watched, so nobody is expired."""
+    watch = watch if watch is not None else MemberWatch()
     started_at = datetime.now(UTC)
     t0 = time.perf_counter()
     t0_ns = time.time_ns()
@@ -142,7 +149,15 @@ async def rebalance(
             await run(Q.bound_lock_waits)
             if not await run(Q.lock_leadership):
                 raise LostLeadership(f"no longer leader of {group} at leader epoch {leader_epoch}")
-            expired = [r["member_id"] for r in await run(Q.expire_members)]
+            silent = watch.observe(group, await run(Q.member_heartbeats, groups=[group]))
+            expired = []
+            if silent:
+                rows = await run(
+                    Q.expire_members,
+                    members=[r["member_id"] for r in silent],
+                    heartbeats=[r["last_heartbeat"] for r in silent],
+                )
+                expired = [r["member_id"] for r in rows]
             members = [r["member_id"] for r in await run(Q.live_members)]
             rows = await run(Q.assignments_for_update)
             moves, _ = plan(rows, members)

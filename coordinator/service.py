@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.coordinator.elector import Elector
+from pgcg.coordinator.expiry import Clock, MemberWatch
 from pgcg.coordinator.rebalancer import (
     DEFAULT_LOCK_TIMEOUT,
     LostLeadership,
@@ -46,9 +47,16 @@ EXPIRY_PROBE_INTERVAL = 0.25
 
 class Coordinator:
     def __init__(
-        self, settings: Settings, *, groups: list[str] | None = None, dsn: str | None = None
+        self,
+        settings: Settings,
+        *,
+        groups: list[str] | None = None,
+        dsn: str | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.settings = settings
+        # Members are expired on this clock (expiry.py), never on the database's.
+        self.watch = MemberWatch(clock)
         self.dsn = dsn or settings.dsn()
         self.only = [names.group_name(g) for g in groups] if groups else None
         # The leader lock and LISTEN need a session: PGCG_SESSION_DATABASE_URL when
@@ -135,6 +143,7 @@ class Coordinator:
             except DatabaseUnavailable as exc:
                 log.warning("cannot list groups: %s", exc, extra={"action": "db_retry"})
             for group in await self.elector.tick(sorted(self.topics)):
+                self.watch.forget(group)
                 self.mark(group, "leader elected")
             self.ready.set()
             await anyio.sleep(ELECTION_INTERVAL)
@@ -206,8 +215,9 @@ class Coordinator:
                 self.mark(group, "periodic" if full else "sweep")
 
     async def _expired_groups(self) -> list[str]:
-        """Groups we lead with a member past its session timeout (a hint: the rebalance
-        decides the expiry itself)."""
+        """Groups we lead with a member silent for its session timeout (a hint: the
+        rebalance decides the expiry itself). Lock-free and cheap (members only); asked
+        between full sweeps, it is also how often members' heartbeats are watched."""
         leading = self.elector.leading()
         if not leading:
             return []
@@ -215,10 +225,14 @@ class Coordinator:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
                 with translated(self.session_dsn):
-                    cur = await conn.execute(Q.expired_groups, {"groups": leading})
-                    return [r["group_name"] for r in await cur.fetchall()]
+                    cur = await conn.execute(Q.member_heartbeats, {"groups": leading})
+                    rows = await cur.fetchall()
         except DatabaseUnavailable:
             return []  # the election loop deals with the session; the next probe retries
+        by_group: dict[str, list[dict[str, object]]] = {g: [] for g in leading}
+        for row in rows:
+            by_group.setdefault(str(row["group_name"]), []).append(row)
+        return [group for group, members in by_group.items() if self.watch.observe(group, members)]
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -251,6 +265,7 @@ class Coordinator:
                     drain_deadline=self.settings.drain_deadline,
                     reason=reason,
                     lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
+                    watch=self.watch,
                 )
         except LostLeadership as exc:
             log.error(

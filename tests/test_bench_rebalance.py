@@ -21,7 +21,7 @@ def test_rebalance_cost_counts_statements_and_moves(db: psycopg.Connection[Any],
     for s in samples["initial"]:
         assert (s["moves"], s["statements"], s["recorded"]) == (12, 9, True)
     for s in samples["noop"]:
-        # bound_lock_waits, lock_leadership, expire_members, live_members,
+        # bound_lock_waits, lock_leadership, member_heartbeats, live_members,
         # assignments_for_update; no row.
         assert (s["moves"], s["statements"], s["recorded"]) == (0, 5, False)
     for s in samples["leave"]:

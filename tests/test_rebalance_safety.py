@@ -1,9 +1,10 @@
 """The rebalance's own safety: its deadlines count from when it holds its locks, its lock
-waits are bounded, and members are expired on the coordinator's clock."""
+waits are bounded, and members are expired on the coordinator's clock (an injected clock
+stands in for it; the database's clock step is stood in for by moving last_heartbeat)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -11,11 +12,13 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.coordinator.expiry import MemberWatch
 from pgcg.coordinator.rebalancer import Outcome, rebalance
+from pgcg.coordinator.service import Coordinator
 from pgcg.shared.db import connect
 from pgcg.shared.errors import Contention
 from pgcg.shared.queries import Queries
-from tests.helpers import assign, await_for, owners
+from tests.helpers import assign, await_for, fast_settings, owners
 
 pytestmark = pytest.mark.anyio
 
@@ -165,3 +168,88 @@ async def test_a_rebalance_stuck_on_a_lock_gives_up_without_writing(
     outcome = await run_rebalance(dsn, epoch, lock_timeout=0.2)
     assert outcome is not None and {m.kind for m in outcome.moves} == {"revoke"}
     assert state(db) != before
+
+
+class FakeClock:
+    """The coordinator's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def member_ids(db: psycopg.Connection[Any]) -> set[str]:
+    rows = db.execute(
+        "SELECT member_id FROM pgcg.consumer_groups WHERE group_name = %s", (GROUP,)
+    ).fetchall()
+    return {r["member_id"] for r in rows}
+
+
+def heartbeat(db: psycopg.Connection[Any], member: str) -> None:
+    db.execute(CONSUMER.heartbeat, {"group": GROUP, "member": member}).fetchall()
+
+
+async def test_members_expire_on_the_coordinators_clock_not_the_databases(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
+    db.execute("SELECT pgcg.create_group(%s, %s, 'earliest')", (GROUP, TOPIC))
+    join(db, "a")
+    join(db, "b")
+    clock = FakeClock()
+    session_timeout = SESSION_TIMEOUT_MS / 1000
+    coordinator = Coordinator(
+        fast_settings({}, {"session_timeout": session_timeout}), dsn=dsn, clock=clock
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(coordinator.run_until_stopped)
+        await await_for(
+            lambda: {m for m, _, _ in owners(db, GROUP).values()} == {"a", "b"},
+            30,
+            "the leader to share the partitions between a and b",
+        )
+        # The database host's clock steps forward an hour: by now() - last_heartbeat both
+        # members have been silent for an hour, though their leases are still valid.
+        db.execute(
+            "UPDATE pgcg.consumer_groups SET last_heartbeat = last_heartbeat - interval '1 hour' "
+            "WHERE group_name = %s",
+            (GROUP,),
+        )
+        await coordinator.rebalance_group(GROUP, "test")
+        assert member_ids(db) == {"a", "b"}, "expired on the database's clock"
+        clock.advance(session_timeout / 2)
+        await coordinator.rebalance_group(GROUP, "test")
+        assert member_ids(db) == {"a", "b"}, "expired before a session timeout went by"
+        # b heartbeats, a stays silent; a session timeout later on the coordinator's clock
+        # a is expired, b is not.
+        clock.advance(session_timeout / 2)
+        heartbeat(db, "b")
+        await coordinator.rebalance_group(GROUP, "test")
+        assert member_ids(db) == {"b"}
+        assert {m for m, _, _ in owners(db, GROUP).values()} == {"b"}
+        await coordinator.stop()
+
+
+def test_a_new_leader_waits_a_whole_session_timeout_before_expiring_anyone() -> None:
+    clock = FakeClock()
+    watch = MemberWatch(clock)
+    silent_for_long = [
+        {
+            "member_id": "a",
+            "last_heartbeat": datetime(2000, 1, 1, tzinfo=UTC),
+            "session_timeout_ms": 3000,
+        }
+    ]
+    assert watch.observe(GROUP, silent_for_long) == []
+    clock.advance(2.9)
+    assert watch.observe(GROUP, silent_for_long) == []
+    clock.advance(0.1)
+    assert watch.observe(GROUP, silent_for_long) == silent_for_long
+    # Leading again after a gap: what was seen before counts for nothing.
+    watch.forget(GROUP)
+    assert watch.observe(GROUP, silent_for_long) == []

@@ -65,11 +65,22 @@ FROM pgcg.coordinator_leader WHERE scope = %(scope)s
 -- name: groups
 SELECT group_name, topic FROM pgcg.groups ORDER BY group_name
 
+-- name: member_heartbeats
+-- Each member's last heartbeat as a value to watch, not a time to compare with now(): the
+-- coordinator times silences on its own clock (coordinator/expiry.py), so a step of the
+-- database host's clock expires nobody whose lease is still valid.
+SELECT group_name, member_id, last_heartbeat, session_timeout_ms
+FROM pgcg.consumer_groups
+WHERE group_name = ANY(%(groups)s::text[])
+
 -- name: expire_members
-DELETE FROM pgcg.consumer_groups
-WHERE group_name = %(group)s
-  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
-RETURNING member_id, extract(epoch FROM now() - last_heartbeat)::float8 AS silent_s
+-- Only members whose heartbeat is still the one the coordinator saw go silent: one that
+-- heartbeated since is kept.
+DELETE FROM pgcg.consumer_groups AS cg
+USING unnest(%(members)s::text[], %(heartbeats)s::timestamptz[]) AS x(member_id, last_heartbeat)
+WHERE cg.group_name = %(group)s AND cg.member_id = x.member_id
+  AND cg.last_heartbeat = x.last_heartbeat
+RETURNING cg.member_id
 
 -- name: live_members
 SELECT member_id, host, pid FROM pgcg.consumer_groups
@@ -154,14 +165,6 @@ VALUES (%(group)s, %(generation)s, %(leader_epoch)s, %(reason)s, %(members)s, %(
 
 -- name: notify_group
 SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')
-
--- name: expired_groups
--- Lock-free and cheap (members only): which of our groups have a member past its session
--- timeout. The sweep asks this between its full rebalances, so an expiry is acted on
--- within the probe interval instead of within a heartbeat interval.
-SELECT DISTINCT group_name FROM pgcg.consumer_groups
-WHERE group_name = ANY(%(groups)s::text[])
-  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
 
 -- name: topics
 SELECT name FROM pgcg.topics ORDER BY name
