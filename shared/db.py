@@ -276,8 +276,9 @@ def liveness(dsn: str, session_timeout: float = DEFAULT_SESSION_TIMEOUT) -> dict
         "keepalives_idle": max(1, int(timeout / 3)),
         "keepalives_interval": max(1, int(timeout / 6)),
         "keepalives_count": 3,
-        "tcp_user_timeout": int(timeout * 1000),
     }
+    if psycopg.pq.version() >= 120000:  # older libpq refuses the option
+        wanted["tcp_user_timeout"] = int(timeout * 1000)
     return {k: v for k, v in wanted.items() if k not in given}
 
 

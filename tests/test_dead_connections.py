@@ -51,7 +51,7 @@ def test_every_connection_probes_for_a_dead_peer_within_the_session_timeout() ->
     assert opts["keepalives"] == 1
     probing = opts["keepalives_idle"] + opts["keepalives_count"] * opts["keepalives_interval"]
     assert probing < 10
-    assert opts["tcp_user_timeout"] <= 10_000
+    assert opts.get("tcp_user_timeout", 0) <= 10_000
     # What the URL sets itself is kept.
     assert "keepalives_idle" not in liveness("host=db keepalives_idle=60", 10)
 
@@ -62,7 +62,8 @@ async def test_keepalives_are_set_on_the_connection(dsn: str) -> None:
         params = conn.pgconn.info
         given = {p.keyword.decode(): (p.val or b"").decode() for p in params}
         assert given["keepalives"] == "1"
-        assert given["tcp_user_timeout"] == "6000"
+        if psycopg.pq.version() >= 120000:
+            assert given["tcp_user_timeout"] == "6000"
     finally:
         await conn.close()
 
