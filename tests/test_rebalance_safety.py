@@ -18,7 +18,7 @@ from pgcg.coordinator.service import Coordinator
 from pgcg.shared.db import connect
 from pgcg.shared.errors import Contention
 from pgcg.shared.queries import Queries
-from tests.helpers import assign, await_for, fast_settings, owners
+from tests.helpers import FakeClock, assign, await_for, fast_settings, owners
 
 pytestmark = pytest.mark.anyio
 
@@ -168,19 +168,6 @@ async def test_a_rebalance_stuck_on_a_lock_gives_up_without_writing(
     outcome = await run_rebalance(dsn, epoch, lock_timeout=0.2)
     assert outcome is not None and {m.kind for m in outcome.moves} == {"revoke"}
     assert state(db) != before
-
-
-class FakeClock:
-    """The coordinator's monotonic clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def member_ids(db: psycopg.Connection[Any]) -> set[str]:
