@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import time
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -30,7 +31,7 @@ from pgcg.coordinator.rebalancer import (
 )
 from pgcg.coordinator.retention import Retention
 from pgcg.shared import names, pooler
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import ConfigError, DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
 from pgcg.shared.queries import Queries
@@ -64,6 +65,9 @@ class Coordinator:
         self.session_dsn = self.dsn
         self.through_pooler = False
         self.elector = Elector(self.dsn, leader_timeout=settings.leader_timeout)
+        # How long anything on the leader's session may wait for an answer: past this its
+        # leadership has lapsed anyway, and the connection is taken for dead (elector.py).
+        self.round_trip_timeout = settings.leader_timeout - self.elector.margin
         self.retention = Retention(
             self.dsn, settings.maintenance_interval, {"leader_id": self.elector.leader_id}
         )
@@ -151,8 +155,12 @@ class Coordinator:
     async def _refresh_groups(self) -> None:
         async with self.elector.conn_lock:
             conn = await self.elector.connection()
-            with translated(self.session_dsn):
-                rows = await (await conn.execute(Q.groups)).fetchall()
+
+            async def read() -> list[dict[str, Any]]:
+                with translated(self.session_dsn):
+                    return await (await conn.execute(Q.groups)).fetchall()
+
+            rows = await bounded(conn, self.round_trip_timeout, read)
         self.topics = {
             r["group_name"]: r["topic"]
             for r in rows
@@ -224,9 +232,13 @@ class Coordinator:
         try:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
-                with translated(self.session_dsn):
-                    cur = await conn.execute(Q.member_heartbeats, {"groups": leading})
-                    rows = await cur.fetchall()
+
+                async def read() -> list[dict[str, Any]]:
+                    with translated(self.session_dsn):
+                        cur = await conn.execute(Q.member_heartbeats, {"groups": leading})
+                        return await cur.fetchall()
+
+                rows = await bounded(conn, self.round_trip_timeout, read)
         except DatabaseUnavailable:
             return []  # the election loop deals with the session; the next probe retries
         by_group: dict[str, list[dict[str, object]]] = {g: [] for g in leading}
@@ -255,17 +267,21 @@ class Coordinator:
         try:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
-                outcome = await rebalance(
+                outcome = await bounded(
                     conn,
-                    group=group,
-                    topic=topic,
-                    leader_id=self.leader_id,
-                    leader_epoch=epoch,
-                    leader_timeout=self.settings.leader_timeout,
-                    drain_deadline=self.settings.drain_deadline,
-                    reason=reason,
-                    lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
-                    watch=self.watch,
+                    self.round_trip_timeout,
+                    lambda: rebalance(
+                        conn,
+                        group=group,
+                        topic=topic,
+                        leader_id=self.leader_id,
+                        leader_epoch=epoch,
+                        leader_timeout=self.settings.leader_timeout,
+                        drain_deadline=self.settings.drain_deadline,
+                        reason=reason,
+                        lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
+                        watch=self.watch,
+                    ),
                 )
         except LostLeadership as exc:
             log.error(

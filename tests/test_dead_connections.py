@@ -116,3 +116,25 @@ async def test_a_black_holed_member_notices_and_rejoins_after_the_network_heals(
                 "the rejoined member to own every partition again",
             )
         await coordinator.stop()
+
+
+async def test_a_black_holed_leader_notices_and_leads_again_after_the_network_heals(
+    db: psycopg.Connection[Any], dsn: str, proxy: NetProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pgcg")
+    db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
+    db.execute("SELECT pgcg.create_group(%s, %s, 'earliest')", (GROUP, TOPIC))
+    cfg = fast_settings({}, {"leader_timeout": 3})
+    coordinator = Coordinator(cfg, dsn=proxy.dsn_for(dsn))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(coordinator.run_until_stopped)
+        await await_for(lambda: coordinator.elector.leading() == [GROUP], 30, "leadership")
+        proxy.stall(3600)
+        await await_for(
+            lambda: actions(caplog, "leader_lost"),
+            30,
+            "the leader to give up on its silent connection",
+        )
+        proxy.heal()
+        await await_for(lambda: coordinator.elector.leading() == [GROUP], 60, "leadership again")
+        await coordinator.stop()
