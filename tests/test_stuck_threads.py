@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgcg.bench.chaos.netproxy import ProxyHub
 from pgcg.consumer.assignment import EXIT_HANDLER_STUCK
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.queries import Queries
@@ -64,16 +65,20 @@ class Member:
         return [json.loads(line).get("action", "") for line in lines if line.startswith("{")]
 
 
+def stopped(member: Member) -> None:
+    (member.folder / "release").touch()
+    if member.proc.poll() is None:
+        member.proc.kill()
+    member.proc.wait()
+
+
 @pytest.fixture
 def member(dsn: str, tmp_path: Path) -> Iterator[Member]:
     started = Member(dsn, tmp_path)
     try:
         yield started
     finally:
-        (tmp_path / "release").touch()
-        if started.proc.poll() is None:
-            started.proc.kill()
-        started.proc.wait()
+        stopped(started)
 
 
 def handling(db: psycopg.Connection[Any], member: Member) -> tuple[str, int]:
@@ -122,3 +127,25 @@ def test_shutdown_with_a_handler_thread_running_exits_without_releasing(
     actions = member.actions()
     assert "handler_thread_stuck" in actions
     assert "partition_released" not in actions
+
+
+def test_a_lease_that_runs_out_under_a_handler_thread_stops_the_process(
+    db: psycopg.Connection[Any], dsn: str, pg_server: str, tmp_path: Path
+) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(pg_server)
+    with ProxyHub() as hub:
+        proxy = hub.proxy(str(params["host"]), int(params["port"]))
+        member = Member(proxy.dsn_for(dsn), tmp_path)
+        try:
+            member_id, epoch = handling(db, member)
+            # The database is out of reach (packets dropped): the lease runs out while the
+            # handler's thread still works on the partition's keys.
+            proxy.stall(3600)
+            code = member.proc.wait(60)
+        finally:
+            stopped(member)
+    assert code == EXIT_HANDLER_STUCK, member.stderr.read_text()[-2000:]
+    assert owners(db, GROUP)[0] == (member_id, epoch, "assigned")
+    actions = member.actions()
+    assert "lease_expired" in actions
+    assert "handler_thread_stuck" in actions
