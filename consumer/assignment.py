@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,35 @@ from pgcg.shared import tracing
 
 log = logging.getLogger("pgcg.consumer.assignment")
 
+# The exit code of a consumer that stopped because a handler thread outlived its partition.
+EXIT_HANDLER_STUCK = 6
+
+
+def halt(owned: Owned, reason: str) -> None:
+    """Stop the process: a `def` handler's thread still works on a partition that has to
+    be let go (drain deadline, lease expiry, shutdown, or it was already taken from us).
+
+    A thread cannot be cancelled, and releasing the partition (or letting the lease run
+    out) while it runs would give its keys to a second member while this one still works
+    on them. Exiting now, before the lease ends, takes the thread down with the process;
+    the supervisor restarts it, and the next owner takes over after the session timeout.
+    """
+    log.critical(
+        "partition %s: a handler thread is still running after %s and cannot be "
+        "cancelled; exiting (code %s) so that no other member works on its keys "
+        "while it does",
+        owned.partition,
+        reason,
+        EXIT_HANDLER_STUCK,
+        extra={"action": "handler_thread_stuck", "partition": owned.partition,
+               "epoch": owned.epoch, "reason": reason, "threads": owned.threads},
+    )  # fmt: skip
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_HANDLER_STUCK)
+
 
 @dataclass(eq=False)
 class Owned:
@@ -37,6 +68,9 @@ class Owned:
     # Set once its handlers were cancelled (partition lost, drain time up): a cancelled
     # handler then writes no result, where one cancelled by its own deadline is stuck.
     handlers_cancelled: bool = False
+    # Plain `def` handlers of this partition running in worker threads now: cancelling
+    # does not stop a thread, so while one runs the partition must not be let go.
+    threads: int = 0
 
     def cancel_handlers(self) -> None:
         self.handlers_cancelled = True
@@ -122,6 +156,9 @@ class Assignment:
         self._handing_off: set[int] = set()  # our release of these is in flight
         # Told of each partition assigned or lost (the application's callbacks).
         self.notify: Callable[[Literal["assigned", "lost"], int], None] | None = None
+        # Called when a partition must be let go while a handler thread still works on it
+        # (see halt): nothing can stop the thread, so the process has to stop.
+        self.on_stuck: Callable[[Owned, str], None] = halt
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -209,6 +246,8 @@ class Assignment:
         if owned is None:
             return
         owned.cancel_handlers()
+        if owned.threads:
+            self.on_stuck(owned, reason)
         dropped = self.scheduler.drop_partition(partition)
         _end_revoke(owned, "lost", reason)
         if self.notify is not None:
@@ -262,7 +301,11 @@ class Assignment:
                     extra={"action": "drain_deadline", **self.fields,
                            "partition": owned.partition, "epoch": owned.epoch},
                 )  # fmt: skip
-                ready.append(owned)
+                if owned.threads:
+                    self.on_stuck(owned, "drain deadline reached")
+                # Released once its cancelled handlers have really returned.
+                if not owned.scopes:
+                    ready.append(owned)
         return ready
 
     def next_revoke_deadline(self) -> float | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgcg.shared import names
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable, UnknownTopic
 from pgcg.shared.queries import Queries
 
@@ -74,6 +74,10 @@ class Membership:
         # whenever the answer arrived.
         self.answered_sent_at = 0.0
         self.partitions = 0
+        # How long one heartbeat round trip may take before the connection is taken for
+        # dead, dropped and made anew: well within the lease, so a black-holed link (no
+        # reset, packets dropped) costs one lease at most, not the kernel's 15 minutes.
+        self.round_trip_timeout = max(1.0, session_timeout / 3)
         self._conn: AsyncConn | None = None
         self.through_pooler = False  # set by the consumer once it knows (pooler.py)
 
@@ -87,6 +91,7 @@ class Membership:
                 self.dsn,
                 application_name=f"pgcg-member:{self.group}",
                 through_pooler=self.through_pooler,
+                session_timeout=self.session_timeout,
             )
         return self._conn
 
@@ -108,8 +113,10 @@ class Membership:
             "session_timeout_ms": round(self.session_timeout * 1000),
             "event": "join",
         }
-        conn = await self._connection()
-        try:
+        sent = 0.0
+
+        async def insert() -> None:
+            nonlocal sent
             with translated(self.dsn):
                 async with conn.transaction():
                     row = await (await conn.execute(Q.topic_partitions, params)).fetchone()
@@ -126,6 +133,10 @@ class Membership:
                     sent = time.monotonic()
                     await conn.execute(Q.join, params)
                     await conn.execute(Q.notify_coordinator, params)
+
+        try:
+            conn = await self._connection()
+            await bounded(conn, self.session_timeout, insert)
         except DatabaseUnavailable:
             await self._drop_connection()
             raise
@@ -139,13 +150,16 @@ class Membership:
 
     async def heartbeat(self) -> list[AssignmentRow] | None:
         """Renew the lease; our assignments, or None if we were expelled from the group."""
-        conn = await self._connection()
-        sent = time.monotonic()
         try:
-            with translated(self.dsn):
-                rows = await (
-                    await conn.execute(Q.heartbeat, {"group": self.group, "member": self.member_id})
-                ).fetchall()
+            conn = await self._connection()
+            sent = time.monotonic()
+
+            async def round_trip() -> list[dict[str, Any]]:
+                with translated(self.dsn):
+                    params = {"group": self.group, "member": self.member_id}
+                    return await (await conn.execute(Q.heartbeat, params)).fetchall()
+
+            rows = await bounded(conn, self.round_trip_timeout, round_trip)
         except DatabaseUnavailable:
             await self._drop_connection()
             raise

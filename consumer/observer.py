@@ -257,7 +257,10 @@ class ConsumerObserver:
         if owned:
             if self._conn is None or self._conn.closed:
                 self._conn = await connect(
-                    ctx.dsn, application_name="pgcg-observer", through_pooler=ctx.through_pooler
+                    ctx.dsn,
+                    application_name="pgcg-observer",
+                    through_pooler=ctx.through_pooler,
+                    session_timeout=ctx.settings.session_timeout,
                 )
             with translated(ctx.dsn):
                 cur = await self._conn.execute(Q.group_lag, {"group": ctx.group})

@@ -226,6 +226,7 @@ class Progress:
                 self.ctx.dsn,
                 application_name="pgcg-progress",
                 through_pooler=self.ctx.through_pooler,
+                session_timeout=self.ctx.settings.session_timeout,
             )
         return self._conn
 

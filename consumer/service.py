@@ -124,6 +124,7 @@ class Consumer:
             self.progress,
             self.transactional,
             payload_type if payload_type is not None else payloads.handler_payload_type(handler),
+            threaded=not handlers.is_async(handler),
         )
         self.joined = anyio.Event()
         self.stopped = False
@@ -238,8 +239,14 @@ class Consumer:
                 in_flight,
                 extra={"action": "drain_deadline", **ctx.fields},
             )
-            for owned in ctx.assignment.owned.values():
+            for owned in list(ctx.assignment.owned.values()):
                 owned.cancel_handlers()
+                if owned.threads:
+                    ctx.assignment.on_stuck(owned, "the drain deadline of a shutdown")
+            # Released once the cancelled handlers have really returned.
+            with anyio.move_on_after(ctx.settings.lease_margin):
+                while any(o.scopes for o in ctx.assignment.owned.values()):
+                    await ctx.wake.release.wait(0.05)
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.writer.flush()
@@ -335,7 +342,11 @@ class Consumer:
             try:
                 async for attempt in reconnecting(log, "listen", **ctx.fields):
                     with attempt:
-                        conn = await connect(dsn, application_name="pgcg-listener")
+                        conn = await connect(
+                            dsn,
+                            application_name="pgcg-listener",
+                            session_timeout=ctx.settings.session_timeout,
+                        )
                         with translated(dsn):
                             for channel in (topic_channel, group_channel):
                                 await conn.execute(
@@ -435,7 +446,10 @@ class Consumer:
             ctx.settings.drain_deadline,
         )
         conn = await connect(
-            ctx.dsn, application_name="pgcg-release", through_pooler=ctx.through_pooler
+            ctx.dsn,
+            application_name="pgcg-release",
+            through_pooler=ctx.through_pooler,
+            session_timeout=ctx.settings.session_timeout,
         )
         try:
             with ctx.assignment.handing_off(parts), translated(ctx.dsn):

@@ -208,6 +208,7 @@ class Transactional:
                 self._pool = await open_pool(
                     self.ctx.dsn, min_size=min(size, 4), max_size=size, name="pgcg-handler-tx",
                     through_pooler=self.ctx.through_pooler,
+                    session_timeout=self.ctx.settings.session_timeout,
                 )  # fmt: skip
         return self._pool
 

@@ -62,9 +62,14 @@ class Workers:
         progress: Progress,
         transactional: Transactional | None = None,
         payload_type: Any = None,
+        *,
+        threaded: bool = False,
     ) -> None:
         self.ctx = ctx
         self._payload_type = payload_type  # what the handler declares (Message[Order])
+        # Plain `def` handlers run in worker threads, which cancellation cannot stop: each
+        # running one is counted on its partition (Owned.threads), which is held meanwhile.
+        self._threaded = threaded
         self._call = call
         self._submit = submit
         self._progress = progress
@@ -148,6 +153,8 @@ class Workers:
             fenced = False
             # The deadline moves with each progress report; past it the handler is stuck.
             delivery = self._progress.start(item)
+            if self._threaded:
+                owned.threads += 1
             try:
                 with delivery.deadline:
                     message = delivery.message
@@ -170,6 +177,8 @@ class Workers:
             except Exception as exc:
                 result = self._failed(item, exc)
             finally:
+                if self._threaded:
+                    owned.threads -= 1
                 self._progress.end(item)
             self._end(worker)
             if fenced and self.ctx.assignment.current(item.partition, item.epoch) is not None:

@@ -155,7 +155,10 @@ class Writer:
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
             self._conn = await connect(
-                self.ctx.dsn, application_name="pgcg-writer", through_pooler=self.ctx.through_pooler
+                self.ctx.dsn,
+                application_name="pgcg-writer",
+                through_pooler=self.ctx.through_pooler,
+                session_timeout=self.ctx.settings.session_timeout,
             )
         return self._conn
 

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from pgcg.shared import tracing
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable, PermissionDenied
 from pgcg.shared.queries import Queries
 
@@ -83,7 +83,9 @@ class Elector:
                     extra={"action": "leader_lost", **self.fields},
                 )
             self._leading.clear()  # the locks died with the old session
-            self._conn = await connect(self.dsn, application_name="pgcg-coordinator")
+            self._conn = await connect(
+                self.dsn, application_name="pgcg-coordinator", session_timeout=self.leader_timeout
+            )
         return self._conn
 
     async def close(self) -> None:
@@ -118,13 +120,19 @@ class Elector:
         async with self.conn_lock:
             try:
                 conn = await self.connection()
-                for group in groups:
-                    if group in self._leading:
-                        await self._renew(conn, group)
-                    elif await self._try_lead(conn, group):
-                        elected.append(group)
-                for group in [g for g in self._leading if g not in groups]:
-                    await self._step_down(group, "group gone")
+
+                async def round_() -> None:
+                    for group in groups:
+                        if group in self._leading:
+                            await self._renew(conn, group)
+                        elif await self._try_lead(conn, group):
+                            elected.append(group)
+                    for group in [g for g in self._leading if g not in groups]:
+                        await self._step_down(group, "group gone")
+
+                # A round that outlasts the leadership it renews is on a dead connection
+                # (packets dropped, no reset): drop it and start over on a new one.
+                await bounded(conn, self.leader_timeout - self.margin, round_)
             except DatabaseUnavailable as exc:
                 if self._leading:
                     log.error(

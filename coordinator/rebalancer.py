@@ -1,7 +1,10 @@
 """One rebalance of one group: the whole group protocol's decision logic lives here.
 
-In one transaction on the leader's session, fenced by the leader row:
-  1. expire members whose heartbeat is older than their session timeout;
+In one transaction on the leader's session, fenced by the leader row, whose lock waits
+are each bounded by `lock_timeout` (past it the transaction aborts, writing nothing, and
+the coordinator retries):
+  1. expire members silent for their session timeout, timed on the coordinator's own
+     clock (expiry.py), never on the database's;
   2. ask the assignor (pure) for the target over the live members;
   3. move partitions revoke-before-assign:
      - unowned, or owner dead             -> assign to the target now (epoch + 1)
@@ -30,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgcg.coordinator.assignor import assign
+from pgcg.coordinator.expiry import MemberWatch
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, translated
 from pgcg.shared.errors import LostOwnership
@@ -37,6 +41,11 @@ from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.coordinator.rebalancer")
 Q = Queries("coordinator")
+
+# Until a rebalance commits, owners' heartbeats still see the old assignments and renew
+# their leases on them; a rebalance stuck behind a lock must give up well within a lease
+# margin (at least 1 s) rather than commit a hand-off its owners have not heard of.
+DEFAULT_LOCK_TIMEOUT = 0.5
 
 
 class LostLeadership(LostOwnership):
@@ -105,8 +114,14 @@ async def rebalance(
     leader_timeout: float,
     drain_deadline: float,
     reason: str,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    watch: MemberWatch | None = None,
 ) -> Outcome | None:
-    """Run one rebalance; None when nothing needed to change."""
+    """Run one rebalance; None when nothing needed to change.
+
+    `watch`: the leader's record of its members' heartbeats (expiry.py); without one
+    nobody has been watched, so nobody is expired."""
+    watch = watch if watch is not None else MemberWatch()
     started_at = datetime.now(UTC)
     t0 = time.perf_counter()
     t0_ns = time.time_ns()
@@ -118,6 +133,7 @@ async def rebalance(
         "leader_epoch": leader_epoch,
         "leader_timeout_s": leader_timeout,
         "drain_deadline_s": drain_deadline,
+        "lock_timeout_ms": max(1, round(lock_timeout * 1000)),
     }
     statements = 0
 
@@ -130,9 +146,18 @@ async def rebalance(
     # The span is entered once there is something to do, but closes after the commit.
     with translated(), contextlib.ExitStack() as stack:
         async with conn.transaction():
+            await run(Q.bound_lock_waits)
             if not await run(Q.lock_leadership):
                 raise LostLeadership(f"no longer leader of {group} at leader epoch {leader_epoch}")
-            expired = [r["member_id"] for r in await run(Q.expire_members)]
+            silent = watch.observe(group, await run(Q.member_heartbeats, groups=[group]))
+            expired = []
+            if silent:
+                rows = await run(
+                    Q.expire_members,
+                    members=[r["member_id"] for r in silent],
+                    heartbeats=[r["last_heartbeat"] for r in silent],
+                )
+                expired = [r["member_id"] for r in rows]
             members = [r["member_id"] for r in await run(Q.live_members)]
             rows = await run(Q.assignments_for_update)
             moves, _ = plan(rows, members)

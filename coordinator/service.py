@@ -15,16 +15,23 @@ import json
 import logging
 import signal
 import time
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
 from pgcg.coordinator.elector import Elector
-from pgcg.coordinator.rebalancer import LostLeadership, Outcome, rebalance
+from pgcg.coordinator.expiry import Clock, MemberWatch
+from pgcg.coordinator.rebalancer import (
+    DEFAULT_LOCK_TIMEOUT,
+    LostLeadership,
+    Outcome,
+    rebalance,
+)
 from pgcg.coordinator.retention import Retention
 from pgcg.shared import names, pooler
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import ConfigError, DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
 from pgcg.shared.queries import Queries
@@ -41,9 +48,16 @@ EXPIRY_PROBE_INTERVAL = 0.25
 
 class Coordinator:
     def __init__(
-        self, settings: Settings, *, groups: list[str] | None = None, dsn: str | None = None
+        self,
+        settings: Settings,
+        *,
+        groups: list[str] | None = None,
+        dsn: str | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.settings = settings
+        # Members are expired on this clock (expiry.py), never on the database's.
+        self.watch = MemberWatch(clock)
         self.dsn = dsn or settings.dsn()
         self.only = [names.group_name(g) for g in groups] if groups else None
         # The leader lock and LISTEN need a session: PGCG_SESSION_DATABASE_URL when
@@ -51,6 +65,9 @@ class Coordinator:
         self.session_dsn = self.dsn
         self.through_pooler = False
         self.elector = Elector(self.dsn, leader_timeout=settings.leader_timeout)
+        # How long anything on the leader's session may wait for an answer: past this its
+        # leadership has lapsed anyway, and the connection is taken for dead (elector.py).
+        self.round_trip_timeout = settings.leader_timeout - self.elector.margin
         self.retention = Retention(
             self.dsn, settings.maintenance_interval, {"leader_id": self.elector.leader_id}
         )
@@ -130,6 +147,7 @@ class Coordinator:
             except DatabaseUnavailable as exc:
                 log.warning("cannot list groups: %s", exc, extra={"action": "db_retry"})
             for group in await self.elector.tick(sorted(self.topics)):
+                self.watch.forget(group)
                 self.mark(group, "leader elected")
             self.ready.set()
             await anyio.sleep(ELECTION_INTERVAL)
@@ -137,8 +155,12 @@ class Coordinator:
     async def _refresh_groups(self) -> None:
         async with self.elector.conn_lock:
             conn = await self.elector.connection()
-            with translated(self.session_dsn):
-                rows = await (await conn.execute(Q.groups)).fetchall()
+
+            async def read() -> list[dict[str, Any]]:
+                with translated(self.session_dsn):
+                    return await (await conn.execute(Q.groups)).fetchall()
+
+            rows = await bounded(conn, self.round_trip_timeout, read)
         self.topics = {
             r["group_name"]: r["topic"]
             for r in rows
@@ -151,7 +173,11 @@ class Coordinator:
             try:
                 async for attempt in reconnecting(log, "coordinator listen"):
                     with attempt:
-                        conn = await connect(self.session_dsn, application_name="pgcg-coord-listen")
+                        conn = await connect(
+                            self.session_dsn,
+                            application_name="pgcg-coord-listen",
+                            session_timeout=self.settings.leader_timeout,
+                        )
                         with translated(self.session_dsn):
                             await conn.execute(
                                 sql.SQL("LISTEN {}").format(
@@ -197,19 +223,28 @@ class Coordinator:
                 self.mark(group, "periodic" if full else "sweep")
 
     async def _expired_groups(self) -> list[str]:
-        """Groups we lead with a member past its session timeout (a hint: the rebalance
-        decides the expiry itself)."""
+        """Groups we lead with a member silent for its session timeout (a hint: the
+        rebalance decides the expiry itself). Lock-free and cheap (members only); asked
+        between full sweeps, it is also how often members' heartbeats are watched."""
         leading = self.elector.leading()
         if not leading:
             return []
         try:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
-                with translated(self.session_dsn):
-                    cur = await conn.execute(Q.expired_groups, {"groups": leading})
-                    return [r["group_name"] for r in await cur.fetchall()]
+
+                async def read() -> list[dict[str, Any]]:
+                    with translated(self.session_dsn):
+                        cur = await conn.execute(Q.member_heartbeats, {"groups": leading})
+                        return await cur.fetchall()
+
+                rows = await bounded(conn, self.round_trip_timeout, read)
         except DatabaseUnavailable:
             return []  # the election loop deals with the session; the next probe retries
+        by_group: dict[str, list[dict[str, object]]] = {g: [] for g in leading}
+        for row in rows:
+            by_group.setdefault(str(row["group_name"]), []).append(row)
+        return [group for group, members in by_group.items() if self.watch.observe(group, members)]
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -232,15 +267,21 @@ class Coordinator:
         try:
             async with self.elector.conn_lock:
                 conn = await self.elector.connection()
-                outcome = await rebalance(
+                outcome = await bounded(
                     conn,
-                    group=group,
-                    topic=topic,
-                    leader_id=self.leader_id,
-                    leader_epoch=epoch,
-                    leader_timeout=self.settings.leader_timeout,
-                    drain_deadline=self.settings.drain_deadline,
-                    reason=reason,
+                    self.round_trip_timeout,
+                    lambda: rebalance(
+                        conn,
+                        group=group,
+                        topic=topic,
+                        leader_id=self.leader_id,
+                        leader_epoch=epoch,
+                        leader_timeout=self.settings.leader_timeout,
+                        drain_deadline=self.settings.drain_deadline,
+                        reason=reason,
+                        lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
+                        watch=self.watch,
+                    ),
                 )
         except LostLeadership as exc:
             log.error(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
-from typing import Any
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
@@ -31,9 +33,22 @@ from pgcg.shared.errors import (
 from pgcg.shared.grants import advice as grants_on
 from pgcg.shared.redaction import clean_driver_message, misread_url, parse, redact, remember
 
-__all__ = ["AsyncConn", "connect", "connect_sync", "open_pool", "redact", "translate"]
+__all__ = [
+    "AsyncConn",
+    "bounded",
+    "connect",
+    "connect_sync",
+    "liveness",
+    "open_pool",
+    "redact",
+    "translate",
+]
 
 AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
+T = TypeVar("T")
+
+# The session timeout of a process that does not say (Settings' default).
+DEFAULT_SESSION_TIMEOUT = 10.0
 
 # libpq's words for a connection string it parsed but whose values it refuses (a bad
 # sslmode, a port that is not a number): settings to fix, not an outage to wait out.
@@ -251,17 +266,83 @@ def _loads(data: bytes) -> Any:
     return _decode_json(data.decode("utf-8", "surrogatepass"))
 
 
+def liveness(dsn: str, session_timeout: float = DEFAULT_SESSION_TIMEOUT) -> dict[str, Any]:
+    """Connection settings that find a dead peer within about `session_timeout`.
+
+    Without them a connection whose packets are dropped (a black-holed link, a host gone
+    without a reset) blocks its reader for the kernel's retransmission timeout, about 15
+    minutes, long after the member's lease and its partitions are gone. Keepalives probe
+    an idle connection (idle + count * interval < the session timeout), tcp_user_timeout
+    drops one whose sent data goes unacknowledged. Whatever the URL sets itself wins.
+    """
+    given = conninfo_to_dict(dsn)
+    timeout = max(session_timeout, 3.0)
+    wanted: dict[str, Any] = {
+        "connect_timeout": max(2, min(10, round(timeout))),
+        "keepalives": 1,
+        "keepalives_idle": max(1, int(timeout / 3)),
+        "keepalives_interval": max(1, int(timeout / 6)),
+        "keepalives_count": 3,
+    }
+    if psycopg.pq.version() >= 120000:  # older libpq refuses the option
+        wanted["tcp_user_timeout"] = int(timeout * 1000)
+    return {k: v for k, v in wanted.items() if k not in given}
+
+
+async def bounded(conn: AsyncConn, seconds: float, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()` (a round trip on `conn`), or DatabaseUnavailable if no answer came within
+    `seconds`; the connection is then unusable and must be closed.
+
+    The socket is shut down rather than the call cancelled: a cancelled psycopg call first
+    tries to cancel the query on the server, which over a dead link waits out its own
+    timeouts (10 s) before giving up.
+    """
+    timed_out = False
+    failed: BaseException | None = None
+    result: T | None = None
+
+    async def sever() -> None:
+        nonlocal timed_out
+        await anyio.sleep(seconds)
+        timed_out = True
+        with contextlib.suppress(OSError, psycopg.Error):
+            sock = socket.socket(fileno=conn.pgconn.socket)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays libpq's
+
+    # The call's own error is kept out of the task group, which would wrap it in a group.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sever)
+        try:
+            result = await call()
+        except (PgcgError, psycopg.Error, OSError) as exc:
+            failed = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failed is not None:
+        if timed_out:
+            raise DatabaseUnavailable(
+                f"no answer from PostgreSQL within {seconds:g}s: connection dropped"
+            ) from failed
+        raise failed
+    return result  # type: ignore[return-value]
+
+
 async def connect(
     dsn: str,
     *,
     autocommit: bool = True,
     application_name: str = "pgcg",
     through_pooler: bool = False,
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT,
 ) -> AsyncConn:
     """A dedicated connection (heartbeats, leader locks, LISTEN: never a pooled one).
 
     `through_pooler`: `dsn` goes through a transaction pooler (see pooler.py), so nothing
-    is prepared: the next transaction may run on a server connection that never saw it."""
+    is prepared: the next transaction may run on a server connection that never saw it.
+    `session_timeout`: a dead connection is noticed within about this (see liveness)."""
     remember(dsn)
     with translated(dsn):
         conn = await psycopg.AsyncConnection.connect(
@@ -269,8 +350,8 @@ async def connect(
             autocommit=autocommit,
             row_factory=dict_row,
             application_name=application_name,
-            connect_timeout=10,
             prepare_threshold=None if through_pooler else 5,
+            **liveness(dsn, session_timeout),
         )
     if _json_loads_is_default():
         set_json_loads(_loads, conn)
@@ -287,10 +368,14 @@ def _json_loads_is_default() -> bool:
     )
 
 
-def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[dict[str, Any]]:
+def connect_sync(
+    dsn: str, *, autocommit: bool = True, session_timeout: float = DEFAULT_SESSION_TIMEOUT
+) -> psycopg.Connection[dict[str, Any]]:
     remember(dsn)
     with translated(dsn):
-        return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=10)
+        return psycopg.connect(
+            dsn, autocommit=autocommit, row_factory=dict_row, **liveness(dsn, session_timeout)
+        )
 
 
 async def open_pool(
@@ -300,11 +385,14 @@ async def open_pool(
     max_size: int = 4,
     name: str = "pgcg",
     through_pooler: bool = False,
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT,
 ) -> AsyncConnectionPool[AsyncConn]:
     async def configure(conn: AsyncConn) -> None:
         await conn.set_autocommit(True)
 
     remember(dsn)
+    with translated(dsn):
+        alive = liveness(dsn, session_timeout)
     pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
         dsn,
         min_size=min_size,
@@ -314,8 +402,8 @@ async def open_pool(
         kwargs={
             "row_factory": dict_row,
             "application_name": name,
-            "connect_timeout": 10,
             "prepare_threshold": None if through_pooler else 5,
+            **alive,
         },
         configure=configure,
     )

@@ -202,3 +202,16 @@ async def running(*consumers: Consumer) -> AsyncIterator[None]:
         finally:
             for consumer in consumers:
                 consumer.stop()
+
+
+class FakeClock:
+    """A monotonic clock the test moves (the coordinator's `clock`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -19,10 +19,11 @@ def test_rebalance_cost_counts_statements_and_moves(db: psycopg.Connection[Any],
     )
     assert [len(samples[k]) for k in rebalance_cost.KINDS] == [2, 2, 2, 2]
     for s in samples["initial"]:
-        assert (s["moves"], s["statements"], s["recorded"]) == (12, 8, True)
+        assert (s["moves"], s["statements"], s["recorded"]) == (12, 9, True)
     for s in samples["noop"]:
-        # lock_leadership, expire_members, live_members, assignments_for_update; no row.
-        assert (s["moves"], s["statements"], s["recorded"]) == (0, 4, False)
+        # bound_lock_waits, lock_leadership, member_heartbeats, live_members,
+        # assignments_for_update; no row.
+        assert (s["moves"], s["statements"], s["recorded"]) == (0, 5, False)
     for s in samples["leave"]:
         assert s["recorded"] and s["moves"] in (2, 3)  # the leaver's partitions, forced
     for s in samples["join"]:

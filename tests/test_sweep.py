@@ -11,7 +11,7 @@ import pytest
 
 from pgcg.coordinator.service import Coordinator
 from pgcg.shared.settings import Settings
-from tests.helpers import await_for
+from tests.helpers import FakeClock, await_for
 
 pytestmark = pytest.mark.anyio
 
@@ -30,24 +30,35 @@ async def test_an_expired_member_is_expired_well_within_a_heartbeat_interval(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
     db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
-    db.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
-    # Full sweeps only every 5 s: anything faster is the expiry probe's doing.
-    coord = Coordinator(Settings(heartbeat_interval=5, session_timeout=10), dsn=dsn)
+    db.execute("SELECT pgcg.create_group(%s, %s, 'earliest')", (GROUP, TOPIC))
+    # Full sweeps only every 15 s: anything faster is the expiry probe's doing. Silences
+    # are timed on the coordinator's own clock, which the test moves.
+    clock = FakeClock()
+    coord = Coordinator(
+        Settings(heartbeat_interval=15, session_timeout=30, drain_deadline=30), dsn=dsn, clock=clock
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(coord.run_until_stopped)
         await await_for(lambda: coord.elector.leading() == [GROUP], 10, "leadership")
         await anyio.sleep(0.5)  # past the "leader elected" rebalance
-        # A member whose last heartbeat is already older than its session timeout, joined
-        # without a NOTIFY: only a sweep can find it.
+        # A member that joined without a NOTIFY and never heartbeats: only a sweep can
+        # find it, once the coordinator has watched it stay silent for its session timeout.
         db.execute(
             "INSERT INTO pgcg.consumer_groups "
-            "(group_name, member_id, host, pid, session_timeout_ms, last_heartbeat, protocol) "
-            "VALUES (%s, 'silent', 'h', 1, 1000, now() - interval '1 minute', 3)",
+            "(group_name, member_id, host, pid, session_timeout_ms, protocol) "
+            "VALUES (%s, 'silent', 'h', 1, 1000, 3)",
             (GROUP,),
         )
+        await await_for(
+            lambda: "silent" in coord.watch._seen.get(GROUP, {}), 10, "the member watched"
+        )
+        assert "silent" in members(db)
+        clock.advance(1.0)
         started = time.monotonic()
         await await_for(lambda: "silent" not in members(db), 10, "the silent member expired")
         took = time.monotonic() - started
         await coord.stop()
     assert took < 1.5, f"expired after {took:.2f}s"
-    assert any("expiry probe" in o.reason for o in coord.outcomes)
+    assert any("expiry probe" in o.reason for o in coord.outcomes), [
+        o.reason for o in coord.outcomes
+    ]

@@ -65,23 +65,46 @@ FROM pgcg.coordinator_leader WHERE scope = %(scope)s
 -- name: groups
 SELECT group_name, topic FROM pgcg.groups ORDER BY group_name
 
+-- name: member_heartbeats
+-- Each member's last heartbeat as a value to watch, not a time to compare with now(): the
+-- coordinator times silences on its own clock (coordinator/expiry.py), so a step of the
+-- database host's clock expires nobody whose lease is still valid.
+SELECT group_name, member_id, last_heartbeat, session_timeout_ms
+FROM pgcg.consumer_groups
+WHERE group_name = ANY(%(groups)s::text[])
+
 -- name: expire_members
-DELETE FROM pgcg.consumer_groups
-WHERE group_name = %(group)s
-  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
-RETURNING member_id, extract(epoch FROM now() - last_heartbeat)::float8 AS silent_s
+-- Only members whose heartbeat is still the one the coordinator saw go silent: one that
+-- heartbeated since is kept.
+DELETE FROM pgcg.consumer_groups AS cg
+USING unnest(%(members)s::text[], %(heartbeats)s::timestamptz[]) AS x(member_id, last_heartbeat)
+WHERE cg.group_name = %(group)s AND cg.member_id = x.member_id
+  AND cg.last_heartbeat = x.last_heartbeat
+RETURNING cg.member_id
 
 -- name: live_members
 SELECT member_id, host, pid FROM pgcg.consumer_groups
 WHERE group_name = %(group)s ORDER BY joined_at, member_id
 
+-- name: bound_lock_waits
+-- How long any one lock wait of this rebalance may last (a lock timeout aborts it, and the
+-- coordinator retries): a heartbeat reads the assignments without a lock, so until this
+-- transaction commits owners keep seeing (and renewing their lease on) the old state.
+SELECT set_config('lock_timeout', %(lock_timeout_ms)s::int::text, true)
+
 -- name: assignments_for_update
+-- `overdue` is judged on the clock once the rows are locked (the outer query runs after
+-- the lock waits), not at the start of the transaction.
 SELECT partition, member_id, epoch, state, target_member_id,
-       revoke_deadline IS NOT NULL AND revoke_deadline <= now() AS overdue
-FROM pgcg.partition_assignments
-WHERE group_name = %(group)s AND topic = %(topic)s
+       revoke_deadline IS NOT NULL AND revoke_deadline <= clock_timestamp() AS overdue
+FROM (
+    SELECT partition, member_id, epoch, state, target_member_id, revoke_deadline
+    FROM pgcg.partition_assignments
+    WHERE group_name = %(group)s AND topic = %(topic)s
+    ORDER BY partition
+    FOR UPDATE
+) AS locked
 ORDER BY partition
-FOR UPDATE
 
 -- name: assign
 -- Give partitions to a member outright with a new epoch: unowned ones, ones whose owner
@@ -99,11 +122,14 @@ RETURNING pa.partition, pa.epoch, pa.member_id
 -- before it heard of this keeps working until its lease (counted from a heartbeat sent
 -- before now) runs out, and a forced hand-off before that would give its keys to a
 -- second member while it still works on them, whatever drain deadline the leader has.
+-- Counted from now, with the rows locked (clock_timestamp()), not from the start of the
+-- transaction (now()): an owner's heartbeat during this transaction's lock waits still saw
+-- `assigned` and renewed its lease from then.
 UPDATE pgcg.partition_assignments AS pa
 SET state = 'revoking', target_member_id = a.target,
     revoke_deadline = coalesce(
         pa.revoke_deadline,
-        now() + greatest(
+        clock_timestamp() + greatest(
             %(drain_deadline_s)s * interval '1 second',
             (SELECT cg.session_timeout_ms * interval '1 millisecond'
              FROM pgcg.consumer_groups AS cg
@@ -139,14 +165,6 @@ VALUES (%(group)s, %(generation)s, %(leader_epoch)s, %(reason)s, %(members)s, %(
 
 -- name: notify_group
 SELECT pg_notify('pgcg.g.' || %(group)s::text, 'assignment')
-
--- name: expired_groups
--- Lock-free and cheap (members only): which of our groups have a member past its session
--- timeout. The sweep asks this between its full rebalances, so an expiry is acted on
--- within the probe interval instead of within a heartbeat interval.
-SELECT DISTINCT group_name FROM pgcg.consumer_groups
-WHERE group_name = ANY(%(groups)s::text[])
-  AND last_heartbeat < now() - session_timeout_ms * interval '1 millisecond'
 
 -- name: topics
 SELECT name FROM pgcg.topics ORDER BY name
