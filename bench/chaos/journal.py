@@ -215,7 +215,9 @@ class Disruption:
 @dataclass
 class Verdict:
     produced: int = 0
-    handled: int = 0  # distinct messages with an accepted handling
+    # Distinct messages with an accepted handling (with several groups: in every group).
+    handled: int = 0
+    handled_ids: set[int] = field(default_factory=set, repr=False)
     pending: int = 0
     dead_lettered: int = 0
     lost: list[int] = field(default_factory=list)  # seqs
@@ -268,7 +270,11 @@ class Verdict:
     def examples(self, n: int = 5) -> list[str]:
         """The first few of each kind of violation, for a report."""
         out: list[str] = []
-        if self.lost:
+        if self.groups:
+            out.extend(
+                f"lost seqs [{name}]: {v.lost[:n]}" for name, v in self.groups.items() if v.lost
+            )
+        elif self.lost:
             out.append(f"lost seqs: {self.lost[:n]}")
         for name, items in (
             ("order", self.order_violations),
@@ -304,8 +310,11 @@ class Verdict:
 
     def add(self, other: Verdict, group: str) -> None:
         """Fold one group's verdict into this one (violations get the group's name)."""
+        self.handled_ids = (
+            set(other.handled_ids) if not self.groups else self.handled_ids & other.handled_ids
+        )
+        self.handled = len(self.handled_ids)
         self.groups[group] = other
-        self.handled += other.handled
         self.pending += other.pending
         self.dead_lettered += other.dead_lettered
         self.lost += other.lost
@@ -340,19 +349,23 @@ def check(
     *,
     disruptions: Sequence[Disruption] | None = None,
     window: tuple[datetime, datetime] | None = None,
+    groups: Iterable[str] = (),
 ) -> Verdict:
     """Check the recorded history of `topic`, for every group that consumes it.
 
     `disruptions` (what a runner injected) lets duplicates be told apart from violations
     and start stamps taken after a SIGCONT be recognised; without it, duplicates are only
     counted. `window` bounds the ownership measurements (default: the whole history).
-    Every group must account for every produced message: the verdict sums the groups'.
+    `groups`: groups that must be there (a run's own); one that never came to be has lost
+    every message. Every group must account for every produced message: a message counts
+    as handled when every group handled it; violations add up, each named after its group.
     """
     conn.row_factory = dict_row  # type: ignore[assignment]
     produced = {r["seq"]: r for r in conn.execute(Q.produced_rows)}
     verdict = Verdict(produced=len(produced))
     _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
-    for (group,) in [tuple(r.values()) for r in conn.execute(Q.groups, {"topic": topic})]:
+    present = [r["group_name"] for r in conn.execute(Q.groups, {"topic": topic})]
+    for group in sorted({*present, *groups}):
         verdict.add(_check_group(conn, group, produced, disruptions, window), group)
     return verdict
 
@@ -381,6 +394,7 @@ def _check_group(
     for r in rows:
         by_message[r["message_id"]].append(r)
     accepted = _accepted(by_message, completed, dead, verdict)
+    verdict.handled_ids = set(accepted)
     verdict.handled = len(accepted)
     # A message completed without a journaled handling before it counts as lost too.
     verdict.lost = sorted(
