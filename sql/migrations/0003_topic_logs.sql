@@ -97,13 +97,18 @@ CREATE TABLE pgcg.segments (
 );
 
 -- Ticks: snapshots over time. Batch (a, b] of a topic is what b sees and a does not.
--- `offsets` are the partitions' sequence values, read just before the snapshot.
+-- `offsets` are the partitions' sequence values, read just *after* the snapshot: every row
+-- the snapshot sees has an offset at or below them (a producer draws its offsets before it
+-- commits). `xid` is the ticker's own transaction id, taken after the offsets were read:
+-- a producer with a larger xid took it, and so drew its offsets, after that read. NULL
+-- when the tick was taken inside a transaction that already had an xid.
 CREATE SEQUENCE pgcg.tick_seq AS bigint;
 CREATE TABLE pgcg.ticks (
     topic_id  integer NOT NULL REFERENCES pgcg.topics (id) ON DELETE CASCADE,
     tick      bigint NOT NULL,
     snapshot  pg_snapshot NOT NULL,
     offsets   bigint[] NOT NULL,
+    xid       xid8,
     at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (topic_id, tick)
 );
@@ -242,6 +247,37 @@ LANGUAGE sql VOLATILE AS $$
         (SELECT string_agg(x::text, ',' ORDER BY x::text::bigint)
          FROM (SELECT pg_snapshot_xip(s) AS x UNION SELECT me) AS xs))::pg_snapshot END
     FROM (SELECT pg_current_snapshot() AS s, pg_current_xact_id_if_assigned() AS me) AS q
+$$;
+
+-- Transactions a tick's snapshot did not see that may have drawn offsets at or below the
+-- tick's: those it lists as running, and those that took their xid after the newest
+-- completed one (a snapshot's xmax is one past the newest *completed* transaction, so it
+-- does not list them) and before the tick's own. NULL when the tick has no xid of its own,
+-- or the span is implausibly wide: any xid from xmax on may then be one.
+CREATE FUNCTION pgcg.tick_unseen(p_snapshot pg_snapshot, p_xid xid8) RETURNS xid8[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p_xid IS NULL
+                  OR p_xid::text::bigint - pg_snapshot_xmax(p_snapshot)::text::bigint > 65536
+                THEN NULL ELSE ARRAY(
+        SELECT x FROM pg_snapshot_xip(p_snapshot) AS x
+        UNION ALL
+        SELECT g::text::xid8
+        FROM generate_series(pg_snapshot_xmax(p_snapshot)::text::bigint,
+                             p_xid::text::bigint - 1) AS g) END
+$$;
+
+-- The smallest xid that tick `a` did not see and tick `b` does (NULL: none), from below
+-- when `a` cannot say which it did not see.
+CREATE FUNCTION pgcg.first_late(a pg_snapshot, a_xid xid8, b pg_snapshot) RETURNS xid8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN u IS NULL THEN (
+               SELECT min(x) FROM (
+                   SELECT x FROM pg_snapshot_xip(a) AS x WHERE pg_visible_in_snapshot(x, b)
+                   UNION ALL
+                   SELECT pg_snapshot_xmax(a)
+                   WHERE pg_snapshot_xmax(b) > pg_snapshot_xmax(a)) AS c)
+           ELSE (SELECT min(x) FROM unnest(u) AS x WHERE pg_visible_in_snapshot(x, b)) END
+    FROM pgcg.tick_unseen(a, a_xid) AS u
 $$;
 
 -- Every partition's last drawn offset (-1: none yet).
@@ -531,6 +567,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
 DECLARE
     t     pgcg.topics;
     last  pgcg.ticks;
+    snap  pg_snapshot;
     offs  bigint[];
     made  pgcg.ticks;
 BEGIN
@@ -545,9 +582,16 @@ BEGIN
         RETURN last.tick;
     END IF;
     offs := pgcg.topic_offsets(t.offset_seqs);
-    IF offs = last.offsets AND NOT EXISTS (
-           SELECT FROM pg_snapshot_xip(last.snapshot) AS x
-           WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress') THEN
+    -- Nothing new when no offset moved and no transaction the newest tick did not see has
+    -- ended since (those at or above its xmax included: it does not list them).
+    IF offs = last.offsets AND (
+           CASE WHEN pgcg.tick_unseen(last.snapshot, last.xid) IS NULL
+                THEN pg_snapshot_xmax(pg_current_snapshot()) = pg_snapshot_xmax(last.snapshot)
+                     AND NOT EXISTS (SELECT FROM pg_snapshot_xip(last.snapshot) AS x
+                                     WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
+                ELSE NOT EXISTS (
+                     SELECT FROM unnest(pgcg.tick_unseen(last.snapshot, last.xid)) AS x
+                     WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress') END) THEN
         RETURN last.tick;
     END IF;
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
@@ -557,15 +601,17 @@ BEGIN
         RETURN last.tick;
     END IF;
     -- New statements, new snapshots: the newest tick again (someone may have just made
-    -- one), the offsets, then the snapshot itself, in that order.
+    -- one), then the snapshot, the offsets and our own xid, in that order (see pgcg.ticks).
     SELECT * INTO last FROM pgcg.ticks AS k WHERE k.topic_id = p_topic_id
     ORDER BY k.tick DESC LIMIT 1;
     IF clock_timestamp() < last.at + t.tick_interval_ms * interval '1 millisecond' THEN
         RETURN last.tick;
     END IF;
+    snap := pg_current_snapshot();
     offs := pgcg.topic_offsets(t.offset_seqs);
-    INSERT INTO pgcg.ticks (topic_id, tick, snapshot, offsets, at)
-    VALUES (p_topic_id, nextval('pgcg.tick_seq'), pg_current_snapshot(), offs, clock_timestamp())
+    INSERT INTO pgcg.ticks (topic_id, tick, snapshot, offsets, xid, at)
+    VALUES (p_topic_id, nextval('pgcg.tick_seq'), snap, offs, pg_current_xact_id(),
+            clock_timestamp())
     RETURNING * INTO made;
     IF pg_snapshot_xmax(made.snapshot) < pg_snapshot_xmax(last.snapshot)
        OR pg_snapshot_xmin(made.snapshot) < pg_snapshot_xmin(last.snapshot) THEN
@@ -584,10 +630,10 @@ END $$;
 -- read (`done`), the batch being read and the last offset read in it (`cur`, `cur_off`),
 -- and whether the group has parked messages there. Rows of batch (a, b] with `oa`, `ob`
 -- the partition's offsets recorded at a and b:
---   late: transactions running at a that b sees committed; each took its xid after the
---         newest tick f whose snapshot's xmax is at most its xid, and its offsets after
---         that, so they lie in (offsets at f, oa], found by txid inside that range;
---   new:  offsets in (oa, ob], visible in b and not in a.
+--   late: transactions a did not see (pgcg.tick_unseen) that b sees committed; each took
+--         its xid, and then drew its offsets, after the newest tick f whose own xid is
+--         below the smallest of them, so they lie in (offsets at f, oa];
+--   new:  offsets in (oa, ob]: drawn after a's snapshot, so a cannot see them.
 -- Every late row has a smaller offset than every new row: offset order throughout.
 -- Returns the rows (state 'r' handle, 'p' park: its key has parked messages, 's' skip:
 -- another group's replay) and one end marker per partition (state 'e'): every batch up to
@@ -629,10 +675,12 @@ BEGIN
                 SELECT k.tick, k.b, k.ob,
                        lag(k.tick, 1, d.tick) OVER win AS a_tick,
                        coalesce(lag(k.b) OVER win, d.snapshot) AS a,
+                       CASE WHEN lag(k.tick) OVER win IS NULL THEN d.xid
+                            ELSE lag(k.xid) OVER win END AS a_xid,
                        coalesce(lag(k.ob) OVER win, d.offsets[c.p + 1]) AS oa
                 FROM pgcg.ticks AS d
                 CROSS JOIN LATERAL (
-                    SELECT k.tick, k.snapshot AS b, k.offsets[c.p + 1] AS ob
+                    SELECT k.tick, k.snapshot AS b, k.xid, k.offsets[c.p + 1] AS ob
                     FROM pgcg.ticks AS k
                     WHERE k.topic_id = p_topic_id AND k.tick > c.done AND k.tick <= c.window_end
                     ORDER BY k.tick
@@ -641,14 +689,13 @@ BEGIN
                 WINDOW win AS (ORDER BY k.tick)
             ) AS w
             CROSS JOIN LATERAL (
-                SELECT ARRAY(SELECT x FROM pg_snapshot_xip(w.a) AS x
-                             WHERE pg_visible_in_snapshot(x, w.b)) AS late
+                SELECT pgcg.first_late(w.a, w.a_xid, w.b) AS first_late
             ) AS lt
             CROSS JOIN LATERAL (
-                SELECT CASE WHEN cardinality(lt.late) = 0 THEN NULL ELSE coalesce((
+                SELECT CASE WHEN lt.first_late IS NULL THEN NULL ELSE coalesce((
                     SELECT f.offsets[c.p + 1] FROM pgcg.ticks AS f
                     WHERE f.topic_id = p_topic_id AND f.tick <= w.a_tick
-                      AND pg_snapshot_xmax(f.snapshot) <= (SELECT min(y) FROM unnest(lt.late) AS y)
+                      AND f.xid < lt.first_late
                     ORDER BY f.tick DESC LIMIT 1), -1) END AS floor,
                     CASE WHEN w.tick = c.cur THEN c.cur_off ELSE -1 END AS after
             ) AS lo
@@ -661,9 +708,8 @@ BEGIN
                 WHERE l.partition = c.p
                   AND l."offset" > greatest(coalesce(lo.floor, w.oa), lo.after)
                   AND l."offset" <= w.ob
-                  AND CASE WHEN l."offset" <= w.oa THEN l.txid = ANY (lt.late)
-                           ELSE pg_visible_in_snapshot(l.txid, w.b)
-                                AND NOT pg_visible_in_snapshot(l.txid, w.a) END
+                  AND pg_visible_in_snapshot(l.txid, w.b)
+                  AND (l."offset" > w.oa OR NOT pg_visible_in_snapshot(l.txid, w.a))
                 ORDER BY l."offset" LIMIT p_limit
             ) AS r
             ORDER BY w.tick, r."offset" LIMIT p_limit
@@ -1265,15 +1311,20 @@ CREATE FUNCTION pgcg.tick_now(p_topic_id integer) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
 DECLARE
     t pgcg.topics;
+    had_xid boolean := pg_current_xact_id_if_assigned() IS NOT NULL;
+    snap pg_snapshot;
     offs bigint[];
     made bigint;
 BEGIN
     SELECT * INTO STRICT t FROM pgcg.topics AS tp WHERE tp.id = p_topic_id;
     PERFORM pg_advisory_xact_lock(pgcg.tick_lock(), p_topic_id);
+    -- Snapshot, offsets, xid: in that order (see pgcg.ticks). An xid taken before the
+    -- offsets were read says nothing about who drew them: none is recorded then.
+    snap := pgcg.snapshot_excluding_self();
     offs := pgcg.topic_offsets(t.offset_seqs);
-    INSERT INTO pgcg.ticks (topic_id, tick, snapshot, offsets, at)
-    VALUES (p_topic_id, nextval('pgcg.tick_seq'), pgcg.snapshot_excluding_self(), offs,
-            clock_timestamp())
+    INSERT INTO pgcg.ticks (topic_id, tick, snapshot, offsets, xid, at)
+    VALUES (p_topic_id, nextval('pgcg.tick_seq'), snap, offs,
+            CASE WHEN had_xid THEN NULL ELSE pg_current_xact_id() END, clock_timestamp())
     RETURNING tick INTO made;
     RETURN made;
 END $$;

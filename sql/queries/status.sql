@@ -169,11 +169,11 @@ WHERE (s.st IS NULL OR gp.tick < s.st)
            SELECT FROM pgcg.log AS l
            WHERE l.slot = pgcg.slot_of(s.topic_id, s.seq, s.segments)
              AND l.partition = gp.partition AND l."offset" > k.offsets[gp.partition + 1])
-       OR cardinality(ARRAY(SELECT pg_snapshot_xip(k.snapshot))) > 0 AND EXISTS (
+       OR EXISTS (
            SELECT FROM pgcg.log AS l
            WHERE l.slot = pgcg.slot_of(s.topic_id, s.seq, s.segments)
              AND l.partition = gp.partition AND l."offset" <= k.offsets[gp.partition + 1]
-             AND l.txid = ANY (ARRAY(SELECT pg_snapshot_xip(k.snapshot)))))
+             AND NOT pg_visible_in_snapshot(l.txid, k.snapshot)))
 ORDER BY g.group_name, gp.partition
 
 -- name: producers
