@@ -79,9 +79,11 @@ class _Round:
 
 
 class Writer:
-    def __init__(self, ctx: Context, started: Callable[[list[Item]], None]) -> None:
+    def __init__(self, ctx: Context, started: Callable[[list[Item], int], None]) -> None:
         self.ctx = ctx
-        self._started = started  # hands cleared items to the workers
+        # Hands cleared items to the workers, with how many of the starts handed in were
+        # answered (cleared or not): each of them stops holding a place in `concurrency`.
+        self._started = started
         self._next = _Round()
         self._conn: AsyncConn | None = None
         self._lock = anyio.Lock()  # one round at a time
@@ -328,8 +330,8 @@ class Writer:
                 ctx.scheduler.drop_key(item.key, keep_busy=False)
             elif owned is not None and owned.state == "assigned":
                 lost[(item.partition, item.epoch)] += 1
-        if cleared:
-            self._started(cleared)
+        if batch.starts:
+            self._started(cleared, len(batch.starts))
 
         for result in batch.results:
             item = result.item
@@ -432,6 +434,8 @@ class Writer:
             )  # fmt: skip
             item.parking = False
             ctx.scheduler.unstart(item, time.monotonic())
+        if batch.starts:
+            self._started([], len(batch.starts))
 
 
 def _reason(r: Result) -> str | None:
