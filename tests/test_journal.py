@@ -178,3 +178,47 @@ def test_a_deposed_leader_writing_is_caught(db: psycopg.Connection[Any], epochs:
         )
     stale = journal.check(db, TOPIC).stale_leader_writes
     assert len(stale) == (1 if epochs == [3, 4, 2] else 0), stale
+
+
+def test_every_group_is_checked_on_its_own(db: psycopg.Connection[Any]) -> None:
+    """Each group must handle every message in key order; what one group did never
+    covers for another, and two groups handling one key at once is no violation."""
+    h = History(db, 2, groups=("g1", "g2", "g3"))
+    e1, e2, e3 = h.own(A, "g1"), h.own(A, "g2"), h.own(B, "g3")
+    g2_start = now()
+    for seq in range(2):
+        h.handle(seq, A, e1, now(), now(), 101, "g1")  # inside g2's handling of seq 0
+        h.ack(seq, A, e1, "g1")
+    h.handle(0, A, e2, g2_start, now(), 101, "g2")
+    h.ack(0, A, e2, "g2")
+    h.handle(1, A, e2, now(), now(), 101, "g2")
+    h.ack(1, A, e2, "g2")
+    h.handle(1, B, e3, now(), now(), 202, "g3")  # g3 skips seq 0 ...
+    h.ack(1, B, e3, "g3")
+    h.handle(0, B, e3, now(), now(), 202, "g3")  # ... and handles it after seq 1
+    h.ack(0, B, e3, "g3")
+    verdict = journal.check(db, TOPIC, disruptions=[], groups=["g1", "g2", "g3", "g4"])
+    assert set(verdict.groups) == {"g1", "g2", "g3", "g4"}
+    assert verdict.groups["g1"].ok and verdict.groups["g2"].ok, verdict.examples()
+    assert len(verdict.groups["g3"].order_violations) == 1
+    assert verdict.order_violations[0].startswith("[g3] ")
+    # g4 never came to be: it handled nothing, so it lost everything.
+    assert verdict.groups["g4"].lost == [0, 1] and verdict.lost == [0, 1]
+    assert verdict.handled == 0 and verdict.groups["g1"].handled == 2
+    assert not verdict.ok
+
+
+def test_a_group_missing_a_message_loses_it(db: psycopg.Connection[Any]) -> None:
+    h = History(db, 2, groups=("g1", "g2"))
+    e1, e2 = h.own(A, "g1"), h.own(B, "g2")
+    for seq in range(2):
+        h.handle(seq, A, e1, now(), now(), 101, "g1")
+        h.ack(seq, A, e1, "g1")
+    h.handle(1, B, e2, now(), now(), 202, "g2")
+    h.ack(1, B, e2, "g2")
+    h.ack(0, None, e2, "g2")  # g2's position moved past seq 0, which it never handled
+    verdict = journal.check(db, TOPIC, disruptions=[])
+    assert verdict.groups["g1"].ok
+    assert verdict.groups["g2"].lost == [0] and verdict.lost == [0]
+    assert verdict.handled == 1  # seq 1: handled by every group
+    assert "lost seqs [g2]: [0]" in verdict.examples()
