@@ -1033,7 +1033,9 @@ BEGIN
         FROM unnest(c_ids, c_parts, c_epochs, c_tokens) AS c(id, p, e, tok)
         WHERE pk.id = c.id AND pk.group_id = g.id AND pk.partition = c.p
           AND c.p = ANY (start_p)
-          AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok)
+          -- A claim past its deadline is abandoned (see load_parked): claimed again.
+          AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok
+               OR pk.locked_until < clock_timestamp())
         RETURNING pk.id, pk.partition, pk.attempts
     )
     SELECT 'c'::"char", c.p, c.id, cl.id IS NOT NULL, cl.attempts::bigint
@@ -1135,7 +1137,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg SET jit = off AS $$
         SELECT pk.* FROM pgcg.parked AS pk, g
         WHERE pk.group_id = g.id AND pk.partition = ANY (p_partitions)
           AND pk.available_at <= clock_timestamp() + p_lookahead_ms * interval '1 millisecond'
-          AND pk.id <> ALL (p_held) AND pk.claimed_epoch IS NULL
+          AND pk.id <> ALL (p_held)
+          -- Unclaimed, or claimed by a delivery past its deadline: its handler was
+          -- cancelled by then, unless it reported progress (which moves the deadline). A
+          -- member that lost a partition by its lease and got it back under the same epoch
+          -- abandoned its claims there, and no adopt would ever release them.
+          AND (pk.claimed_epoch IS NULL OR pk.locked_until < clock_timestamp())
           AND NOT EXISTS (
               SELECT FROM pgcg.parked AS q
               WHERE q.group_id = pk.group_id AND q.partition = pk.partition
