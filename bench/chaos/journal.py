@@ -434,11 +434,11 @@ def _check_group(
     for mid, r in accepted.items():
         gone = completed.get(mid)
         ended = epochs.ended(r["partition"], r["epoch"])
-        if gone is not None and ended is not None and gone["deleted_at"] > ended:
+        if gone is not None and ended is not None and gone["completed_at"] > ended:
             verdict.stale_acks.append(
                 f"seq {r['seq']} ({r['key']}, partition {r['partition']}): completion of "
                 f"{r['member_id']} under epoch {r['epoch']} accepted at "
-                f"{gone['deleted_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
+                f"{gone['completed_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
             )
 
     by_key: dict[str, list[Row]] = defaultdict(list)
@@ -457,22 +457,22 @@ def _check_group(
 
 def _accepted(
     by_message: dict[int, list[Row]],
-    deleted: dict[int, Row],
+    completed: dict[int, Row],
     dead: set[int],
     verdict: Verdict,
 ) -> dict[int, Row]:
-    """message id -> its accepted handling (`deleted`: its completion)."""
+    """message id -> its accepted handling (`completed`: its recorded completion)."""
     accepted: dict[int, Row] = {}
-    if not deleted:
-        # No deletion triggers (a history recorded before they existed): a handling whose
-        # ack took effect is never redelivered, so take each message's last one.
+    if not completed:
+        # No completion triggers (a history recorded before they existed): a handling
+        # whose completion took effect is never redelivered, so take each message's last.
         for mid, handlings in by_message.items():
             accepted[mid] = handlings[-1]
         return accepted
-    for mid, gone in deleted.items():
+    for mid, gone in completed.items():
         if mid in dead:
             continue
-        before = [r for r in by_message.get(mid, ()) if r["finished_at"] <= gone["deleted_at"]]
+        before = [r for r in by_message.get(mid, ()) if r["finished_at"] <= gone["completed_at"]]
         mine = [r for r in before if gone["proc"] is not None and r["proc"] == gone["proc"]]
         if mine:
             verdict.attributed_acks += 1

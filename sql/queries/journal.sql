@@ -126,7 +126,7 @@ SELECT id, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc
 FROM public.pgcg_journal WHERE group_name = %(group)s ORDER BY id
 
 -- name: completed_rows
-SELECT message_id, partition, epoch, proc, completed_at AS deleted_at
+SELECT message_id, partition, epoch, proc, completed_at
 FROM public.pgcg_completed WHERE group_name = %(group)s ORDER BY completed_at
 
 -- name: ownership_rows
