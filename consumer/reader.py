@@ -216,6 +216,7 @@ class Reader:
                 r["state"] == "p"
                 or key in part.parked_keys
                 or (recent is not None and recent > seen_rounds)
+                or self.writer.parking(part.partition, key)
             ):
                 follow.append(item)  # its key has parked messages: it goes after them
             else:

@@ -89,6 +89,8 @@ class Writer:
         self._lock = anyio.Lock()  # one round at a time
         self._saved_at = time.monotonic()
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
+        # (partition, key) -> parks handed in and not answered yet
+        self._parking: collections.Counter[tuple[int, str]] = collections.Counter()
         if UNSAFE_NO_FENCING:
             log.warning(
                 "PGCG_UNSAFE_DISABLE_FENCING=1: results are NOT fenced by the partition "
@@ -113,7 +115,7 @@ class Writer:
             for follower in self.ctx.scheduler.items_of(item.key)[1:]:
                 if not follower.parking and not follower.parked:
                     follower.parking = True
-                    self._next.parks.append(_Park(follower, "follow", 0, 0.0, None, False))
+                    self._park(_Park(follower, "follow", 0, 0.0, None, False))
         self.ctx.wake.acks.set()
 
     def park_key(self, key: str, origin: str, *, head_delay: float = 0.0) -> None:
@@ -127,7 +129,7 @@ class Writer:
             if item.parked:
                 continue  # already parked (a loaded follower); the rest follow it
             item.parking = True
-            self._next.parks.append(
+            self._park(
                 _Park(item, origin, item.message.attempt if item is busy else 0,
                       head_delay if n == 0 else 0.0, None, item is busy)
             )  # fmt: skip
@@ -138,8 +140,25 @@ class Writer:
         parked straight away, in their order."""
         for item in items:
             item.parking = True
-            self._next.parks.append(_Park(item, origin, 0, 0.0, None, False))
+            self._park(_Park(item, origin, 0, 0.0, None, False))
         self.ctx.wake.acks.set()
+
+    def _park(self, park: _Park) -> None:
+        self._next.parks.append(park)
+        self._parking[(park.item.partition, park.item.key)] += 1
+
+    def _parked_or_not(self, park: _Park) -> None:
+        """A park was answered (or given up): it no longer counts as on its way."""
+        where = (park.item.partition, park.item.key)
+        self._parking[where] -= 1
+        if self._parking[where] <= 0:
+            del self._parking[where]
+
+    def parking(self, partition: int, key: str) -> bool:
+        """Whether messages of `key` are on their way to the parked queue: a later message
+        of the key read meanwhile must follow them there, even though neither the database
+        nor the partition's parked keys know of them yet."""
+        return (partition, key) in self._parking
 
     @property
     def pending(self) -> int:
@@ -345,6 +364,7 @@ class Writer:
             self._settled(result, row, now)
 
         for park in batch.parks:
+            self._parked_or_not(park)
             row = logs.get((park.item.partition, park.item.offset))
             if row is None or not row["ok"]:
                 lost[(park.item.partition, park.item.epoch)] += 1
@@ -434,6 +454,8 @@ class Writer:
             )  # fmt: skip
             item.parking = False
             ctx.scheduler.unstart(item, time.monotonic())
+        for park in batch.parks:
+            self._parked_or_not(park)
         if batch.starts:
             self._started([], len(batch.starts))
 
