@@ -206,6 +206,8 @@ class Assignment:
             return
         owned.cancel_handlers()
         dropped = self.scheduler.drop_partition(partition)
+        for item in dropped:
+            item.void = True
         _end_revoke(owned, "lost", reason)
         with tracing.event_span(
             "pgcg partition lost",

@@ -108,6 +108,7 @@ class Workers:
             owned = ctx.assignment.current(item.partition, item.epoch)
             if (
                 owned is not None
+                and not item.void
                 and owned.state == "assigned"
                 and not ctx.stopping
                 and ctx.membership.lease.valid(now)

@@ -330,7 +330,7 @@ class Writer:
 
         cleared: list[Item] = []
         for item in batch.starts:
-            owned = ctx.assignment.current(item.partition, item.epoch)
+            owned = None if item.void else ctx.assignment.current(item.partition, item.epoch)
             if item.parked:
                 row = claims.get(item.parked_id)
                 ok = bool(row and row["ok"])
@@ -392,6 +392,12 @@ class Writer:
         item = result.item
         owned = ctx.assignment.current(item.partition, item.epoch)
         kind = (self._parked_kind if item.parked else self._log_kind)(result)
+        if item.void:
+            # Handled under a holding of the partition that is gone: what is held now
+            # read its state afresh. A retry still parked the key, in the database.
+            if kind not in ("d", "x") and owned is not None:
+                owned.parked_keys.add(item.key)
+            return
         if not item.parked and owned is not None:
             owned.finished_log(item)
         if kind in ("d", "x"):
@@ -425,6 +431,10 @@ class Writer:
         item.parking = False
         owned = ctx.assignment.current(item.partition, item.epoch)
         if owned is None:
+            return
+        if item.void:
+            owned.parked_keys.add(item.key)
+            owned.recent_parks[item.key] = self.rounds + 1
             return
         owned.finished_log(item)
         owned.parked_keys.add(item.key)
