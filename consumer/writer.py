@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,10 +39,6 @@ Q = Queries("consumer")
 
 MAX_ERROR_TEXT = 2000
 SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
-
-# A test build's switch, read once: results are written without the epoch fence, so the
-# chaos checker (`pgcg chaos --unsafe-no-fencing`) can prove it fails when fencing is gone.
-UNSAFE_NO_FENCING = os.environ.get("PGCG_UNSAFE_DISABLE_FENCING") == "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +86,6 @@ class Writer:
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
         # (partition, key) -> parks handed in and not answered yet
         self._parking: collections.Counter[tuple[int, str]] = collections.Counter()
-        if UNSAFE_NO_FENCING:
-            log.warning(
-                "PGCG_UNSAFE_DISABLE_FENCING=1: results are NOT fenced by the partition "
-                "epoch; a zombie's results will be accepted. Test builds only, never "
-                "production.",
-                extra={"action": "unsafe_no_fencing", **ctx.fields},
-            )
 
     # -- what the other loops hand in -------------------------------------------------------
 
