@@ -63,6 +63,8 @@ DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
 UNFENCED = Q.unfenced
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
+# pgcg's own state, kept with a failed run's history.
+DUMP_LEDGER, DUMP_TICKS, DUMP_PROGRESS = Q.dump_ledger, Q.dump_ticks, Q.dump_progress
 
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None

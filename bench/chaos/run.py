@@ -454,12 +454,19 @@ HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_completed", "pgcg_owner
 def _dump_history(dsn: str, workdir: Path) -> None:
     """The recorded history as CSV next to the logs, to study a failure after the server
     is gone (`psql -c "\\copy pgcg_journal FROM pgcg_journal.csv CSV HEADER"`)."""
+    # pgcg's own state at the end as well: what each group recorded, its positions, the
+    # ticks (a duplicate or an order violation is read against them).
+    sources = [(t.removeprefix("pgcg."), t) for t in (*HISTORY_TABLES, "pgcg.rebalances")]
+    sources += [
+        ("ledger", f"({journal.DUMP_LEDGER})"),
+        ("ticks", f"({journal.DUMP_TICKS})"),
+        ("group_progress", f"({journal.DUMP_PROGRESS})"),
+    ]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in (*HISTORY_TABLES, "pgcg.rebalances"):
-            name = table.removeprefix("pgcg.")
+        for name, source in sources:
             with (
                 open(workdir / f"{name}.csv", "wb") as out,
-                conn.cursor().copy(f"COPY {table} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
+                conn.cursor().copy(f"COPY {source} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
             ):
                 for chunk in copy:
                     out.write(chunk)
