@@ -88,7 +88,9 @@ class Consumer:
         self.progress = Progress(self.ctx, self.writer)
         # handle(message, tx): the handler's writes and its completion commit together.
         self.transactional = (
-            Transactional(self.ctx, self.handler) if handlers.wants_transaction(handler) else None
+            Transactional(self.ctx, self.handler, self.writer)
+            if handlers.wants_transaction(handler)
+            else None
         )
         self.workers = Workers(
             self.ctx,

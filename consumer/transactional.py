@@ -39,7 +39,7 @@ from pgcg.consumer import handlers
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler
 from pgcg.consumer.message import Item, Message
-from pgcg.consumer.writer import wake_after_results
+from pgcg.consumer.writer import Writer, wake_after_results
 from pgcg.shared.db import AsyncConn, open_pool, translated
 from pgcg.shared.errors import HandlerLoadError, HandlerMisuse, LostOwnership
 from pgcg.shared.producer import Enqueued, OutgoingMessage, Producer
@@ -180,7 +180,7 @@ class Transaction:
 class Transactional:
     """Runs a transactional handler and acks its message in the handler's transaction."""
 
-    def __init__(self, ctx: Context, handler: Handler) -> None:
+    def __init__(self, ctx: Context, handler: Handler, writer: Writer) -> None:
         # Judge the user's own function, not a tracing wrapper around it.
         user = inspect.unwrap(handler)
         call = getattr(user, "__call__", None)  # noqa: B004 - callable objects too
@@ -191,6 +191,7 @@ class Transactional:
             )
         self.ctx = ctx
         self.handler = handler
+        self.writer = writer
         self._producer = Producer(max_payload_bytes=ctx.settings.max_payload_bytes)
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
         self._pool_lock = anyio.Lock()
@@ -222,6 +223,7 @@ class Transactional:
         conn = await pool.getconn()
         try:
             parked_left = await self._run(conn, item, message)
+            self._finished(item, parked_left)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await _rollback(conn)
@@ -234,8 +236,14 @@ class Transactional:
                 )  # fmt: skip
             raise
         finally:
+            self.writer.finishing.discard(item)
             with anyio.CancelScope(shield=True):
                 await pool.putconn(conn)
+
+    def _finished(self, item: Item, parked_left: int | None) -> None:
+        """Committed (or found completed before): the key moves on. No await before this
+        since the completion, so nothing can park the finished message in between."""
+        ctx = self.ctx
         owned = ctx.assignment.current(item.partition, item.epoch)
         if owned is not None:
             owned.finished_log(item)
@@ -248,15 +256,8 @@ class Transactional:
 
     async def _run(self, conn: AsyncConn, item: Item, message: Message) -> int | None:
         ctx = self.ctx
-        params = ctx.params(
-            partition=item.partition,
-            epoch=item.epoch,
-            tick=item.tick,
-            offset=item.offset,
-            slot=item.slot,
-            parked_id=item.parked_id,
-            token=uuid.uuid4().hex,
-        )
+        token = uuid.uuid4().hex
+        params = self._params(item, token)
         with translated(ctx.dsn):
             async with conn.pipeline():  # BEGIN and tx_begin in one round trip
                 await conn.execute("BEGIN")
@@ -274,6 +275,14 @@ class Transactional:
         status = conn.info.transaction_status
         if status != TransactionStatus.INTRANS:
             raise _broken(status, message)
+        if item.parking:
+            # A long delivery (a progress report) is being parked while it runs: once that
+            # is written, the message is the parked row, and completing it must delete
+            # that row; a ledger row for its log offset would leave the copy to run again.
+            await self.writer.flush()
+        # From here until the key moves on, nothing may park it (see Writer.finishing).
+        self.writer.finishing.add(item)
+        params = self._params(item, token)
         with translated(ctx.dsn):
             acked = await (await conn.execute(Q.tx_complete, params)).fetchone()
         assert acked is not None
@@ -301,6 +310,17 @@ class Transactional:
         with anyio.CancelScope(shield=True), translated(ctx.dsn):
             await conn.execute("COMMIT")
         return acked["parked_left"]
+
+    def _params(self, item: Item, token: str) -> dict[str, Any]:
+        return self.ctx.params(
+            partition=item.partition,
+            epoch=item.epoch,
+            tick=item.tick,
+            offset=item.offset,
+            slot=item.slot,
+            parked_id=item.parked_id,
+            token=token,
+        )
 
     def _fenced(self, item: Item, when: str) -> LostOwnership:
         ctx = self.ctx

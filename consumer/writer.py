@@ -86,6 +86,9 @@ class Writer:
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
         # (partition, key) -> parks handed in and not answered yet
         self._parking: collections.Counter[tuple[int, str]] = collections.Counter()
+        # Deliveries whose result is on its way (handed in, or a transactional handler's
+        # completion): parking one now would leave a parked copy of a finished message.
+        self.finishing: set[Item] = set()
 
     # -- what the other loops hand in -------------------------------------------------------
 
@@ -96,6 +99,7 @@ class Writer:
 
     def submit(self, result: Result) -> None:
         self._next.results.append(result)
+        self.finishing.add(result.item)
         item = result.item
         if not item.parked and not result.ok and self._log_kind(result) == "p":
             # The failed head is parked for its retry: the rest of its key in memory goes
@@ -113,6 +117,8 @@ class Writer:
         if not items or any(i.parking for i in items):
             return
         busy = self.ctx.scheduler.busy_head(key)
+        if busy is not None and busy in self.finishing:
+            return  # its head is finishing: the rest of the key may be parked after that
         for n, item in enumerate(items):
             if item.parked:
                 continue  # already parked (a loaded follower); the rest follow it
@@ -372,6 +378,7 @@ class Writer:
             )  # fmt: skip
             ctx.assignment.lose(partition, "write rejected by the epoch fence")
             ctx.wake.heartbeat.set()
+        self.finishing.difference_update(r.item for r in batch.results)
         observer.record_results(ctx, batch.results, logs, parked)
         wake_after_results(ctx)
 
@@ -443,6 +450,7 @@ class Writer:
         next owner or a restart tries again); it holds back nothing else."""
         ctx = self.ctx
         items = [*batch.starts, *[r.item for r in batch.results], *[p.item for p in batch.parks]]
+        self.finishing.difference_update(r.item for r in batch.results)
         for item in items:
             log.error(
                 "message %s: the database refused its write (%s); it stays unfinished",

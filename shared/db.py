@@ -28,6 +28,7 @@ from pgcg.shared.errors import (
     UnknownGroup,
     UnknownTopic,
 )
+from pgcg.shared.grants import advice as grants_on
 from pgcg.shared.redaction import clean_driver_message, misread_url, parse, redact, remember
 
 __all__ = ["AsyncConn", "connect", "connect_sync", "open_pool", "redact", "translate"]
@@ -151,12 +152,18 @@ def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
     if denied:
         kind, name = denied.group(1), denied.group(2).strip('"').rstrip(".")
         privilege = _PRIVILEGE_FOR.get(kind)
-        what = (
-            f"{privilege} on {kind} {name}"
-            if privilege
-            else f"a privilege on {kind} {name} (SELECT, INSERT, UPDATE or DELETE: the one "
-            "this step uses)"
-        )
+        grants = grants_on(name) if kind == "table" else None
+        if privilege:
+            what = f"{privilege} on {kind} {name}"
+        elif grants is not None:
+            # Which process ran into it is not known here: say what each one needs.
+            what = f"a privilege on {kind} {name}"
+            fix = f"{grants} (docs/security.md lists what each needs)"
+        else:
+            what = (
+                f"a privilege on {kind} {name} (SELECT, INSERT, UPDATE or DELETE: the one "
+                "this step uses)"
+            )
         return PermissionDenied(f"{who} lacks {what}. PostgreSQL: {denied.group(0)}; {fix}")
     if "terminate" in first or "signal" in first:
         return PermissionDenied(

@@ -29,7 +29,11 @@ from pgcg.shared.settings import MAX_DELAY_SECONDS
 
 Q = Queries("producer")
 
-MAX_KEY_LENGTH = 1024
+# The same limits as pgcg.enqueue checks in SQL (pgcg.max_key_bytes() ...), in UTF-8 bytes:
+# checked here first so a bad message fails before anything is sent, with its position.
+MAX_KEY_BYTES = 1024
+MAX_DEDUP_KEY_BYTES = 512
+MAX_HEADERS_BYTES = 65536
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 
@@ -44,7 +48,7 @@ class OutgoingMessage:
 
 @dataclass(frozen=True)
 class Enqueued:
-    id: int | None  # None when the dedup key matched a pending message of the same key
+    id: int | None  # None when the same key and dedup key were enqueued within the window
     partition: int
 
 
@@ -81,8 +85,6 @@ def _encode(
         where = f"message {n}" if len(messages) > 1 else "message"
         if not isinstance(msg.key, str) or not msg.key:
             raise InvalidInput(f"{where}: the ordering key must be a non-empty string")
-        if len(msg.key) > MAX_KEY_LENGTH:
-            raise InvalidInput(f"{where}: the ordering key is over {MAX_KEY_LENGTH} characters")
         try:
             text = encode(msg.payload)
         except (TypeError, ValueError) as exc:
@@ -107,12 +109,24 @@ def _encode(
                 f"{max_payload_bytes} (PGCG_MAX_PAYLOAD_BYTES); store large data elsewhere "
                 "and enqueue a reference"
             )
+        # Bytes, not characters: the database stores and indexes UTF-8, where one
+        # character may take four.
+        if len(msg.key) * 4 > MAX_KEY_BYTES and len(msg.key.encode()) > MAX_KEY_BYTES:
+            raise InvalidInput(
+                f"{where}: the ordering key is {len(msg.key.encode())} bytes in UTF-8, over "
+                f"the limit of {MAX_KEY_BYTES}"
+            )
         if not isinstance(msg.headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in msg.headers.items()
         ):
             raise InvalidInput(f"{where}: headers must map strings to strings")
         if msg.dedup_key is not None and (not isinstance(msg.dedup_key, str) or not msg.dedup_key):
             raise InvalidInput(f"{where}: a dedup key must be a non-empty string")
+        if msg.dedup_key is not None and len(msg.dedup_key.encode()) > MAX_DEDUP_KEY_BYTES:
+            raise InvalidInput(
+                f"{where}: the dedup key is {len(msg.dedup_key.encode())} bytes in UTF-8, over "
+                f"the limit of {MAX_DEDUP_KEY_BYTES}"
+            )
         if not isinstance(msg.delay, int | float) or msg.delay < 0 or not math.isfinite(msg.delay):
             raise InvalidInput(f"{where}: delay must be a finite number of seconds >= 0")
         if msg.delay > MAX_DELAY_SECONDS:
@@ -123,7 +137,15 @@ def _encode(
         keys.append(msg.key)
         payloads.append(text)
         merged = tracing.with_trace_headers(msg.headers, trace_headers or {})
-        headers.append(json.dumps(dict(merged)) if merged else None)
+        # Written the way jsonb prints them back, so the size is the one the database
+        # checks against pgcg.max_headers_bytes().
+        header_text = json.dumps(dict(merged), ensure_ascii=False) if merged else None
+        if header_text is not None and len(header_text.encode()) > MAX_HEADERS_BYTES:
+            raise InvalidInput(
+                f"{where}: the headers are {len(header_text.encode())} bytes, over the limit "
+                f"of {MAX_HEADERS_BYTES}"
+            )
+        headers.append(header_text)
         dedup.append(msg.dedup_key)
         delays.append(round(msg.delay * 1000) if msg.delay else None)
     return {

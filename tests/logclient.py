@@ -233,3 +233,19 @@ def nested_plans(
         doc = json.loads(text.split("plan:", 1)[1])
         plans.append(dict(doc["Plan"], **{"Query Text": doc.get("Query Text", "")}))
     return plans
+
+
+def logged(conn: psycopg.Connection[Any], topic: str) -> list[dict[str, Any]]:
+    """What a topic's log holds, as producers wrote it, in position order within each
+    partition: id (offset * 1024 + partition), partition, offset, key, payload, headers,
+    dedup_key, enqueued_at, available_at, and the slot table it went into (`child`)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            'SELECT l."offset" * 1024 + l.partition AS id, l.partition, l."offset", l.key, '
+            "l.payload, l.headers, l.dedup_key, l.enqueued_at, l.available_at, "
+            "l.tableoid::regclass::text AS child "
+            "FROM pgcg.log AS l JOIN pgcg.topics AS t "
+            "ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63 "
+            'WHERE t.name = %s ORDER BY l.partition, l."offset"',
+            (topic,),
+        ).fetchall()

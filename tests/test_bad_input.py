@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -18,7 +19,8 @@ from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from pgcg.shared.settings import MAX_DELAY_SECONDS
-from tests.helpers import assign, await_for, fast_settings, running
+from tests.helpers import assign, await_for, fast_settings, running, stored
+from tests.logclient import logged
 
 TOPIC = "orders"
 Cli = Callable[..., Result]
@@ -41,7 +43,7 @@ def test_produce_refuses_a_delay_the_database_cannot_hold(
     one_line_exit_2(single, "over the limit of 315360000 s")
     lines = json.dumps({"key": "k", "payload": {}, "delay": float(delay)}) + "\n"
     one_line_exit_2(cli(dsn, "produce", "--topic", TOPIC, stdin=lines), "over the limit")
-    assert db.execute("SELECT count(*) AS n FROM pgcg.messages").fetchone()["n"] == 0  # type: ignore[index]
+    assert stored(db, TOPIC) == 0
 
 
 def test_the_longest_delay_is_accepted(db: psycopg.Connection[Any], dsn: str, cli: Cli) -> None:
@@ -49,6 +51,8 @@ def test_the_longest_delay_is_accepted(db: psycopg.Connection[Any], dsn: str, cl
     result = cli(dsn, "produce", "--topic", TOPIC, "--key", "k", "--payload", "{}",
                  "--delay", str(MAX_DELAY_SECONDS))  # fmt: skip
     assert result.exit_code == 0, result.output
+    (row,) = logged(db, TOPIC)
+    assert row["available_at"] - row["enqueued_at"] == timedelta(seconds=MAX_DELAY_SECONDS)
 
 
 @pytest.mark.parametrize("interval", ["-1", "0", "nan", "inf", "1e300"])
@@ -83,9 +87,11 @@ async def test_a_consumer_at_the_longest_retry_survives_a_failure(
         assign(db, "g", TOPIC, [0], consumer.member_id)
 
         def scheduled() -> bool:
+            # A failed message waits for its retry in the group's parked queue.
             row = db.execute(
-                "SELECT attempts, available_at > now() + interval '1 day' AS later "
-                "FROM pgcg.messages WHERE id = %s",
+                "SELECT pk.attempts, pk.available_at > now() + interval '1 day' AS later "
+                "FROM pgcg.parked AS pk JOIN pgcg.groups AS g ON g.id = pk.group_id "
+                "WHERE g.group_name = 'g' AND pk.\"offset\" * 1024 + pk.partition = %s",
                 (sent.id,),
             ).fetchone()
             return bool(row and row["attempts"] == 1 and row["later"])

@@ -27,6 +27,7 @@ from pgcg.consumer.payloads import (
 from pgcg.shared.encoding import encode
 from pgcg.shared.errors import InvalidInput
 from pgcg.shared.producer import OutgoingMessage, _params, enqueue_many_sync
+from tests.logclient import logged
 
 
 class Status(enum.Enum):
@@ -198,5 +199,5 @@ def test_a_typed_payload_is_stored_as_its_json(db: psycopg.Connection[Any], dsn:
     order = _order()
     with psycopg.connect(dsn) as conn:
         enqueue_many_sync(conn, "orders", [OutgoingMessage("k", order)])
-    (row,) = db.execute("SELECT payload FROM pgcg.messages WHERE topic = 'orders'").fetchall()
+    (row,) = logged(db, "orders")
     assert decode(row["payload"], Order) == order

@@ -27,7 +27,7 @@ async def noop(message: Any) -> None:
 async def test_a_revocation_called_off_during_the_flush_is_not_released(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
-    """The release loop flushes acks before releasing what it found releasable. If the
+    """The release loop flushes results before releasing what it found releasable. If the
     leader calls the revocation off meanwhile (the target left), the partition is ours
     again and working: releasing it from the stale list hands it to nobody while its
     new work is in flight, whose acks are then rejected (found by `pgcg chaos`, seed 44:
@@ -53,7 +53,7 @@ async def test_a_revocation_called_off_during_the_flush_is_not_released(
         db.execute(COORD.unrevoke, params)
         ctx.assignment.apply(await ctx.membership.heartbeat() or [])
 
-    consumer.acker.flush = flush  # type: ignore[method-assign]
+    consumer.writer.flush = flush  # type: ignore[method-assign]
     with anyio.move_on_after(1):
         await consumer._release_loop()
     assert owners(db, GROUP)[0] == (ctx.member_id, owned.epoch, "assigned")

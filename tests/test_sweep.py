@@ -30,7 +30,7 @@ async def test_an_expired_member_is_expired_well_within_a_heartbeat_interval(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
     db.execute("SELECT pgcg.create_topic(%s, 4)", (TOPIC,))
-    db.execute("INSERT INTO pgcg.subscriptions (group_name, topic) VALUES (%s, %s)", (GROUP, TOPIC))
+    db.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
     # Full sweeps only every 5 s: anything faster is the expiry probe's doing.
     coord = Coordinator(Settings(heartbeat_interval=5, session_timeout=10), dsn=dsn)
     async with anyio.create_task_group() as tg:
@@ -41,8 +41,8 @@ async def test_an_expired_member_is_expired_well_within_a_heartbeat_interval(
         # without a NOTIFY: only a sweep can find it.
         db.execute(
             "INSERT INTO pgcg.consumer_groups "
-            "(group_name, member_id, host, pid, session_timeout_ms, last_heartbeat) "
-            "VALUES (%s, 'silent', 'h', 1, 1000, now() - interval '1 minute')",
+            "(group_name, member_id, host, pid, session_timeout_ms, last_heartbeat, protocol) "
+            "VALUES (%s, 'silent', 'h', 1, 1000, now() - interval '1 minute', 3)",
             (GROUP,),
         )
         started = time.monotonic()

@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from pgcg.shared.errors import InvalidInput
 from pgcg.shared.producer import SyncProducer
+from tests.logclient import logged
 
 sqlalchemy = pytest.importorskip("sqlalchemy", reason="in the test extra")
 from sqlalchemy import orm, text  # noqa: E402
@@ -30,11 +31,7 @@ def engine(dsn: str, db: psycopg.Connection[Any]) -> Iterator[Any]:
 
 def stored(db: psycopg.Connection[Any]) -> tuple[list[int], list[Any]]:
     invoices = [r["id"] for r in db.execute("SELECT id FROM invoices ORDER BY id")]
-    payloads = [
-        r["payload"]
-        for r in db.execute("SELECT payload FROM pgcg.messages WHERE topic = %s", (TOPIC,))
-    ]
-    return invoices, payloads
+    return invoices, [r["payload"] for r in logged(db, TOPIC)]
 
 
 @pytest.mark.parametrize("ending", ["commit", "rollback"])

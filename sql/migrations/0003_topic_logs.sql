@@ -56,8 +56,9 @@ ALTER SEQUENCE pgcg.topic_id_seq OWNED BY pgcg.topics.id;
 CREATE FUNCTION pgcg.max_key_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 1024;
 CREATE FUNCTION pgcg.max_dedup_key_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 512;
 CREATE FUNCTION pgcg.max_headers_bytes() RETURNS integer LANGUAGE sql IMMUTABLE RETURN 65536;
--- A delay beyond a year is almost certainly a unit mistake (ms for s).
-CREATE FUNCTION pgcg.max_delay_ms() RETURNS bigint LANGUAGE sql IMMUTABLE RETURN 31622400000;
+-- The longest delay (10 years, as MAX_DELAY_SECONDS in Python and the longest retry a
+-- consumer may schedule): far enough for any schedule, and well inside what timestamptz holds.
+CREATE FUNCTION pgcg.max_delay_ms() RETURNS bigint LANGUAGE sql IMMUTABLE RETURN 315360000000;
 
 -- The log: pgcg.log (by slot range: one topic) -> pgcg.log_<topic> (by slot) -> one table
 -- per slot. Enqueue inserts through pgcg.log; each topic's reader reads pgcg.log_<topic>.
@@ -1185,14 +1186,16 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
 #variable_conflict use_column
 DECLARE
     g pgcg.groups;
+    -- One reading of the clock: the deadline is exactly the visibility after the report.
+    v_at timestamptz := clock_timestamp();
 BEGIN
     SELECT * INTO STRICT g FROM pgcg.groups AS gr WHERE gr.group_name = p_group;
     RETURN QUERY
     WITH owned AS (SELECT * FROM pgcg.owned(p_group, p_member, p_parts, p_epochs)),
     written AS (
         UPDATE pgcg.parked AS pk
-        SET progress = jsonb_build_object('percent', b.pct, 'text', b.txt, 'at', clock_timestamp()),
-            locked_until = clock_timestamp() + p_visibility_ms * interval '1 millisecond'
+        SET progress = jsonb_build_object('percent', b.pct, 'text', b.txt, 'at', v_at),
+            locked_until = v_at + p_visibility_ms * interval '1 millisecond'
         FROM unnest(p_ids, p_parts, p_epochs, p_percents, p_texts) AS b(id, p, e, pct, txt)
         JOIN owned AS o ON o.partition = b.p AND o.epoch = b.e
         WHERE pk.id = b.id AND pk.group_id = g.id AND pk.claimed_epoch = b.e
@@ -1517,9 +1520,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg AS $$
                        - coalesce(k.offsets[gp.partition + 1], -1)) AS lag,
            CASE WHEN coalesce(pg_sequence_last_value(t.offset_seqs[gp.partition + 1]), -1)
                      > coalesce(k.offsets[gp.partition + 1], -1)
-                THEN extract(epoch FROM clock_timestamp() - coalesce(
+                -- With no tick after the position yet (no consumer has read since), the
+                -- first message after it: its age grows while nobody reads.
+                THEN greatest(0, extract(epoch FROM clock_timestamp() - coalesce(
                          (SELECT min(n.at) FROM pgcg.ticks AS n
-                          WHERE n.topic_id = t.id AND n.tick > gp.tick), clock_timestamp()))::float8
+                          WHERE n.topic_id = t.id AND n.tick > gp.tick),
+                         (SELECT l.enqueued_at FROM pgcg.log AS l
+                          WHERE l.slot >= t.id * 64 AND l.slot < t.id * 64 + 64
+                            AND l.partition = gp.partition
+                            AND l."offset" > coalesce(k.offsets[gp.partition + 1], -1)
+                          ORDER BY l."offset" LIMIT 1),
+                         clock_timestamp()))::float8)
                 ELSE 0 END AS age_s,
            gp.tick
     FROM pgcg.groups AS g
