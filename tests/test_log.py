@@ -341,6 +341,23 @@ def test_a_reclaim_waits_for_every_group_and_never_blocks_inserts(
     wait_for(lambda: "reclaimed" in [e["event"] for e in maintain()], 10, "segment 0 reclaimed")
 
 
+def test_a_topic_nobody_reads_still_gives_back_its_space(
+    db: psycopg.Connection[Any], topic: str
+) -> None:
+    """No group and no consumer, so no fetch ever takes a tick: the retention still
+    reclaims the segments it lets go."""
+    db.execute("SELECT pgcg.alter_topic(%s, p_retention_ms => 0)", (topic,))
+    enqueue(db, topic, ["k", "j"])
+
+    def maintain() -> list[str]:
+        db.execute("UPDATE pgcg.segments SET created_at = now() - interval '1 hour'")
+        db.execute("UPDATE pgcg.segments SET sealed_at = sealed_at - interval '1 hour'")
+        return [e["event"] for e in db.execute("SELECT * FROM pgcg.maintain(%s)", (topic,))]
+
+    wait_for(lambda: "reclaimed" in maintain(), 10, "segment 0 reclaimed without a reader")
+    assert db.execute("SELECT count(*) AS n FROM pgcg.log_orders_0").fetchone()["n"] == 0
+
+
 def test_a_hand_off_charges_exactly_the_deliveries_that_were_cut_off(
     db: psycopg.Connection[Any], topic: str
 ) -> None:

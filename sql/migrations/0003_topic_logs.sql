@@ -1597,6 +1597,13 @@ BEGIN
         st := coalesce(s.sealed_tick, (
             SELECT min(k.tick) FROM pgcg.ticks AS k
             WHERE k.topic_id = t.id AND pg_snapshot_xmax(k.snapshot) > s.seal_xid));
+        IF st IS NULL AND s.sealed_at < clock_timestamp() - t.tick_interval_ms * interval '1 millisecond' THEN
+            -- Ticks come from fetches: on a topic nobody reads, take the one the seal waits
+            -- for here (a seal of this same transaction is too recent to get one).
+            PERFORM pgcg.tick_now(t.id);
+            st := (SELECT min(k.tick) FROM pgcg.ticks AS k
+                   WHERE k.topic_id = t.id AND pg_snapshot_xmax(k.snapshot) > s.seal_xid);
+        END IF;
         IF st IS NOT NULL AND s.sealed_tick IS NULL THEN
             UPDATE pgcg.segments AS sg SET sealed_tick = st WHERE sg.topic_id = t.id AND sg.seq = s.seq;
         END IF;
