@@ -249,6 +249,8 @@ class Assignment:
         if owned.threads:
             self.on_stuck(owned, reason)
         dropped = self.scheduler.drop_partition(partition)
+        for item in dropped:
+            item.void = True
         _end_revoke(owned, "lost", reason)
         if self.notify is not None:
             self.notify("lost", partition)

@@ -73,6 +73,10 @@ class Item:
     # Set while the writer parks a log message that keeps running: its result then goes
     # to the parked row.
     parking: bool = False
+    # Dropped with its partition (lost): it must not start any more, and its result,
+    # if one comes, must not move what a later holding of the partition (maybe under the
+    # same epoch, after the lease came back) keeps in memory.
+    void: bool = False
     size: int = 0  # bytes of payload and headers, as the database measured them
     progress_deadline: float = field(default=0.0)
 

@@ -198,8 +198,15 @@ class Reader:
         late: dict[str, float] = {}
         for r in rows:
             part = by_partition[r["partition"]]
-            if ctx.assignment.current(part.partition, part.epoch) is not part or not part.adopted:
-                continue  # lost or reset while we read: its cursor starts over
+            if (
+                ctx.assignment.current(part.partition, part.epoch) is not part
+                or not part.adopted
+                or part.state != "assigned"
+            ):
+                # Lost or reset while we read: its cursor starts over. Revoked: the
+                # revocation dropped the earlier messages it held; a later one taken in
+                # now would run before them if the revocation is called off.
+                continue
             if r["state"] == "e":
                 part.done = max(part.done, r["tick"])
                 if part.cur is not None and part.cur <= part.done:
@@ -219,6 +226,7 @@ class Reader:
                 r["state"] == "p"
                 or key in part.parked_keys
                 or (recent is not None and recent > seen_rounds)
+                or self.writer.parking(part.partition, key)
             ):
                 follow.append(item)  # its key has parked messages: it goes after them
             else:
@@ -291,8 +299,12 @@ class Reader:
         items = []
         for r in rows:
             part = by_partition.get(r["partition"])
-            if part is None or ctx.assignment.current(part.partition, part.epoch) is not part:
-                continue
+            if (
+                part is None
+                or ctx.assignment.current(part.partition, part.epoch) is not part
+                or part.state != "assigned"
+            ):
+                continue  # lost, or revoked (its parked messages were dropped) while we read
             part.parked_keys.add(r["key"])
             message = Message(
                 id=message_id(r["offset"], part.partition),

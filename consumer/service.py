@@ -108,7 +108,9 @@ class Consumer:
         # A `process <topic>` span and duration per call (observer.py); same signature.
         self.handler = observer.instrument(handler, self.ctx)
         self.workers: Workers
-        self.writer = Writer(self.ctx, started=lambda items: self.workers.submit(items))
+        self.writer = Writer(
+            self.ctx, started=lambda items, answered: self.workers.submit(items, answered)
+        )
         self.reader = Reader(self.ctx, self.writer)
         self.progress = Progress(self.ctx, self.writer)
         # handle(message, tx): the handler's writes and its completion commit together.

@@ -90,10 +90,12 @@ class Workers:
         """How many more messages may be started now (running, cleared and starting count)."""
         return self.ctx.settings.concurrency - self.ctx.running - len(self._cleared) - self.pending
 
-    def submit(self, items: list[Item]) -> None:
+    def submit(self, items: list[Item], answered: int) -> None:
         """Messages cleared to start: wake an idle worker for each, or start workers, up to
-        `concurrency`."""
-        self.pending = max(0, self.pending - len(items))
+        `concurrency`. `answered`: how many of the starts handed to the writer it answered,
+        `items` among them; the others may not start (their partition went), and must not
+        hold a place either, or the consumer would end up starting nothing at all."""
+        self.pending = max(0, self.pending - answered)
         self._cleared.extend(items)
         self.wake()
 
@@ -115,6 +117,7 @@ class Workers:
             owned = ctx.assignment.current(item.partition, item.epoch)
             if (
                 owned is not None
+                and not item.void
                 and owned.state == "assigned"
                 and not ctx.stopping
                 and ctx.membership.lease.valid(now)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,10 +39,6 @@ Q = Queries("consumer")
 
 MAX_ERROR_TEXT = 2000
 SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
-
-# A test build's switch, read once: results are written without the epoch fence, so the
-# chaos checker (`pgcg chaos --unsafe-no-fencing`) can prove it fails when fencing is gone.
-UNSAFE_NO_FENCING = os.environ.get("PGCG_UNSAFE_DISABLE_FENCING") == "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,24 +74,21 @@ class _Round:
 
 
 class Writer:
-    def __init__(self, ctx: Context, started: Callable[[list[Item]], None]) -> None:
+    def __init__(self, ctx: Context, started: Callable[[list[Item], int], None]) -> None:
         self.ctx = ctx
-        self._started = started  # hands cleared items to the workers
+        # Hands cleared items to the workers, with how many of the starts handed in were
+        # answered (cleared or not): each of them stops holding a place in `concurrency`.
+        self._started = started
         self._next = _Round()
         self._conn: AsyncConn | None = None
         self._lock = anyio.Lock()  # one round at a time
         self._saved_at = time.monotonic()
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
+        # (partition, key) -> parks handed in and not answered yet
+        self._parking: collections.Counter[tuple[int, str]] = collections.Counter()
         # Deliveries whose result is on its way (handed in, or a transactional handler's
         # completion): parking one now would leave a parked copy of a finished message.
         self.finishing: set[Item] = set()
-        if UNSAFE_NO_FENCING:
-            log.warning(
-                "PGCG_UNSAFE_DISABLE_FENCING=1: results are NOT fenced by the partition "
-                "epoch; a zombie's results will be accepted. Test builds only, never "
-                "production.",
-                extra={"action": "unsafe_no_fencing", **ctx.fields},
-            )
 
     # -- what the other loops hand in -------------------------------------------------------
 
@@ -115,7 +107,7 @@ class Writer:
             for follower in self.ctx.scheduler.items_of(item.key)[1:]:
                 if not follower.parking and not follower.parked:
                     follower.parking = True
-                    self._next.parks.append(_Park(follower, "follow", 0, 0.0, None, False))
+                    self._park(_Park(follower, "follow", 0, 0.0, None, False))
         self.ctx.wake.acks.set()
 
     def park_key(self, key: str, origin: str, *, head_delay: float = 0.0) -> None:
@@ -131,7 +123,7 @@ class Writer:
             if item.parked:
                 continue  # already parked (a loaded follower); the rest follow it
             item.parking = True
-            self._next.parks.append(
+            self._park(
                 _Park(item, origin, item.message.attempt if item is busy else 0,
                       head_delay if n == 0 else 0.0, None, item is busy)
             )  # fmt: skip
@@ -142,8 +134,25 @@ class Writer:
         parked straight away, in their order."""
         for item in items:
             item.parking = True
-            self._next.parks.append(_Park(item, origin, 0, 0.0, None, False))
+            self._park(_Park(item, origin, 0, 0.0, None, False))
         self.ctx.wake.acks.set()
+
+    def _park(self, park: _Park) -> None:
+        self._next.parks.append(park)
+        self._parking[(park.item.partition, park.item.key)] += 1
+
+    def _parked_or_not(self, park: _Park) -> None:
+        """A park was answered (or given up): it no longer counts as on its way."""
+        where = (park.item.partition, park.item.key)
+        self._parking[where] -= 1
+        if self._parking[where] <= 0:
+            del self._parking[where]
+
+    def parking(self, partition: int, key: str) -> bool:
+        """Whether messages of `key` are on their way to the parked queue: a later message
+        of the key read meanwhile must follow them there, even though neither the database
+        nor the partition's parked keys know of them yet."""
+        return (partition, key) in self._parking
 
     @property
     def pending(self) -> int:
@@ -318,7 +327,7 @@ class Writer:
 
         cleared: list[Item] = []
         for item in batch.starts:
-            owned = ctx.assignment.current(item.partition, item.epoch)
+            owned = None if item.void else ctx.assignment.current(item.partition, item.epoch)
             if item.parked:
                 row = claims.get(item.parked_id)
                 ok = bool(row and row["ok"])
@@ -337,8 +346,8 @@ class Writer:
                 ctx.scheduler.drop_key(item.key, keep_busy=False)
             elif owned is not None and owned.state == "assigned":
                 lost[(item.partition, item.epoch)] += 1
-        if cleared:
-            self._started(cleared)
+        if batch.starts:
+            self._started(cleared, len(batch.starts))
 
         for result in batch.results:
             item = result.item
@@ -352,6 +361,7 @@ class Writer:
             self._settled(result, row, now)
 
         for park in batch.parks:
+            self._parked_or_not(park)
             row = logs.get((park.item.partition, park.item.offset))
             if row is None or not row["ok"]:
                 lost[(park.item.partition, park.item.epoch)] += 1
@@ -380,6 +390,12 @@ class Writer:
         item = result.item
         owned = ctx.assignment.current(item.partition, item.epoch)
         kind = (self._parked_kind if item.parked else self._log_kind)(result)
+        if item.void:
+            # Handled under a holding of the partition that is gone: what is held now
+            # read its state afresh. A retry still parked the key, in the database.
+            if kind not in ("d", "x") and owned is not None:
+                owned.parked_keys.add(item.key)
+            return
         if not item.parked and owned is not None:
             owned.finished_log(item)
         if kind in ("d", "x"):
@@ -414,6 +430,10 @@ class Writer:
         owned = ctx.assignment.current(item.partition, item.epoch)
         if owned is None:
             return
+        if item.void:
+            owned.parked_keys.add(item.key)
+            owned.recent_parks[item.key] = self.rounds + 1
+            return
         owned.finished_log(item)
         owned.parked_keys.add(item.key)
         owned.recent_parks[item.key] = self.rounds + 1
@@ -443,6 +463,10 @@ class Writer:
             )  # fmt: skip
             item.parking = False
             ctx.scheduler.unstart(item, time.monotonic())
+        for park in batch.parks:
+            self._parked_or_not(park)
+        if batch.starts:
+            self._started([], len(batch.starts))
 
 
 def _reason(r: Result) -> str | None:

@@ -64,16 +64,21 @@ def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     assert code == 0 and report["ok"], output
     assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
     verdict = report["verdict"]
+    # Two groups read the topic by default: each handled every message.
+    assert set(verdict["groups"]) == {"chaos", "chaos-audit"}, verdict["groups"]
     assert verdict["produced"] > 3000 and verdict["handled"] == verdict["produced"]
+    for group in verdict["groups"].values():
+        assert group["handled"] == verdict["produced"] and not any(group["violations"].values())
     assert not any(verdict["violations"].values())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
-    """Acks without the epoch fence (PGCG_UNSAFE_DISABLE_FENCING=1): a consumer cut off
-    past its session and let back the moment its partitions moved on gets its held acks
-    accepted after the hand-off, which the checker must report."""
+    """Results without the epoch fence (the run's ownership check lets every write
+    through): a consumer cut off past its session and let back the moment its partitions
+    moved on gets its held results accepted after the hand-off, which the checker must
+    report."""
     # Whether a held ack lands after the hand-off depends on timing: the fault must heal
     # inside a window of a few milliseconds. One schedule catches it most of the time;
     # three in a row miss it rarely enough for CI (seeds 3 and 4, with one or two

@@ -20,40 +20,68 @@ J = Queries("journal")
 GROUP, TOPIC = "g1", "orders"
 A, B = "host-101-aaaa", "host-202-bbbb"
 
+# A completion as the owner's fenced write records it (a 'd' ledger row), written here
+# without the fence: the checker must judge it from the history alone.
+COMPLETE = """
+INSERT INTO pgcg.ledger (slot, group_id, partition, kind, gen, epoch, tick, offsets)
+SELECT l.slot, g.id, l.partition, 'd', g.seek_gen, %(epoch)s,
+       (SELECT max(k.tick) FROM pgcg.ticks AS k JOIN pgcg.topics AS t ON t.id = k.topic_id
+        WHERE t.name = g.topic),
+       ARRAY[l."offset"]
+FROM pgcg.groups AS g JOIN pgcg.topics AS t ON t.name = g.topic
+JOIN pgcg.log AS l ON l.slot BETWEEN t.id * 64 AND t.id * 64 + 63
+WHERE g.group_name = %(group)s AND l.partition = %(partition)s AND l."offset" = %(offset)s
+"""
+
 
 class History:
-    """One partition, one key: enqueue, own, handle and ack by hand, as processes would."""
+    """One partition, one key: enqueue, own, handle and ack by hand, as processes would,
+    for each of `groups` (every group consumes every message of the topic)."""
 
-    def __init__(self, db: psycopg.Connection[Any], n: int) -> None:
+    def __init__(self, db: psycopg.Connection[Any], n: int, groups: tuple[str, ...] = (GROUP,)):
         self.db = db
         db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
         journal.create(db)
+        for group in groups:
+            db.execute(C.create_group, {"group": group, "topic": TOPIC})
         done = enqueue_many_sync(db, TOPIC, [OutgoingMessage("k", {"seq": s}) for s in range(n)])
         self.ids = [d.id for d in done]
         db.execute(J.produced, {"seqs": list(range(n)), "keys": ["k"] * n, "ids": self.ids})
-        p = {"group": GROUP, "topic": TOPIC, "partitions": 1}
-        db.execute(C.subscribe, p)
-        db.execute(C.ensure_assignment_rows, p)
 
-    def own(self, member: str) -> int:
-        assign(self.db, GROUP, TOPIC, [0], member)
-        row = self.db.execute("SELECT epoch FROM pgcg.partition_assignments").fetchone()
+    def own(self, member: str, group: str = GROUP) -> int:
+        assign(self.db, group, TOPIC, [0], member)
+        row = self.db.execute(
+            "SELECT epoch FROM pgcg.partition_assignments WHERE group_name = %s", (group,)
+        ).fetchone()
         return int(row["epoch"])  # type: ignore[index]
 
     def handle(
-        self, seq: int, member: str, epoch: int, start: datetime, end: datetime, pid: int
+        self,
+        seq: int,
+        member: str,
+        epoch: int,
+        start: datetime,
+        end: datetime,
+        pid: int,
+        group: str = GROUP,
     ) -> None:
         self.db.execute(
-            "INSERT INTO public.pgcg_journal (message_id, key, seq, partition, member_id, "
-            "epoch, attempt, pid, proc, started_at, finished_at) "
-            "VALUES (%s, 'k', %s, 0, %s, %s, 1, %s, %s, %s, %s)",
-            (self.ids[seq], seq, member, epoch, pid, member, start, end),
+            "INSERT INTO public.pgcg_journal (group_name, message_id, key, seq, partition, "
+            "member_id, epoch, attempt, pid, proc, started_at, finished_at) "
+            "VALUES (%s, %s, 'k', %s, 0, %s, %s, 1, %s, %s, %s, %s)",
+            (group, self.ids[seq], seq, member, epoch, pid, member, start, end),
         )
 
-    def ack(self, seq: int, member: str) -> None:
+    def ack(self, seq: int, member: str | None, epoch: int, group: str = GROUP) -> None:
+        """The completion of `seq` by `member`'s process (None: by no process)."""
         with self.db.transaction():
-            self.db.execute("SELECT set_config('pgcg.proc', %s, true)", (member,))
-            self.db.execute("DELETE FROM pgcg.messages WHERE id = %s", (self.ids[seq],))
+            if member is not None:
+                self.db.execute("SELECT set_config('pgcg.proc', %s, true)", (member,))
+            cur = self.db.execute(
+                COMPLETE,
+                {"group": group, "partition": 0, "offset": self.ids[seq] // 1024, "epoch": epoch},
+            )
+            assert cur.rowcount == 1
 
 
 def now() -> datetime:
@@ -66,7 +94,7 @@ def test_a_clean_history_passes(db: psycopg.Connection[Any]) -> None:
     epoch = h.own(A)
     for seq in range(3):
         h.handle(seq, A, epoch, now(), now(), 101)
-        h.ack(seq, A)
+        h.ack(seq, A, epoch)
     verdict = journal.check(db, TOPIC, disruptions=[])
     assert verdict.ok, verdict.examples()
     assert (verdict.handled, verdict.duplicates, verdict.attributed_acks) == (3, 0, 3)
@@ -76,17 +104,17 @@ def test_every_violation_is_named(db: psycopg.Connection[Any]) -> None:
     h = History(db, 4)
     old = h.own(A)
     h.handle(0, A, old, now(), now(), 101)
-    h.ack(0, A)
+    h.ack(0, A, old)
     zombie_start = now()  # A starts seq 1, then pauses
     new = h.own(B)  # A's epoch ends
     h.handle(1, B, new, now(), now(), 202)
     h.handle(2, B, new, now(), now(), 202)  # B finishes seq 2 before seq 1 is acked
     h.handle(1, A, old, zombie_start, now(), 101)  # the zombie finishes seq 1
-    h.ack(1, A)  # and its ack is accepted: no fence
-    h.ack(2, B)
+    h.ack(1, A, old)  # and its completion is accepted: no fence
+    h.ack(2, B, new)
     late = now()
     h.handle(3, A, old, late, now(), 101)  # the zombie even starts new work
-    h.ack(3, A)
+    h.ack(3, A, old)
     verdict = journal.check(db, TOPIC, disruptions=[])
     v = verdict.violations
     assert v["stale_acks"] == 2, verdict.stale_acks  # seqs 1 and 3
@@ -100,9 +128,9 @@ def test_a_message_handled_after_a_later_one_of_its_key(db: psycopg.Connection[A
     h = History(db, 2)
     epoch = h.own(A)
     h.handle(1, A, epoch, now(), now(), 101)
-    h.ack(1, A)
+    h.ack(1, A, epoch)
     h.handle(0, A, epoch, now(), now(), 101)
-    h.ack(0, A)
+    h.ack(0, A, epoch)
     verdict = journal.check(db, TOPIC, disruptions=[])
     assert len(verdict.order_violations) == 1, verdict.order_violations
 
@@ -115,9 +143,8 @@ def test_lost_and_explained_duplicates(db: psycopg.Connection[Any]) -> None:
     crash = journal.Disruption("consumer-kill", now(), None, pid=101)
     epoch = h.own(B)
     h.handle(0, B, epoch, now(), now(), 202)
-    h.ack(0, B)
-    with db.transaction():
-        db.execute("DELETE FROM pgcg.messages WHERE id = %s", (h.ids[1],))  # nobody handled it
+    h.ack(0, B, epoch)
+    h.ack(1, None, epoch)  # completed, yet nobody handled it
     verdict = journal.check(db, TOPIC, disruptions=[crash])
     assert verdict.lost == [1]
     assert verdict.duplicates == 1 and verdict.duplicate_causes == {"consumer-kill": 1}
@@ -151,3 +178,47 @@ def test_a_deposed_leader_writing_is_caught(db: psycopg.Connection[Any], epochs:
         )
     stale = journal.check(db, TOPIC).stale_leader_writes
     assert len(stale) == (1 if epochs == [3, 4, 2] else 0), stale
+
+
+def test_every_group_is_checked_on_its_own(db: psycopg.Connection[Any]) -> None:
+    """Each group must handle every message in key order; what one group did never
+    covers for another, and two groups handling one key at once is no violation."""
+    h = History(db, 2, groups=("g1", "g2", "g3"))
+    e1, e2, e3 = h.own(A, "g1"), h.own(A, "g2"), h.own(B, "g3")
+    g2_start = now()
+    for seq in range(2):
+        h.handle(seq, A, e1, now(), now(), 101, "g1")  # inside g2's handling of seq 0
+        h.ack(seq, A, e1, "g1")
+    h.handle(0, A, e2, g2_start, now(), 101, "g2")
+    h.ack(0, A, e2, "g2")
+    h.handle(1, A, e2, now(), now(), 101, "g2")
+    h.ack(1, A, e2, "g2")
+    h.handle(1, B, e3, now(), now(), 202, "g3")  # g3 skips seq 0 ...
+    h.ack(1, B, e3, "g3")
+    h.handle(0, B, e3, now(), now(), 202, "g3")  # ... and handles it after seq 1
+    h.ack(0, B, e3, "g3")
+    verdict = journal.check(db, TOPIC, disruptions=[], groups=["g1", "g2", "g3", "g4"])
+    assert set(verdict.groups) == {"g1", "g2", "g3", "g4"}
+    assert verdict.groups["g1"].ok and verdict.groups["g2"].ok, verdict.examples()
+    assert len(verdict.groups["g3"].order_violations) == 1
+    assert verdict.order_violations[0].startswith("[g3] ")
+    # g4 never came to be: it handled nothing, so it lost everything.
+    assert verdict.groups["g4"].lost == [0, 1] and verdict.lost == [0, 1]
+    assert verdict.handled == 0 and verdict.groups["g1"].handled == 2
+    assert not verdict.ok
+
+
+def test_a_group_missing_a_message_loses_it(db: psycopg.Connection[Any]) -> None:
+    h = History(db, 2, groups=("g1", "g2"))
+    e1, e2 = h.own(A, "g1"), h.own(B, "g2")
+    for seq in range(2):
+        h.handle(seq, A, e1, now(), now(), 101, "g1")
+        h.ack(seq, A, e1, "g1")
+    h.handle(1, B, e2, now(), now(), 202, "g2")
+    h.ack(1, B, e2, "g2")
+    h.ack(0, None, e2, "g2")  # g2's position moved past seq 0, which it never handled
+    verdict = journal.check(db, TOPIC, disruptions=[])
+    assert verdict.groups["g1"].ok
+    assert verdict.groups["g2"].lost == [0] and verdict.lost == [0]
+    assert verdict.handled == 1  # seq 1: handled by every group
+    assert "lost seqs [g2]: [0]" in verdict.examples()

@@ -63,6 +63,8 @@ DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
 UNFENCED = Q.unfenced
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
+# pgcg's own state, kept with a failed run's history.
+DUMP_LEDGER, DUMP_TICKS, DUMP_PROGRESS = Q.dump_ledger, Q.dump_ticks, Q.dump_progress
 
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None
@@ -215,7 +217,9 @@ class Disruption:
 @dataclass
 class Verdict:
     produced: int = 0
-    handled: int = 0  # distinct messages with an accepted handling
+    # Distinct messages with an accepted handling (with several groups: in every group).
+    handled: int = 0
+    handled_ids: set[int] = field(default_factory=set, repr=False)
     pending: int = 0
     dead_lettered: int = 0
     lost: list[int] = field(default_factory=list)  # seqs
@@ -268,7 +272,11 @@ class Verdict:
     def examples(self, n: int = 5) -> list[str]:
         """The first few of each kind of violation, for a report."""
         out: list[str] = []
-        if self.lost:
+        if self.groups:
+            out.extend(
+                f"lost seqs [{name}]: {v.lost[:n]}" for name, v in self.groups.items() if v.lost
+            )
+        elif self.lost:
             out.append(f"lost seqs: {self.lost[:n]}")
         for name, items in (
             ("order", self.order_violations),
@@ -304,8 +312,11 @@ class Verdict:
 
     def add(self, other: Verdict, group: str) -> None:
         """Fold one group's verdict into this one (violations get the group's name)."""
+        self.handled_ids = (
+            set(other.handled_ids) if not self.groups else self.handled_ids & other.handled_ids
+        )
+        self.handled = len(self.handled_ids)
         self.groups[group] = other
-        self.handled += other.handled
         self.pending += other.pending
         self.dead_lettered += other.dead_lettered
         self.lost += other.lost
@@ -340,19 +351,23 @@ def check(
     *,
     disruptions: Sequence[Disruption] | None = None,
     window: tuple[datetime, datetime] | None = None,
+    groups: Iterable[str] = (),
 ) -> Verdict:
     """Check the recorded history of `topic`, for every group that consumes it.
 
     `disruptions` (what a runner injected) lets duplicates be told apart from violations
     and start stamps taken after a SIGCONT be recognised; without it, duplicates are only
     counted. `window` bounds the ownership measurements (default: the whole history).
-    Every group must account for every produced message: the verdict sums the groups'.
+    `groups`: groups that must be there (a run's own); one that never came to be has lost
+    every message. Every group must account for every produced message: a message counts
+    as handled when every group handled it; violations add up, each named after its group.
     """
     conn.row_factory = dict_row  # type: ignore[assignment]
     produced = {r["seq"]: r for r in conn.execute(Q.produced_rows)}
     verdict = Verdict(produced=len(produced))
     _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
-    for (group,) in [tuple(r.values()) for r in conn.execute(Q.groups, {"topic": topic})]:
+    present = [r["group_name"] for r in conn.execute(Q.groups, {"topic": topic})]
+    for group in sorted({*present, *groups}):
         verdict.add(_check_group(conn, group, produced, disruptions, window), group)
     return verdict
 
@@ -381,6 +396,7 @@ def _check_group(
     for r in rows:
         by_message[r["message_id"]].append(r)
     accepted = _accepted(by_message, completed, dead, verdict)
+    verdict.handled_ids = set(accepted)
     verdict.handled = len(accepted)
     # A message completed without a journaled handling before it counts as lost too.
     verdict.lost = sorted(
@@ -420,11 +436,11 @@ def _check_group(
     for mid, r in accepted.items():
         gone = completed.get(mid)
         ended = epochs.ended(r["partition"], r["epoch"])
-        if gone is not None and ended is not None and gone["deleted_at"] > ended:
+        if gone is not None and ended is not None and gone["completed_at"] > ended:
             verdict.stale_acks.append(
                 f"seq {r['seq']} ({r['key']}, partition {r['partition']}): completion of "
                 f"{r['member_id']} under epoch {r['epoch']} accepted at "
-                f"{gone['deleted_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
+                f"{gone['completed_at']:%T.%f}, after that epoch ended at {ended:%T.%f}"
             )
 
     by_key: dict[str, list[Row]] = defaultdict(list)
@@ -443,22 +459,22 @@ def _check_group(
 
 def _accepted(
     by_message: dict[int, list[Row]],
-    deleted: dict[int, Row],
+    completed: dict[int, Row],
     dead: set[int],
     verdict: Verdict,
 ) -> dict[int, Row]:
-    """message id -> its accepted handling (`deleted`: its completion)."""
+    """message id -> its accepted handling (`completed`: its recorded completion)."""
     accepted: dict[int, Row] = {}
-    if not deleted:
-        # No deletion triggers (a history recorded before they existed): a handling whose
-        # ack took effect is never redelivered, so take each message's last one.
+    if not completed:
+        # No completion triggers (a history recorded before they existed): a handling
+        # whose completion took effect is never redelivered, so take each message's last.
         for mid, handlings in by_message.items():
             accepted[mid] = handlings[-1]
         return accepted
-    for mid, gone in deleted.items():
+    for mid, gone in completed.items():
         if mid in dead:
             continue
-        before = [r for r in by_message.get(mid, ()) if r["finished_at"] <= gone["deleted_at"]]
+        before = [r for r in by_message.get(mid, ()) if r["finished_at"] <= gone["completed_at"]]
         mine = [r for r in before if gone["proc"] is not None and r["proc"] == gone["proc"]]
         if mine:
             verdict.attributed_acks += 1

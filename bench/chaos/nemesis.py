@@ -38,7 +38,7 @@ FAULT_KINDS = (
     "net-stall",  # hold every byte between a consumer and PostgreSQL for `hold`
     "pg-restart-fast",  # pg_ctl restart -m fast
     "pg-restart-immediate",  # pg_ctl restart -m immediate (a crash, then recovery)
-    "member-join",  # a new consumer joins the group
+    "member-join",  # a new consumer joins one of the groups
     "member-leave",  # a consumer leaves gracefully (SIGTERM: drain, release, leave)
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
@@ -136,30 +136,36 @@ def _now() -> datetime:
 
 
 class Nemesis:
-    """Applies faults to one cluster, one at a time, and records what it did."""
+    """Applies faults to one cluster, one at a time, and records what it did.
+
+    The cluster's consumers may belong to several groups of one topic (`group_of`, kept up
+    to date by `spawn_consumer`); `strength` is how many consumers each group runs with.
+    Consumer faults hit any of them; a replacement joins the victim's group; leader
+    faults hit the coordinator leading `group`, the first of `strength`."""
 
     def __init__(
         self,
         *,
         cluster: Cluster,
         dsn: str,
-        group: str,
+        strength: dict[str, int],
+        group_of: dict[Proc, str],
         proxies: dict[Proc, NetProxy],
         server: ThrowawayPostgres | None,
-        spawn_consumer: Callable[[], Proc],
+        spawn_consumer: Callable[[str], Proc],
         spawn_coordinator: Callable[[], Proc],
-        consumers: int,
         session_timeout: float,
         leader_timeout: float,
     ) -> None:
         self.cluster = cluster
         self.dsn = dsn
-        self.group = group
+        self.strength = strength
+        self.group = next(iter(strength))
+        self.group_of = group_of
         self.proxies = proxies
         self.server = server
         self.spawn_consumer = spawn_consumer
         self.spawn_coordinator = spawn_coordinator
-        self.consumers = consumers
         self.session_timeout = session_timeout
         self.leader_timeout = leader_timeout
         self.executed: list[Executed] = []
@@ -203,21 +209,24 @@ class Nemesis:
                 return None, 0
             time.sleep(0.1)
 
+    def _members(self, group: str) -> list[Proc]:
+        return [p for p in self._consumers() if self.group_of.get(p) == group]
+
     def _owned_by(self, proc: Proc) -> dict[int, int]:
-        """partition -> epoch of what the consumer process owns right now."""
+        """partition -> epoch of what the consumer process owns right now, in its group."""
         rows = self._query(
             "SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments pa "
             "JOIN pgcg.consumer_groups cg USING (group_name, member_id) "
             "WHERE pa.group_name = %s AND cg.pid = %s",
-            (self.group, proc.pid),
+            (self.group_of[proc], proc.pid),
         )
         return {r["partition"]: r["epoch"] for r in rows}
 
-    def _moved(self, owned: dict[int, int]) -> bool:
+    def _moved(self, proc: Proc, owned: dict[int, int]) -> bool:
         rows = self._query(
             "SELECT partition, epoch FROM pgcg.partition_assignments "
             "WHERE group_name = %s AND partition = ANY(%s)",
-            (self.group, list(owned)),
+            (self.group_of[proc], list(owned)),
         )
         return any(r["epoch"] != owned[r["partition"]] for r in rows)
 
@@ -250,7 +259,7 @@ class Nemesis:
         victim.kill()
         self._hit(fault.kind, victim, record.start, None)
         time.sleep(fault.hold)
-        replacement = self.spawn_consumer()
+        replacement = self.spawn_consumer(self.group_of[victim])
         record.note = f"replaced by {replacement.name}"
 
     def _consumer_pause(self, fault: Fault, record: Executed) -> None:
@@ -266,7 +275,7 @@ class Nemesis:
             # Resume the moment its partitions have moved on: its in-flight work and
             # pending acks then race the new owner, which only the fence stops.
             cap = self.session_timeout + 8.0
-            while not self._moved(owned) and time.monotonic() - started < cap:
+            while not self._moved(victim, owned) and time.monotonic() - started < cap:
                 time.sleep(0.02)
             record.note = f"resumed after hand-off ({time.monotonic() - started:.1f}s)"
         else:
@@ -339,7 +348,8 @@ class Nemesis:
             record.victims.append(victims[0].name)
             proxy.stall(self.session_timeout + 30.0)
             started = time.monotonic()
-            while not self._moved(owned) and time.monotonic() - started < self.session_timeout + 8:
+            cap = self.session_timeout + 8
+            while not self._moved(victims[0], owned) and time.monotonic() - started < cap:
                 time.sleep(0.02)
             proxy.heal()
             record.note = f"released after hand-off ({time.monotonic() - started:.1f}s)"
@@ -369,19 +379,25 @@ class Nemesis:
         self._restart(fault, record, "immediate")
 
     def _member_join(self, fault: Fault, record: Executed) -> None:
-        if len(self.cluster.live("consumer")) >= self.consumers + 2:
-            record.note = "skipped: group at its largest"
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        live = [p for p in self.cluster.live("consumer") if self.group_of.get(p) == group]
+        if len(live) >= self.strength[group] + 2:
+            record.note = f"skipped: {group} at its largest"
             return
-        proc = self.spawn_consumer()
+        proc = self.spawn_consumer(group)
         record.victims.append(proc.name)
         self._hit(fault.kind, proc, record.start, record.start)
 
     def _member_leave(self, fault: Fault, record: Executed) -> None:
-        if len(self._consumers()) <= 2:
-            record.note = "skipped: group at its smallest"
-            return
         victim = self._pick(fault)
-        assert victim is not None
+        if victim is None:
+            record.note = "skipped: no consumer"
+            return
+        group = self.group_of[victim]
+        if len(self._members(group)) <= max(1, self.strength[group] // 2):
+            record.note = f"skipped: {group} at its smallest"
+            return
         record.victims.append(victim.name)
         victim.terminate()
         self._hit(fault.kind, victim, record.start, record.start)
@@ -389,7 +405,7 @@ class Nemesis:
     # -- healing ---------------------------------------------------------------------------
 
     def heal(self, coordinators: int) -> None:
-        """Undo whatever is still in effect and bring the group back to strength."""
+        """Undo whatever is still in effect and bring every group back to strength."""
         for proc in self.cluster.procs:
             if proc.paused:
                 proc.resume()
@@ -397,5 +413,7 @@ class Nemesis:
             proxy.heal()
         while len(self.cluster.live("coordinator")) < coordinators:
             self.spawn_coordinator()
-        while len(self.cluster.live("consumer")) < self.consumers:
-            self.spawn_consumer()
+        for group, n in self.strength.items():
+            live = [p for p in self.cluster.live("consumer") if self.group_of.get(p) == group]
+            for _ in range(n - len(live)):
+                self.spawn_consumer(group)

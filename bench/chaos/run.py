@@ -4,7 +4,8 @@ One run:
 1. a throwaway PostgreSQL (or a fresh database on --database-url), migrated, one topic;
 2. coordinators, consumers and a producer as real processes; every consumer reaches
    PostgreSQL through its own TCP proxy (netproxy.py), coordinators and the producer
-   directly. Consumers run the recording handler (journal.py);
+   directly. Consumers run the recording handler (journal.py), in two groups of the topic
+   by default (each group must handle every message);
 3. a seed-driven schedule of faults (nemesis.py): SIGKILL and SIGSTOP of consumers and
    of the leading coordinator, network cuts and stalls, fast and immediate server
    restarts, members joining and leaving;
@@ -13,8 +14,8 @@ One run:
    violation, or if the queue did not drain.
 
 `--unsafe-no-fencing` replaces the database's ownership check with one that lets every write
-through (results without
-the epoch fence): the same checks must then fail, which proves they can.
+through (marks, results, parks without the epoch fence): the same checks must then fail,
+which proves they can.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from pgcg.shared.migrate import migrate
 log = logging.getLogger("pgcg.chaos")
 
 GROUP = "chaos"
-# A second group on the same topic: it must get every message too, at its own pace.
-OTHER_GROUP = "chaos-audit"
+# Further groups on the same topic: each must get every message too, at its own pace.
+OTHER_GROUPS = ("chaos-audit", "chaos-3")
 TOPIC = "chaos"
 HANDLER = "pgcg.bench.chaos.journal:record"
 
@@ -76,7 +77,7 @@ class ChaosOptions:
     keys: int = 64
     partitions: int = 16
     consumers: int = 4
-    groups: int = 2  # 2: a second group of one consumer reads the same topic
+    groups: int = 2  # groups on the topic; each after the first runs half as many consumers
     coordinators: int = 2
     faults: tuple[str, ...] = FAULT_KINDS
     database_url: str | None = None
@@ -133,15 +134,22 @@ class ChaosReport:
         lines = [
             f"pgcg chaos: seed={o.seed} elapsed={self.elapsed_s:.0f}s "
             f"(faults {self.fault_phase_s:.0f}s) rate={o.rate:g}/s keys={o.keys} "
-            f"partitions={o.partitions} consumers={o.consumers} "
+            f"partitions={o.partitions} consumers={o.consumers} groups={o.groups} "
             f"coordinators={o.coordinators}"
             + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
             "variants: " + " ".join(f"{k}x{n}" for k, n in sorted(variants.items())),
-            f"messages: produced={v.produced} handled={v.handled} pending={v.pending} "
-            f"dead-lettered={v.dead_lettered} drained={'yes' if self.drained else 'NO'}",
+            f"messages: produced={v.produced} handled by every group={v.handled} "
+            f"pending={v.pending} dead-lettered={v.dead_lettered} "
+            f"drained={'yes' if self.drained else 'NO'}",
+            *(
+                f"  group {name}: handled={g.handled} pending={g.pending} "
+                f"dead-lettered={g.dead_lettered} duplicates={g.duplicates} "
+                + " ".join(f"{k}={n}" for k, n in g.violations.items() if n)
+                for name, g in v.groups.items()
+            ),
             "violations: " + " ".join(f"{k}={n}" for k, n in v.violations.items()),
             f"duplicates: {v.duplicates} ("
             + ", ".join(f"{k} {n}" for k, n in sorted(v.duplicate_causes.items()))
@@ -152,7 +160,8 @@ class ChaosReport:
             + (f" from {v.max_unowned_since:%T}" if v.max_unowned_since else "")
             + f"); longest unassigned "
             f"{v.max_unassigned_s:.2f}s",
-            f"acks attributed to their process: {v.attributed_acks}/{v.handled}",
+            f"acks attributed to their process: {v.attributed_acks}/"
+            f"{sum(g.handled for g in v.groups.values())}",
         ]
         lines += [f"  {e}" for e in v.examples()]
         lines.append(f"verdict: {'OK' if self.ok else 'FAILED'}")
@@ -194,6 +203,15 @@ class _Database:
         if host.startswith("/"):
             raise click.UsageError("--database-url must use TCP (host:port) for the proxies")
         return host, int(params.get("port") or 5432)
+
+
+def group_strength(options: ChaosOptions) -> dict[str, int]:
+    """The run's groups of the topic, the first one first, and how many consumers each
+    runs: the first `consumers`, each other half as many (at least one)."""
+    if not 1 <= options.groups <= 1 + len(OTHER_GROUPS):
+        raise click.UsageError(f"--groups must be between 1 and {1 + len(OTHER_GROUPS)}")
+    others = OTHER_GROUPS[: options.groups - 1]
+    return {GROUP: options.consumers, **{g: max(1, options.consumers // 2) for g in others}}
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -275,8 +293,9 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
         run.cluster.stop_all()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             verdict = journal.check(
-                conn, TOPIC, disruptions=run.nemesis.disruptions, window=(window_start, window_end)
-            )
+                conn, TOPIC, disruptions=run.nemesis.disruptions,
+                window=(window_start, window_end), groups=run.strength,
+            )  # fmt: skip
         if not (verdict.ok and drained) or options.keep_logs:
             _dump_history(run.dsn, workdir)
         report = ChaosReport(
@@ -328,17 +347,18 @@ class _Run:
         self.hub = stack.enter_context(ProxyHub())
         self.cluster = stack.enter_context(Cluster(dsn, workdir, env=env))
         self.proxies: dict[Proc, NetProxy] = {}
+        self.group_of: dict[Proc, str] = {}
         self.upstream = db.host_port()
+        self.strength = group_strength(options)
         for _ in range(options.coordinators):
             self.spawn_coordinator()
-        for _ in range(options.consumers):
-            self.spawn_consumer()
-        if options.groups > 1:
-            self.spawn_consumer(OTHER_GROUP)
+        for group, n in self.strength.items():
+            for _ in range(n):
+                self.spawn_consumer(group)
         self.nemesis = Nemesis(
-            cluster=self.cluster, dsn=dsn, group=GROUP, proxies=self.proxies,
-            server=db.server, spawn_consumer=self.spawn_consumer,
-            spawn_coordinator=self.spawn_coordinator, consumers=options.consumers,
+            cluster=self.cluster, dsn=dsn, strength=self.strength, group_of=self.group_of,
+            proxies=self.proxies, server=db.server, spawn_consumer=self.spawn_consumer,
+            spawn_coordinator=self.spawn_coordinator,
             session_timeout=self.session_timeout, leader_timeout=self.leader_timeout,
         )  # fmt: skip
         self.producer = stack.enter_context(_producer(dsn, workdir, options))
@@ -352,6 +372,7 @@ class _Run:
             env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn)},
         )  # fmt: skip
         self.proxies[proc] = proxy
+        self.group_of[proc] = group
         return proc
 
     def spawn_coordinator(self) -> Proc:
@@ -362,16 +383,17 @@ class _Run:
         return self.producer.poll() is None
 
     def warm_up(self) -> None:
+        groups = list(self.strength)
         _wait(
             lambda: _scalar(
                 self.dsn,
                 "SELECT count(*) FILTER (WHERE state = 'assigned') = %s AND "
-                "(SELECT count(*) FROM public.pgcg_journal) > 0 "
-                "FROM pgcg.partition_assignments WHERE group_name = %s",
-                (self.options.partitions, GROUP),
+                "(SELECT count(DISTINCT group_name) FROM public.pgcg_journal) = %s "
+                "FROM pgcg.partition_assignments WHERE group_name = ANY(%s)",
+                (self.options.partitions * len(groups), len(groups), groups),
             ),
             90,
-            "every partition assigned and a first message handled",
+            "every partition of every group assigned and a first message handled in each",
         )
 
     def inject(self, plan: Iterator[Fault], duration: float | None) -> float:
@@ -432,12 +454,19 @@ HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_completed", "pgcg_owner
 def _dump_history(dsn: str, workdir: Path) -> None:
     """The recorded history as CSV next to the logs, to study a failure after the server
     is gone (`psql -c "\\copy pgcg_journal FROM pgcg_journal.csv CSV HEADER"`)."""
+    # pgcg's own state at the end as well: what each group recorded, its positions, the
+    # ticks (a duplicate or an order violation is read against them).
+    sources = [(t.removeprefix("pgcg."), t) for t in (*HISTORY_TABLES, "pgcg.rebalances")]
+    sources += [
+        ("ledger", f"({journal.DUMP_LEDGER})"),
+        ("ticks", f"({journal.DUMP_TICKS})"),
+        ("group_progress", f"({journal.DUMP_PROGRESS})"),
+    ]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in (*HISTORY_TABLES, "pgcg.rebalances"):
-            name = table.removeprefix("pgcg.")
+        for name, source in sources:
             with (
                 open(workdir / f"{name}.csv", "wb") as out,
-                conn.cursor().copy(f"COPY {table} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
+                conn.cursor().copy(f"COPY {source} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
             ):
                 for chunk in copy:
                     out.write(chunk)
@@ -478,7 +507,20 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Messages a second.")
 @click.option("--keys", type=int, default=64, show_default=True, help="Ordering keys.")
 @click.option("--partitions", type=int, default=16, show_default=True)
-@click.option("--consumers", type=int, default=4, show_default=True)
+@click.option(
+    "--consumers",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Consumers of the first group; each other group runs half as many.",
+)
+@click.option(
+    "--groups",
+    type=click.IntRange(1, 1 + len(OTHER_GROUPS)),
+    default=2,
+    show_default=True,
+    help="Groups consuming the topic; each must handle every message.",
+)
 @click.option("--coordinators", type=int, default=2, show_default=True)
 @click.option(
     "--faults",
@@ -529,7 +571,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 )
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
-    partitions: int, consumers: int, coordinators: int, faults_: str,
+    partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
     database_url: str | None, work_ms: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
 ) -> None:  # fmt: skip
@@ -563,6 +605,7 @@ def chaos(
         keys=keys,
         partitions=partitions,
         consumers=consumers,
+        groups=groups,
         coordinators=coordinators,
         faults=_parse_faults(faults_),
         database_url=database_url,

@@ -1072,7 +1072,9 @@ BEGIN
         -- queue through another index (IS NOT DISTINCT FROM is no index condition).
         WHERE pk.id = c.id AND pk.group_id IS NOT DISTINCT FROM g.id AND pk.partition = c.p
           AND c.p = ANY (start_p)
-          AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok)
+          -- A claim past its deadline is abandoned (see load_parked): claimed again.
+          AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok
+               OR pk.locked_until < clock_timestamp())
         RETURNING pk.id, pk.partition, pk.attempts
     )
     SELECT 'c'::"char", c.p, c.id, cl.id IS NOT NULL, cl.attempts::bigint
@@ -1185,7 +1187,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgcg SET jit = off AS $$
         WHERE pk.group_id = g.id AND pk.partition = ANY (p_partitions)
           -- Computed once (an InitPlan), so it bounds the scan of parked_due.
           AND pk.available_at <= (SELECT clock_timestamp() + p_lookahead_ms * interval '1 millisecond')
-          AND pk.id <> ALL (p_held) AND pk.claimed_epoch IS NULL
+          AND pk.id <> ALL (p_held)
+          -- Unclaimed, or claimed by a delivery past its deadline: its handler was
+          -- cancelled by then, unless it reported progress (which moves the deadline). A
+          -- member that lost a partition by its lease and got it back under the same epoch
+          -- abandoned its claims there, and no adopt would ever release them.
+          AND (pk.claimed_epoch IS NULL OR pk.locked_until < clock_timestamp())
           -- The first of its key: one probe of parked_key in id order (as a NOT EXISTS, the
           -- planner may hash the whole queue, or read a partition's rows for each message).
           AND pk.id = (

@@ -126,7 +126,7 @@ SELECT id, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc
 FROM public.pgcg_journal WHERE group_name = %(group)s ORDER BY id
 
 -- name: completed_rows
-SELECT message_id, partition, epoch, proc, completed_at AS deleted_at
+SELECT message_id, partition, epoch, proc, completed_at
 FROM public.pgcg_completed WHERE group_name = %(group)s ORDER BY completed_at
 
 -- name: ownership_rows
@@ -202,3 +202,18 @@ FROM pgcg.groups AS g WHERE g.topic = %(topic)s ORDER BY g.group_name
 
 -- name: max_seq
 SELECT coalesce(max(seq), -1) AS seq FROM public.pgcg_produced
+
+-- name: dump_ledger
+-- What the groups recorded, for a failed run's kept history (ledger.csv).
+SELECT g.group_name, l.partition, l.kind, l.gen, l.epoch, l.tick, l.offsets, l."offset",
+       l.parked, l.slot
+FROM pgcg.ledger AS l JOIN pgcg.groups AS g ON g.id = l.group_id
+
+-- name: dump_ticks
+-- The ticks of the run's topics, for a failed run's kept history (ticks.csv).
+SELECT topic_id, tick, snapshot::text AS snapshot, offsets, at FROM pgcg.ticks
+
+-- name: dump_progress
+-- Each group's position, for a failed run's kept history (group_progress.csv).
+SELECT g.group_name, p.partition, p.tick, p.gen, p.clean_epoch, p.charged_epoch, p.updated_at
+FROM pgcg.group_progress AS p JOIN pgcg.groups AS g ON g.id = p.group_id
