@@ -19,11 +19,8 @@ on, a position is saved only past finished messages) and checks what a user is p
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
-import os
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,8 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import event as hyp_event
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -54,12 +50,6 @@ MAX_ATTEMPTS = 3
 PRODUCERS = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
-SEEN: collections.Counter[str] = collections.Counter()
-
-
-def event(what: str) -> None:
-    SEEN[what] += 1
-    hyp_event(what)
 
 
 @dataclass
@@ -118,10 +108,7 @@ def step(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: ProgressModel, *args: Any, **kwargs: Any) -> Any:
         self.healthy = False
-        t0 = time.perf_counter()
         result = fn(self, *args, **kwargs)
-        SEEN["time " + fn.__name__] += int((time.perf_counter() - t0) * 1000)
-        SEEN["rule " + fn.__name__] += 1
         self.healthy = True
         return result
 
@@ -171,7 +158,6 @@ class ProgressModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.healthy = True
-        t0 = time.perf_counter()
         # One topic for the test, a new group per example, starting at the newest tick:
         # it sees nothing of the examples before (their producers all ended).
         self.topic, self.group = TOPIC, f"model_{next(self.serial)}"
@@ -189,7 +175,6 @@ class ProgressModel(RuleBasedStateMachine):
         self.assigned: dict[int, tuple[Incarnation, int]] = {}
         self.position: dict[int, int] = self.progress_ticks()
         self.key_partition: dict[str, int] = {}
-        SEEN["time init"] += int((time.perf_counter() - t0) * 1000)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -704,9 +689,7 @@ class ProgressModel(RuleBasedStateMachine):
     def database_agrees(self) -> None:
         if not self.healthy:
             return
-        t0 = time.perf_counter()
         self.agrees()
-        SEEN["time invariant"] += int((time.perf_counter() - t0) * 1000)
 
     def agrees(self) -> None:
         parked = self.db.execute(
@@ -746,9 +729,7 @@ class ProgressModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             if self.healthy:
-                t0 = time.perf_counter()
                 self.drain()
-                SEEN["time drain"] += int((time.perf_counter() - t0) * 1000)
         finally:
             for conn in self.producers:
                 conn.rollback()
@@ -824,8 +805,6 @@ def test_per_partition_progress_keeps_every_promise(
     finally:
         for conn in producers:
             conn.close()
-        if os.environ.get("MODEL_STATS"):
-            print(sorted(SEEN.items()))
 
 
 pytestmark = pytest.mark.timeout(600)
