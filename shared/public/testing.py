@@ -11,6 +11,10 @@ type the handler declares (`message: Message[Order]`), so a test sees what a con
 would hand over; then the handler runs and its result or exception is judged by the same
 rules as in a consumer (pgcg.consumer.outcomes). `attempt` says which delivery this is,
 to test the last one.
+
+For integration tests against a real PostgreSQL, `run_until_processed(app)` runs an App
+until its groups processed everything produced so far; the fixtures that give it a
+database are in the opt-in pytest plugin pgcg.testing_plugin.
 """
 
 from __future__ import annotations
@@ -21,14 +25,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import psycopg
 
+from pgcg.consumer.app import App
 from pgcg.consumer.handlers import call
 from pgcg.consumer.message import Message
 from pgcg.consumer.outcomes import Backoff, ExceptionTypes, Outcome, outcome
 from pgcg.consumer.payloads import decode, handler_payload_type
 from pgcg.shared.encoding import encode
+from pgcg.shared.queries import Queries
 
-__all__ = ["Outcome", "adeliver", "deliver", "make_message"]
+__all__ = [
+    "Outcome",
+    "adeliver",
+    "deliver",
+    "make_message",
+    "run_until_processed",
+    "unfinished",
+]
+
+# The statements of run_until_processed; the pytest plugin is pgcg.testing_plugin.
+Q = Queries("testing")
 
 # Deterministic where a consumer would add jitter: a test asserts on exact delays.
 DEFAULT_BACKOFF_BASE = 1.0
@@ -107,3 +124,24 @@ def deliver(handler: Callable[..., Any], payload: Any, **options: Any) -> Outcom
         return await adeliver(handler, payload, **options)
 
     return anyio.run(run)
+
+
+async def unfinished(dsn: str, group: str) -> int:
+    """Messages `group` has not finished: not yet handled, or parked for a retry."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        row = await (await conn.execute(Q.unfinished, {"group": group})).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def run_until_processed(app: App, *, timeout: float = 60.0, poll: float = 0.05) -> None:
+    """Run `app` until every group it has handled or dead-lettered every message produced
+    so far (retries included), then stop it; TimeoutError after `timeout` seconds."""
+    # The app's groups, in registration order (the App keeps no public list of them).
+    groups = [r.group for r in app._registered]
+    async with app.running():
+        with anyio.fail_after(timeout):
+            for group in groups:
+                while True:
+                    if not await unfinished(app.dsn, group):
+                        break
+                    await anyio.sleep(poll)

@@ -11,10 +11,7 @@ Fixtures:
   server started for the session (the `demo` extra), each test gets a fresh database.
   With only PGCG_DATABASE_URL set, that database is migrated and shared by every test.
 - `pgcg_app`: an `App` on that database with a coordinator and quick timings, for the
-  test to register its handlers on; then `await run_until_processed(pgcg_app)`.
-
-`run_until_processed(app)` runs the app until each of its groups has handled or
-dead-lettered every message of its topic, then stops it.
+  test to register its handlers on; then `await pgcg.testing.run_until_processed(pgcg_app)`.
 """
 
 from __future__ import annotations
@@ -24,19 +21,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
 from pgcg.consumer.app import App
 from pgcg.shared.migrate import migrate
-from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
-
-__all__ = ["run_until_processed", "unfinished"]
-
-Q = Queries("testing")
 
 # Quick enough that a test waits for no heartbeat or drain; plenty on a loaded CI machine.
 TEST_SETTINGS: dict[str, Any] = {
@@ -46,25 +37,6 @@ TEST_SETTINGS: dict[str, Any] = {
     "drain_deadline": 2,
 }
 TEMPLATE = "pgcg_plugin_template"
-
-
-async def unfinished(dsn: str, group: str) -> int:
-    """Messages `group` has not finished: not yet handled, or parked for a retry."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        row = await (await conn.execute(Q.unfinished, {"group": group})).fetchone()
-    return int(row[0]) if row else 0
-
-
-async def run_until_processed(app: App, *, timeout: float = 60.0, poll: float = 0.05) -> None:
-    """Run `app` until every group it has handled or dead-lettered every message produced
-    so far (retries included), then stop it; TimeoutError after `timeout` seconds."""
-    # The app's groups, in registration order (the App keeps no public list of them).
-    groups = [r.group for r in app._registered]
-    async with app.running():
-        with anyio.fail_after(timeout):
-            for group in groups:
-                while await unfinished(app.dsn, group):
-                    await anyio.sleep(poll)
 
 
 def _server_url() -> Iterator[str]:

@@ -1,4 +1,4 @@
--- Statements of shared/public/testing_plugin.py (pgcg's pytest plugin for users' tests).
+-- Statements of shared/public/testing.py (run_until_processed, for users' integration tests).
 
 -- name: unfinished
 -- Messages the group still has to handle or dead-letter: log messages after its position
