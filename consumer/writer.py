@@ -86,6 +86,9 @@ class Writer:
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
         # (partition, key) -> parks handed in and not answered yet
         self._parking: collections.Counter[tuple[int, str]] = collections.Counter()
+        # (partition, key) -> failed heads whose retry (a park) is handed in, not answered
+        self._retrying: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._retry_results: dict[int, Result] = {}  # by id: Result is not hashable
         # Deliveries whose result is on its way (handed in, or a transactional handler's
         # completion): parking one now would leave a parked copy of a finished message.
         self.finishing: set[Item] = set()
@@ -102,6 +105,11 @@ class Writer:
         self.finishing.add(result.item)
         item = result.item
         if not item.parked and not result.ok and self._log_kind(result) == "p":
+            # Until this retry is written, a message of the key read meanwhile must follow
+            # it to the parked queue (see parking): neither the database nor the
+            # partition's parked keys know of it yet.
+            self._retrying[(item.partition, item.key)] += 1
+            self._retry_results[id(result)] = result
             # The failed head is parked for its retry: the rest of its key in memory goes
             # after it, in the same round (a key's parked messages come first).
             for follower in self.ctx.scheduler.items_of(item.key)[1:]:
@@ -148,11 +156,22 @@ class Writer:
         if self._parking[where] <= 0:
             del self._parking[where]
 
+    def _retry_answered(self, result: Result) -> None:
+        """A retry's write was answered (or given up): it no longer counts as on its way."""
+        if self._retry_results.get(id(result)) is not result:
+            return
+        del self._retry_results[id(result)]
+        where = (result.item.partition, result.item.key)
+        self._retrying[where] -= 1
+        if self._retrying[where] <= 0:
+            del self._retrying[where]
+
     def parking(self, partition: int, key: str) -> bool:
-        """Whether messages of `key` are on their way to the parked queue: a later message
-        of the key read meanwhile must follow them there, even though neither the database
-        nor the partition's parked keys know of them yet."""
-        return (partition, key) in self._parking
+        """Whether messages of `key` are on their way to the parked queue (parks, or a
+        failed head's retry): a later message of the key read meanwhile must follow them
+        there, even though neither the database nor the partition's parked keys know of
+        them yet."""
+        return (partition, key) in self._parking or (partition, key) in self._retrying
 
     @property
     def pending(self) -> int:
@@ -350,6 +369,7 @@ class Writer:
             self._started(cleared, len(batch.starts))
 
         for result in batch.results:
+            self._retry_answered(result)
             item = result.item
             if item.parked:
                 row = parked.get(item.parked_id)
@@ -454,6 +474,8 @@ class Writer:
         ctx = self.ctx
         items = [*batch.starts, *[r.item for r in batch.results], *[p.item for p in batch.parks]]
         self.finishing.difference_update(r.item for r in batch.results)
+        for result in batch.results:
+            self._retry_answered(result)
         for item in items:
             log.error(
                 "message %s: the database refused its write (%s); it stays unfinished",
