@@ -136,6 +136,13 @@ def run_cli(fn: F) -> F:
     return wrapper
 
 
+# click 8.2 shows the help of a group called without arguments by raising this UsageError
+# (exit 2, help on stderr); click 8.1, our floor, exits 0 without one.
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None
+)
+
+
 class OneLineErrors(click.Group):
     """A bad flag or value in any subcommand is one line and exit 2, like every other
     error of pgcg, instead of click's usage block."""
@@ -143,7 +150,7 @@ class OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
+        except _NO_ARGS_IS_HELP:
             raise
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
