@@ -247,6 +247,11 @@ async def test_group_protocol_spans(db: psycopg.Connection[Any], dsn: str, otel:
     unfinished = [s for s in spans if "pgcg.generation" not in s.attributes]
     assert all(s.status.status_code is StatusCode.ERROR for s in unfinished)
     outcomes = {o.generation: o for o in coordinator.outcomes if o.group == group}
+    # A rebalance that commits as the coordinator stops has its span, but the stopping
+    # coordinator never records its outcome: at most one such, and the newest.
+    late = set(rebalances) - set(outcomes)
+    assert len(late) <= 1 and all(g > max(outcomes) for g in late), (rebalances, outcomes)
+    rebalances = {g: s for g, s in rebalances.items() if g not in late}
     assert set(rebalances) == set(outcomes), "one span per rebalance that changed something"
     for generation, span in rebalances.items():
         outcome = outcomes[generation]
