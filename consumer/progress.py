@@ -3,7 +3,10 @@
 Every delivery runs under a deadline of PGCG_VISIBILITY_TIMEOUT seconds; each progress
 report (`await message.progress(percent, text)`) moves it to that many seconds after the
 report. A handler that stops reporting past its deadline is stuck: it is cancelled and
-its message retried.
+its message retried. One watchdog loop cancels the handlers past their deadline, rather
+than a timer per delivery: arming and disarming a deadline timer cost a no-op consumer
+about a tenth of its CPU. A deadline is kept to within a quarter of the visibility timeout
+(at most WATCH_INTERVAL seconds late).
 
 Reports only touch memory on the handler's path. A background loop writes the latest
 report of each delivery to its message row, at most once a second per message and a batch
@@ -43,6 +46,7 @@ STATUS = Queries("status")
 # window are folded into the next write.
 MIN_WRITE_INTERVAL = 1.0
 MAX_TEXT = 500
+WATCH_INTERVAL = 1.0  # the watchdog's longest sleep between looks at the deadlines
 
 _meter = metrics.get_meter("pgcg.consumer")
 _reports = _meter.create_counter(
@@ -67,7 +71,8 @@ class Delivery:
     """One message in a handler: its deadline and its latest progress report."""
 
     item: Item
-    deadline: anyio.CancelScope  # the handler runs inside it; a report moves its deadline
+    deadline: anyio.CancelScope  # the handler runs inside it; the watchdog cancels it
+    due: float  # time.monotonic() past which the handler is stuck; a report moves it
     message: Message = field(init=False)
     percent: float | None = None
     text: str = ""
@@ -94,8 +99,7 @@ class Progress:
 
     def start(self, item: Item) -> Delivery:
         """A handler is about to run on `item`: its deadline, and the message it gets."""
-        scope = anyio.CancelScope(deadline=anyio.current_time() + self.visibility)
-        delivery = Delivery(item, scope)
+        delivery = Delivery(item, anyio.CancelScope(), time.monotonic() + self.visibility)
 
         async def report(percent: float, text: str = "") -> None:
             await self.report(delivery, percent, text)
@@ -119,7 +123,7 @@ class Progress:
             raise InvalidInput(f"progress percent must be from 0 to 100, not {percent}")
         if not isinstance(text, str) or "\x00" in text:
             raise InvalidInput("progress text must be a string without NUL characters")
-        delivery.deadline.deadline = anyio.current_time() + self.visibility
+        delivery.due = time.monotonic() + self.visibility
         delivery.percent = float(percent)
         delivery.text = text[:MAX_TEXT]
         delivery.reports += 1
@@ -153,6 +157,19 @@ class Progress:
             f"handler stuck: no result or progress report within {self.visibility}s "
             f"(PGCG_VISIBILITY_TIMEOUT){last}"
         )
+
+    # -- the watchdog -----------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Cancel the handlers past their deadline (stuck() then says why)."""
+        while True:
+            await anyio.sleep(min(WATCH_INTERVAL, self.visibility / 4))
+            now = time.monotonic()
+            for delivery in list(self._live.values()):
+                if delivery.due <= now:
+                    # Its scope has caught the cancellation once the handler returns to it;
+                    # one that finished meanwhile is not affected.
+                    delivery.deadline.cancel()
 
     # -- the writer loop --------------------------------------------------------------------
 

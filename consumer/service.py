@@ -168,6 +168,7 @@ class Consumer:
                     tg.start_soon(self._dispatch_loop)
                     tg.start_soon(self.writer.run)
                     tg.start_soon(self.progress.run)
+                    tg.start_soon(self.progress.watch)
                     tg.start_soon(self._release_loop)
                     tg.start_soon(self._watchdog_loop)
                     if self.rebalance.callbacks:
