@@ -154,6 +154,9 @@ class Assignment:
         self.margin = margin
         self.owned: dict[int, Owned] = {}
         self._handing_off: set[int] = set()  # our release of these is in flight
+        # Holdings let go while their cancelled handlers had not returned yet: a handler
+        # that swallows the cancellation still hands in a result (see settling).
+        self._cut_off: list[Owned] = []
         # Told of each partition assigned or lost (the application's callbacks).
         self.notify: Callable[[Literal["assigned", "lost"], int], None] | None = None
         # Called when a partition must be let go while a handler thread still works on it
@@ -248,6 +251,8 @@ class Assignment:
         owned.cancel_handlers()
         if owned.threads:
             self.on_stuck(owned, reason)
+        if owned.scopes:
+            self._cut_off.append(owned)
         dropped = self.scheduler.drop_partition(partition)
         for item in dropped:
             item.void = True
@@ -274,6 +279,19 @@ class Assignment:
     def lose_all(self, reason: str) -> None:
         for partition in list(self.owned):
             self.lose(partition, reason)
+
+    def settling(self, partition: int) -> bool:
+        """Whether handlers of `partition` that started before it was (re)started may still
+        finish: cancelled ones of a holding let go that have not returned yet, or heads
+        still running from before a revocation was called off. Their results would land
+        after the partition is read back (see Reader: it waits)."""
+        self._cut_off = [o for o in self._cut_off if o.scopes]
+        if any(o.partition == partition for o in self._cut_off):
+            return True
+        return any(
+            head is not None and not head.parked
+            for head in map(self.scheduler.busy_head, self.scheduler.keys(partition))
+        )
 
     def claimable(self) -> list[Owned]:
         return [o for o in self.owned.values() if o.state == "assigned"]

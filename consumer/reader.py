@@ -99,7 +99,7 @@ class Reader:
             return 0
         conn = await self._connection()
         for part in ctx.assignment.claimable():
-            if not part.adopted:
+            if not part.adopted and not self._settling(part):
                 await self._adopt(conn, part)
         owned = [o for o in ctx.assignment.claimable() if o.adopted]
         if not owned:
@@ -117,6 +117,15 @@ class Reader:
         return got
 
     # -- adopting ---------------------------------------------------------------------------
+
+    def _settling(self, part: Owned) -> bool:
+        """Adopting reads back what the group finished here; a result of this member's
+        own that is still on its way (a handler of an earlier holding, under the same
+        epoch after the lease came back, or one that ran on through a revocation called
+        off) would land after that reading, and its message be handled again. Results
+        and wake-ups bring the reader back here (and it polls)."""
+        partition = part.partition
+        return self.writer.settling(partition) or self.ctx.assignment.settling(partition)
 
     async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
         ctx = self.ctx

@@ -173,6 +173,17 @@ class Writer:
         them yet."""
         return (partition, key) in self._parking or (partition, key) in self._retrying
 
+    def settling(self, partition: int) -> bool:
+        """Whether a write that finishes a log message of `partition` may still land: a
+        result handed in and not answered yet (or a transactional handler's completion),
+        or a park. Until then the ledger does not show everything this member finished
+        there, so the partition must not be adopted (read back) yet: after a lease that
+        came back under the same epoch, such a write still goes through, and the message
+        would be read again from the position and handled twice."""
+        return any(i.partition == partition and not i.parked for i in self.finishing) or any(
+            p == partition for p, _ in (*self._parking, *self._retrying)
+        )
+
     @property
     def pending(self) -> int:
         n = self._next

@@ -656,3 +656,46 @@ def test_rotating_the_fetch_order_lists_each_partition_once() -> None:
         items = list(range(n))
         for start in range(-3, 20):
             assert sorted(rotated(items, start)) == items
+
+
+async def test_a_result_that_lands_after_the_lease_came_back_is_not_handled_again(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found under heavy load (a duplicate in the cluster test): the lease ran out while a
+    finished message's result was on its way to the writer, so the member let the
+    partition go; the next heartbeat gave it back under the same epoch, and the re-adopt
+    read the ledger before that result landed. The result still went through (same member,
+    same epoch), and the message, read again from the position, was handled again."""
+    from pgcg.consumer.writer import Result
+
+    setup_topic(db, partitions=1)
+    (mid,) = enqueue(db, ("k", "A"))
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        assert await consumer.reader.read_once() == 1
+        (item,) = ctx.scheduler.take(time.monotonic(), 10)
+        consumer.writer.start([item])
+        await consumer.writer.flush()  # marked: cleared to start
+        consumer.writer.submit(Result(item))  # the handler returned
+        epoch = ctx.assignment.owned[0].epoch
+        # Before the writer gets to it, the lease runs out: every partition is let go...
+        ctx.assignment.lose_all("lease expired")
+        # ...and the next heartbeat finds the member still owning it, at the same epoch.
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        assert ctx.assignment.owned[0].epoch == epoch
+        await consumer.reader.read_once()
+        await consumer.writer.flush()  # lands: the same member still owns that epoch
+        assert mid not in row_ids(db)
+        await consumer.reader.read_once()
+        held = [i.id for k in ctx.scheduler.keys(0) for i in ctx.scheduler.items_of(k)]
+        assert held == [], "a message whose completion committed is to be handled again"
+    finally:
+        await consumer._close()

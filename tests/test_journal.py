@@ -151,6 +151,52 @@ def test_lost_and_explained_duplicates(db: psycopg.Connection[Any]) -> None:
     assert not verdict.unexplained_duplicates
 
 
+@pytest.mark.parametrize("same_epoch", [True, False], ids=["lease-back", "hand-off"])
+def test_a_handling_cut_off_before_its_completion_explains_a_repeat(
+    db: psycopg.Connection[Any], same_epoch: bool
+) -> None:
+    """At-least-once without a fault: a handler cut off (its lease ran out, or the drain
+    deadline passed) after its side effects were written, its completion never
+    committed; the message is handled again, by the same member after the lease came
+    back under the same epoch, or by the next owner."""
+    h = History(db, 1)
+    epoch = h.own(A)
+    h.handle(0, A, epoch, now(), now(), 101)  # no completion follows
+    member, pid = (A, 101) if same_epoch else (B, 202)
+    if not same_epoch:
+        epoch = h.own(B)
+    h.handle(0, member, epoch, now(), now(), pid)
+    h.ack(0, member, epoch)
+    verdict = journal.check(db, TOPIC, disruptions=[])
+    assert verdict.ok, verdict.examples()
+    assert verdict.duplicates == 1 and verdict.duplicate_causes == {"interrupted": 1}
+
+
+@pytest.mark.parametrize("ack_before_repeat", [True, False])
+def test_a_repeat_after_a_completion_took_effect_is_caught(
+    db: psycopg.Connection[Any], ack_before_repeat: bool
+) -> None:
+    """The member read its partition back, under the same epoch, before its own result
+    landed (or after), and handled the message again: its completion did take effect, so
+    the repeat is a violation. When the completion had been recorded before the repeat
+    started, no fault excuses it."""
+    h = History(db, 1)
+    epoch = h.own(A)
+    h.handle(0, A, epoch, now(), now(), 101)
+    if ack_before_repeat:
+        h.ack(0, A, epoch)
+    fault = journal.Disruption("net-stall", now(), now(), pid=101)
+    start = now()
+    if not ack_before_repeat:
+        h.ack(0, A, epoch)  # the first handling's completion lands while the repeat runs
+    h.handle(0, A, epoch, start, now(), 101)
+    h.ack(0, A, epoch)  # the repeat's
+    verdict = journal.check(db, TOPIC, disruptions=[])
+    assert len(verdict.unexplained_duplicates) == 1, verdict.examples()
+    faulted = journal.check(db, TOPIC, disruptions=[fault])
+    assert len(faulted.unexplained_duplicates) == (1 if ack_before_repeat else 0)
+
+
 def test_stamps_after_sigcont_are_not_stale_work(db: psycopg.Connection[Any]) -> None:
     """A handler task dispatched just before SIGSTOP stamps its start after SIGCONT."""
     h = History(db, 1)

@@ -20,9 +20,15 @@ trusting nothing the fencing under test decides:
   anyone else can be given its partitions);
 - no stale leader: no rebalance was recorded by a leader after a newer leader epoch had
   recorded one (a deposed coordinator writes nothing);
-- duplicates (more than one handling of a message) are counted; given the faults that
-  were injected, each must follow one that can cause a redelivery (a crash, a pause, a
-  network fault, a server restart, a forced hand-off);
+- duplicates (more than one handling of a message) are counted. A message handled again
+  after a completion of it had been recorded is always a violation, whatever the faults
+  (a completion that committed is never undone, and the next owner reads it back).
+  Otherwise a repeat must follow something that can cause a redelivery: a fault that was
+  injected (a crash, a pause, a network fault, a server restart), a forced hand-off, or
+  an earlier handling whose completion never took effect (its handler was cut off, by a
+  drain deadline or a lease that ran out, after its own side effects, such as its
+  journal row, were written: at-least-once). A repeat after a handling whose completion
+  did take effect, with no fault in between, is a violation;
 - the longest time a partition had no working owner.
 
 The accepted handling of a message is the last one its completing process journaled before
@@ -452,7 +458,7 @@ def _check_group(
         handlings.sort(key=lambda r: r["started_at"])
         _check_key(key, handlings, accepted_ids, verdict)
 
-    _duplicates(by_message, disruptions, forced, verdict)
+    _duplicates(by_message, disruptions, forced, accepted_ids, completed, verdict)
     _ownership(history, disruptions or (), window, rows, verdict)
     return verdict
 
@@ -558,17 +564,30 @@ def _duplicates(
     by_message: dict[int, list[Row]],
     disruptions: Sequence[Disruption] | None,
     forced: dict[int, list[datetime]],
+    accepted_ids: set[int],
+    completed: dict[int, Row],
     verdict: Verdict,
 ) -> None:
+    """Each repeated handling, against the one before it. `accepted_ids`: the handlings
+    whose completion took effect; `completed`: each message's first recorded completion."""
     causes: Counter[str] = Counter()
     relevant = [d for d in disruptions or () if d.kind in REDELIVERY_CAUSES]
-    for handlings in by_message.values():
+    for mid, handlings in by_message.items():
         if len(handlings) < 2:
             continue
         handlings = sorted(handlings, key=lambda r: r["started_at"])
+        done = completed.get(mid)
         for first, again in itertools.pairwise(handlings):
             verdict.duplicates += 1
             if disruptions is None:
+                continue
+            if done is not None and done["completed_at"] <= again["started_at"]:
+                verdict.unexplained_duplicates.append(
+                    f"seq {again['seq']} ({again['key']}) handled again by "
+                    f"{again['member_id']} epoch {again['epoch']} at "
+                    f"{again['started_at']:%T.%f} after its completion (epoch {done['epoch']}, "
+                    f"{done['proc']}) had been recorded at {done['completed_at']:%T.%f}"
+                )
                 continue
             a, b = first["started_at"] - SLACK, again["started_at"]
             cause = next(
@@ -576,6 +595,10 @@ def _duplicates(
             )
             if cause is None and any(a <= t <= b for t in forced.get(first["partition"], ())):
                 cause = "forced-handoff"
+            if cause is None and first["id"] not in accepted_ids:
+                # Its completion never took effect: the handler was cut off (a drain
+                # deadline, a lease that ran out) after its side effects were written.
+                cause = "interrupted"
             if cause is None:
                 verdict.unexplained_duplicates.append(
                     f"seq {first['seq']} ({first['key']}) handled by {first['member_id']} "
