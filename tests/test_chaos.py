@@ -65,11 +65,15 @@ def test_the_schedule_follows_its_seed() -> None:
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     code, report, output = chaos(
-        tmp_path, "--seed", str(SAFE_SEED), "--duration", "60", "--rate", "100"
+        tmp_path, "--seed", str(SAFE_SEED), "--duration", "75", "--rate", "100"
     )
     assert code == 0 and report["ok"], output
     assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
     verdict = report["verdict"]
+    # Half the consumers ran def handlers; poison was produced, and every one of them
+    # dead-lettered in time (no violations below); healthy keys were checked for delay.
+    assert verdict["sync_handlings"] > 0, output
+    assert verdict["poison_messages"] > 0 and verdict["delay_checked"] > 0, output
     # Two groups read the topic by default: each handled every message.
     assert set(verdict["groups"]) == {"chaos", "chaos-audit"}, verdict["groups"]
     assert verdict["produced"] > 3000 and verdict["handled"] == verdict["produced"]
@@ -100,6 +104,23 @@ def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
     assert code == 1, output
     assert report["verdict"]["violations"]["stale_acks"] > 0, output
     assert "stale ack: " in output and "verdict: FAILED" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> None:
+    """Consumers that let a partition go while a def handler's thread still runs on it
+    (instead of exiting before their lease ends): a consumer cut off past its lease lets
+    its partitions go with slow threads still running, the next owner starts, and the
+    checker must report the threads that ran on past that start."""
+    code, report, output = chaos(
+        tmp_path, "--seed", "3", "--duration", "30", "--rate", "10", "--groups", "1",
+        "--sync-share", "1", "--sync-work-ms", "2500", "--poison-every", "0",
+        "--faults", "net-stall", "--unsafe-release-running-handlers",
+    )  # fmt: skip
+    assert code == 1, output
+    assert report["verdict"]["violations"]["late_handlers"] > 0, output
+    assert "late handler: " in output and "verdict: FAILED" in output
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------
