@@ -65,7 +65,7 @@ def test_the_schedule_follows_its_seed() -> None:
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     code, report, output = chaos(
-        tmp_path, "--seed", str(SAFE_SEED), "--duration", "75", "--rate", "100"
+        tmp_path, "--seed", str(SAFE_SEED), "--duration", "85", "--rate", "100"
     )
     assert code == 0 and report["ok"], output
     assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
@@ -97,7 +97,7 @@ def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
         code, report, output = chaos(
             tmp_path / f"seed-{seed}", "--seed", str(seed), "--duration", "40", "--rate",
             "150", "--work-ms", "20", "--faults", "net-stall,consumer-pause",
-            "--unsafe-no-fencing",
+            "--unsafe-no-fencing", "--sync-share", "0", "--poison-every", "0", "--calm", "0",
         )  # fmt: skip
         if code == 1:
             break
@@ -115,7 +115,7 @@ def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> N
     checker must report the threads that ran on past that start."""
     code, report, output = chaos(
         tmp_path, "--seed", "3", "--duration", "30", "--rate", "10", "--groups", "1",
-        "--sync-share", "1", "--sync-work-ms", "2500", "--poison-every", "0",
+        "--sync-share", "1", "--sync-work-ms", "2500", "--poison-every", "0", "--calm", "0",
         "--faults", "net-stall", "--unsafe-release-running-handlers",
     )  # fmt: skip
     assert code == 1, output

@@ -228,6 +228,28 @@ def poison_of(seq: int, seed: int, every: int) -> str | None:
     return "crash" if rng.random() < 1 / 3 else "raise"
 
 
+def enqueue_poison(dsn: str, topic: str, kinds: Sequence[str]) -> None:
+    """Poison messages of the given kinds now, each on a key of its own at the byte limit,
+    recorded with negative seqs (-1, -2, ...: the producer's are dense from 0)."""
+    with psycopg.connect(dsn, row_factory=dict_row, connect_timeout=10) as conn:
+        low = conn.execute(Q.min_seq).fetchone()["seq"]  # type: ignore[index]
+        seqs = [min(low, 0) - 1 - i for i in range(len(kinds))]
+        keys = [big_key(f"poison-{k}-{s}-", -s) for s, k in zip(seqs, kinds, strict=True)]
+        with conn.transaction():
+            done = enqueue_many_sync(
+                conn,
+                topic,
+                [
+                    OutgoingMessage(key, {"seq": s, "poison": k})
+                    for s, k, key in zip(seqs, kinds, keys, strict=True)
+                ],
+            )
+            conn.execute(
+                Q.produced,
+                {"seqs": seqs, "keys": keys, "ids": [d.id for d in done], "poison": list(kinds)},
+            )
+
+
 class Producer(threading.Thread):
     """Enqueues `rate` messages a second over `keys` keys until stopped (or `limit`); about
     one in `poison_every` (0: none) is poison, on a key of its own (see poison_of);

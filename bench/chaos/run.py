@@ -110,6 +110,9 @@ class ChaosOptions:
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
     poison_every: int = 1500  # about one message in this many is poison (0: none)
     big_keys: bool = True  # every eighth key at the producer's byte limit
+    # Seconds at the start of the fault phase without faults, a crashing and a raising
+    # poison message enqueued as it begins: the delay of healthy keys is checked there.
+    calm: float = 10.0
     drain_timeout: float = 180.0
     env: dict[str, str] = field(default_factory=dict)  # overrides for every process
     workdir: Path | None = None
@@ -477,6 +480,11 @@ class _Run:
             in_time = duration is None or time.monotonic() - began < duration
             return in_time and self.producing()
 
+        if self.options.calm > 0:
+            if self.options.poison_every > 0:
+                journal.enqueue_poison(self.dsn, TOPIC, ["crash", "raise"])
+            self.calm(min(self.options.calm, duration or self.options.calm))
+
         for fault in plan:
             if not more():
                 break
@@ -707,6 +715,14 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Every eighth key (and every poison key) at the producer's byte limit, multibyte.",
 )
 @click.option(
+    "--calm",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds without faults at the start (a crashing and a raising poison message "
+    "enqueued as they begin), where healthy keys' delays are checked.",
+)
+@click.option(
     "--drain-timeout",
     type=float,
     default=180.0,
@@ -748,7 +764,7 @@ def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
     database_url: str | None, work_ms: float, sync_share: float, sync_work_ms: float | None,
-    poison_every: int, big_keys: bool, drain_timeout: float, env_: tuple[str, ...],
+    poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool,
 ) -> None:  # fmt: skip
@@ -793,6 +809,7 @@ def chaos(
         sync_share=sync_share,
         poison_every=poison_every,
         big_keys=big_keys,
+        calm=calm,
         drain_timeout=drain_timeout,
         env=_parse_env(env_),
         workdir=workdir,

@@ -239,6 +239,9 @@ FROM pgcg.groups AS g WHERE g.topic = %(topic)s ORDER BY g.group_name
 -- name: max_seq
 SELECT coalesce(max(seq), -1) AS seq FROM public.pgcg_produced
 
+-- name: min_seq
+SELECT coalesce(min(seq), 0) AS seq FROM public.pgcg_produced
+
 -- name: dump_ledger
 -- What the groups recorded, for a failed run's kept history (ledger.csv).
 SELECT g.group_name, l.partition, l.kind, l.gen, l.epoch, l.tick, l.offsets, l."offset",
