@@ -127,7 +127,7 @@ def _row(message: Message, started: datetime, finished: datetime, kind: str) -> 
     }
 
 
-def _poison(message: Message) -> str | None:
+def _poison_kind(message: Message) -> str | None:
     payload = message.payload
     return payload.get("poison") if isinstance(payload, dict) else None
 
@@ -143,7 +143,7 @@ async def record(message: Message) -> None:
     """Handler: journal this handling. `pgcg consumer --handler pgcg.bench.chaos.journal:record`."""
     global _conn, _conn_lock
     started = datetime.now(UTC)
-    poison = _poison(message)
+    poison = _poison_kind(message)
     work_ms = float(os.environ.get(WORK_ENV, "0") or 0)
     if work_ms and poison is None:
         await anyio.sleep(work_ms / 1000)
@@ -178,7 +178,7 @@ def record_sync(message: Message) -> None:
     """The same handler as a plain `def`: the consumer runs it in a worker thread, which
     cancellation cannot stop (`...journal:record_sync`). One connection per thread."""
     started = datetime.now(UTC)
-    poison = _poison(message)
+    poison = _poison_kind(message)
     work_ms = float(os.environ.get(SYNC_WORK_ENV) or os.environ.get(WORK_ENV, "0") or 0)
     if work_ms and poison is None:
         time.sleep(work_ms / 1000)
@@ -401,6 +401,9 @@ class Verdict:
     # A message of a healthy key handled later than the stated bound, away from faults.
     delayed: list[str] = field(default_factory=list)
     sync_handlings: int = 0  # handlings by def handlers (in worker threads)
+    # Healthy messages dead-lettered: in flight each time a crash cut them off, until
+    # their attempts ran out (a crashing poison message takes its neighbours with it).
+    dead_healthy: int = 0
     frozen_late: int = 0  # late handlings explained by a SIGSTOP of their process
     poison: int = 0  # poison messages (per group)
     poison_deliveries: int = 0
@@ -487,6 +490,7 @@ class Verdict:
             "resumed_starts": self.resumed_starts,
             "attributed_acks": self.attributed_acks,
             "sync_handlings": self.sync_handlings,
+            "dead_healthy": self.dead_healthy,
             "frozen_late": self.frozen_late,
             "poison_messages": self.poison,
             "poison_deliveries": self.poison_deliveries,
@@ -524,7 +528,7 @@ class Verdict:
         ):
             getattr(self, name).extend(f"[{group}] {v}" for v in getattr(other, name))
         for name in ("sync_handlings", "frozen_late", "poison", "poison_deliveries",
-                     "delay_checked"):  # fmt: skip
+                     "delay_checked", "dead_healthy"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.delay_bound_s = other.delay_bound_s
         self.max_delay_s = max(self.max_delay_s, other.max_delay_s)
@@ -664,9 +668,11 @@ def _check_group(
     _duplicates(by_message, disruptions, forced, verdict)
     _ownership(history, disruptions or (), window, rows, verdict)
     verdict.sync_handlings = sum(1 for r in rows if r.get("kind") == "sync")
+    poisoned = {p["message_id"] for p in produced.values() if p.get("poison") is not None}
+    verdict.dead_healthy = len(dead - poisoned)
     _late_handlers(rows, pauses, verdict)
     limits = limits or _Limits()
-    _poison(conn.execute(Q.poison_rows, params).fetchall(), limits.max_attempts, verdict)
+    _check_poison(conn.execute(Q.poison_rows, params).fetchall(), limits.max_attempts, verdict)
     if limits.delay_bound is not None:
         _delays(produced, accepted, window, limits, verdict)
     return verdict
@@ -721,7 +727,7 @@ def _short(key: str) -> str:
     return key if len(key) <= 24 else f"{key[:20]}...({len(key.encode())} bytes)"
 
 
-def _poison(rows: list[Row], max_attempts: int | None, verdict: Verdict) -> None:
+def _check_poison(rows: list[Row], max_attempts: int | None, verdict: Verdict) -> None:
     """Every poison message ends in the group's dead letters, within `max_attempts`
     deliveries, with a reason; a crashing one's reason says the handler never returned."""
     for r in rows:

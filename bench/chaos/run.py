@@ -108,7 +108,7 @@ class ChaosOptions:
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
-    poison_every: int = 1500  # about one message in this many is poison (0: none)
+    poison_every: int = 5000  # about one message in this many is poison (0: none)
     big_keys: bool = True  # every eighth key at the producer's byte limit
     # Seconds at the start of the fault phase without faults, a crashing and a raising
     # poison message enqueued as it begins: the delay of healthy keys is checked there.
@@ -200,7 +200,7 @@ class ChaosReport:
             f"handlers: {v.sync_handlings} handlings in def handlers' threads; late handlings "
             f"excused by a SIGSTOP: {v.frozen_late}",
             f"poison: {v.poison} poison messages (per group), {v.poison_deliveries} "
-            f"deliveries; delay of healthy keys away from faults: max {v.max_delay_s:.2f}s "
+            f"deliveries; healthy messages dead-lettered: {v.dead_healthy}; delay of healthy keys away from faults: max {v.max_delay_s:.2f}s "
             f"over {v.delay_checked} messages"
             + (f" (bound {v.delay_bound_s:g}s)" if v.delay_bound_s is not None else ""),
         ]
@@ -703,7 +703,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 @click.option(
     "--poison-every",
     type=click.IntRange(min=0),
-    default=1500,
+    default=5000,
     show_default=True,
     help="About one message in this many is poison (a third of them crash their consumer); "
     "0: none.",
