@@ -200,7 +200,8 @@ class ChaosReport:
             f"handlers: {v.sync_handlings} handlings in def handlers' threads; late handlings "
             f"excused by a SIGSTOP: {v.frozen_late}",
             f"poison: {v.poison} poison messages (per group), {v.poison_deliveries} "
-            f"deliveries; healthy messages dead-lettered: {v.dead_healthy}; delay of healthy keys away from faults: max {v.max_delay_s:.2f}s "
+            f"deliveries; healthy messages dead-lettered: {v.dead_healthy}; "
+            f"delay of healthy keys away from faults: max {v.max_delay_s:.2f}s "
             f"over {v.delay_checked} messages"
             + (f" (bound {v.delay_bound_s:g}s)" if v.delay_bound_s is not None else ""),
         ]
