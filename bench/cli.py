@@ -207,6 +207,9 @@ def _text(result: dict[str, Any]) -> str:
                 f"{cpu['wall_s']} s on {cpu['cores']} cores "
                 f"({cpu['msgs_per_cpu_s']:,} msgs per CPU-second)"
             )
+        rss = [f"{v} MB" for v in (cpu or {}).get("consumers_peak_rss_mb") or () if v]
+        if rss:
+            lines.append(f"{handler} memory  consumers' peak RSS {', '.join(rss)}")
     for handler, run in (result.get("groups") or {}).items():
         for n, d in enumerate(run["by_group"].values()):
             lines.append(

@@ -56,6 +56,18 @@ def _host_busy_seconds() -> float:
     return (sum(values) - idle) / _TICK
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM): with a backlog, a consumer's
+    memory with its prefetch full."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass
 class Sample:
     at: float
@@ -63,6 +75,7 @@ class Sample:
     postgres: float | None
     bench: float
     host: float
+    consumers_peak_rss_mb: list[float | None]
 
 
 class CpuMeter:
@@ -86,6 +99,7 @@ class CpuMeter:
             postgres=postgres,
             bench=usage.ru_utime + usage.ru_stime,
             host=_host_busy_seconds(),
+            consumers_peak_rss_mb=[peak_rss_mb(pid) for pid in self.consumer_pids],
         )
 
     @staticmethod
@@ -109,6 +123,7 @@ class CpuMeter:
             # Busy CPU of everything else on the host over the same interval (other
             # workloads, or the server's other clients when --database-url is remote).
             "other_s": round(max(host - ours, 0.0), 2) if postgres is not None else None,
+            "consumers_peak_rss_mb": end.consumers_peak_rss_mb,
         }
         if messages and postgres is not None and ours > 0:
             # Messages per CPU-second of this workload (client + server): comparable

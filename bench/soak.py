@@ -30,7 +30,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,6 +202,7 @@ class _Upkeep:
     def __init__(self, dsn: str, topic: str, interval: float) -> None:
         self.dsn, self.topic, self.interval = dsn, topic, interval
         self.reclaimed = 0
+        self.events: Counter[str] = Counter()  # what upkeep did, to see why storage grows
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-upkeep", daemon=True)
@@ -213,6 +214,7 @@ class _Upkeep:
                     rows = conn.execute(
                         "SELECT event FROM pgcg.maintain(%s)", (self.topic,)
                     ).fetchall()
+                    self.events.update(r["event"] for r in rows)
                     self.reclaimed += sum(1 for r in rows if r["event"] == "reclaimed")
         except BaseException as exc:  # reported with the result, not lost in a thread
             self.error = exc
@@ -332,6 +334,7 @@ def run_phase(
                 row.update(_interval(n, opts, producer, collector, names, started))
             after = storage_stats(conn, topic)
             after["segments_reclaimed"] = upkeep.reclaimed
+            after["upkeep_events"] = dict(upkeep.events)
     finally:
         for name in names[:-1]:
             drop_topic(db.dsn, topic, name, keep_topic=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
@@ -34,6 +34,7 @@ from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.consumer.reader")
 Q = Queries("consumer")
+T = TypeVar("T")
 
 MIN_POLL = 0.05
 PARKED_LOAD_INTERVAL = 0.5  # seconds between looks at the parked queue, unless woken
@@ -174,10 +175,7 @@ class Reader:
         seen_rounds = self.writer.rounds
         # Rotate who goes first, so a byte budget that runs out does not always starve the
         # same partitions.
-        owned = (
-            owned[int(time.monotonic() * 1000) % len(owned) :]
-            + owned[: int(time.monotonic() * 1000) % len(owned)]
-        )
+        owned = rotated(owned, int(time.monotonic() * 1000))
         with translated(ctx.dsn):
             cur = await conn.execute(
                 Q.fetch,
@@ -390,3 +388,11 @@ class Reader:
             return
         for due, key in ctx.scheduler.waiting_keys(now)[: max(prefetch // 10, 1)]:
             self.writer.park_key(key, "delay", head_delay=due - now)
+
+
+def rotated(items: list[T], start: int) -> list[T]:
+    """`items` starting at `start` (modulo their number): each exactly once. The start is
+    taken once: two readings of a clock can differ, and a partition listed twice in one
+    fetch is read twice, its messages handled twice and its position stuck for good."""
+    k = start % len(items) if items else 0
+    return items[k:] + items[:k]

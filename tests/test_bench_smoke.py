@@ -56,6 +56,9 @@ def test_drain_reports_each_group_beside_one_group(db: psycopg.Connection[Any], 
     )  # fmt: skip
     one = result["pgcg"]["noop"]["drain"]
     assert one["handled"] == 200 and "msgs_per_consumer_cpu_s" in one
+    # Memory with the prefetch full is a figure users size pods by.
+    assert all(mb > 0 for mb in one["cpu"]["consumers_peak_rss_mb"])
+    assert "consumers' peak RSS" in _text(result)
     run = result["groups"]["noop"]
     assert run["groups"] == 2 and len(run["by_group"]) == 2
     for drained in run["by_group"].values():

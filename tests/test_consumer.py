@@ -605,3 +605,54 @@ async def test_a_late_heartbeat_answer_does_not_push_the_revocation_deadline_bac
         # answer, it would think it had `delay` seconds more than the database gives it.
         assert local_left <= db_left - cfg.lease_margin + 0.5, (local_left, db_left)
         release.set()
+
+
+async def test_a_steady_flow_is_handled_once_and_every_position_moves_on(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    # Many small fetches over several partitions: a fetch that listed one partition twice
+    # (its order rotated by two readings of a clock) handled its messages twice, and the
+    # second copy held that partition's position, and so retention, for good.
+    setup_topic(db, partitions=4)
+    recorder = Recorder()
+    consumer = Consumer(
+        settings(concurrency=20), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
+    )
+    ids: list[int] = []
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0, 1, 2, 3], consumer.member_id)
+        for round_ in range(60):
+            ids += enqueue(db, *((f"k{round_}-{n}", {"n": n}) for n in range(8)))
+            want = len(ids)
+            await await_for(lambda w=want: len(recorder.handled) >= w, 20, "the round handled")
+        newest = db.execute(
+            "SELECT max(tick) AS tick FROM pgcg.ticks AS k"
+            " JOIN pgcg.topics AS t ON t.id = k.topic_id"
+            " WHERE t.name = %s",
+            (TOPIC,),
+        ).fetchone()["tick"]  # type: ignore[index,call-overload]
+
+        def positions() -> list[int]:
+            rows = db.execute(
+                "SELECT gp.tick FROM pgcg.group_progress AS gp"
+                " JOIN pgcg.groups AS g ON g.id = gp.group_id WHERE g.group_name = %s",
+                (GROUP,),
+            ).fetchall()
+            return [r["tick"] for r in rows]  # type: ignore[call-overload]
+
+        await await_for(
+            lambda: len(positions()) == 4 and min(positions()) >= newest,
+            20,
+            "every partition's saved position past the last message",
+        )
+    handled = [m.id for m in recorder.handled]
+    assert sorted(handled) == sorted(ids), "each message handled exactly once"
+
+
+def test_rotating_the_fetch_order_lists_each_partition_once() -> None:
+    from pgcg.consumer.reader import rotated
+
+    for n in range(6):
+        items = list(range(n))
+        for start in range(-3, 20):
+            assert sorted(rotated(items, start)) == items
