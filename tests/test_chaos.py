@@ -65,7 +65,7 @@ def test_the_schedule_follows_its_seed() -> None:
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     code, report, output = chaos(
-        tmp_path, "--seed", str(SAFE_SEED), "--duration", "85", "--rate", "100"
+        tmp_path, "--seed", str(SAFE_SEED), "--duration", "80", "--rate", "100", "--calm", "6"
     )
     assert code == 0 and report["ok"], output
     assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
@@ -76,9 +76,13 @@ def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     assert verdict["poison_messages"] > 0 and verdict["delay_checked"] > 0, output
     # Two groups read the topic by default: each handled every message.
     assert set(verdict["groups"]) == {"chaos", "chaos-audit"}, verdict["groups"]
-    assert verdict["produced"] > 3000 and verdict["handled"] == verdict["produced"]
+    assert verdict["produced"] > 3000
+    # Each group handled every message but the dead-lettered ones (the poison, and any
+    # healthy message cut off by its crashes until its attempts ran out).
     for group in verdict["groups"].values():
-        assert group["handled"] == verdict["produced"] and not any(group["violations"].values())
+        assert group["handled"] + group["dead_lettered"] == verdict["produced"], group
+        assert group["dead_lettered"] >= group["poison_messages"] > 0, group
+        assert not any(group["violations"].values())
     assert not any(verdict["violations"].values())
 
 
