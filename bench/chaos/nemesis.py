@@ -476,7 +476,8 @@ class Nemesis:
         record.victims.append(joiner.name)
         self.ended.add(joiner)
         started = time.monotonic()
-        cap = self.session_timeout + 10.0
+        # A process starting on a loaded host can take many seconds to join.
+        cap = self.session_timeout + 30.0
         member: str | None = None
         while time.monotonic() - started < cap and joiner.alive:
             rows = self._query(
