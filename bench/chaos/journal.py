@@ -849,7 +849,7 @@ def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: 
             and r["started_at"] > highest["finished_at"]
         ):
             verdict.order_violations.append(
-                f"{key}: seq {r['seq']} handled at {r['started_at']:%T.%f} by "
+                f"{_short(key)}: seq {r['seq']} handled at {r['started_at']:%T.%f} by "
                 f"{r['member_id']} after seq {highest['seq']} finished at "
                 f"{highest['finished_at']:%T.%f}"
             )
@@ -859,7 +859,7 @@ def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: 
         other = latest_accepted
         if is_accepted and other is not None and r["started_at"] < other["finished_at"]:
             verdict.concurrent_violations.append(
-                f"{key}: seq {other['seq']} ({other['member_id']} epoch {other['epoch']}) "
+                f"{_short(key)}: seq {other['seq']} ({other['member_id']} epoch {other['epoch']}) "
                 f"overlaps seq {r['seq']} ({r['member_id']} epoch {r['epoch']})"
             )
         elif latest is not None and r["started_at"] < latest["finished_at"]:
@@ -911,7 +911,7 @@ def _duplicates(
                 cause = "forced-handoff"
             if cause is None:
                 verdict.unexplained_duplicates.append(
-                    f"seq {first['seq']} ({first['key']}) handled by {first['member_id']} "
+                    f"seq {first['seq']} ({_short(first['key'])}) handled by {first['member_id']} "
                     f"epoch {first['epoch']} at {first['started_at']:%T.%f} and again by "
                     f"{again['member_id']} epoch {again['epoch']} at "
                     f"{again['started_at']:%T.%f} with no fault in between"
