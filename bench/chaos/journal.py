@@ -342,6 +342,9 @@ REDELIVERY_CAUSES = frozenset(
     {
         "consumer-kill",
         "consumer-crash",  # a consumer that exited by itself (a poison message, exit 6)
+        # A consumer's own lease ran out (its heartbeats late: a loaded host), so it let
+        # its partitions go, as designed; read from its log, not injected.
+        "self-fence",
         "consumer-pause",
         "net-cut",
         "net-stall",
