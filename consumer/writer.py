@@ -375,7 +375,11 @@ class Writer:
             if item.parked and owned is not None and owned.state == "assigned":
                 ctx.scheduler.drop_key(item.key, keep_busy=False)
             elif owned is not None and owned.state == "assigned":
-                lost[(item.partition, item.epoch)] += 1
+                # A refused start is no evidence the partition went: the leader may have
+                # just begun revoking it (nothing new may start, in-flight work may still
+                # finish and be acked). Dropping it here cancelled that work and lost its
+                # pending acks, a redelivery with no fault. The heartbeat tells which.
+                ctx.wake.heartbeat.set()
         if batch.starts:
             self._started(cleared, len(batch.starts))
 

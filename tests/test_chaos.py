@@ -11,12 +11,15 @@ import itertools
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pgcg.bench.chaos import journal
 from pgcg.bench.chaos.nemesis import FAULT_KINDS, schedule
+from pgcg.shared.producer import MAX_KEY_BYTES
 
 SAFE_SEED = 7
 # Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a
@@ -45,12 +48,15 @@ def test_the_schedule_follows_its_seed() -> None:
             itertools.islice(schedule(seed, FAULT_KINDS, session_timeout=3, leader_timeout=3), n)
         )
 
-    assert first(5, 30) == first(5, 30)
-    assert first(5, 30) != first(6, 30)
+    rounds = 3 * len(FAULT_KINDS)
+    assert first(5, rounds) == first(5, rounds)
+    assert first(5, rounds) != first(6, rounds)
     # Every round is a permutation of the kinds: a run of one round has seen them all.
     for n in range(3):
-        chunk = first(5, 30)[n * len(FAULT_KINDS) : (n + 1) * len(FAULT_KINDS)]
+        chunk = first(5, rounds)[n * len(FAULT_KINDS) : (n + 1) * len(FAULT_KINDS)]
         assert sorted(f.kind for f in chunk) == sorted(FAULT_KINDS)
+    # A black hole outlasts the session timeout: the member must fence itself and rejoin.
+    assert all(f.hold > 3 for f in first(5, rounds) if f.kind == "net-blackhole")
     with pytest.raises(ValueError, match="unknown fault"):
         next(schedule(1, ["meteor-strike"], session_timeout=3, leader_timeout=3))
 
@@ -59,16 +65,24 @@ def test_the_schedule_follows_its_seed() -> None:
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     code, report, output = chaos(
-        tmp_path, "--seed", str(SAFE_SEED), "--duration", "60", "--rate", "100"
+        tmp_path, "--seed", str(SAFE_SEED), "--duration", "80", "--rate", "100", "--calm", "6"
     )
     assert code == 0 and report["ok"], output
     assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
     verdict = report["verdict"]
+    # Half the consumers ran def handlers; poison was produced, and every one of them
+    # dead-lettered in time (no violations below); healthy keys were checked for delay.
+    assert verdict["sync_handlings"] > 0, output
+    assert verdict["poison_messages"] > 0 and verdict["delay_checked"] > 0, output
     # Two groups read the topic by default: each handled every message.
     assert set(verdict["groups"]) == {"chaos", "chaos-audit"}, verdict["groups"]
-    assert verdict["produced"] > 3000 and verdict["handled"] == verdict["produced"]
+    assert verdict["produced"] > 3000
+    # Each group handled every message but the dead-lettered ones (the poison, and any
+    # healthy message cut off by its crashes until its attempts ran out).
     for group in verdict["groups"].values():
-        assert group["handled"] == verdict["produced"] and not any(group["violations"].values())
+        assert group["handled"] + group["dead_lettered"] == verdict["produced"], group
+        assert group["dead_lettered"] >= group["poison_messages"] > 0, group
+        assert not any(group["violations"].values())
     assert not any(verdict["violations"].values())
 
 
@@ -87,10 +101,122 @@ def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
         code, report, output = chaos(
             tmp_path / f"seed-{seed}", "--seed", str(seed), "--duration", "40", "--rate",
             "150", "--work-ms", "20", "--faults", "net-stall,consumer-pause",
-            "--unsafe-no-fencing",
+            "--unsafe-no-fencing", "--sync-share", "0", "--poison-every", "0", "--calm", "0",
         )  # fmt: skip
         if code == 1:
             break
     assert code == 1, output
     assert report["verdict"]["violations"]["stale_acks"] > 0, output
     assert "stale ack: " in output and "verdict: FAILED" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> None:
+    """Consumers that let a partition go while a def handler's thread still runs on it
+    (instead of exiting before their lease ends): a consumer cut off past its lease lets
+    its partitions go with slow threads still running, the next owner starts, and the
+    checker must report the threads that ran on past that start. The threads outlast the
+    session timeout (6 s against 3 s): one started just before the network stalled is
+    still running when the next owner starts (17 such in a run of this seed). Without
+    the switch the same run passes, its consumers exiting (code 6) instead."""
+    code, report, output = chaos(
+        tmp_path, "--seed", "3", "--duration", "30", "--rate", "4", "--groups", "1",
+        "--sync-share", "1", "--sync-work-ms", "6000", "--poison-every", "0", "--calm", "0",
+        "--drain-timeout", "30", "--faults", "net-stall", "--unsafe-release-running-handlers",
+    )  # fmt: skip
+    assert code == 1, output
+    assert report["verdict"]["violations"]["late_handlers"] > 0, output
+    assert "late handler: " in output and "verdict: FAILED" in output
+
+
+# -- the checker's new rules on made-up histories (no processes, no database) ------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def handling(
+    seq: int, epoch: int, start: float, end: float, *, pid: int = 100, kind: str = "sync"
+) -> dict[str, Any]:
+    return {
+        "id": seq * 10 + epoch, "message_id": seq, "key": f"key-{seq}", "seq": seq,
+        "partition": 3, "member_id": f"host-{pid}-x", "epoch": epoch, "attempt": 1,
+        "pid": pid, "proc": None, "started_at": at(start), "finished_at": at(end),
+        "kind": kind,
+    }  # fmt: skip
+
+
+def test_a_handler_running_past_the_next_owners_first_start_is_late() -> None:
+    verdict = journal.Verdict()
+    rows = [
+        handling(1, 5, 0.0, 4.0, pid=100),  # a thread still running at 4.0 ...
+        handling(2, 6, 3.0, 3.1, pid=200),  # ... after the next owner started at 3.0
+        handling(3, 6, 3.5, 3.6, pid=200),
+    ]
+    journal._late_handlers(rows, {}, verdict)
+    assert len(verdict.late_handlers) == 1 and "seq 1" in verdict.late_handlers[0]
+    # Finished before the next owner's first start: fine, whatever its kind.
+    ok = journal.Verdict()
+    journal._late_handlers([handling(1, 5, 0.0, 2.9), *rows[1:]], {}, ok)
+    assert ok.late_handlers == []
+    # A process frozen by SIGSTOP meanwhile is excused (counted).
+    frozen = journal.Verdict()
+    pause = journal.Disruption("consumer-pause", at(1.0), at(3.9), 100)
+    journal._late_handlers(rows, {100: [pause]}, frozen)
+    assert frozen.late_handlers == [] and frozen.frozen_late == 1
+
+
+def poison_row(kind: str, deliveries: int, reason: str | None, attempts: int = 4) -> dict[str, Any]:
+    dead = None if reason is None else at(9)
+    return {"seq": 7, "message_id": 7, "key": "k", "poison": kind, "group_name": "g",
+            "deliveries": deliveries, "reason": reason, "attempts": attempts,
+            "dead_at": dead}  # fmt: skip
+
+
+def test_poison_must_be_dead_lettered_within_max_attempts_with_its_reason() -> None:
+    def violations(*rows: dict[str, Any]) -> list[str]:
+        verdict = journal.Verdict()
+        journal._check_poison(list(rows), 4, verdict)
+        return verdict.poison_violations
+
+    assert violations(poison_row("raise", 4, "PoisonError: seq 7 is poison")) == []
+    assert violations(poison_row("crash", 4, "handler never returned: member expired")) == []
+    assert "not dead-lettered" in violations(poison_row("raise", 2, None))[0]
+    assert "max_attempts" in violations(poison_row("raise", 5, "PoisonError"))[0]
+    assert "without a reason" in violations(poison_row("raise", 4, " "))[0]
+    assert "never returned" in violations(poison_row("crash", 4, "PoisonError"))[0]
+
+
+def test_healthy_keys_are_handled_within_the_bound_away_from_faults() -> None:
+    produced = {
+        s: {"seq": s, "key": f"key-{s}", "message_id": s, "poison": None, "produced_at": at(s)}
+        for s in range(4)
+    }
+    produced[3]["poison"] = "raise"
+    accepted = {
+        0: handling(0, 1, 0.1, 0.2),
+        1: handling(1, 1, 13.0, 13.1),  # 12.1 s: over a 10 s bound
+        2: handling(2, 1, 20.0, 20.1),  # as late, but its wait overlaps a fault
+        3: handling(3, 1, 60.0, 60.1),  # poison: its own key, not a healthy one
+    }
+    limits = journal._Limits(4, 10.0, [(at(15), at(16))])
+    verdict = journal.Verdict()
+    journal._delays(produced, accepted, None, limits, verdict)
+    assert verdict.delay_checked == 2 and len(verdict.delayed) == 1
+    assert "seq 1 " in verdict.delayed[0] and verdict.max_delay_s == pytest.approx(12.1)
+
+
+def test_poison_keys_reach_the_byte_limit_in_multibyte_characters() -> None:
+    for n in range(3):
+        key = journal.big_key(f"poison-crash-{n}-", n)
+        assert len(key.encode()) == MAX_KEY_BYTES and len(key) < MAX_KEY_BYTES
+    assert journal.key_of(7, 64) == "key-7"
+    assert len(journal.key_of(7, 64, big=True).encode()) == MAX_KEY_BYTES
+    kinds = [journal.poison_of(s, 3, 10) for s in range(3000)]
+    assert kinds == [journal.poison_of(s, 3, 10) for s in range(3000)]
+    assert 200 < sum(k is not None for k in kinds) < 400
+    assert {"raise", "crash"} <= set(kinds)

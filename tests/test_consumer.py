@@ -396,6 +396,49 @@ async def test_revoked_partition_is_released_once_its_failed_message_is_nacked(
     assert "downstream is down" in row["last_error"]
 
 
+async def test_a_start_refused_by_a_fresh_revocation_keeps_the_work_in_flight(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader begins revoking a partition; before the owner's heartbeat hears of it,
+    the owner tries to start another message there, which the database refuses (nothing
+    new may start on a revoking partition). That refusal is no loss of the partition: the
+    handler in flight must finish and its ack be accepted, not be cancelled and handled
+    again by the next owner (found by `pgcg chaos`: a redelivery with no fault)."""
+    caplog.set_level(logging.INFO, logger="pgcg")
+    setup_topic(db, partitions=1)
+    (first,) = enqueue(db, ("a", "A"))
+    gate = anyio.Event()
+    handled: list[int] = []
+
+    async def handler(message: Message) -> None:
+        if message.id == first:
+            await gate.wait()
+        handled.append(message.id)
+
+    # A slow heartbeat: the refusal comes long before the heartbeat would see the revoke.
+    consumer = Consumer(
+        settings(heartbeat_interval=5, session_timeout=30, drain_deadline=30),
+        group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
+    )  # fmt: skip
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: 0 in consumer.ctx.assignment.owned, what="assigned")
+        await await_for(lambda: consumer.ctx.running == 1, what="A in flight")
+        # What the coordinator's revoke does, without telling the member.
+        db.execute(
+            "UPDATE pgcg.partition_assignments SET state = 'revoking', "
+            "revoke_deadline = now() + interval '30 seconds' WHERE group_name = %s",
+            (GROUP,),
+        )
+        enqueue(db, ("b", "B"))
+        await await_for(lambda: actions(caplog, "partition_revoking"), 20, "revoke seen")
+        gate.set()
+        await await_for(lambda: first in handled, 10, "A finished")
+        await await_for(lambda: first not in row_ids(db), 10, "A's ack accepted")
+    assert not actions(caplog, "partition_lost"), [r.getMessage() for r in caplog.records]
+    assert handled.count(first) == 1
+
+
 async def test_a_key_waiting_for_its_retry_does_not_starve_other_keys(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:

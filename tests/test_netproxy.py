@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Iterator
 
@@ -75,3 +76,27 @@ def test_the_chaos_run_keeps_tls_settings_and_an_encoded_password(pg_server: str
             with psycopg.connect(dsn, connect_timeout=3) as conn:
                 assert conn.execute("SELECT current_database()").fetchone() == (db.name,)
         assert proxy.connections == 1
+
+
+def test_blackhole_drops_traffic_without_a_reset(proxy: NetProxy, pg_server: str) -> None:
+    """Bytes vanish both ways and nothing tells the client: no answer, no reset, no EOF;
+    a new connection gets no answer either. When it ends, the connections that lost bytes
+    are reset (their streams are corrupt), and new ones work."""
+    conn = connect(proxy, pg_server)
+    proxy.blackhole(60)
+    conn.pgconn.send_query(b"SELECT 5")
+    conn.pgconn.flush()
+    # Silence: the socket neither answers nor closes while the black hole lasts.
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0.5)
+    assert readable == []
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn_for(pg_server), connect_timeout=2)
+    proxy.heal()
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 10)
+    assert readable, "the black-holed connection is reset when the black hole ends"
+    with pytest.raises(psycopg.OperationalError):
+        conn.pgconn.consume_input()  # a reset, not an answer
+    conn.close()
+    again = wait_for(lambda: _try_connect(proxy, pg_server), 10, "connections work again")
+    with again:
+        assert again.execute("SELECT 7").fetchone() == (7,)

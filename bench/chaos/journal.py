@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import random
 import threading
 import time
 from collections import Counter, defaultdict
@@ -53,7 +54,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgcg.consumer.message import Message
-from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from pgcg.shared.producer import MAX_KEY_BYTES, OutgoingMessage, enqueue_many_sync
 from pgcg.shared.queries import Queries
 
 Q = Queries("journal")
@@ -64,6 +65,8 @@ WORK_ENV = "PGCG_JOURNAL_WORK_MS"
 # straight at the server, so the history is recorded outside the faults it injects, as
 # a handler's side effects usually go to another system than its queue.
 DSN_ENV = "PGCG_JOURNAL_DATABASE_URL"
+# Simulated work per message of the `def` handler (default: WORK_ENV's).
+SYNC_WORK_ENV = "PGCG_JOURNAL_SYNC_WORK_MS"
 
 # Test builds only: pgcg.owned replaced by one that lets every write through.
 UNFENCED = Q.unfenced
@@ -81,12 +84,74 @@ def create(conn: psycopg.Connection[Any]) -> None:
     conn.execute(Q.create)
 
 
+# Poison messages (the producer marks them in the payload, `{"poison": kind}`): the
+# handler raises on every delivery of a `raise` one, and kills its own process (os._exit,
+# no cleanup) on every delivery of a `crash` one. Each delivery is journaled first.
+POISON_KINDS = ("raise", "crash")
+CRASH_EXIT = 13  # the exit code of a consumer a crashing poison message took down
+# Test builds only (`pgcg chaos --unsafe-release-running-handlers`): a consumer lets a
+# partition go while a `def` handler's thread still runs on it, instead of exiting.
+UNSAFE_THREADS_ENV = "PGCG_CHAOS_UNSAFE_RELEASE_RUNNING_HANDLERS"
+
+
+class PoisonError(Exception):
+    """The recording handler always fails on a message produced as `raise` poison."""
+
+
+def _unsafe_release(owned: Any, reason: str) -> None:
+    import logging
+
+    logging.getLogger("pgcg.chaos.unsafe").warning(
+        "UNSAFE: partition %s let go after %s while %s handler thread(s) still run on it",
+        owned.partition, reason, owned.threads,
+        extra={"action": "unsafe_release", "partition": owned.partition},
+    )  # fmt: skip
+
+
+if os.environ.get(UNSAFE_THREADS_ENV):
+    # Assignment.on_stuck defaults to assignment.halt (stop the process): the consumer
+    # imports its handler before it builds its Assignment, so this replaces that default.
+    from pgcg.consumer import assignment as _assignment
+
+    _assignment.halt = _unsafe_release  # type: ignore[assignment]
+
+
+def _row(message: Message, started: datetime, finished: datetime, kind: str) -> dict[str, Any]:
+    return {
+        "group": message.group,
+        "message_id": message.id,
+        "key": message.key,
+        "seq": int(message.payload["seq"]),
+        "partition": message.partition,
+        "member_id": message.member_id,
+        "epoch": message.epoch,
+        "attempt": message.attempt,
+        "pid": os.getpid(),
+        "started_at": started,
+        "finished_at": finished,
+        "kind": kind,
+    }
+
+
+def _poison_kind(message: Message) -> str | None:
+    payload = message.payload
+    return payload.get("poison") if isinstance(payload, dict) else None
+
+
+def _poisoned(message: Message, poison: str) -> None:
+    """After the poison delivery was journaled: fail, or take the process down."""
+    if poison == "crash":
+        os._exit(CRASH_EXIT)
+    raise PoisonError(f"seq {message.payload['seq']} is poison: the handler always fails on it")
+
+
 async def record(message: Message) -> None:
     """Handler: journal this handling. `pgcg consumer --handler pgcg.bench.chaos.journal:record`."""
     global _conn, _conn_lock
     started = datetime.now(UTC)
+    poison = _poison_kind(message)
     work_ms = float(os.environ.get(WORK_ENV, "0") or 0)
-    if work_ms:
+    if work_ms and poison is None:
         await anyio.sleep(work_ms / 1000)
     finished = datetime.now(UTC)
     if _conn_lock is None:
@@ -96,22 +161,11 @@ async def record(message: Message) -> None:
             dsn = os.environ.get(DSN_ENV) or os.environ["PGCG_DATABASE_URL"]
             _conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
         try:
-            await _conn.execute(
-                Q.record,
-                {
-                    "group": message.group,
-                    "message_id": message.id,
-                    "key": message.key,
-                    "seq": int(message.payload["seq"]),
-                    "partition": message.partition,
-                    "member_id": message.member_id,
-                    "epoch": message.epoch,
-                    "attempt": message.attempt,
-                    "pid": os.getpid(),
-                    "started_at": started,
-                    "finished_at": finished,
-                },
-            )
+            row = _row(message, started, finished, "async")
+            if poison is None:
+                await _conn.execute(Q.record, row)
+            else:
+                await _conn.execute(Q.record_poison, {**row, "poison": poison})
         except BaseException:
             # Failed or cancelled mid-statement: the connection's state is unknown, so the
             # next handling starts on a new one (the statement may still commit, late).
@@ -119,16 +173,109 @@ async def record(message: Message) -> None:
             with anyio.CancelScope(shield=True):
                 await conn.close()
             raise
+    if poison is not None:
+        _poisoned(message, poison)
+
+
+_local = threading.local()
+
+
+def record_sync(message: Message) -> None:
+    """The same handler as a plain `def`: the consumer runs it in a worker thread, which
+    cancellation cannot stop (`...journal:record_sync`). One connection per thread."""
+    started = datetime.now(UTC)
+    poison = _poison_kind(message)
+    work_ms = float(os.environ.get(SYNC_WORK_ENV) or os.environ.get(WORK_ENV, "0") or 0)
+    if work_ms and poison is None:
+        time.sleep(work_ms / 1000)
+    finished = datetime.now(UTC)
+    conn: psycopg.Connection[Any] | None = getattr(_local, "conn", None)
+    if conn is None or conn.closed:
+        dsn = os.environ.get(DSN_ENV) or os.environ["PGCG_DATABASE_URL"]
+        conn = _local.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    try:
+        row = _row(message, started, finished, "sync")
+        if poison is None:
+            conn.execute(Q.record, row)
+        else:
+            conn.execute(Q.record_poison, {**row, "poison": poison})
+    except BaseException:
+        _local.conn = None
+        conn.close()
+        raise
+    if poison is not None:
+        _poisoned(message, poison)
+
+
+def big_key(prefix: str, n: int) -> str:
+    """A key of exactly the producer's limit in UTF-8 bytes, mostly multibyte characters
+    (2, 3 or 4 bytes each, by `n`): where byte and character counts part ways."""
+    pad = ("é", "€", "🔑")[n % 3]
+    room = MAX_KEY_BYTES - len(prefix.encode())
+    chars = room // len(pad.encode())
+    return prefix + pad * chars + "x" * (room - chars * len(pad.encode()))
+
+
+def key_of(seq: int, keys: int, big: bool = False) -> str:
+    """The ordering key of a normal message; with `big`, every eighth key is as long as
+    allowed."""
+    i = seq % keys
+    return big_key(f"key-{i}-", i) if big and i % 8 == 7 else f"key-{i}"
+
+
+def poison_of(seq: int, seed: int, every: int) -> str | None:
+    """Whether message `seq` is poison, and which kind: about one in `every`, a third of
+    them crashing; fixed by the seed."""
+    if every <= 0:
+        return None
+    rng = random.Random(seed * 1_000_003 + seq)
+    if rng.random() >= 1 / every:
+        return None
+    return "crash" if rng.random() < 1 / 3 else "raise"
+
+
+def enqueue_poison(dsn: str, topic: str, kinds: Sequence[str]) -> None:
+    """Poison messages of the given kinds now, each on a key of its own at the byte limit,
+    recorded with negative seqs (-1, -2, ...: the producer's are dense from 0)."""
+    with psycopg.connect(dsn, row_factory=dict_row, connect_timeout=10) as conn:
+        low = conn.execute(Q.min_seq).fetchone()["seq"]  # type: ignore[index]
+        seqs = [min(low, 0) - 1 - i for i in range(len(kinds))]
+        keys = [big_key(f"poison-{k}-{s}-", -s) for s, k in zip(seqs, kinds, strict=True)]
+        with conn.transaction():
+            done = enqueue_many_sync(
+                conn,
+                topic,
+                [
+                    OutgoingMessage(key, {"seq": s, "poison": k})
+                    for s, k, key in zip(seqs, kinds, keys, strict=True)
+                ],
+            )
+            conn.execute(
+                Q.produced,
+                {"seqs": seqs, "keys": keys, "ids": [d.id for d in done], "poison": list(kinds)},
+            )
 
 
 class Producer(threading.Thread):
-    """Enqueues `rate` messages a second over `keys` keys until stopped (or `limit`)."""
+    """Enqueues `rate` messages a second over `keys` keys until stopped (or `limit`); about
+    one in `poison_every` (0: none) is poison, on a key of its own (see poison_of);
+    `big_keys`: every eighth key at the producer's byte limit (see key_of)."""
 
     def __init__(
-        self, dsn: str, topic: str, *, keys: int, rate: float, limit: int | None = None
+        self,
+        dsn: str,
+        topic: str,
+        *,
+        keys: int,
+        rate: float,
+        limit: int | None = None,
+        seed: int = 0,
+        poison_every: int = 0,
+        big_keys: bool = False,
     ) -> None:
         super().__init__(daemon=True, name="pgcg-journal-producer")
         self.dsn, self.topic, self.keys, self.rate, self.limit = dsn, topic, keys, rate, limit
+        self.seed, self.poison_every, self.big_keys = seed, poison_every, big_keys
         self.stop_event = threading.Event()
         self.produced = 0
         self.errors = 0
@@ -152,16 +299,28 @@ class Producer(threading.Thread):
                 if n <= 0:
                     return
                 seqs = list(range(seq, seq + n))
-                keys = [f"key-{s % self.keys}" for s in seqs]
+                poison = [poison_of(s, self.seed, self.poison_every) for s in seqs]
+                keys = [
+                    key_of(s, self.keys, self.big_keys)
+                    if p is None
+                    else big_key(f"poison-{p}-{s}-", s)
+                    for s, p in zip(seqs, poison, strict=True)
+                ]
+                payloads = [
+                    {"seq": s} if p is None else {"seq": s, "poison": p}
+                    for s, p in zip(seqs, poison, strict=True)
+                ]
                 with conn.transaction():
                     done = enqueue_many_sync(
                         conn,
                         self.topic,
-                        [OutgoingMessage(k, {"seq": s}) for s, k in zip(seqs, keys, strict=True)],
+                        [OutgoingMessage(k, p) for k, p in zip(keys, payloads, strict=True)],
                     )
                     conn.execute(
-                        Q.produced, {"seqs": seqs, "keys": keys, "ids": [d.id for d in done]}
-                    )
+                        Q.produced,
+                        {"seqs": seqs, "keys": keys, "ids": [d.id for d in done],
+                         "poison": poison},
+                    )  # fmt: skip
                 seq += n
                 self.produced += n
             except Exception:
@@ -188,15 +347,22 @@ class Producer(threading.Thread):
 REDELIVERY_CAUSES = frozenset(
     {
         "consumer-kill",
+        "consumer-crash",  # a consumer that exited by itself (a poison message, exit 6)
+        # A consumer's own lease ran out (its heartbeats late: a loaded host), so it let
+        # its partitions go, as designed; read from its log, not injected.
+        "self-fence",
         "consumer-pause",
         "net-cut",
         "net-stall",
+        "net-blackhole",
         "pg-restart-fast",
         "pg-restart-immediate",
     }
 )
 # Faults during which a consumer cannot act on what it owns.
-OWNER_DOWN = frozenset({"consumer-kill", "consumer-pause", "net-cut", "net-stall"})
+OWNER_DOWN = frozenset(
+    {"consumer-kill", "consumer-crash", "consumer-pause", "net-cut", "net-stall", "net-blackhole"}
+)
 # A handler task dispatched just before SIGSTOP stamps its start after SIGCONT.
 RESUME_GRACE = timedelta(seconds=1)
 SLACK = timedelta(seconds=1)
@@ -235,6 +401,24 @@ class Verdict:
     stale_work: list[str] = field(default_factory=list)
     stale_leader_writes: list[str] = field(default_factory=list)
     unexplained_duplicates: list[str] = field(default_factory=list)
+    # A handler (async or a def handler's thread) still running on a partition after a
+    # later owner of it had started handling.
+    late_handlers: list[str] = field(default_factory=list)
+    # A poison message not dead-lettered, delivered more than max_attempts times, or
+    # dead-lettered without the reason it should carry.
+    poison_violations: list[str] = field(default_factory=list)
+    # A message of a healthy key handled later than the stated bound, away from faults.
+    delayed: list[str] = field(default_factory=list)
+    sync_handlings: int = 0  # handlings by def handlers (in worker threads)
+    # Healthy messages dead-lettered: in flight each time a crash cut them off, until
+    # their attempts ran out (a crashing poison message takes its neighbours with it).
+    dead_healthy: int = 0
+    frozen_late: int = 0  # late handlings explained by a SIGSTOP of their process
+    poison: int = 0  # poison messages (per group)
+    poison_deliveries: int = 0
+    delay_bound_s: float | None = None
+    max_delay_s: float = 0.0  # the longest delay among messages the bound applies to
+    delay_checked: int = 0  # messages the bound applied to (away from injected faults)
     duplicates: int = 0  # extra handlings (after a crash or forced hand-off)
     duplicate_causes: dict[str, int] = field(default_factory=dict)
     fenced_overlaps: int = 0  # zombie work overlapping the new owner's, rejected at ack
@@ -256,6 +440,9 @@ class Verdict:
             "stale_work": len(self.stale_work),
             "stale_leader_writes": len(self.stale_leader_writes),
             "unexplained_duplicates": len(self.unexplained_duplicates),
+            "late_handlers": len(self.late_handlers),
+            "poison": len(self.poison_violations),
+            "delayed": len(self.delayed),
         }
 
     @property
@@ -291,6 +478,9 @@ class Verdict:
             ("stale work", self.stale_work),
             ("stale leader write", self.stale_leader_writes),
             ("unexplained duplicate", self.unexplained_duplicates),
+            ("late handler", self.late_handlers),
+            ("poison", self.poison_violations),
+            ("delayed", self.delayed),
         ):
             out.extend(f"{name}: {item}" for item in items[:n])
         return out
@@ -308,6 +498,14 @@ class Verdict:
             "fenced_overlaps": self.fenced_overlaps,
             "resumed_starts": self.resumed_starts,
             "attributed_acks": self.attributed_acks,
+            "sync_handlings": self.sync_handlings,
+            "dead_healthy": self.dead_healthy,
+            "frozen_late": self.frozen_late,
+            "poison_messages": self.poison,
+            "poison_deliveries": self.poison_deliveries,
+            "delay_bound_s": self.delay_bound_s,
+            "max_delay_s": round(self.max_delay_s, 3),
+            "delay_checked": self.delay_checked,
             "max_unowned_s": round(self.max_unowned_s, 3),
             "max_unowned_partition": self.max_unowned_partition,
             "max_unowned_since": self.max_unowned_since,
@@ -333,8 +531,16 @@ class Verdict:
             "stale_work",
             "stale_leader_writes",
             "unexplained_duplicates",
+            "late_handlers",
+            "poison_violations",
+            "delayed",
         ):
             getattr(self, name).extend(f"[{group}] {v}" for v in getattr(other, name))
+        for name in ("sync_handlings", "frozen_late", "poison", "poison_deliveries",
+                     "delay_checked", "dead_healthy"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.delay_bound_s = other.delay_bound_s
+        self.max_delay_s = max(self.max_delay_s, other.max_delay_s)
         self.duplicates += other.duplicates
         for cause, n in other.duplicate_causes.items():
             self.duplicate_causes[cause] = self.duplicate_causes.get(cause, 0) + n
@@ -358,6 +564,9 @@ def check(
     disruptions: Sequence[Disruption] | None = None,
     window: tuple[datetime, datetime] | None = None,
     groups: Iterable[str] = (),
+    max_attempts: int | None = None,
+    delay_bound: float | None = None,
+    faulted: Sequence[tuple[datetime, datetime]] = (),
 ) -> Verdict:
     """Check the recorded history of `topic`, for every group that consumes it.
 
@@ -367,6 +576,11 @@ def check(
     `groups`: groups that must be there (a run's own); one that never came to be has lost
     every message. Every group must account for every produced message: a message counts
     as handled when every group handled it; violations add up, each named after its group.
+    `max_attempts`: what the consumers ran with; every poison message must be
+    dead-lettered within that many deliveries. `delay_bound`: seconds within which every
+    message of a healthy key is handled once produced, unless its wait overlaps one of the
+    `faulted` stretches (each fault's span and the settling after it) or the warm-up
+    before `window`.
     """
     conn.row_factory = dict_row  # type: ignore[assignment]
     produced = {r["seq"]: r for r in conn.execute(Q.produced_rows)}
@@ -374,7 +588,8 @@ def check(
     _leaders(conn.execute(Q.rebalances, {"topic": topic}).fetchall(), verdict)
     present = [r["group_name"] for r in conn.execute(Q.groups, {"topic": topic})]
     for group in sorted({*present, *groups}):
-        verdict.add(_check_group(conn, group, produced, disruptions, window), group)
+        limits = _Limits(max_attempts, delay_bound, faulted)
+        verdict.add(_check_group(conn, group, produced, disruptions, window, limits), group)
     return verdict
 
 
@@ -384,6 +599,7 @@ def _check_group(
     produced: dict[int, Row],
     disruptions: Sequence[Disruption] | None,
     window: tuple[datetime, datetime] | None,
+    limits: _Limits | None = None,
 ) -> Verdict:
     params = {"group": group}
     rows: list[Row] = conn.execute(Q.journal_rows, params).fetchall()
@@ -460,7 +676,127 @@ def _check_group(
 
     _duplicates(by_message, disruptions, forced, accepted_ids, completed, verdict)
     _ownership(history, disruptions or (), window, rows, verdict)
+    verdict.sync_handlings = sum(1 for r in rows if r.get("kind") == "sync")
+    poisoned = {p["message_id"] for p in produced.values() if p.get("poison") is not None}
+    verdict.dead_healthy = len(dead - poisoned)
+    _late_handlers(rows, pauses, verdict)
+    limits = limits or _Limits()
+    _check_poison(conn.execute(Q.poison_rows, params).fetchall(), limits.max_attempts, verdict)
+    if limits.delay_bound is not None:
+        _delays(produced, accepted, window, limits, verdict)
     return verdict
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_attempts: int | None = None
+    delay_bound: float | None = None
+    faulted: Sequence[tuple[datetime, datetime]] = ()
+
+
+def _late_handlers(rows: list[Row], pauses: dict[int, list[Disruption]], verdict: Verdict) -> None:
+    """No handling, of any kind, may still run on a partition once a later epoch's owner
+    started handling there: a cancelled async handler stops, and a def handler's thread
+    (which nothing can stop) keeps its partition, or its process exits. Only a process
+    frozen by SIGSTOP meanwhile is excused (it cannot act on anything while frozen)."""
+    by_partition: dict[int, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_partition[r["partition"]].append(r)
+    for partition, handlings in by_partition.items():
+        first: dict[int, datetime] = {}
+        for r in handlings:
+            if r["epoch"] not in first or r["started_at"] < first[r["epoch"]]:
+                first[r["epoch"]] = r["started_at"]
+        # epoch -> the first start under any later epoch
+        later: dict[int, datetime | None] = {}
+        soonest: datetime | None = None
+        for epoch in sorted(first, reverse=True):
+            later[epoch] = soonest
+            if soonest is None or first[epoch] < soonest:
+                soonest = first[epoch]
+        for r in handlings:
+            successor = later[r["epoch"]]
+            if successor is None or r["finished_at"] <= successor:
+                continue
+            if any(
+                p.start <= r["finished_at"] and (p.end or FOREVER) + RESUME_GRACE >= r["started_at"]
+                for p in pauses.get(r["pid"], ())
+            ):
+                verdict.frozen_late += 1
+                continue
+            verdict.late_handlers.append(
+                f"seq {r['seq']} ({_short(r['key'])}, partition {partition}): "
+                f"{r.get('kind', 'async')} handler of {r['member_id']} under epoch "
+                f"{r['epoch']} ran {r['started_at']:%T.%f}-{r['finished_at']:%T.%f}, past "
+                f"the start of a later owner's handling at {successor:%T.%f}"
+            )
+
+
+def _short(key: str) -> str:
+    return key if len(key) <= 24 else f"{key[:20]}...({len(key.encode())} bytes)"
+
+
+def _check_poison(rows: list[Row], max_attempts: int | None, verdict: Verdict) -> None:
+    """Every poison message ends in the group's dead letters, within `max_attempts`
+    deliveries, with a reason; a crashing one's reason says the handler never returned."""
+    for r in rows:
+        verdict.poison += 1
+        verdict.poison_deliveries += r["deliveries"]
+        what = f"seq {r['seq']} ({r['poison']} poison, {r['deliveries']} deliveries)"
+        if r["dead_at"] is None:
+            verdict.poison_violations.append(f"{what}: not dead-lettered")
+        elif max_attempts is not None and r["deliveries"] > max_attempts:
+            verdict.poison_violations.append(
+                f"{what}: delivered more often than max_attempts={max_attempts}"
+            )
+        elif not (r["reason"] or "").strip():
+            verdict.poison_violations.append(f"{what}: dead-lettered without a reason")
+        elif (
+            r["poison"] == "crash"
+            and "never returned" not in r["reason"]
+            # A delivery that failed before the handler took the process down (its
+            # journal write did not go through) is an ordinary failure.
+            and r["attempts"] <= r["deliveries"]
+        ):
+            verdict.poison_violations.append(
+                f"{what}: dead-lettered with reason {r['reason']!r}, which does not say "
+                "the handler never returned"
+            )
+
+
+def _delays(
+    produced: dict[int, Row],
+    accepted: dict[int, Row],
+    window: tuple[datetime, datetime] | None,
+    limits: _Limits,
+    verdict: Verdict,
+) -> None:
+    """Messages of healthy keys (every key but a poison message's own) are handled within
+    `delay_bound` of being produced, unless their wait overlaps an injected fault or the
+    settling after it, or began before the fault window (warm-up)."""
+    assert limits.delay_bound is not None
+    bound = timedelta(seconds=limits.delay_bound)
+    verdict.delay_bound_s = limits.delay_bound
+    for p in produced.values():
+        if p.get("poison") is not None or p.get("produced_at") is None:
+            continue
+        r = accepted.get(p["message_id"])
+        if r is None:
+            continue
+        a, b = p["produced_at"], r["finished_at"]
+        if window is not None and a < window[0]:
+            continue
+        if any(s <= b and a <= e for s, e in limits.faulted):
+            continue
+        verdict.delay_checked += 1
+        delay = b - a
+        verdict.max_delay_s = max(verdict.max_delay_s, delay.total_seconds())
+        if delay > bound:
+            verdict.delayed.append(
+                f"seq {p['seq']} ({_short(p['key'])}, partition {r['partition']}) produced at "
+                f"{a:%T.%f}, handled by {b:%T.%f}: {delay.total_seconds():.2f}s, over the "
+                f"bound of {limits.delay_bound:g}s"
+            )
 
 
 def _accepted(
@@ -522,7 +858,7 @@ def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: 
             and r["started_at"] > highest["finished_at"]
         ):
             verdict.order_violations.append(
-                f"{key}: seq {r['seq']} handled at {r['started_at']:%T.%f} by "
+                f"{_short(key)}: seq {r['seq']} handled at {r['started_at']:%T.%f} by "
                 f"{r['member_id']} after seq {highest['seq']} finished at "
                 f"{highest['finished_at']:%T.%f}"
             )
@@ -532,7 +868,7 @@ def _check_key(key: str, handlings: list[Row], accepted_ids: set[int], verdict: 
         other = latest_accepted
         if is_accepted and other is not None and r["started_at"] < other["finished_at"]:
             verdict.concurrent_violations.append(
-                f"{key}: seq {other['seq']} ({other['member_id']} epoch {other['epoch']}) "
+                f"{_short(key)}: seq {other['seq']} ({other['member_id']} epoch {other['epoch']}) "
                 f"overlaps seq {r['seq']} ({r['member_id']} epoch {r['epoch']})"
             )
         elif latest is not None and r["started_at"] < latest["finished_at"]:
@@ -601,7 +937,7 @@ def _duplicates(
                 cause = "interrupted"
             if cause is None:
                 verdict.unexplained_duplicates.append(
-                    f"seq {first['seq']} ({first['key']}) handled by {first['member_id']} "
+                    f"seq {first['seq']} ({_short(first['key'])}) handled by {first['member_id']} "
                     f"epoch {first['epoch']} at {first['started_at']:%T.%f} and again by "
                     f"{again['member_id']} epoch {again['epoch']} at "
                     f"{again['started_at']:%T.%f} with no fault in between"

@@ -40,6 +40,9 @@ FAULT_KINDS = (
     "pg-restart-immediate",  # pg_ctl restart -m immediate (a crash, then recovery)
     "member-join",  # a new consumer joins one of the groups
     "member-leave",  # a consumer leaves gracefully (SIGTERM: drain, release, leave)
+    "net-blackhole",  # drop every byte to and from a consumer, no reset, past its session
+    "assignment-lock",  # a session holds a group's assignment rows FOR UPDATE for `hold`
+    "revoke-cancel",  # a consumer joins and leaves at once: a revocation issued, called off
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
 
@@ -53,7 +56,8 @@ class Fault:
     # pauses: timed | handoff (resumed the moment its partitions or leadership moved on)
     # | lease (consumers: past the lease, within the session); net-cut: one | all
     # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
-    # moved on) | lease (one, past the lease, within the session); else: -
+    # moved on) | lease (one, past the lease, within the session); net-blackhole: one | all;
+    # assignment-lock: some | all | join; revoke-cancel: joined | revoking; else: -
     variant: str
 
     def describe(self) -> str:
@@ -103,6 +107,21 @@ def schedule(
             elif kind == "net-stall":
                 variant = rng.choice(["one", "handoff", "handoff", "lease", "all"])
                 hold = past_lease() if variant == "lease" else rng.uniform(0.3, session_timeout + 2)
+            elif kind == "net-blackhole":
+                # Past the session timeout: the member must notice the silence, fence itself
+                # and rejoin on a new connection once the link is back.
+                variant = "all" if rng.random() < 0.2 else "one"
+                hold = session_timeout + rng.uniform(0.5, 3.0)
+            elif kind == "assignment-lock":
+                # some: a few partitions' rows; all: every row of the group; join: every
+                # row, while a consumer joins, so the rebalance it causes waits on them.
+                variant = rng.choice(["some", "all", "join"])
+                hold = rng.uniform(0.5, session_timeout + 2.0)
+            elif kind == "revoke-cancel":
+                # joined: it leaves the moment it has joined; revoking: the moment a
+                # revocation in its favour was issued (the leader then calls it off).
+                variant = rng.choice(["joined", "revoking", "revoking"])
+                hold = 0.0
             elif kind in ("consumer-kill", "leader-kill"):
                 hold = rng.uniform(0.5, 4.0)
             else:
@@ -170,6 +189,8 @@ class Nemesis:
         self.leader_timeout = leader_timeout
         self.executed: list[Executed] = []
         self.disruptions: list[Disruption] = []
+        # Consumers a fault killed or stopped on purpose (the others exited by themselves).
+        self.ended: set[Proc] = set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -256,6 +277,7 @@ class Nemesis:
             record.note = "skipped: no consumer"
             return
         record.victims.append(victim.name)
+        self.ended.add(victim)
         victim.kill()
         self._hit(fault.kind, victim, record.start, None)
         time.sleep(fault.hold)
@@ -399,8 +421,84 @@ class Nemesis:
             record.note = f"skipped: {group} at its smallest"
             return
         record.victims.append(victim.name)
+        self.ended.add(victim)
         victim.terminate()
         self._hit(fault.kind, victim, record.start, record.start)
+
+    def _net_blackhole(self, fault: Fault, record: Executed) -> None:
+        victims = self._network_victims(fault)
+        for proc in victims:
+            record.victims.append(proc.name)
+            self.proxies[proc].blackhole(fault.hold)
+        time.sleep(fault.hold)
+        end = _now()
+        for proc in victims:
+            self._hit(fault.kind, proc, record.start, end)
+
+    def _assignment_lock(self, fault: Fault, record: Executed) -> None:
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        rows = self._query(
+            "SELECT partition FROM pgcg.partition_assignments WHERE group_name = %s "
+            "ORDER BY partition",
+            (group,),
+        )
+        partitions = [r["partition"] for r in rows]
+        if fault.variant == "some" and partitions:
+            rng = random.Random(fault.victim)
+            partitions = sorted(rng.sample(partitions, max(1, len(partitions) // 4)))
+        record.victims.append(f"{group}:{len(partitions)} rows")
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=5) as conn:
+                # The rows in one statement, as the rebalance locks them: no deadlock with
+                # it, only a wait.
+                conn.execute(
+                    "SELECT partition FROM pgcg.partition_assignments "
+                    "WHERE group_name = %s AND partition = ANY(%s) ORDER BY partition FOR UPDATE",
+                    (group, partitions),
+                )
+                locked = time.monotonic()
+                if fault.variant == "join":
+                    joiner = self.spawn_consumer(group)
+                    record.victims.append(joiner.name)
+                    self._hit("member-join", joiner, record.start, record.start)
+                time.sleep(max(0.0, fault.hold - (time.monotonic() - locked)))
+                conn.commit()
+        except psycopg.OperationalError as exc:  # a server restart meanwhile
+            record.note = f"lock lost: {exc}".splitlines()[0]
+            return
+        record.note = f"held {fault.hold:.1f}s"
+
+    def _revoke_cancel(self, fault: Fault, record: Executed) -> None:
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        joiner = self.spawn_consumer(group)
+        record.victims.append(joiner.name)
+        self.ended.add(joiner)
+        started = time.monotonic()
+        # A process starting on a loaded host can take many seconds to join.
+        cap = self.session_timeout + 30.0
+        member: str | None = None
+        while time.monotonic() - started < cap and joiner.alive:
+            rows = self._query(
+                "SELECT member_id FROM pgcg.consumer_groups WHERE group_name = %s AND pid = %s",
+                (group, joiner.pid),
+            )
+            member = rows[0]["member_id"] if rows else None
+            if member is not None and fault.variant == "joined":
+                break
+            if member is not None and self._query(
+                "SELECT 1 FROM pgcg.partition_assignments WHERE group_name = %s "
+                "AND state = 'revoking' AND target_member_id = %s LIMIT 1",
+                (group, member),
+            ):
+                break
+            time.sleep(0.01)
+        joiner.terminate()
+        self._hit("member-join", joiner, record.start, _now())
+        record.note = f"left {time.monotonic() - started:.2f}s after starting" + (
+            "" if member else " (before it joined)"
+        )
 
     # -- healing ---------------------------------------------------------------------------
 

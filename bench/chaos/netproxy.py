@@ -7,7 +7,12 @@ Faults, all safe to call from any thread:
 - stall(seconds): stop forwarding bytes in both directions while keeping every socket
   open, as a congested or black-holed link does; bytes read meanwhile are delivered
   when the stall ends (a statement sent during a stall still runs, late).
-- heal(): end a refusal or stall early.
+- blackhole(seconds): drop every byte in both directions, sockets kept open and never
+  reset, as a link whose packets vanish does; a new connection is accepted but gets no
+  answer (its startup packet goes nowhere). When it ends, every connection that lost a
+  byte is reset (its stream is corrupt, as the peer's kernel would have given up on it).
+  A peer only learns of it by its own timeouts.
+- heal(): end a refusal, stall or black hole early.
 
 All proxies share one asyncio loop on a daemon thread (ProxyHub), so a runner can hold a
 dozen of them without a thread per connection.
@@ -100,6 +105,12 @@ class NetProxy:
         self._flowing.set()
         self._refuse_until = 0.0
         self._stall_handle: asyncio.TimerHandle | None = None
+        self._dropping = False
+        self._clear = asyncio.Event()  # set while no black hole is in effect
+        self._clear.set()
+        self._blackhole_handle: asyncio.TimerHandle | None = None
+        # Connections that lost bytes to a black hole, reset when it ends.
+        self._tainted: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
 
     def dsn_for(self, dsn: str) -> str:
         """`dsn` (URL or keyword form) connecting through this proxy, all else kept.
@@ -120,6 +131,10 @@ class NetProxy:
     def stall(self, seconds: float) -> None:
         """Hold every byte in both directions for `seconds`, sockets kept open."""
         self.hub.call(self._stall(seconds))
+
+    def blackhole(self, seconds: float) -> None:
+        """Drop every byte in both directions for `seconds`, with no reset."""
+        self.hub.call(self._blackhole(seconds))
 
     def heal(self) -> None:
         self.hub.call(self._heal())
@@ -151,12 +166,36 @@ class NetProxy:
         self._flowing.clear()
         self._stall_handle = asyncio.get_running_loop().call_later(seconds, self._flowing.set)
 
+    async def _blackhole(self, seconds: float) -> None:
+        if self._blackhole_handle is not None:
+            self._blackhole_handle.cancel()
+        self._dropping = True
+        self._clear.clear()
+        self._blackhole_handle = asyncio.get_running_loop().call_later(seconds, self._end_blackhole)
+
+    def _end_blackhole(self) -> None:
+        self._dropping = False
+        self._clear.set()
+        self._blackhole_handle = None
+        victims, self._tainted = self._tainted, set()
+        for pair in victims:
+            self._open.discard(pair)
+            for w in pair:
+                if w is not None:
+                    _reset(w)
+        if victims:
+            log.info("%s: black hole over, reset %s connections", self.name, len(victims))
+
     async def _heal(self) -> None:
         self._refuse_until = 0.0
         if self._stall_handle is not None:
             self._stall_handle.cancel()
             self._stall_handle = None
         self._flowing.set()
+        if self._blackhole_handle is not None:
+            self._blackhole_handle.cancel()
+        if self._dropping:
+            self._end_blackhole()
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -171,6 +210,20 @@ class NetProxy:
             return
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None] = (writer, None)
         self._open.add(pair)
+        if self._dropping:
+            # Its packets would never reach the server: swallow them until the end.
+            self._tainted.add(pair)
+            try:
+                while await reader.read(CHUNK):
+                    pass
+            except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                pass
+            finally:
+                self._open.discard(pair)
+                self._tainted.discard(pair)
+                if not writer.is_closing():
+                    _reset(writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -184,7 +237,9 @@ class NetProxy:
         pair = (writer, up_writer)
         self._open.add(pair)
         try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+            await asyncio.gather(
+                self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair)
+            )
         except asyncio.CancelledError:
             # The hub is closing. Returning (rather than re-raising) keeps asyncio's stream
             # callback from logging the cancelled connection task as an error.
@@ -195,12 +250,26 @@ class NetProxy:
                 if not w.is_closing():
                     w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None],
+    ) -> None:
         """Copy one direction until EOF or an error; then close the other side too, after
         delivering what was already read (a closed client's last statement still runs)."""
         try:
             while True:
                 data = await reader.read(CHUNK)
+                if self._dropping and pair in self._open:
+                    self._tainted.add(pair)
+                    if data:
+                        continue  # dropped, and the connection with it (reset at the end)
+                    # EOF: a FIN would not cross a black hole either; the reset will.
+                    await self._clear.wait()
+                    break
+                if pair in self._tainted:
+                    continue  # lost bytes before: dead until the black hole's reset
                 await self._flowing.wait()
                 if not data:
                     break

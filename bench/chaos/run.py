@@ -30,12 +30,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from pgcg.bench.chaos.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault
 from pgcg.bench.chaos.netproxy import NetProxy, ProxyHub
 from pgcg.bench.cluster import Cluster, Proc
 from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.consumer.assignment import EXIT_HANDLER_STUCK
 from pgcg.shared.migrate import migrate
 
 log = logging.getLogger("pgcg.chaos")
@@ -58,6 +60,8 @@ GROUP = "chaos"
 OTHER_GROUPS = ("chaos-audit", "chaos-3")
 TOPIC = "chaos"
 HANDLER = "pgcg.bench.chaos.journal:record"
+# The same recording handler as a plain `def`: it runs in worker threads.
+SYNC_HANDLER = "pgcg.bench.chaos.journal:record_sync"
 
 # Tight timeouts so a run sees many expiries, takeovers and forced hand-offs per minute.
 # The drain deadline is not shorter than the lease (session timeout - margin), so a
@@ -66,6 +70,23 @@ HEARTBEAT_INTERVAL = 0.5
 SESSION_TIMEOUT = 3.0
 LEADER_TIMEOUT = 3.0
 DRAIN_DEADLINE = 3.0
+RETRY_MAX = 0.5
+# Deliveries before a message is dead-lettered: small when poison is produced (each
+# delivery of a crashing one takes a consumer down), large otherwise (an ordinary
+# message interrupted by fault after fault is never set aside).
+MAX_ATTEMPTS_WITH_POISON = 4
+MAX_ATTEMPTS = 50
+
+
+def delay_bound(session_timeout: float, drain_deadline: float, retry_max: float,
+                heartbeat: float) -> float:  # fmt: skip
+    """Seconds within which a message of a healthy key is handled, away from injected
+    faults, while poison messages are produced: a crashing one takes its consumer down,
+    so a message of another key on that consumer waits for the takeover (the session
+    timeout, noticed within two heartbeats), possibly twice (the next owner taken down by
+    the same poison before it started the message), and for one cooperative hand-off when
+    the crashed consumer's replacement joins (the drain deadline), and a backoff."""
+    return 2 * session_timeout + drain_deadline + retry_max + 4 * heartbeat
 
 
 @dataclass
@@ -82,7 +103,16 @@ class ChaosOptions:
     faults: tuple[str, ...] = FAULT_KINDS
     database_url: str | None = None
     unsafe_no_fencing: bool = False
+    # The consumer lets a partition go while a def handler's thread still runs on it.
+    unsafe_release_running_handlers: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
+    sync_work_ms: float | None = None  # the def handler's (default: work_ms)
+    sync_share: float = 0.5  # of each group's consumers, the share running the def handler
+    poison_every: int = 5000  # about one message in this many is poison (0: none)
+    big_keys: bool = True  # every eighth key at the producer's byte limit
+    # Seconds at the start of the fault phase without faults, a crashing and a raising
+    # poison message enqueued as it begins: the delay of healthy keys is checked there.
+    calm: float = 10.0
     drain_timeout: float = 180.0
     env: dict[str, str] = field(default_factory=dict)  # overrides for every process
     workdir: Path | None = None
@@ -98,6 +128,7 @@ class ChaosReport:
     elapsed_s: float
     fault_phase_s: float
     workdir: Path
+    exits: dict[str, int] = field(default_factory=dict)  # consumers that exited by themselves
 
     @property
     def ok(self) -> bool:
@@ -120,6 +151,7 @@ class ChaosReport:
             "fault_phase_s": round(self.fault_phase_s, 1),
             "drained": self.drained,
             "fault_counts": self.fault_counts,
+            "exits": self.exits,
             "verdict": self.verdict.as_dict(),
             "faults": [e.as_dict() for e in self.executed],
             "workdir": str(self.workdir),
@@ -136,11 +168,14 @@ class ChaosReport:
             f"(faults {self.fault_phase_s:.0f}s) rate={o.rate:g}/s keys={o.keys} "
             f"partitions={o.partitions} consumers={o.consumers} groups={o.groups} "
             f"coordinators={o.coordinators}"
-            + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else ""),
+            + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else "")
+            + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
             "variants: " + " ".join(f"{k}x{n}" for k, n in sorted(variants.items())),
+            "consumers that exited by themselves (replaced): "
+            + (" ".join(f"{k}x{n}" for k, n in sorted(self.exits.items())) or "none"),
             f"messages: produced={v.produced} handled by every group={v.handled} "
             f"pending={v.pending} dead-lettered={v.dead_lettered} "
             f"drained={'yes' if self.drained else 'NO'}",
@@ -162,6 +197,13 @@ class ChaosReport:
             f"{v.max_unassigned_s:.2f}s",
             f"acks attributed to their process: {v.attributed_acks}/"
             f"{sum(g.handled for g in v.groups.values())}",
+            f"handlers: {v.sync_handlings} handlings in def handlers' threads; late handlings "
+            f"excused by a SIGSTOP: {v.frozen_late}",
+            f"poison: {v.poison} poison messages (per group), {v.poison_deliveries} "
+            f"deliveries; healthy messages dead-lettered: {v.dead_healthy}; "
+            f"delay of healthy keys away from faults: max {v.max_delay_s:.2f}s "
+            f"over {v.delay_checked} messages"
+            + (f" (bound {v.delay_bound_s:g}s)" if v.delay_bound_s is not None else ""),
         ]
         lines += [f"  {e}" for e in v.examples()]
         lines.append(f"verdict: {'OK' if self.ok else 'FAILED'}")
@@ -238,6 +280,7 @@ def _scalar(dsn: str, sql: str, params: Any = None) -> Any:
 def _producer(dsn: str, workdir: Path, options: ChaosOptions) -> Iterator[subprocess.Popen[bytes]]:
     """The producer as its own process (`python -m pgcg.bench.chaos.run`), stopped on exit."""
     args = [TOPIC, str(options.keys), str(options.rate), str(options.messages or 0)]
+    args += [str(options.seed), str(options.poison_every), "1" if options.big_keys else "0"]
     with open(workdir / "producer.log", "ab") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", "pgcg.bench.chaos.run", *args],
@@ -290,11 +333,21 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
             f"{time.monotonic() - t:.0f}s; stopping"
         )
         window_end = datetime.now(UTC)
+        run.supervisor.stop()
         run.cluster.stop_all()
+        self_fences = _self_fences(run.cluster)
+        bound = run.delay_bound if options.poison_every > 0 else None
+        faulted = [
+            (e.start, (e.end or e.start) + timedelta(seconds=run.delay_bound))
+            for e in run.nemesis.executed
+            if not e.note.startswith("skip")
+        ]
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             verdict = journal.check(
-                conn, TOPIC, disruptions=run.nemesis.disruptions,
+                conn, TOPIC, disruptions=[*run.nemesis.disruptions, *run.supervisor.crashes,
+                             *self_fences],
                 window=(window_start, window_end), groups=run.strength,
+                max_attempts=run.max_attempts, delay_bound=bound, faulted=faulted,
             )  # fmt: skip
         if not (verdict.ok and drained) or options.keep_logs:
             _dump_history(run.dsn, workdir)
@@ -306,6 +359,7 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
             elapsed_s=time.monotonic() - began,
             fault_phase_s=fault_phase,
             workdir=workdir,
+            exits=dict(run.supervisor.exits),
         )
     if report.ok and not options.keep_logs and options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -333,21 +387,37 @@ class _Run:
             "PGCG_LEADER_TIMEOUT": str(LEADER_TIMEOUT),
             "PGCG_DRAIN_DEADLINE": str(DRAIN_DEADLINE),
             "PGCG_RETRY_BASE": "0.05",
-            "PGCG_RETRY_MAX": "0.5",
-            "PGCG_MAX_ATTEMPTS": "50",
+            "PGCG_RETRY_MAX": str(RETRY_MAX),
+            "PGCG_MAX_ATTEMPTS": str(
+                MAX_ATTEMPTS_WITH_POISON if options.poison_every > 0 else MAX_ATTEMPTS
+            ),
             "PGCG_LOG_LEVEL": "INFO",
             journal.WORK_ENV: str(options.work_ms),
             # The history is recorded outside the faults: the journal connects directly.
             journal.DSN_ENV: dsn,
+            **(
+                {journal.SYNC_WORK_ENV: str(options.sync_work_ms)}
+                if options.sync_work_ms is not None
+                else {}
+            ),
+            **(
+                {journal.UNSAFE_THREADS_ENV: "1"} if options.unsafe_release_running_handlers else {}
+            ),
             **options.env,
         }
         # What the processes run with, --env included: the faults are sized on it.
         self.session_timeout = float(env["PGCG_SESSION_TIMEOUT"])
         self.leader_timeout = float(env["PGCG_LEADER_TIMEOUT"])
+        self.max_attempts = int(env["PGCG_MAX_ATTEMPTS"])
+        self.delay_bound = delay_bound(
+            self.session_timeout, float(env["PGCG_DRAIN_DEADLINE"]),
+            float(env["PGCG_RETRY_MAX"]), float(env["PGCG_HEARTBEAT_INTERVAL"]),
+        )  # fmt: skip
         self.hub = stack.enter_context(ProxyHub())
         self.cluster = stack.enter_context(Cluster(dsn, workdir, env=env))
         self.proxies: dict[Proc, NetProxy] = {}
         self.group_of: dict[Proc, str] = {}
+        self.sync_of: dict[Proc, bool] = {}
         self.upstream = db.host_port()
         self.strength = group_strength(options)
         for _ in range(options.coordinators):
@@ -361,18 +431,27 @@ class _Run:
             spawn_coordinator=self.spawn_coordinator,
             session_timeout=self.session_timeout, leader_timeout=self.leader_timeout,
         )  # fmt: skip
+        self.supervisor = _Supervisor(self)
+        self.supervisor.start()
+        stack.callback(self.supervisor.stop)
         self.producer = stack.enter_context(_producer(dsn, workdir, options))
 
-    def spawn_consumer(self, group: str = GROUP) -> Proc:
-        """A consumer behind a new proxy of its own."""
+    def spawn_consumer(self, group: str = GROUP, sync: bool | None = None) -> Proc:
+        """A consumer behind a new proxy of its own. `sync`: it runs the def handler
+        (default: `sync_share` of each group's consumers, in turn)."""
         n = sum(1 for p in self.cluster.procs if p.kind == "consumer") + 1
+        if sync is None:
+            k = sum(1 for g in self.group_of.values() if g == group)
+            share = self.options.sync_share
+            sync = int((k + 1) * share) > int(k * share)
         proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
         proc = self.cluster.consumer(
-            group, TOPIC, HANDLER, name=f"consumer-{n}",
+            group, TOPIC, SYNC_HANDLER if sync else HANDLER, name=f"consumer-{n}",
             env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn)},
         )  # fmt: skip
         self.proxies[proc] = proxy
         self.group_of[proc] = group
+        self.sync_of[proc] = sync
         return proc
 
     def spawn_coordinator(self) -> Proc:
@@ -404,14 +483,29 @@ class _Run:
             in_time = duration is None or time.monotonic() - began < duration
             return in_time and self.producing()
 
+        if self.options.calm > 0:
+            if self.options.poison_every > 0:
+                journal.enqueue_poison(self.dsn, TOPIC, ["crash", "raise"])
+            self.calm(min(self.options.calm, duration or self.options.calm))
+
         for fault in plan:
             if not more():
                 break
             self.nemesis.inject(fault)
-            time.sleep(fault.gap)
+            self.calm(fault.gap)
         while more():  # the plan ran out (no faults enabled): keep producing
-            time.sleep(0.5)
+            self.calm(0.5)
         return time.monotonic() - began
+
+    def calm(self, seconds: float) -> None:
+        """Wait, replacing consumers that exited by themselves meanwhile."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.supervisor.replace()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.1, left))
 
     def heal_and_drain(self, timeout: float) -> bool:
         """Stop producing, heal every fault, and wait for the queue to empty."""
@@ -425,6 +519,7 @@ class _Run:
                 stuck = self._pending_by_partition()
             except psycopg.OperationalError:
                 stuck = None
+            self.supervisor.replace()
             if stuck == []:
                 return True
             if time.monotonic() > deadline:
@@ -448,7 +543,82 @@ class _Run:
             return conn.execute(journal.PENDING_BY_PARTITION, {"topic": TOPIC}).fetchall()
 
 
-HISTORY_TABLES = ("pgcg_produced", "pgcg_journal", "pgcg_completed", "pgcg_ownership")
+def _self_fences(cluster: Cluster) -> list[journal.Disruption]:
+    """Each time a consumer let its partitions go because its own lease ran out (its
+    heartbeats came late; on a loaded host they do without any injected fault), from its
+    log. Only that reason: a partition dropped for any other reason explains nothing."""
+    found = []
+    for proc in cluster.procs:
+        if proc.kind != "consumer":
+            continue
+        for record in proc.actions("partition_lost"):
+            if record.get("reason") != "lease expired" or "ts" not in record:
+                continue
+            at = datetime.fromisoformat(record["ts"])
+            found.append(journal.Disruption("self-fence", at, at, proc.pid))
+    return found
+
+
+# Why a consumer exited by itself, by its exit code.
+EXIT_CAUSES = {journal.CRASH_EXIT: "poison-crash", EXIT_HANDLER_STUCK: "handler-thread-stuck"}
+
+
+class _Supervisor:
+    """Does for the run's consumers what a process supervisor does in production: one that
+    exits by itself (a poison message took it down; a def handler's thread outlived its
+    partition and it stopped, exit 6) is replaced in its group, with the same handler.
+    A thread notes when each one died (the checker reads it as a crash of that process);
+    the runner replaces them from its own thread (`replace`)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.died: dict[Proc, datetime] = {}
+        self.handled: set[Proc] = set()
+        self.crashes: list[journal.Disruption] = []
+        self.exits: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="chaos-supervisor")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            for proc in list(self.run.cluster.procs):
+                if proc.kind == "consumer" and proc not in self.died and not proc.alive:
+                    # Seen within 50 ms; the process may have died just before.
+                    self.died[proc] = datetime.now(UTC) - timedelta(seconds=0.1)
+
+    def replace(self) -> None:
+        if self._stop.is_set():
+            return
+        for proc, at in list(self.died.items()):
+            if proc in self.handled:
+                continue
+            self.handled.add(proc)
+            if proc in self.run.nemesis.ended:
+                continue  # killed or stopped by a fault: the nemesis replaces it
+            code = proc.popen.returncode
+            cause = EXIT_CAUSES.get(code, f"exit-{code}")
+            self.exits[cause] += 1
+            self.crashes.append(journal.Disruption("consumer-crash", at, None, proc.pid))
+            replacement = self.run.spawn_consumer(
+                self.run.group_of[proc], sync=self.run.sync_of[proc]
+            )
+            log.info(
+                "%s exited by itself (%s); replaced by %s", proc.name, cause, replacement.name,
+                extra={"action": "consumer_replaced"},
+            )  # fmt: skip
+
+
+HISTORY_TABLES = (
+    "pgcg_produced", "pgcg_journal", "pgcg_completed", "pgcg_ownership", "pgcg_poison",
+)  # fmt: skip
 
 
 def _dump_history(dsn: str, workdir: Path) -> None:
@@ -538,6 +708,40 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "--work-ms", type=float, default=2.0, show_default=True, help="Simulated work per message."
 )
 @click.option(
+    "--sync-share",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Share of each group's consumers running a plain def handler (in worker threads).",
+)
+@click.option(
+    "--sync-work-ms",
+    type=float,
+    help="Simulated work per message in the def handler (default: --work-ms).",
+)
+@click.option(
+    "--poison-every",
+    type=click.IntRange(min=0),
+    default=5000,
+    show_default=True,
+    help="About one message in this many is poison (a third of them crash their consumer); "
+    "0: none.",
+)
+@click.option(
+    "--big-keys/--no-big-keys",
+    default=True,
+    show_default=True,
+    help="Every eighth key (and every poison key) at the producer's byte limit, multibyte.",
+)
+@click.option(
+    "--calm",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds without faults at the start (a crashing and a raising poison message "
+    "enqueued as they begin), where healthy keys' delays are checked.",
+)
+@click.option(
     "--drain-timeout",
     type=float,
     default=180.0,
@@ -569,11 +773,19 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     is_flag=True,
     help="Let every write through the database's ownership check: the checks must fail.",
 )
+@click.option(
+    "--unsafe-release-running-handlers",
+    is_flag=True,
+    help="Consumers let a partition go while a def handler's thread still runs on it, "
+    "instead of exiting: the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
-    database_url: str | None, work_ms: float, drain_timeout: float, env_: tuple[str, ...],
+    database_url: str | None, work_ms: float, sync_share: float, sync_work_ms: float | None,
+    poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
+    unsafe_release_running_handlers: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -610,7 +822,13 @@ def chaos(
         faults=_parse_faults(faults_),
         database_url=database_url,
         unsafe_no_fencing=unsafe_no_fencing,
+        unsafe_release_running_handlers=unsafe_release_running_handlers,
         work_ms=work_ms,
+        sync_work_ms=sync_work_ms,
+        sync_share=sync_share,
+        poison_every=poison_every,
+        big_keys=big_keys,
+        calm=calm,
         drain_timeout=drain_timeout,
         env=_parse_env(env_),
         workdir=workdir,
@@ -626,13 +844,14 @@ def chaos(
 
 
 def _producer_main(argv: list[str]) -> None:
-    """The run's producer process: TOPIC KEYS RATE LIMIT (0: no limit), until SIGTERM;
-    the database in PGCG_DATABASE_URL."""
-    topic, keys, rate, limit = argv
+    """The run's producer process: TOPIC KEYS RATE LIMIT (0: no limit) SEED POISON_EVERY
+    BIG_KEYS (1 or 0), until SIGTERM; the database in PGCG_DATABASE_URL."""
+    topic, keys, rate, limit, seed, poison_every, big_keys = argv
     dsn = os.environ["PGCG_DATABASE_URL"]
     producer = journal.Producer(
-        dsn, topic, keys=int(keys), rate=float(rate), limit=int(limit) or None
-    )
+        dsn, topic, keys=int(keys), rate=float(rate), limit=int(limit) or None,
+        seed=int(seed), poison_every=int(poison_every), big_keys=big_keys == "1",
+    )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: producer.stop_event.set())
     producer.start()
     while producer.is_alive():

@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS public.pgcg_produced (
     seq         bigint PRIMARY KEY,
     key         text NOT NULL,
     message_id  bigint,
+    poison      text,  -- raise | crash: the recording handler never handles it
     produced_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE TABLE IF NOT EXISTS public.pgcg_journal (
@@ -31,7 +32,23 @@ CREATE TABLE IF NOT EXISTS public.pgcg_journal (
     pid          integer NOT NULL,
     proc         text,
     started_at   timestamptz NOT NULL,
-    finished_at  timestamptz NOT NULL
+    finished_at  timestamptz NOT NULL,
+    kind         text NOT NULL DEFAULT 'async'  -- async | sync (a def handler's thread)
+);
+-- Every delivery of a poison message, journaled before the handler fails or exits.
+CREATE TABLE IF NOT EXISTS public.pgcg_poison (
+    id           bigserial PRIMARY KEY,
+    group_name   text NOT NULL,
+    message_id   bigint NOT NULL,
+    seq          bigint NOT NULL,
+    poison       text NOT NULL,
+    partition    integer NOT NULL,
+    member_id    text NOT NULL,
+    epoch        bigint NOT NULL,
+    attempt      integer NOT NULL,
+    pid          integer NOT NULL,
+    kind         text NOT NULL,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS pgcg_journal_key ON public.pgcg_journal (group_name, key, started_at);
 CREATE TABLE IF NOT EXISTS public.pgcg_completed (
@@ -105,24 +122,43 @@ $$
 -- name: record
 INSERT INTO public.pgcg_journal
     (group_name, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc,
-     started_at, finished_at)
+     started_at, finished_at, kind)
 VALUES (%(group)s, %(message_id)s, %(key)s, %(seq)s, %(partition)s, %(member_id)s,
         %(epoch)s, %(attempt)s, %(pid)s, current_setting('pgcg.proc', true), %(started_at)s,
-        %(finished_at)s)
+        %(finished_at)s, %(kind)s)
+
+-- name: record_poison
+INSERT INTO public.pgcg_poison
+    (group_name, message_id, seq, poison, partition, member_id, epoch, attempt, pid, kind)
+VALUES (%(group)s, %(message_id)s, %(seq)s, %(poison)s, %(partition)s, %(member_id)s,
+        %(epoch)s, %(attempt)s, %(pid)s, %(kind)s)
+
+-- name: poison_rows
+-- Per poison message and group: its deliveries, and its dead letter if it has one.
+SELECT p.seq, p.message_id, p.key, p.poison, g.group_name,
+       (SELECT count(*) FROM public.pgcg_poison AS x
+        WHERE x.group_name = g.group_name AND x.message_id = p.message_id) AS deliveries,
+       d.reason, d.attempts, d.dead_at
+FROM public.pgcg_produced AS p CROSS JOIN (SELECT %(group)s::text AS group_name) AS g
+LEFT JOIN pgcg.dead_letters AS d
+  ON d.group_name = g.group_name AND d.message_id = p.message_id
+WHERE p.poison IS NOT NULL
+ORDER BY p.seq
 
 -- name: produced
-INSERT INTO public.pgcg_produced (seq, key, message_id)
-SELECT * FROM unnest(%(seqs)s::bigint[], %(keys)s::text[], %(ids)s::bigint[])
+INSERT INTO public.pgcg_produced (seq, key, message_id, poison)
+SELECT * FROM unnest(%(seqs)s::bigint[], %(keys)s::text[], %(ids)s::bigint[],
+                     %(poison)s::text[])
 
 -- name: produced_rows
-SELECT seq, key, message_id FROM public.pgcg_produced
+SELECT seq, key, message_id, poison, produced_at FROM public.pgcg_produced
 
 -- name: groups
 SELECT group_name FROM pgcg.groups WHERE topic = %(topic)s ORDER BY group_name
 
 -- name: journal_rows
 SELECT id, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc,
-       started_at, finished_at
+       started_at, finished_at, kind
 FROM public.pgcg_journal WHERE group_name = %(group)s ORDER BY id
 
 -- name: completed_rows
@@ -202,6 +238,9 @@ FROM pgcg.groups AS g WHERE g.topic = %(topic)s ORDER BY g.group_name
 
 -- name: max_seq
 SELECT coalesce(max(seq), -1) AS seq FROM public.pgcg_produced
+
+-- name: min_seq
+SELECT coalesce(min(seq), 0) AS seq FROM public.pgcg_produced
 
 -- name: dump_ledger
 -- What the groups recorded, for a failed run's kept history (ledger.csv).
