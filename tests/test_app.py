@@ -313,6 +313,17 @@ async def test_the_handlers_share_one_heartbeat_round_trip_and_one_listener(
         # And again on the next beat: not one statement that happened to renew both once.
         await await_for(lambda: one_heartbeat(db, first), what="the next one renewing both")
         assert members(db) == 2
+        # Expelling one member concerns that one alone: it rejoins, the other goes on.
+        billing, mailer = app.consumers
+        expelled, kept = billing.member_id, mailer.member_id
+        db.execute("DELETE FROM pgcg.consumer_groups WHERE member_id = %s", (expelled,))
+        await await_for(
+            lambda: billing.member_id != expelled and billing.ctx.membership.in_group,
+            30,
+            "the expelled member to rejoin",
+        )
+        assert mailer.member_id == kept and mailer.ctx.membership.lease.valid()
+        await await_for(lambda: one_heartbeat(db), what="both renewed by one statement again")
         assert [n for n, _ in heartbeat_backends(db)] == ["pgcg-member:billing,mailer"]
     assert members(db) == 0
 
