@@ -1,6 +1,7 @@
 """The application object: several handlers, each a member of its own group, in one
-process, sharing one LISTEN connection and one pool for transactional handlers'
-transactions, embeddable in an asyncio program.
+process, sharing one heartbeat (one connection, one round trip per interval renewing every
+member: heartbeat.py), one LISTEN connection (listener.py) and one pool for transactional
+handlers' transactions, embeddable in an asyncio program.
 
     app = App()
 
@@ -26,16 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from pgcg.consumer.heartbeat import Heartbeat
+from pgcg.consumer.listener import Listener
 from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.rebalance import PartitionsCallback
 from pgcg.consumer.service import Consumer
 from pgcg.shared import names, pooler
-from pgcg.shared.db import AsyncConn, connect, open_pool, translated
-from pgcg.shared.errors import ConfigError, DatabaseUnavailable
-from pgcg.shared.loops import reconnecting
+from pgcg.shared.db import AsyncConn, open_pool
+from pgcg.shared.errors import ConfigError
 from pgcg.shared.settings import Settings
 
 log = logging.getLogger("pgcg.consumer")
@@ -74,6 +75,7 @@ class App:
         self._coordinator = coordinator
         self._registered: list[_Registration] = []
         self._consumers: list[Consumer] = []
+        self._running = False
         self._stopping = False
         self._ready = anyio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,43 +145,68 @@ class App:
 
     # -- running -----------------------------------------------------------------------------
 
+    @property
+    def consumers(self) -> list[Consumer]:
+        """One member per handler (built on first use: `pgcg worker` observes them before
+        they run)."""
+        if not self._consumers:
+            if not self._registered:
+                raise ConfigError("the app has no handlers: register one with @app.handler(...)")
+            dsn = self.dsn
+            self._consumers = [
+                Consumer(
+                    self.settings
+                    if r.concurrency is None
+                    else self.settings.model_copy(update={"concurrency": r.concurrency}),
+                    group=r.group,
+                    topic=r.topic,
+                    handler=r.handler,
+                    dsn=dsn,
+                    **r.options,
+                )
+                for r in self._registered
+            ]
+        return self._consumers
+
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run every handler until stop() (or SIGTERM/SIGINT): each drains its in-flight
         messages and leaves its group."""
-        if not self._registered:
-            raise ConfigError("the app has no handlers: register one with @app.handler(...)")
-        if self._consumers:
+        consumers = self.consumers
+        if self._running:
             raise ConfigError("the app is running already")
         if self._stopping:
             return
+        self._running = True
         dsn = self.dsn
-        self._consumers = [
-            Consumer(
-                self.settings
-                if r.concurrency is None
-                else self.settings.model_copy(update={"concurrency": r.concurrency}),
-                group=r.group,
-                topic=r.topic,
-                handler=r.handler,
-                dsn=dsn,
-                **r.options,
-            )
-            for r in self._registered
-        ]
         route = await pooler.route(self.settings, dsn)
-        shared_listener = self.settings.listen and route.session_dsn is not None
-        for consumer in self._consumers:
-            consumer.external_listener = shared_listener
-        transactional = [c for c in self._consumers if c.transactional is not None]
+        # Every member's heartbeat in one round trip on one connection (heartbeat.py).
+        heartbeat = Heartbeat(
+            dsn,
+            session_timeout=self.settings.session_timeout,
+            interval=self.settings.heartbeat_interval,
+            application_name=Heartbeat.name_for([c.ctx.group for c in consumers]),
+        )
+        heartbeat.through_pooler = route.pooled
+        for consumer in consumers:
+            consumer.share_heartbeat(heartbeat)
+        listener = None
+        if self.settings.listen and route.session_dsn is not None:
+            listener = Listener(route.session_dsn, session_timeout=self.settings.session_timeout)
+            for consumer in consumers:
+                consumer.external_listener = True
+                consumer.listen_on(listener)
+        transactional = [c for c in consumers if c.transactional is not None]
         pool = _SharedPool(
-            dsn, sum(c.ctx.settings.concurrency for c in transactional), route.pooled
+            dsn,
+            sum(c.ctx.settings.concurrency for c in transactional),
+            route.pooled,
+            self.settings.session_timeout,
         )
         for consumer in transactional:
             assert consumer.transactional is not None
             consumer.transactional.shared_pool = pool.get
         try:
-            await self._run_all(dsn, install_signal_handlers, route.session_dsn
-                                if shared_listener else None)  # fmt: skip
+            await self._run_all(dsn, install_signal_handlers, heartbeat, listener)
         except BaseExceptionGroup as group:
             # One handler that could not start (an unknown topic, a refused connection):
             # its own error says it best, not a nest of task groups.
@@ -190,9 +217,14 @@ class App:
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.close()
+                await heartbeat.close()
 
     async def _run_all(
-        self, dsn: str, install_signal_handlers: bool, listen_dsn: str | None
+        self,
+        dsn: str,
+        install_signal_handlers: bool,
+        heartbeat: Heartbeat,
+        listener: Listener | None,
     ) -> None:
         async with anyio.create_task_group() as tg:
             helpers = anyio.CancelScope()
@@ -204,7 +236,7 @@ class App:
                     self.settings, groups=[r.group for r in self._registered], dsn=dsn
                 )
                 tg.start_soon(coordinator.run_until_stopped)
-            tg.start_soon(self._helpers, helpers, install_signal_handlers, listen_dsn)
+            tg.start_soon(self._helpers, helpers, install_signal_handlers, heartbeat, listener)
             async with anyio.create_task_group() as members:
                 for consumer in self._consumers:
                     members.start_soon(
@@ -215,14 +247,20 @@ class App:
                 await coordinator.stop()
 
     async def _helpers(
-        self, scope: anyio.CancelScope, signals: bool, session_dsn: str | None
+        self,
+        scope: anyio.CancelScope,
+        signals: bool,
+        heartbeat: Heartbeat,
+        listener: Listener | None,
     ) -> None:
+        # Cancelled once every member has left: the heartbeat goes on while they drain.
         with scope:
             async with anyio.create_task_group() as tg:
                 if signals:
                     tg.start_soon(self._signals)
-                if session_dsn is not None:
-                    tg.start_soon(self._listen, session_dsn)
+                tg.start_soon(heartbeat.run)
+                if listener is not None:
+                    tg.start_soon(listener.run)
                 tg.start_soon(self._watch_ready)
 
     async def _watch_ready(self) -> None:
@@ -279,50 +317,16 @@ class App:
                 self._stopping = True
                 self._stop_consumers()
 
-    async def _listen(self, dsn: str) -> None:
-        """One LISTEN connection for every handler's topic and group."""
-        channels = sorted(
-            {names.topic_channel(c.ctx.topic) for c in self._consumers}
-            | {names.group_channel(c.ctx.group) for c in self._consumers}
-        )
-        while True:
-            conn: AsyncConn | None = None
-            try:
-                async for attempt in reconnecting(log, "listen"):
-                    with attempt:
-                        conn = await connect(dsn, application_name="pgcg-listener")
-                        with translated(dsn):
-                            for channel in channels:
-                                await conn.execute(
-                                    sql.SQL("LISTEN {}").format(sql.Identifier(channel))
-                                )
-                # NOTIFYs sent while we were away are lost: catch up now.
-                for consumer in self._consumers:
-                    consumer.ctx.wake.fetch.set()
-                    consumer.ctx.wake.heartbeat.set()
-                assert conn is not None
-                with translated(dsn):
-                    async with contextlib.aclosing(conn.notifies()) as notifies:
-                        async for note in notifies:
-                            for consumer in self._consumers:
-                                consumer.notified(note.channel, note.payload)
-            except DatabaseUnavailable as exc:
-                log.warning("listener lost its connection: %s", exc,
-                            extra={"action": "listen_lost"})  # fmt: skip
-            finally:
-                if conn is not None:
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-
 
 class _SharedPool:
     """One pool of connections for the transactional handlers of every group, opened when
     the first one needs it: as large as their concurrencies together."""
 
-    def __init__(self, dsn: str, size: int, through_pooler: bool) -> None:
+    def __init__(self, dsn: str, size: int, through_pooler: bool, session_timeout: float) -> None:
         self._dsn = dsn
         self._size = size
         self._through_pooler = through_pooler
+        self._session_timeout = session_timeout
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
         self._lock = anyio.Lock()
 
@@ -332,6 +336,7 @@ class _SharedPool:
                 self._pool = await open_pool(
                     self._dsn, min_size=min(self._size, 4), max_size=self._size,
                     name="pgcg-handler-tx", through_pooler=self._through_pooler,
+                    session_timeout=self._session_timeout,
                 )  # fmt: skip
         return self._pool
 

@@ -1,4 +1,5 @@
-"""Group membership: join, heartbeat on a dedicated connection, the lease, and leave."""
+"""Group membership: join, the lease, heartbeats (through the process's shared heartbeat,
+heartbeat.py), and leave."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgcg.shared import names
 from pgcg.shared.db import AsyncConn, bounded, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable, UnknownTopic
+from pgcg.shared.errors import UnknownTopic
 from pgcg.shared.queries import Queries
+
+if TYPE_CHECKING:
+    from pgcg.consumer.heartbeat import Heartbeat
 
 log = logging.getLogger("pgcg.consumer.member")
 Q = Queries("consumer")
@@ -58,10 +62,21 @@ class Lease:
 
 
 class Membership:
-    """One member's row in consumer_groups; `member_id` changes when it has to rejoin."""
+    """One member's row in consumer_groups; `member_id` changes when it has to rejoin.
+
+    Its heartbeats go through `heartbeats` (heartbeat.py), which this process's other members
+    may share; joins and leaves use a connection of their own for each, so that a slow one
+    never holds up the renewal of the others."""
 
     def __init__(
-        self, dsn: str, group: str, topic: str, *, session_timeout: float, lease_margin: float
+        self,
+        dsn: str,
+        group: str,
+        topic: str,
+        *,
+        session_timeout: float,
+        lease_margin: float,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.dsn = dsn
         self.group = names.group_name(group)
@@ -74,35 +89,43 @@ class Membership:
         # whenever the answer arrived.
         self.answered_sent_at = 0.0
         self.partitions = 0
-        # How long one heartbeat round trip may take before the connection is taken for
-        # dead, dropped and made anew: well within the lease, so a black-holed link (no
-        # reset, packets dropped) costs one lease at most, not the kernel's 15 minutes.
-        self.round_trip_timeout = max(1.0, session_timeout / 3)
-        self._conn: AsyncConn | None = None
+        # Joined and not known to be expelled or gone: the heartbeat renews only such.
+        self.in_group = False
         self.through_pooler = False  # set by the consumer once it knows (pooler.py)
+        self._owns_heartbeat = heartbeat is None
+        if heartbeat is None:
+            from pgcg.consumer.heartbeat import Heartbeat
+
+            # A heartbeat of its own, beaten by whoever uses this member alone.
+            heartbeat = Heartbeat(
+                dsn,
+                session_timeout=session_timeout,
+                interval=session_timeout / 3,
+                application_name=Heartbeat.name_for([self.group]),
+            )
+        self.heartbeats = heartbeat
 
     @property
     def fields(self) -> dict[str, Any]:
         return {"group": self.group, "member_id": self.member_id, "topic": self.topic}
 
-    async def _connection(self) -> AsyncConn:
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(
-                self.dsn,
-                application_name=f"pgcg-member:{self.group}",
-                through_pooler=self.through_pooler,
-                session_timeout=self.session_timeout,
-            )
-        return self._conn
+    def share(self, heartbeat: Heartbeat) -> None:
+        """Heartbeat through `heartbeat` (a process's, shared) instead of one of its own."""
+        self.heartbeats = heartbeat
+        self._owns_heartbeat = False
 
-    async def _drop_connection(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+    async def _connect(self, purpose: str) -> AsyncConn:
+        return await connect(
+            self.dsn,
+            application_name=f"pgcg-{purpose}:{self.group}",
+            through_pooler=self.through_pooler,
+            session_timeout=self.session_timeout,
+        )
 
     async def join(self, *, rejoin: bool = False) -> None:
         """Insert our member row (creating the group on first use)."""
         if rejoin:
+            self.in_group = False
             self.member_id = new_member_id()
         params = {
             "group": self.group,
@@ -134,13 +157,14 @@ class Membership:
                     await conn.execute(Q.join, params)
                     await conn.execute(Q.notify_coordinator, params)
 
+        conn = await self._connect("join")
         try:
-            conn = await self._connection()
             await bounded(conn, self.session_timeout, insert)
-        except DatabaseUnavailable:
-            await self._drop_connection()
-            raise
+        finally:
+            await conn.close()
         self.lease.renewed(sent)
+        self.answered_sent_at = max(self.answered_sent_at, sent)
+        self.in_group = True
         log.info(
             "joined group %s as %s",
             self.group,
@@ -148,40 +172,41 @@ class Membership:
             extra={"action": "member_joined", **self.fields, "rejoin": rejoin},
         )
 
-    async def heartbeat(self) -> list[AssignmentRow] | None:
-        """Renew the lease; our assignments, or None if we were expelled from the group."""
-        try:
-            conn = await self._connection()
-            sent = time.monotonic()
-
-            async def round_trip() -> list[dict[str, Any]]:
-                with translated(self.dsn):
-                    params = {"group": self.group, "member": self.member_id}
-                    return await (await conn.execute(Q.heartbeat, params)).fetchall()
-
-            rows = await bounded(conn, self.round_trip_timeout, round_trip)
-        except DatabaseUnavailable:
-            await self._drop_connection()
-            raise
-        if not rows or not rows[0]["alive"]:
-            return None
+    def renewed(self, sent: float) -> bool:
+        """A heartbeat sent at `sent` found us in the group: renew the lease from then.
+        False (nothing renewed) when a later one was answered already: its view stands."""
+        if sent < self.answered_sent_at:
+            return False
         self.lease.renewed(sent)
         self.answered_sent_at = sent
-        return [
-            AssignmentRow(r["partition"], r["epoch"], r["state"], r["revoke_in"])
-            for r in rows
-            if r["partition"] is not None
-        ]
+        return True
+
+    async def heartbeat(self) -> list[AssignmentRow] | None:
+        """One heartbeat of this member alone, now (the loop of heartbeat.py renews it on
+        its own cadence): our assignments, or None if we were expelled from the group.
+        Apply them before the next await: the lease was renewed for them."""
+        sent, answers = await self.heartbeats.round_trip([self])
+        rows = answers[(self.group, self.member_id)]
+        if rows is None:
+            return None
+        self.renewed(sent)
+        return rows
 
     async def leave(self) -> None:
         params = {"group": self.group, "member": self.member_id, "event": "leave"}
-        conn = await self._connection()
-        with translated(self.dsn):
-            async with conn.transaction():
-                await conn.execute(Q.leave, params)
-                await conn.execute(Q.notify_coordinator, params)
+        conn = await self._connect("leave")
+        try:
+            with translated(self.dsn):
+                async with conn.transaction():
+                    await conn.execute(Q.leave, params)
+                    await conn.execute(Q.notify_coordinator, params)
+        finally:
+            await conn.close()
+        self.in_group = False
         self.lease.expire()
         log.info("left group %s", self.group, extra={"action": "member_left", **self.fields})
 
     async def close(self) -> None:
-        await self._drop_connection()
+        self.heartbeats.detach(self)
+        if self._owns_heartbeat:
+            await self.heartbeats.close()

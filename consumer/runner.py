@@ -70,21 +70,37 @@ def run_consumer(
 
 def run_app(app: App) -> None:
     """`pgcg worker`: an App's handlers in this process, with telemetry, the HTTP endpoint
-    (readiness: every handler joined its group) and SIGTERM/SIGINT draining."""
+    and SIGTERM/SIGINT draining. Each handler's group is observed as `pgcg consumer`
+    observes its one (gauges by group, readiness: every handler holds its assignment)."""
     settings = app.settings
     telemetry = setup_telemetry(settings, "pgcg-worker")
 
     async def main() -> None:
+        observers = [ConsumerObserver(consumer) for consumer in app.consumers]
         watch = LoopWatch(settings.session_timeout)
-        with serving(
-            settings.http_port,
-            ready=lambda: app.ready,
-            registry=telemetry.registry,
-            alive=watch.alive,
-        ):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch.run)
-                await app.run()
-                tg.cancel_scope.cancel()
+        try:
+            with serving(
+                settings.http_port,
+                ready=lambda: _all_ready(app, observers),
+                registry=telemetry.registry,
+                alive=watch.alive,
+            ):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch.run)
+                    for observer in observers:
+                        tg.start_soon(observer.run)
+                    await app.run()
+                    tg.cancel_scope.cancel()
+        finally:
+            for observer in observers:
+                observer.close()
 
     anyio.run(main)
+
+
+def _all_ready(app: App, observers: list[ConsumerObserver]) -> tuple[bool, str]:
+    ready, why = app.ready
+    if not ready:
+        return ready, why
+    verdicts = [observer.ready() for observer in observers]
+    return all(ok for ok, _ in verdicts), "; ".join(why for _, why in verdicts)

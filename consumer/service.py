@@ -2,8 +2,11 @@
 and owns shutdown.
 
 Loops (all in one task group, all cancellable):
-  heartbeat  renew the lease, read assignments, rejoin when expelled
-  listener   LISTEN for new messages and assignment changes (a hint; polling backs it up)
+  heartbeat  renew the lease and read assignments (heartbeat.py: an App's members share
+             one; a consumer alone runs its own, with itself as its one member)
+  rejoin     rejoin when the heartbeat found the member expelled
+  listener   LISTEN for new messages and assignment changes (a hint; polling backs it up;
+             listener.py: an App's members share one)
   reader     adopt partitions, read the log and the parked queue (reader.py)
   dispatcher hand due heads of idle keys to the writer to be started (up to `concurrency`)
   writer     mark or claim what starts, write results and parks, save positions, all in
@@ -18,7 +21,6 @@ write their results, release every partition with its position, leave the group,
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -26,12 +28,13 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from psycopg import sql
 
 from pgcg.consumer import handlers, observer, payloads, rebalance
 from pgcg.consumer.assignment import Assignment, Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import Handler, RetryPolicy
+from pgcg.consumer.heartbeat import Answer, Heartbeat, HeartbeatFailure
+from pgcg.consumer.listener import Listener
 from pgcg.consumer.member import Membership
 from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.progress import Progress
@@ -41,9 +44,9 @@ from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
 from pgcg.consumer.writer import Writer
 from pgcg.shared import names, pooler
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
-from pgcg.shared.loops import reconnecting
+from pgcg.shared.loops import Signal, reconnecting
 from pgcg.shared.queries import Queries
 from pgcg.shared.settings import Settings
 
@@ -76,12 +79,22 @@ class Consumer:
         `on_revoked` (drained, before the release) and `on_lost` are the application's
         rebalance callbacks (rebalance.py)."""
         dsn = dsn or settings.dsn()
+        # Its own heartbeat, with itself as the one member, unless an App gives it the
+        # process's (share_heartbeat) before it runs.
+        self.heartbeat = Heartbeat(
+            dsn,
+            session_timeout=settings.session_timeout,
+            interval=settings.heartbeat_interval,
+            application_name=Heartbeat.name_for([names.group_name(group)]),
+        )
+        self._owns_heartbeat = True
         membership = Membership(
             dsn,
             group,
             topic,
             session_timeout=settings.session_timeout,
             lease_margin=settings.lease_margin,
+            heartbeat=self.heartbeat,
         )
         scheduler = KeyScheduler()
         self.ctx = Context(
@@ -100,6 +113,8 @@ class Consumer:
                 backoff=backoff,
             ),
         )
+        # Whoever wants the assignments read now wakes the heartbeat (of every member).
+        self.ctx.wake.heartbeat = self.heartbeat.wake
         self.rebalance = rebalance.Events(
             rebalance.Callbacks(on_assigned, on_revoked, on_lost), lambda: self.ctx.fields
         )
@@ -130,11 +145,37 @@ class Consumer:
         )
         self.joined = anyio.Event()
         self.stopped = False
-        # Set by an App that LISTENs once for all its consumers (app.py): wake-ups come
-        # from there instead of a listener connection of this consumer's own.
+        # Set by an App that LISTENs once for all its consumers (app.py, listen_on): wake-ups
+        # come from there instead of a listener connection of this consumer's own.
         self.external_listener = False
         self._tg: TaskGroup | None = None  # the loops' group, while run() runs them
         self._draining = False
+        self._rejoin = Signal()  # the heartbeat found us expelled
+
+    def share_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Heartbeat through `heartbeat` (an App's, run by the App) instead of our own.
+        Before run()."""
+        self.heartbeat = heartbeat
+        self._owns_heartbeat = False
+        self.ctx.membership.share(heartbeat)
+        self.ctx.wake.heartbeat = heartbeat.wake
+
+    def listen_on(self, listener: Listener) -> None:
+        """Hear of new messages on our partitions and of assignment changes from
+        `listener` (ours, or an App's shared by its consumers)."""
+        ctx = self.ctx
+
+        def new_messages(payload: str) -> None:
+            if self._mine(payload):
+                ctx.wake.fetch.set()
+
+        def catch_up() -> None:
+            ctx.wake.fetch.set()
+            ctx.wake.heartbeat.set()
+
+        listener.subscribe(names.topic_channel(ctx.topic), new_messages)
+        listener.subscribe(names.group_channel(ctx.group), lambda _: ctx.wake.heartbeat.set())
+        listener.on_reconnect(catch_up)
 
     @property
     def member_id(self) -> str:
@@ -149,6 +190,7 @@ class Consumer:
             return
         await self._route()
         await ctx.membership.join()
+        self.heartbeat.attach(ctx.membership, self._heard, self._heartbeat_failed)
         self.joined.set()
         try:
             async with anyio.create_task_group() as outer:
@@ -157,13 +199,19 @@ class Consumer:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     self.workers._tg = tg
-                    tg.start_soon(self._heartbeat_loop)
+                    if self._owns_heartbeat:
+                        tg.start_soon(self.heartbeat.run)
+                    tg.start_soon(self._rejoin_loop)
                     if (
                         ctx.settings.listen
                         and ctx.session_dsn is not None
                         and not self.external_listener
                     ):
-                        tg.start_soon(self._listener_loop)
+                        listener = Listener(
+                            ctx.session_dsn, session_timeout=ctx.settings.session_timeout
+                        )
+                        self.listen_on(listener)
+                        tg.start_soon(listener.run)
                     tg.start_soon(self.reader.run)
                     tg.start_soon(self._dispatch_loop)
                     tg.start_soon(self.writer.run)
@@ -186,6 +234,8 @@ class Consumer:
         ctx = self.ctx
         route = await pooler.route(ctx.settings, ctx.dsn)
         ctx.through_pooler = ctx.membership.through_pooler = route.pooled
+        if self._owns_heartbeat:
+            self.heartbeat.through_pooler = route.pooled
         ctx.session_dsn = route.session_dsn
         if not ctx.settings.listen:
             log.info(
@@ -285,40 +335,47 @@ class Consumer:
 
     # -- membership --------------------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
+    def _heard(self, rows: Answer) -> None:
+        """A heartbeat answered (heartbeat.py): our lease was renewed from when it was sent,
+        and these are our assignments as of then; None: we were expelled. Called by the
+        heartbeat's loop, synchronously: the assignments are applied before anything else
+        runs on the lease they renewed."""
         ctx = self.ctx
-        # Heartbeats go on while draining: the lease must outlive the in-flight handlers.
-        while True:
-            try:
-                rows = await ctx.membership.heartbeat()
-            except DatabaseUnavailable as exc:
-                log.warning(
-                    "heartbeat failed: %s (lease left %.1fs)",
-                    exc,
-                    ctx.membership.lease.remaining(),
-                    extra={"action": "heartbeat_failed", **ctx.fields},
-                )
-                await ctx.wake.heartbeat.wait(min(1.0, ctx.settings.heartbeat_interval))
-                continue
-            if rows is None and ctx.stopping:
+        if rows is None:
+            ctx.membership.in_group = False
+            if ctx.stopping:
                 ctx.assignment.lose_all("expelled while draining")
                 return
-            if rows is None:
-                log.warning(
-                    "expelled from the group (missed heartbeats): rejoining",
-                    extra={"action": "member_expelled", **ctx.fields},
-                )
-                ctx.assignment.lose_all("expelled from the group")
-                async for attempt in reconnecting(log, "rejoin", **ctx.fields):
-                    with attempt:
-                        await ctx.membership.join(rejoin=True)
-                continue
-            changes = ctx.assignment.apply(rows, now=ctx.membership.answered_sent_at)
-            if changes.started or changes.resumed:
-                ctx.wake.fetch.set()
-            if changes.revoked:
-                ctx.wake.release.set()
-            await ctx.wake.heartbeat.wait(ctx.settings.heartbeat_interval)
+            log.warning(
+                "expelled from the group (missed heartbeats): rejoining",
+                extra={"action": "member_expelled", **ctx.fields},
+            )
+            ctx.assignment.lose_all("expelled from the group")
+            self._rejoin.set()
+            return
+        changes = ctx.assignment.apply(rows, now=ctx.membership.answered_sent_at)
+        if changes.started or changes.resumed:
+            ctx.wake.fetch.set()
+        if changes.revoked:
+            ctx.wake.release.set()
+
+    def _heartbeat_failed(self, exc: HeartbeatFailure) -> None:
+        # Nothing renewed: the watchdog self-fences when the lease runs out.
+        log.warning(
+            "heartbeat failed: %s (lease left %.1fs)",
+            exc,
+            self.ctx.membership.lease.remaining(),
+            extra={"action": "heartbeat_failed", **self.ctx.fields},
+        )
+
+    async def _rejoin_loop(self) -> None:
+        ctx = self.ctx
+        while True:
+            await self._rejoin.wait()
+            async for attempt in reconnecting(log, "rejoin", **ctx.fields):
+                with attempt:
+                    await ctx.membership.join(rejoin=True)
+            self.heartbeat.wake.set()  # our assignments, at once
 
     async def _watchdog_loop(self) -> None:
         ctx = self.ctx
@@ -333,54 +390,6 @@ class Consumer:
                 )
                 ctx.assignment.lose_all("lease expired")
             await anyio.sleep(max(remaining, 0.2) if remaining > 0 else 0.2)
-
-    async def _listener_loop(self) -> None:
-        ctx = self.ctx
-        dsn = ctx.session_dsn
-        assert dsn is not None, "started only with a session to LISTEN on"
-        topic_channel = names.topic_channel(ctx.topic)
-        group_channel = names.group_channel(ctx.group)
-        while True:
-            conn: AsyncConn | None = None
-            try:
-                async for attempt in reconnecting(log, "listen", **ctx.fields):
-                    with attempt:
-                        conn = await connect(
-                            dsn,
-                            application_name="pgcg-listener",
-                            session_timeout=ctx.settings.session_timeout,
-                        )
-                        with translated(dsn):
-                            for channel in (topic_channel, group_channel):
-                                await conn.execute(
-                                    sql.SQL("LISTEN {}").format(sql.Identifier(channel))
-                                )
-                # NOTIFYs sent while we were away are lost: catch up now.
-                ctx.wake.fetch.set()
-                ctx.wake.heartbeat.set()
-                assert conn is not None
-                with translated(dsn):
-                    async with contextlib.aclosing(conn.notifies()) as notifies:
-                        async for note in notifies:
-                            if note.channel == group_channel:
-                                ctx.wake.heartbeat.set()
-                            elif self._mine(note.payload):
-                                ctx.wake.fetch.set()
-            except DatabaseUnavailable as exc:
-                log.warning(
-                    "listener lost its connection: %s", exc, extra={"action": "listen_lost"}
-                )
-            finally:
-                if conn is not None:
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-
-    def notified(self, channel: str, payload: str) -> None:
-        """A NOTIFY on this consumer's topic or group channel (from a shared listener)."""
-        if channel == names.group_channel(self.ctx.group):
-            self.ctx.wake.heartbeat.set()
-        elif channel == names.topic_channel(self.ctx.topic) and self._mine(payload):
-            self.ctx.wake.fetch.set()
 
     def _mine(self, payload: str) -> bool:
         owned = self.ctx.assignment.owned
