@@ -130,6 +130,8 @@ def plan(
         owner = sql.Identifier(ctx["owner"])
         add(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {}")
             .format(who))  # fmt: skip
+        # The bindings are the owner's to change: an admin could otherwise widen any role.
+        add(sql.SQL("REVOKE INSERT, UPDATE, DELETE ON pgcg.role_scopes FROM {}").format(who))
         add(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {}").format(who))
         add(
             sql.SQL(

@@ -259,3 +259,17 @@ def test_every_checked_function_is_definer_with_a_fixed_search_path(
         "AND p.proname LIKE '%%_unchecked' AND has_function_privilege('public', p.oid, 'EXECUTE')"
     ).fetchall()
     assert unchecked == []
+
+
+def test_an_admin_role_cannot_change_the_bindings(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], roles: Callable[..., str]
+) -> None:
+    _setup(db)
+    conn = _login(make_role, roles("admin"))
+    assert conn.execute("SELECT count(*) AS n FROM pgcg.dead_letters").fetchone() == {"n": 0}
+    line = _denied(conn, "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
+                         "VALUES ('group', '*', current_user::text::regrole)")  # fmt: skip
+    assert line == "permission denied for table role_scopes"
+    assert "permission denied for function" in _denied(
+        conn, "SELECT * FROM pgcg.fetch('ga', '{0}', '{NULL}', '{NULL}', '{NULL}', 1, 1)"
+    )

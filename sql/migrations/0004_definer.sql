@@ -55,31 +55,33 @@ BEGIN
 END $$;
 
 -- The caller may act for group p_group: bound to it, on the topic the group reads (p_topic
--- when the group is about to be created). One lookup of the group and one of the bindings.
+-- when the group is about to be created). One probe of the bindings and one of the group.
+-- No SET clause (each costs a save and restore of the setting on every call): these are
+-- not SECURITY DEFINER and are called only by functions whose search_path is fixed.
 CREATE FUNCTION pgcg.require_group(p_group text, p_topic text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgcg AS $$
-DECLARE
-    v_topic text := coalesce(p_topic,
-                             (SELECT g.topic FROM pgcg.groups AS g WHERE g.group_name = p_group));
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF pgcg.unbound() OR EXISTS (
         SELECT FROM pgcg.role_scopes AS s
-        WHERE s.kind = 'group' AND s.name IN (p_group, '*') AND s.topic IN (v_topic, '*')
-          AND pg_has_role(session_user, s.role_id, 'MEMBER'))
+        WHERE s.kind = 'group' AND s.name IN (p_group, '*')
+          AND (s.topic = '*' OR s.topic = coalesce(p_topic, (
+                   SELECT g.topic FROM pgcg.groups AS g WHERE g.group_name = p_group)))
+          AND pg_catalog.pg_has_role(session_user, s.role_id, 'MEMBER'))
     THEN
         RETURN;
     END IF;
-    PERFORM pgcg.scope_denied('group', p_group, v_topic);
+    PERFORM pgcg.scope_denied('group', p_group, coalesce(p_topic, (
+        SELECT g.topic FROM pgcg.groups AS g WHERE g.group_name = p_group)));
 END $$;
 
 -- The caller may produce to topic p_topic.
 CREATE FUNCTION pgcg.require_topic(p_topic text) RETURNS void
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgcg AS $$
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF pgcg.unbound() OR EXISTS (
         SELECT FROM pgcg.role_scopes AS s
         WHERE s.kind = 'topic' AND s.name IN (p_topic, '*')
-          AND pg_has_role(session_user, s.role_id, 'MEMBER'))
+          AND pg_catalog.pg_has_role(session_user, s.role_id, 'MEMBER'))
     THEN
         RETURN;
     END IF;
@@ -288,7 +290,7 @@ CREATE FUNCTION pgcg.load_parked(p_group text, p_partitions integer[], p_held bi
 RETURNS TABLE (id bigint, partition integer, tick bigint, "offset" bigint, key text,
                payload jsonb, headers jsonb, dedup_key text, enqueued_at timestamptz,
                attempts integer, due_in_ms bigint, origin text, bytes integer)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
 BEGIN
     PERFORM pgcg.require_group(p_group);
     RETURN QUERY SELECT * FROM pgcg.load_parked_unchecked(
