@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from tests.helpers import wait_for
+from tests.logclient import Owner, give, tick_now
 from tests.test_privileges import _error_line, _finish, _start
 
 A, B = ("ga", "ta"), ("gb", "tb")
@@ -86,12 +87,11 @@ def test_a_consumer_role_acts_only_for_its_groups(
     role = roles("consumer", "--group", A[0], "--topic", A[1])
     conn = _login(make_role, role)
     # Its own group works, through the functions only.
-    rows = conn.execute(
-        "SELECT * FROM pgcg.fetch(%s, '{0,1}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', "
-        "100, 1000000)",
-        (A[0],),
-    ).fetchall()
-    assert {r["payload"]["secret"] for r in rows} == {A[1]}
+    tick_now(db, A[1])
+    owner = Owner(conn, A[0], "m0")
+    for partition, epoch in give(db, A[0], "m0", [0, 1]).items():
+        assert owner.adopt(partition, epoch) is not None
+    assert {r.payload["secret"] for r in owner.fetch()} == {A[1]}
     conn.execute("SELECT pgcg.join_group(%s, 'm1', 'h', 1, 10000)", (A[0],))
     assert conn.execute("SELECT * FROM pgcg.heartbeat(%s, 'm1')", (A[0],)).fetchone()["alive"]
     before = _state(db)
