@@ -430,10 +430,11 @@ def _register() -> None:
     from pgcg.bench.chaos.run import chaos
     from pgcg.bench.cli import bench
     from pgcg.bench.demo import demo
-    from pgcg.shared.cli_admin import group, topic
+    from pgcg.shared.cli_admin import group, roles, topic
 
     main.add_command(topic)
     main.add_command(group)
+    main.add_command(roles)
 
     for command in (demo, chaos):
         # One line and the exit code for their errors too: a traceback would show the

@@ -1,4 +1,5 @@
-"""`pgcg topic ...` and `pgcg group ...`: what an operator creates, changes and moves."""
+"""`pgcg topic ...`, `pgcg group ...` and `pgcg roles`: what an operator creates, changes,
+moves and grants."""
 
 from __future__ import annotations
 
@@ -320,3 +321,60 @@ def group_seek(name: str, to: str, as_json: bool, settings: Settings) -> None:
         f"group {name} moved to {result.to} in {len(result.partitions)} partition(s): "
         f"{result.lag} message(s) to read, {result.dropped} parked message(s) dropped"
     )
+
+
+# -- roles --------------------------------------------------------------------------------
+
+
+@click.command("roles")
+@click.argument("kind", type=click.Choice(["producer", "consumer", "coordinator", "admin",
+                                           "migrator"]))  # fmt: skip
+@click.argument("role")
+@click.option("--topic", "topics", multiple=True, metavar="TOPIC",
+              help="A producer's topics (repeatable); the topic a consumer's groups read. "
+              "'*' for any.")  # fmt: skip
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    metavar="GROUP",
+    help="A consumer's groups (repeatable); '*' for any.",
+)
+@click.option(
+    "--apply",
+    "run",
+    is_flag=True,
+    help="Run the statements (in one transaction) instead of printing them.",
+)
+@with_settings(*CONNECTION)
+@run_cli
+def roles(
+    kind: str, role: str, topics: tuple[str, ...], groups: tuple[str, ...], run: bool,
+    settings: Settings,
+) -> None:  # fmt: skip
+    """Grant ROLE what a KIND of pgcg process needs, and nothing more.
+
+    \b
+    Prints the SQL (review it, or pass --apply to run it as the connected role, which must
+    own the pgcg schema or be a superuser). ROLE is created without LOGIN if it does not
+    exist: grant it to login roles, or ALTER ROLE ... LOGIN. Producers and consumers get no
+    privilege on any table: they call pgcg's functions, which act only for the topics and
+    groups bound here (docs/security.md). Examples:
+      pgcg roles producer shop --topic orders
+      pgcg roles consumer billing --group billing --topic orders
+      pgcg roles coordinator pgcg_coordinator
+      pgcg roles admin pgcg_admin
+      pgcg roles migrator pgcg_owner
+    """
+    from pgcg.shared import roles as grants
+    from pgcg.shared.db import connect_sync
+
+    with connect_sync(settings.dsn()) as conn:
+        statements = grants.plan(conn, kind, role, topics=topics, groups=groups)
+        if run:
+            grants.apply(conn, statements)
+    if run:
+        click.echo(f"role {role}: {len(statements)} statement(s) applied for a {kind}")
+        return
+    for s in statements:
+        click.echo(s.text)

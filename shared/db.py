@@ -168,6 +168,16 @@ def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
         kind, name = denied.group(1), denied.group(2).strip('"').rstrip(".")
         privilege = _PRIVILEGE_FOR.get(kind)
         grants = grants_on(name) if kind == "table" else None
+        if kind in ("group", "topic"):  # pgcg's bindings (sql/migrations/0004_definer.sql)
+            how = (
+                f"pgcg roles consumer <role> --group {name} --topic <its topic>"
+                if kind == "group"
+                else f"pgcg roles producer <role> --topic {name}"
+            )
+            return PermissionDenied(
+                f"{who} is not bound to {kind} {name}. PostgreSQL: {denied.group(0)}; bind "
+                f"it with `{how}` (docs/security.md)"
+            )
         if privilege:
             what = f"{privilege} on {kind} {name}"
         elif grants is not None:

@@ -126,6 +126,9 @@ FULL_GRANTS = (
     "GRANT USAGE ON SCHEMA pgcg TO {role}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {role}",
     "GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {role}",
+    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgcg TO {role}",
+    "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
+    "VALUES ('group', '*', '{role}'::regrole), ('topic', '*', '{role}'::regrole)",
 )
 
 

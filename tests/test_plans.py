@@ -8,6 +8,7 @@ Run on PostgreSQL 15 too: `PGCG_TEST_SERVER=15 pytest -m pg15 tests/test_plans.p
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.shared.grants import CONSUMER_FUNCTIONS
 from pgcg.shared.queries import Queries
 from tests.conftest import _fresh_db
 from tests.logclient import Owner, Row, give, nested_plans, tick_now
@@ -442,3 +444,69 @@ def test_an_enqueue_writes_by_index(backlog: Backlog) -> None:
     plans = assert_nested_index_driven(backlog, PRODUCER.enqueue, params)
     for found in plans.values():
         assert found[-1]["Actual Rows"] == n
+
+
+def _plans_as_bound_role(db: psycopg.Connection[Any], query: str, params: Mapping[str, Any],
+                         mode: str) -> list[Plan]:  # fmt: skip
+    """nested_plans, run by a session whose login is a consumer role bound to GROUP (not a
+    member of the owner, so the binding's lookup runs), in a transaction rolled back with the
+    role. auto_explain is loaded and set up first: a plain role may do neither."""
+    notices: list[str] = []
+
+    def collect(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.message_primary and diag.message_primary.startswith("duration:"):
+            notices.append(diag.message_primary)
+
+    role = f"pgcg_bound_{uuid.uuid4().hex[:8]}"
+    functions = ", ".join(f"pgcg.{f}" for f in CONSUMER_FUNCTIONS)
+    db.add_notice_handler(collect)
+    try:
+        with db.transaction(force_rollback=True), db.cursor(row_factory=dict_row) as cur:
+            cur.execute(f'CREATE ROLE "{role}"')
+            cur.execute(f'GRANT USAGE ON SCHEMA pgcg TO "{role}"')
+            cur.execute(f'GRANT EXECUTE ON FUNCTION {functions} TO "{role}"')
+            cur.execute(
+                "INSERT INTO pgcg.role_scopes (kind, name, role_id, topic) "
+                "VALUES ('group', %s, %s::regrole, %s)",
+                (GROUP, role, TOPIC),
+            )
+            cur.execute("LOAD 'auto_explain'")
+            value = "force_generic_plan" if mode == "generic" else "auto"
+            for name, setting in (
+                ("plan_cache_mode", value),
+                ("auto_explain.log_min_duration", "0"),
+                ("auto_explain.log_analyze", "on"),
+                ("auto_explain.log_buffers", "on"),
+                ("auto_explain.log_timing", "off"),
+                ("auto_explain.log_nested_statements", "on"),
+                ("auto_explain.log_format", "json"),
+                ("client_min_messages", "log"),
+            ):
+                cur.execute("SELECT set_config(%s, %s, true)", (name, setting))
+            cur.execute(f'SET LOCAL SESSION AUTHORIZATION "{role}"')
+            assert cur.execute("SELECT session_user AS u").fetchone() == {"u": role}
+            notices.clear()
+            cur.execute(query, params)
+    finally:
+        db.remove_notice_handler(collect)
+    plans = []
+    for text in notices:
+        doc = json.loads(text.split("plan:", 1)[1])
+        plans.append(dict(doc["Plan"], **{"Query Text": doc.get("Query Text", "")}))
+    return plans
+
+
+@pytest.mark.parametrize("mode", ["custom", "generic"])
+def test_a_bound_role_checks_its_binding_once_per_call(backlog: Backlog, mode: str) -> None:
+    """Under a role bound to the group (no table privileges, the bindings really looked up):
+    one binding check per call however many rows come back, and the reader's statements
+    read by index as they do for the owner."""
+    found = _plans_as_bound_role(backlog.db, Q.fetch, fetch_params(backlog), mode)
+    checks = [p for p in found if "pgcg.role_scopes" in p["Query Text"]]
+    assert len(checks) == 1, [p["Query Text"][:80] for p in found]
+    read = statement(found, "pgcg.log_orders AS l")
+    assert read["Actual Rows"] >= PARTITIONS * ROUND
+    for plan in found:
+        problems = problems_in(backlog.db, plan, allow_seq_scan=(*SMALL, "role_scopes"))
+        assert not problems, (mode, problems, render(plan))
+    assert found[-1]["Actual Rows"] >= PARTITIONS * ROUND

@@ -1,5 +1,7 @@
 """A role missing a privilege gets one line naming the privilege and the object, exit 2,
-never a traceback: coordinator and consumer processes run as real non-superuser roles."""
+never a traceback: coordinator and consumer processes run as real non-superuser roles. A
+consumer holds only EXECUTE on its functions and a binding to its group; a coordinator the
+table privileges docs/security.md lists (tests/test_roles.py proves the isolation)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from click.testing import Result
 
 from pgcg.shared.db import connect_sync
 from pgcg.shared.errors import PermissionDenied
-from pgcg.shared.grants import NEEDS
+from pgcg.shared.grants import CONSUMER_FUNCTIONS, COORDINATOR_FUNCTIONS, NEEDS
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
 from tests.conftest import FULL_GRANTS
 from tests.helpers import FAST_ENV, assign, unfinished, wait_for
@@ -72,12 +74,13 @@ def test_a_coordinator_without_select_on_group_progress(
     assert "coordinators GRANT SELECT, UPDATE ON pgcg.group_progress" in line
 
 
-def test_a_consumer_without_insert_on_the_ledger(
+def test_a_consumer_without_execute_on_settle(
     db: psycopg.Connection[Any], make_role: Callable[..., str]
 ) -> None:
     """Nothing starts before its dispatch mark is in the ledger: the first one is refused."""
     _setup(db)
-    dsn = make_role(*FULL_GRANTS, "REVOKE INSERT ON pgcg.ledger FROM {role}")
+    dsn = make_role(*_documented_grants("consumers", TOPIC, 8),
+                    "REVOKE EXECUTE ON FUNCTION pgcg.settle FROM {role}")  # fmt: skip
     proc = _start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler",
                    "pgcg.bench.chaos.journal:record"], dsn)  # fmt: skip
     try:
@@ -92,8 +95,7 @@ def test_a_consumer_without_insert_on_the_ledger(
     code, stderr = _finish(proc)
     line = _error_line(stderr)
     assert code == 2, stderr[-3000:]
-    assert "permission denied for table ledger" in line
-    assert "consumers GRANT SELECT, INSERT ON pgcg.ledger" in line
+    assert "lacks EXECUTE on function settle" in line, line
     assert db.execute("SELECT count(*) AS n FROM pgcg.ledger").fetchone()["n"] == 0
 
 
@@ -140,13 +142,21 @@ def test_the_security_guide_lists_every_table_the_errors_name() -> None:
 
 def _documented_grants(process: str, topic: str, segments: int) -> list[str]:
     """The grants docs/security.md (and shared/grants.py) list for `process`, as run on a
-    database with one topic."""
+    database with one topic: functions and a binding for consumers, table privileges for
+    coordinators."""
+    out = ["GRANT USAGE ON SCHEMA pgcg TO {role}"]
+    if process == "consumers":
+        functions = ", ".join(f"pgcg.{f}" for f in CONSUMER_FUNCTIONS)
+        return [
+            *out,
+            f"GRANT EXECUTE ON FUNCTION {functions} TO {{role}}",
+            "INSERT INTO pgcg.role_scopes (kind, name, role_id, topic) "
+            f"VALUES ('group', '{GROUP}', '{{role}}'::regrole, '{topic}')",
+        ]
     names = {
-        "log_<topic>": [f"log_{topic}"],
         "log_<topic>_<n>": [f"log_{topic}_{n}" for n in range(segments)],
         "ledger_<topic>_<n>": [f"ledger_{topic}_{n}" for n in range(segments)],
     }
-    out = ["GRANT USAGE ON SCHEMA pgcg TO {role}"]
     for table, needs in NEEDS.items():
         for who, privileges in needs:
             if who == process:
@@ -155,13 +165,14 @@ def _documented_grants(process: str, topic: str, segments: int) -> list[str]:
                     for name in names.get(table, [table])
                 ]
     offsets = ", ".join(f"pgcg.log_{topic}_p{p}" for p in range(2))
-    if process == "consumers":
-        out.append(
-            f"GRANT USAGE ON SEQUENCE pgcg.tick_seq, pgcg.group_id_seq, {offsets} TO {{role}}"
-        )
-    else:
-        out.append(f"GRANT USAGE ON SEQUENCE {offsets} TO {{role}}")
-        out.append(f"GRANT USAGE, UPDATE ON SEQUENCE pgcg.log_{topic}_segment TO {{role}}")
+    out.append(f"GRANT USAGE ON SEQUENCE {offsets} TO {{role}}")
+    out.append(f"GRANT USAGE, UPDATE ON SEQUENCE pgcg.log_{topic}_segment TO {{role}}")
+    functions = ", ".join(f"pgcg.{f}" for f in COORDINATOR_FUNCTIONS)
+    out.append(f"GRANT EXECUTE ON FUNCTION {functions} TO {{role}}")
+    out.append(
+        "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
+        "VALUES ('group', '*', '{role}'::regrole)"
+    )
     return out
 
 

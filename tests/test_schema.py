@@ -31,6 +31,7 @@ TABLES = {
     "parked",
     "partition_assignments",
     "rebalances",
+    "role_scopes",
     "schema_migrations",
     "segments",
     "ticks",

@@ -1,17 +1,18 @@
 -- Statements of the consumer (consumer/member.py, assignment.py, reader.py, writer.py,
--- progress.py, transactional.py). Everything that acts on a partition goes through a
--- function of sql/migrations that fences it by the partition's epoch (pgcg.owned).
+-- progress.py, transactional.py). Every one is a call of a function of sql/migrations that
+-- checks the role is bound to the group (0004_definer.sql) and runs as the schema's owner: a
+-- consumer's role holds no privilege on any table. Everything that acts on a partition is
+-- fenced by the partition's epoch (pgcg.owned).
 
 -- name: topic_partitions
-SELECT partitions FROM pgcg.topics WHERE name = %(topic)s
+SELECT partitions FROM pgcg.topic_partitions(%(topic)s)
 
 -- name: create_group
 -- A group joined before it was created starts at the earliest retained message.
 SELECT pgcg.create_group(%(group)s, %(topic)s, 'earliest') AS created
 
 -- name: join
-INSERT INTO pgcg.consumer_groups (group_name, member_id, host, pid, session_timeout_ms, protocol)
-VALUES (%(group)s, %(member)s, %(host)s, %(pid)s, %(session_timeout_ms)s, 3)
+SELECT pgcg.join_group(%(group)s, %(member)s, %(host)s, %(pid)s, %(session_timeout_ms)s)
 
 -- name: notify_coordinator
 SELECT pg_notify('pgcg.coordinator', json_build_object(
@@ -20,18 +21,7 @@ SELECT pg_notify('pgcg.coordinator', json_build_object(
 -- name: heartbeat
 -- The heartbeat and the member's view of its assignments in one round trip. `alive` is
 -- false once the coordinator expelled us: stop everything and rejoin.
-WITH me AS (
-    UPDATE pgcg.consumer_groups SET last_heartbeat = now()
-    WHERE group_name = %(group)s AND member_id = %(member)s
-    RETURNING member_id
-)
-SELECT me.member_id IS NOT NULL AS alive, pa.partition, pa.epoch, pa.state,
-       extract(epoch FROM pa.revoke_deadline - now())::float8 AS revoke_in
-FROM (SELECT 1) AS one
-LEFT JOIN me ON true
-LEFT JOIN pgcg.partition_assignments AS pa
-       ON pa.group_name = %(group)s AND pa.member_id = me.member_id
-ORDER BY pa.partition
+SELECT alive, partition, epoch, state, revoke_in FROM pgcg.heartbeat(%(group)s, %(member)s)
 
 -- name: heartbeat_members
 -- The heartbeat of every member of one process (consumer/heartbeat.py) in one round trip:
@@ -59,7 +49,7 @@ LEFT JOIN pgcg.partition_assignments AS pa
 ORDER BY asked.group_name, asked.member_id, pa.partition
 
 -- name: leave
-DELETE FROM pgcg.consumer_groups WHERE group_name = %(group)s AND member_id = %(member)s
+SELECT pgcg.leave_group(%(group)s, %(member)s)
 
 -- name: adopt
 SELECT tick, gen, finished, charged, buried
@@ -107,12 +97,6 @@ FROM pgcg.report_progress(%(group)s, %(member)s, %(ids)s::bigint[], %(partitions
                           %(epochs)s::bigint[], %(percents)s::float8[], %(texts)s::text[],
                           %(visibility_ms)s)
 
--- name: owned_now
--- What this member owns right now (no lock, no heartbeat).
-SELECT pa.partition, pa.epoch FROM pgcg.partition_assignments AS pa
-WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(member)s
-  AND pa.state IN ('assigned', 'revoking')
-
 -- name: tx_begin
 -- The first statement of a transactional handler's transaction (sent with BEGIN in one
 -- round trip, see consumer/transactional.py): a token local to this transaction, so the
@@ -120,12 +104,7 @@ WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s AND pa.member_id = %(me
 -- partition. No lock here: it is taken by tx_complete, so a long handler never holds up a
 -- hand-off.
 SELECT set_config('pgcg.tx_token', %(token)s, true) AS token,
-       EXISTS (
-           SELECT FROM pgcg.partition_assignments AS pa
-           WHERE pa.group_name = %(group)s AND pa.topic = %(topic)s
-             AND pa.partition = %(partition)s AND pa.member_id = %(member)s
-             AND pa.epoch = %(epoch)s AND pa.state IN ('assigned', 'revoking')
-       ) AS owned
+       pgcg.owns(%(group)s, %(topic)s, %(partition)s, %(member)s, %(epoch)s) AS owned
 
 -- name: tx_complete
 -- The completion of a transactional handler, in its own transaction right before COMMIT

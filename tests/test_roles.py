@@ -1,0 +1,275 @@
+"""Least privilege with isolation: each kind of process under its own non-superuser role made
+by `pgcg roles`; a consumer role acts only for its groups, a producer role writes only its
+topics, and neither holds a privilege on any table (docs/security.md, "Roles and grants")."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import Result
+from psycopg.rows import dict_row
+
+from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+from tests.helpers import wait_for
+from tests.logclient import Owner, give, tick_now
+from tests.test_privileges import _error_line, _finish, _start
+
+A, B = ("ga", "ta"), ("gb", "tb")
+
+
+@pytest.fixture
+def roles(
+    db: psycopg.Connection[Any], dsn: str, cli: Callable[..., Result]
+) -> Iterator[Callable[..., str]]:
+    """roles(kind, *options) -> the name of a new NOLOGIN role made by `pgcg roles ... --apply`;
+    dropped when the test ends."""
+    made: list[str] = []
+
+    def make(kind: str, *options: str) -> str:
+        name = f"pgcg_{kind}_{uuid.uuid4().hex[:8]}"
+        made.append(name)
+        result = cli(dsn, "roles", kind, name, *options, "--apply")
+        assert result.exit_code == 0, result.output + str(result.exception)
+        return name
+
+    try:
+        yield make
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            for name in made:
+                admin.execute(f'DROP OWNED BY "{name}"')
+                admin.execute(f'DROP ROLE "{name}"')
+
+
+def _setup(db: psycopg.Connection[Any]) -> None:
+    for group, topic in (A, B):
+        db.execute("SELECT pgcg.create_topic(%s, 2)", (topic,))
+        db.execute("SELECT pgcg.create_group(%s, %s)", (group, topic))
+        enqueue_many_sync(
+            db, topic, [OutgoingMessage(f"k{i}", {"secret": topic}) for i in range(4)]
+        )
+
+
+def _login(make_role: Callable[..., str], member_of: str) -> psycopg.Connection[dict[str, Any]]:
+    """A connection of a new login role that is a member of `member_of`."""
+    dsn = make_role(f'GRANT "{member_of}" TO {{role}}')
+    return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+
+def _denied(conn: psycopg.Connection[Any], statement: str, params: Any = None) -> str:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
+        conn.execute(statement, params)
+    return str(caught.value).splitlines()[0]
+
+
+def _state(db: psycopg.Connection[Any]) -> list[Any]:
+    return [
+        db.execute("SELECT count(*) AS n FROM pgcg.log").fetchone(),
+        db.execute("SELECT * FROM pgcg.partition_assignments ORDER BY 1, 2, 3").fetchall(),
+        db.execute("SELECT * FROM pgcg.consumer_groups ORDER BY 1, 2").fetchall(),
+        db.execute("SELECT * FROM pgcg.group_progress ORDER BY 1, 2").fetchall(),
+        db.execute("SELECT count(*) AS n FROM pgcg.role_scopes").fetchone(),
+    ]
+
+
+SETTLE_NULLS = ", ".join(["NULL"] * 27)
+
+
+def test_a_consumer_role_acts_only_for_its_groups(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], roles: Callable[..., str]
+) -> None:
+    _setup(db)
+    role = roles("consumer", "--group", A[0], "--topic", A[1])
+    conn = _login(make_role, role)
+    # Its own group works, through the functions only.
+    tick_now(db, A[1])
+    owner = Owner(conn, A[0], "m0")
+    for partition, epoch in give(db, A[0], "m0", [0, 1]).items():
+        assert owner.adopt(partition, epoch) is not None
+    assert {r.payload["secret"] for r in owner.fetch()} == {A[1]}
+    conn.execute("SELECT pgcg.join_group(%s, 'm1', 'h', 1, 10000)", (A[0],))
+    assert conn.execute("SELECT * FROM pgcg.heartbeat(%s, 'm1')", (A[0],)).fetchone()["alive"]
+    before = _state(db)
+    # No table: not the log, not another topic's messages, not another group's assignments,
+    # not the bindings themselves.
+    for statement in (
+        "DELETE FROM pgcg.log",
+        f"SELECT payload FROM pgcg.log_{B[1]}",
+        f"SELECT payload FROM pgcg.log_{A[1]}",
+        "UPDATE pgcg.partition_assignments SET member_id = 'attacker', epoch = epoch + 100 "
+        f"WHERE group_name = '{B[0]}'",
+        "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
+        f"VALUES ('group', '*', '{role}'::regrole)",
+    ):
+        assert "permission denied for table" in _denied(conn, statement), statement
+    # No function of another group, nor of its own group on another topic.
+    for statement in (
+        "SELECT * FROM pgcg.fetch(%s, '{0}', '{NULL}', '{NULL}', '{NULL}', 100, 1000000)",
+        "SELECT * FROM pgcg.heartbeat(%s, 'm1')",
+        "SELECT pgcg.join_group(%s, 'attacker', 'h', 1, 10000)",
+        "SELECT pgcg.leave_group(%s, 'm1')",
+        "SELECT * FROM pgcg.adopt(%s, 'm1', 0, 1, 5, 0)",
+        f"SELECT * FROM pgcg.settle(%s, 'm1', {SETTLE_NULLS})",
+        "SELECT * FROM pgcg.release(%s, 'm1', '{0}', '{1}', '{1}', '{t}', false)",
+        "SELECT * FROM pgcg.group_lag(%s)",
+        "SELECT * FROM pgcg.member_expectation(%s, 'm1')",
+    ):
+        assert _denied(conn, statement, (B[0],)) == f"permission denied for group {B[0]}"
+    line = _denied(conn, "SELECT pgcg.create_group(%s, %s)", (A[0], B[1]))
+    assert line == f"permission denied for group {A[0]}"
+    line = _denied(conn, "SELECT pgcg.create_group(%s, %s)", ("other", A[1]))
+    assert line == "permission denied for group other"
+    # Nor the bodies behind the checks, nor what producers and operators call.
+    for statement in (
+        "SELECT * FROM pgcg.fetch_unchecked(%s, '{0}', '{NULL}', '{NULL}', '{NULL}', 1, 1)",
+        "SELECT * FROM pgcg.enqueue(%s, '{k}', '{\"{}\"}')",
+        "SELECT pgcg.create_topic(%s)",
+    ):
+        assert "permission denied for function" in _denied(conn, statement, (B[1],))
+    assert _state(db) == before
+
+
+def test_a_producer_role_writes_only_its_topics(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], roles: Callable[..., str]
+) -> None:
+    _setup(db)
+    role = roles("producer", "--topic", A[1])
+    conn = _login(make_role, role)
+    ids = enqueue_many_sync(conn, A[1], [OutgoingMessage("k", {"n": 1})])
+    assert len(ids) == 1 and ids[0] is not None
+    before = _state(db)
+    enqueue = "SELECT * FROM pgcg.enqueue(%s, '{k}', '{\"{}\"}')"
+    assert _denied(conn, enqueue, (B[1],)) == f"permission denied for topic {B[1]}"
+    for statement in (
+        f'INSERT INTO pgcg.log_{A[1]} (slot, partition, "offset", txid, key, payload) '
+        "VALUES (0, 0, 0, pg_current_xact_id(), 'k', '{}')",
+        "SELECT count(*) FROM pgcg.log",
+        "DELETE FROM pgcg.dedup",
+    ):
+        assert "permission denied for table" in _denied(conn, statement), statement
+    for statement in (
+        f"SELECT * FROM pgcg.fetch('{A[0]}', '{{0}}', '{{NULL}}', '{{NULL}}', '{{NULL}}', 1, 1)",
+        f"SELECT * FROM pgcg.heartbeat('{A[0]}', 'm1')",
+    ):
+        assert "permission denied for function" in _denied(conn, statement), statement
+    assert _state(db) == before
+
+
+def test_a_consumer_of_a_group_it_is_not_bound_to_stops_with_one_line(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], roles: Callable[..., str]
+) -> None:
+    _setup(db)
+    dsn = make_role(f'GRANT "{roles("consumer", "--group", A[0], "--topic", A[1])}" TO {{role}}')
+    code, stderr = _finish(_start(["consumer", "--group", B[0], "--topic", B[1], "--handler",
+                                   "pgcg.bench.chaos.journal:record"], dsn))  # fmt: skip
+    line = _error_line(stderr)
+    assert code == 2, stderr[-3000:]
+    assert f"is not bound to group {B[0]}" in line and "pgcg roles consumer" in line, line
+
+
+def test_every_process_under_its_own_role(
+    db: psycopg.Connection[Any],
+    make_role: Callable[..., str],
+    roles: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """A producer, a consumer and a coordinator, each a login member of a role `pgcg roles`
+    made, move a topic's messages end to end; the consumer of another group sees none."""
+    _setup(db)
+    producer = _login(make_role, roles("producer", "--topic", A[1]))
+    (tmp_path / "least.py").write_text("async def handle(message):\n    return None\n")
+    coordinator = _start(["coordinator"], make_role(f'GRANT "{roles("coordinator")}" TO {{role}}'))
+    consumer = _start(
+        ["consumer", "--group", A[0], "--topic", A[1], "--handler-path", str(tmp_path),
+         "--handler", "least:handle"],
+        make_role(f'GRANT "{roles("consumer", "--group", A[0], "--topic", A[1])}" TO {{role}}'),
+    )  # fmt: skip
+    procs = (consumer, coordinator)
+    try:
+        enqueue_many_sync(producer, A[1], [OutgoingMessage(f"p{i}", {}) for i in range(6)])
+
+        def done_or_failed() -> bool:
+            if any(proc.poll() is not None for proc in procs):
+                return True
+            row = db.execute(
+                "SELECT count(*) AS n FROM pgcg.group_progress AS gp "
+                "JOIN pgcg.groups AS g ON g.id = gp.group_id "
+                "WHERE g.group_name = %s", (A[0],)
+            ).fetchone()  # fmt: skip
+            lag = db.execute("SELECT coalesce(sum(lag), 0) AS n FROM pgcg.group_lag(%s)", (A[0],))
+            return row["n"] > 0 and lag.fetchone()["n"] == 0
+
+        wait_for(done_or_failed, 60, "the group's messages handled")
+        exited = [proc.poll() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        results = [_finish(proc) for proc in procs]
+    for _code, stderr in results:
+        assert "pgcg: error:" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert exited == [None, None]
+    lag_b = db.execute("SELECT coalesce(sum(lag), 0) AS n FROM pgcg.group_lag(%s)", (B[0],))
+    assert lag_b.fetchone()["n"] == 4  # nobody read the other topic
+
+
+def test_the_script_is_printed_and_names_no_table_for_runtime_roles(
+    db: psycopg.Connection[Any], dsn: str, cli: Callable[..., Result]
+) -> None:
+    _setup(db)
+    for kind, options in (("producer", ["--topic", A[1]]),
+                          ("consumer", ["--group", A[0], "--topic", A[1]])):  # fmt: skip
+        result = cli(dsn, "roles", kind, "someone", *options)
+        assert result.exit_code == 0, result.output
+        lines = result.output.strip().splitlines()
+        assert lines[0] == 'CREATE ROLE "someone";'
+        assert not any(" ON TABLE" in line or "ALL TABLES" in line for line in lines), lines
+        assert any("pgcg.role_scopes" in line for line in lines)
+    assert (
+        db.execute("SELECT count(*) AS n FROM pg_roles WHERE rolname = 'someone'").fetchone()["n"]
+        == 0
+    )  # printing changes nothing
+    bad = cli(dsn, "roles", "consumer", "Robert'); DROP", "--group", A[0], "--topic", A[1])
+    assert bad.exit_code == 2 and "invalid role name" in bad.output
+
+
+def test_every_checked_function_is_definer_with_a_fixed_search_path(
+    db: psycopg.Connection[Any],
+) -> None:
+    """PostgreSQL grants EXECUTE to PUBLIC by default: every SECURITY DEFINER function of the
+    schema must have it revoked, and a search_path of its own."""
+    rows = db.execute(
+        """
+        SELECT p.proname, p.proconfig,
+               has_function_privilege('public', p.oid, 'EXECUTE') AS public
+        FROM pg_proc AS p
+        WHERE p.pronamespace = 'pgcg'::regnamespace AND p.prosecdef
+        """
+    ).fetchall()
+    assert {"fetch", "settle", "enqueue", "heartbeat"} <= {r["proname"] for r in rows}
+    for r in rows:
+        assert not r["public"], r["proname"]
+        assert any(c.startswith("search_path=pg_catalog, pgcg") for c in r["proconfig"] or ()), r
+    unchecked = db.execute(
+        "SELECT p.proname FROM pg_proc AS p WHERE p.pronamespace = 'pgcg'::regnamespace "
+        "AND p.proname LIKE '%%_unchecked' AND has_function_privilege('public', p.oid, 'EXECUTE')"
+    ).fetchall()
+    assert unchecked == []
+
+
+def test_an_admin_role_cannot_change_the_bindings(
+    db: psycopg.Connection[Any], make_role: Callable[..., str], roles: Callable[..., str]
+) -> None:
+    _setup(db)
+    conn = _login(make_role, roles("admin"))
+    assert conn.execute("SELECT count(*) AS n FROM pgcg.dead_letters").fetchone() == {"n": 0}
+    line = _denied(conn, "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
+                         "VALUES ('group', '*', current_user::text::regrole)")  # fmt: skip
+    assert line == "permission denied for table role_scopes"
+    assert "permission denied for function" in _denied(
+        conn, "SELECT * FROM pgcg.fetch('ga', '{0}', '{NULL}', '{NULL}', '{NULL}', 1, 1)"
+    )
