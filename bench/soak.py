@@ -405,9 +405,7 @@ def _summary(
         "throughput_last_tenth_per_s": round(rate(last), 1),
         "throughput_last_over_first": round(rate(last) / first_rate, 3) if first_rate else None,
         "latency_ms_first_tenth": percentiles(collector.latencies(0, tenth - 1)),
-        "latency_ms_last_tenth": percentiles(
-            collector.latencies(len(intervals) - tenth)
-        ),
+        "latency_ms_last_tenth": percentiles(collector.latencies(len(intervals) - tenth)),
         "storage_bytes_end_of_first_tenth": size(first[-1]),
         "storage_bytes_at_end": size(last[-1]),
         "storage_growth": round(size(last[-1]) / size(first[-1]), 3) if size(first[-1]) else None,

@@ -28,6 +28,7 @@ CONSUMER_FUNCTIONS: tuple[str, ...] = (
     "create_group",
     "join_group",
     "heartbeat",
+    "heartbeat_members",
     "leave_group",
     "member_expectation",
     "owns",

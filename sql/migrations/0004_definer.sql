@@ -206,6 +206,42 @@ BEGIN
     ORDER BY pa.partition;
 END $$;
 
+-- The heartbeat of every member of one process (consumer/heartbeat.py) in one call: each
+-- (group, member) pair renewed and answered as pgcg.heartbeat answers one member, with its
+-- group and member on each row (one row with a NULL partition for a member without
+-- partitions). Every group is checked first: one not bound to the caller fails the call.
+-- Each pair is the process's own member and the coordinator locks one group's rows at a
+-- time, so the several row locks cannot close a cycle with another process's.
+CREATE FUNCTION pgcg.heartbeat_members(p_groups text[], p_members text[])
+RETURNS TABLE (group_name text, member_id text, alive boolean, partition integer,
+               epoch bigint, state text, revoke_in float8)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+#variable_conflict use_column
+DECLARE
+    g text;
+BEGIN
+    FOR g IN SELECT DISTINCT x FROM unnest(p_groups) AS x LOOP
+        PERFORM pgcg.require_group(g);
+    END LOOP;
+    RETURN QUERY
+    WITH asked AS (
+        SELECT x.g AS group_name, x.m AS member_id
+        FROM unnest(p_groups, p_members) AS x(g, m)
+    ), me AS (
+        UPDATE pgcg.consumer_groups AS cg SET last_heartbeat = now()
+        FROM asked
+        WHERE cg.group_name = asked.group_name AND cg.member_id = asked.member_id
+        RETURNING cg.group_name, cg.member_id
+    )
+    SELECT asked.group_name, asked.member_id, me.member_id IS NOT NULL, pa.partition,
+           pa.epoch, pa.state, extract(epoch FROM pa.revoke_deadline - now())::float8
+    FROM asked
+    LEFT JOIN me ON me.group_name = asked.group_name AND me.member_id = asked.member_id
+    LEFT JOIN pgcg.partition_assignments AS pa
+           ON pa.group_name = me.group_name AND pa.member_id = me.member_id
+    ORDER BY asked.group_name, asked.member_id, pa.partition;
+END $$;
+
 CREATE FUNCTION pgcg.leave_group(p_group text, p_member text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
 BEGIN
@@ -387,6 +423,7 @@ REVOKE EXECUTE ON FUNCTION
     pgcg.create_group(text, text, text),
     pgcg.join_group(text, text, text, integer, integer),
     pgcg.heartbeat(text, text),
+    pgcg.heartbeat_members(text[], text[]),
     pgcg.leave_group(text, text),
     pgcg.member_expectation(text, text),
     pgcg.owns(text, text, integer, text, bigint),

@@ -24,29 +24,9 @@ SELECT pg_notify('pgcg.coordinator', json_build_object(
 SELECT alive, partition, epoch, state, revoke_in FROM pgcg.heartbeat(%(group)s, %(member)s)
 
 -- name: heartbeat_members
--- The heartbeat of every member of one process (consumer/heartbeat.py) in one round trip:
--- each (group, member) pair is renewed and answered as `heartbeat` answers one member,
--- with its group and member id on each row (one row with a NULL partition for a member
--- without partitions; `alive` false for one that was expelled). Each pair is that
--- process's own member, and the coordinator locks the rows of one group at a time, so the
--- statement's several row locks cannot close a cycle with another process's.
-WITH asked AS (
-    SELECT g AS group_name, m AS member_id
-    FROM unnest(%(groups)s::text[], %(members)s::text[]) AS x(g, m)
-), me AS (
-    UPDATE pgcg.consumer_groups AS cg SET last_heartbeat = now()
-    FROM asked
-    WHERE cg.group_name = asked.group_name AND cg.member_id = asked.member_id
-    RETURNING cg.group_name, cg.member_id
-)
-SELECT asked.group_name AS "group", asked.member_id AS member,
-       me.member_id IS NOT NULL AS alive, pa.partition, pa.epoch, pa.state,
-       extract(epoch FROM pa.revoke_deadline - now())::float8 AS revoke_in
-FROM asked
-LEFT JOIN me ON me.group_name = asked.group_name AND me.member_id = asked.member_id
-LEFT JOIN pgcg.partition_assignments AS pa
-       ON pa.group_name = me.group_name AND pa.member_id = me.member_id
-ORDER BY asked.group_name, asked.member_id, pa.partition
+-- The heartbeat of every member of one process in one round trip (consumer/heartbeat.py).
+SELECT group_name AS "group", member_id AS member, alive, partition, epoch, state, revoke_in
+FROM pgcg.heartbeat_members(%(groups)s::text[], %(members)s::text[])
 
 -- name: leave
 SELECT pgcg.leave_group(%(group)s, %(member)s)
