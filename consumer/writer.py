@@ -101,9 +101,11 @@ class Writer:
         self.ctx.wake.acks.set()
 
     def submit(self, result: Result) -> None:
-        self._next.results.append(result)
-        self.finishing.add(result.item)
         item = result.item
+        if item.parking and not item.parked:
+            self._withdraw_park(item)
+        self._next.results.append(result)
+        self.finishing.add(item)
         if not item.parked and not result.ok and self._log_kind(result) == "p":
             # Until this retry is written, a message of the key read meanwhile must follow
             # it to the parked queue (see parking): neither the database nor the
@@ -144,6 +146,20 @@ class Writer:
             item.parking = True
             self._park(_Park(item, origin, 0, 0.0, None, False))
         self.ctx.wake.acks.set()
+
+    def _withdraw_park(self, item: Item) -> None:
+        """A running head returned while its park waits for the next round: its result
+        settles it in the log, so the park is called off. Sent in one round, the result
+        would finish the message and the park leave a copy of it, claimed by the finished
+        delivery, in the parked queue: handled again once the claim ran out, after the
+        key's later messages. The rest of the key stays parked behind it. A park already
+        on its way is answered first; the result then goes as the parked delivery's."""
+        for n, park in enumerate(self._next.parks):
+            if park.item is item:
+                del self._next.parks[n]
+                self._parked_or_not(park)
+                item.parking = False
+                return
 
     def _park(self, park: _Park) -> None:
         self._next.parks.append(park)

@@ -746,3 +746,41 @@ async def test_a_result_that_lands_after_the_lease_came_back_is_not_handled_agai
         assert held == [], "a message whose completion committed is to be handled again"
     finally:
         await consumer._close()
+
+
+async def test_a_head_that_finishes_while_its_key_is_being_parked_is_not_handled_again(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos (a key's message handled again, after its later ones): a key was
+    parked (it held the position too long) while its head ran, and the head finished before
+    the writer sent the park. The park and the head's completion went in the same round:
+    the completion finished the message in the log, and the park left a copy claimed by the
+    finished handler in the parked queue, which was handled again once the claim ran out."""
+    from pgcg.consumer.writer import Result
+
+    setup_topic(db, partitions=1)
+    (mid,) = enqueue(db, ("k", "A"))
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        tick_now(db, TOPIC)
+        assert await consumer.reader.read_once() == 1
+        (item,) = ctx.scheduler.take(time.monotonic(), 10)
+        consumer.writer.start([item])
+        await consumer.writer.flush()  # marked: cleared to start
+        consumer.writer.park_key("k", "pinned")  # the key holds the position: parked...
+        consumer.writer.submit(Result(item))  # ...and its head returns before that is sent
+        await consumer.writer.flush()
+        await consumer.writer.flush()
+        assert parked(db, GROUP) == [], "a finished message is left in the parked queue"
+        assert mid not in row_ids(db), "the completion committed"
+        assert not ctx.scheduler.holds(item.uid)
+    finally:
+        await consumer._close()
