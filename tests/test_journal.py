@@ -46,7 +46,10 @@ class History:
             db.execute(C.create_group, {"group": group, "topic": TOPIC})
         done = enqueue_many_sync(db, TOPIC, [OutgoingMessage("k", {"seq": s}) for s in range(n)])
         self.ids = [d.id for d in done]
-        db.execute(J.produced, {"seqs": list(range(n)), "keys": ["k"] * n, "ids": self.ids})
+        db.execute(
+            J.produced,
+            {"seqs": list(range(n)), "keys": ["k"] * n, "ids": self.ids, "poison": [None] * n},
+        )
 
     def own(self, member: str, group: str = GROUP) -> int:
         assign(self.db, group, TOPIC, [0], member)
