@@ -107,7 +107,13 @@ class Owned:
         self.unfinished[item.a_tick] = self.unfinished.get(item.a_tick, 0) + 1
 
     def finished_log(self, item: Item) -> None:
-        """A log message is done with (handled, dead-lettered or parked)."""
+        """A log message is done with (handled, dead-lettered or parked): its result
+        committed."""
+        if not item.parked and not self._passed(item):
+            # A read may still list it: one in flight now, or the cursor's pass over what
+            # was held in memory across an adopt, whose reading of the group's finished
+            # messages came before this. Skipped then, like those the adopt found.
+            self.finished.add(item.offset)
         if item.a_tick is None:
             return
         left = self.unfinished.get(item.a_tick, 0) - 1
@@ -116,6 +122,19 @@ class Owned:
         else:
             self.unfinished.pop(item.a_tick, None)
         item.a_tick = None
+
+    def _passed(self, item: Item) -> bool:
+        """Whether the reading cursor is past `item` (no read of this holding lists it
+        again). Not adopted yet: the adopt's reading may already be on its way."""
+        if not self.adopted:
+            return False
+        if item.tick <= self.done:
+            return True
+        return (
+            self.cur is not None
+            and self.cur_offset is not None
+            and (item.tick, item.offset) <= (self.cur, self.cur_offset)
+        )
 
     def parked_left(self, key: str, remaining: int | None) -> None:
         """A parked message of `key` finished; `remaining` of the key are still parked."""

@@ -146,10 +146,13 @@ class Reader:
             return
         if ctx.assignment.current(part.partition, part.epoch) is not part:
             return  # it moved on while we asked
+        # What finished here while the adopt was on its way (messages held across it can
+        # run meanwhile) may be missing from its answer: kept (see Owned.finished_log).
+        finished_meanwhile = part.finished if part.gen == row["gen"] else set()
         part.gen = row["gen"]
         part.done = part.saved = row["tick"]
         part.cur = part.cur_offset = None
-        part.finished = set(row["finished"])
+        part.finished = set(row["finished"]) | finished_meanwhile
         # Messages still held (a revocation called off while they ran) keep the position.
         part.unfinished.clear()
         for key in ctx.scheduler.keys(part.partition):

@@ -784,3 +784,57 @@ async def test_a_head_that_finishes_while_its_key_is_being_parked_is_not_handled
         assert not ctx.scheduler.holds(item.uid)
     finally:
         await consumer._close()
+
+
+async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_again(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos (a revocation called off): a message cleared to start when its
+    partition was revoked went back to memory, and the revocation was called off. Reading
+    the partition back (adopt) took the group's finished messages from the database; the
+    message then ran and its completion committed, and the read that followed listed it
+    again (it was no longer in memory, and the adopt had not seen it finished): handled
+    twice."""
+    from pgcg.consumer.member import AssignmentRow
+    from pgcg.consumer.writer import Result
+
+    setup_topic(db, partitions=1)
+    (mid,) = enqueue(db, ("k", "A"))
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        tick_now(db, TOPIC)
+        assert await consumer.reader.read_once() == 1
+        (item,) = ctx.scheduler.take(time.monotonic(), 10)
+        consumer.writer.start([item])
+        await consumer.writer.flush()  # marked: cleared to start
+        epoch = ctx.assignment.owned[0].epoch
+        # Revoked before a worker picked it up: it goes back to memory, not started...
+        ctx.assignment.apply([AssignmentRow(0, epoch, "revoking", 30.0)])
+        ctx.scheduler.unstart(item, time.monotonic())
+        # ...and the revocation is called off: the partition is read back from the database.
+        ctx.assignment.apply([AssignmentRow(0, epoch, "assigned", None)])
+        part = ctx.assignment.owned[0]
+        conn = await consumer.reader._connection()
+        await consumer.reader._adopt(conn, part)
+        assert part.adopted
+        # The message runs and its completion commits before the read that follows.
+        (again,) = ctx.scheduler.take(time.monotonic(), 10)
+        assert again is item
+        consumer.writer.start([item])
+        await consumer.writer.flush()
+        consumer.writer.submit(Result(item))
+        await consumer.writer.flush()
+        assert mid not in row_ids(db), "the completion committed"
+        await consumer.reader.read_once()
+        held = [i.id for k in ctx.scheduler.keys(0) for i in ctx.scheduler.items_of(k)]
+        assert held == [], "a message whose completion committed is to be handled again"
+    finally:
+        await consumer._close()
