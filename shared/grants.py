@@ -61,7 +61,8 @@ COORDINATOR_FUNCTIONS: tuple[str, ...] = (
 )
 # `pgcg status`, `pgcg dlq`, `pgcg group` and `pgcg topic`.
 ADMIN_FUNCTIONS: tuple[str, ...] = (
-    # status
+    # status (schema_version: it refuses to run on an older schema)
+    "schema_version",
     "status_groups",
     "status_leader",
     "status_members",

@@ -242,6 +242,13 @@ END $$;
 
 -- `pgcg status` (shared/status.py) ----------------------------------------------------------------
 
+-- The latest applied migration, for commands that refuse to run on an older schema
+-- (shared/migrate.py's check): the version table is the owner's like every other.
+CREATE FUNCTION pgcg.schema_version() RETURNS integer
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+    SELECT coalesce(max(m.version), 0) FROM pgcg.schema_migrations AS m
+$$;
+
 CREATE FUNCTION pgcg.status_groups(p_group text)
 RETURNS TABLE (group_name text, topic text, generation bigint, seek_gen integer,
                created_at timestamptz, partitions integer)
@@ -623,6 +630,7 @@ REVOKE EXECUTE ON FUNCTION
     pgcg.record_rebalance(text, bigint, bigint, text, integer, jsonb, timestamptz, float8),
     pgcg.topic_names(),
     pgcg.maintain(text),
+    pgcg.schema_version(),
     pgcg.status_groups(text),
     pgcg.status_leader(text, float8),
     pgcg.status_members(text),
