@@ -451,3 +451,28 @@ def test_an_admin_role_cannot_write_the_tables(
     ):
         assert "permission denied for function" in _denied(conn, statement), statement
     assert _state(db) == before
+
+
+@pytest.mark.parametrize("kind", ["coordinator", "admin"])
+def test_running_the_script_again_after_the_upgrade_takes_table_privileges_away(
+    db: psycopg.Connection[Any], dsn: str, make_role: Callable[..., str],
+    cli: Callable[..., Result], kind: str,
+) -> None:  # fmt: skip
+    """Before schema version 5 `pgcg roles coordinator|admin` granted table privileges, and
+    granted each new topic's tables ahead: the script of version 5 revokes both."""
+    _setup(db)
+    owner = db.execute("SELECT nspowner::regrole::text AS o FROM pg_namespace "
+                       "WHERE nspname = 'pgcg'").fetchone()["o"]  # fmt: skip
+    role_dsn = make_role(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {role}",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {role}",
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA pgcg "
+        "GRANT SELECT, TRUNCATE ON TABLES TO {role}",
+    )
+    role = str(psycopg.conninfo.conninfo_to_dict(role_dsn)["user"])
+    assert _table_privileges(db, role) != []
+    result = cli(dsn, "roles", kind, role, "--apply")
+    assert result.exit_code == 0, result.output
+    assert _table_privileges(db, role) == []
+    db.execute("SELECT pgcg.create_topic('later', 2)")
+    assert _table_privileges(db, role) == []

@@ -93,14 +93,6 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
       AND cl.heartbeat_at < now() - p_leader_timeout_s * interval '1 second'
 $$;
 
-CREATE FUNCTION pgcg.leader_of(p_scope text)
-RETURNS TABLE (leader_epoch bigint, leader_id text, heartbeat_at timestamptz, silent_s float8)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
-    SELECT cl.leader_epoch, cl.leader_id, cl.heartbeat_at,
-           extract(epoch FROM now() - cl.heartbeat_at)::float8
-    FROM pgcg.coordinator_leader AS cl WHERE cl.scope = p_scope
-$$;
-
 -- Groups, members and rebalances (coordinator/service.py, rebalancer.py) -------------------------
 
 CREATE FUNCTION pgcg.group_topics()
@@ -616,7 +608,6 @@ REVOKE EXECUTE ON FUNCTION
     pgcg.leader_heartbeat(text, bigint, text, float8),
     pgcg.lock_leadership(text, bigint, text, float8),
     pgcg.stale_leader(text, float8),
-    pgcg.leader_of(text),
     pgcg.group_topics(),
     pgcg.member_heartbeats(text[]),
     pgcg.expire_members(text, text[], timestamptz[]),

@@ -51,9 +51,6 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.pid = %(pid)s::int
   AND l.objid = hashtext(%(scope)s)::oid
   AND l.objsubid = 2
 
--- name: leader_of
-SELECT leader_epoch, leader_id, heartbeat_at, silent_s FROM pgcg.leader_of(%(scope)s)
-
 -- name: groups
 SELECT group_name, topic FROM pgcg.group_topics()
 
