@@ -167,7 +167,7 @@ def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
     if denied:
         kind, name = denied.group(1), denied.group(2).strip('"').rstrip(".")
         privilege = _PRIVILEGE_FOR.get(kind)
-        grants = grants_on(name) if kind == "table" else None
+        grants = grants_on(kind, name)
         if kind in ("group", "topic"):  # pgcg's bindings (sql/migrations/0004_definer.sql)
             how = (
                 f"pgcg roles consumer <role> --group {name} --topic <its topic>"
@@ -178,12 +178,12 @@ def _permission_denied(message: str, dsn: str | None) -> PermissionDenied:
                 f"{who} is not bound to {kind} {name}. PostgreSQL: {denied.group(0)}; bind "
                 f"it with `{how}` (docs/security.md)"
             )
+        if grants is not None:
+            fix = grants
         if privilege:
             what = f"{privilege} on {kind} {name}"
         elif grants is not None:
-            # Which process ran into it is not known here: say what each one needs.
             what = f"a privilege on {kind} {name}"
-            fix = f"{grants} (docs/security.md lists what each needs)"
         else:
             what = (
                 f"a privilege on {kind} {name} (SELECT, INSERT, UPDATE or DELETE: the one "

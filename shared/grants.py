@@ -1,27 +1,19 @@
-"""What each kind of pgcg process needs: the functions it calls (EXECUTE), for producers and
-consumers, and, for coordinators and the administrative commands, the privileges on each of
-pgcg's tables. `pgcg roles` (shared/roles.py) grants these; the one-line error a missing
-privilege gives (shared/db.py) and docs/security.md list the same.
+"""What each kind of pgcg process needs: the functions it calls (EXECUTE). `pgcg roles`
+(shared/roles.py) grants these; the one-line error a missing privilege gives (shared/db.py)
+and docs/security.md list the same.
 
-Producers and consumers hold no privilege on any table: every statement they send calls a
-function that runs as the schema's owner after checking the role is bound to the topic or
-group it names (sql/migrations/0004_definer.sql). Coordinators and the administrative
-commands still read and write the tables with their own privileges.
-
-PostgreSQL's "permission denied for table X" does not say which privilege the statement
-wanted, and the same table serves several processes with different needs: the error names
-the grants each process needs there, as statements to run.
-
-A topic's own tables (`log_<topic>`, its slots `log_<topic>_<n>`, `ledger_<topic>_<n>`)
-are created by `pgcg topic create`, so grants made before that do not cover them.
+No process holds a privilege on any table: every statement that reads or writes one calls a
+function that runs as the schema's owner (SECURITY DEFINER, EXECUTE revoked from PUBLIC).
+Producers' and consumers' functions first check the role is bound to the topic or group it
+names (sql/migrations/0004_definer.sql); coordinators and the administrative commands act
+for every group and topic, so EXECUTE is their permission (sql/migrations/0005).
 """
 
 from __future__ import annotations
 
 import re
 
-# The functions each runtime role calls. All SECURITY DEFINER, EXECUTE revoked from PUBLIC;
-# each checks the caller's binding (pgcg.role_scopes) first.
+# The functions each runtime role calls.
 PRODUCER_FUNCTIONS: tuple[str, ...] = ("enqueue", "topic_partitions")
 CONSUMER_FUNCTIONS: tuple[str, ...] = (
     "topic_partitions",
@@ -42,51 +34,102 @@ CONSUMER_FUNCTIONS: tuple[str, ...] = (
     "tx_complete",
     "group_lag",
 )
-# Its metrics read each group's lag.
-COORDINATOR_FUNCTIONS: tuple[str, ...] = ("group_lag",)
-ADMIN_FUNCTIONS: tuple[str, ...] = ("create_topic", "create_group", "group_lag")
+COORDINATOR_FUNCTIONS: tuple[str, ...] = (
+    # Election (coordinator/elector.py).
+    "ensure_leader_row",
+    "take_leadership",
+    "leader_heartbeat",
+    "stale_leader",
+    # Member expiry and rebalances (coordinator/service.py, rebalancer.py).
+    "group_topics",
+    "member_heartbeats",
+    "lock_leadership",
+    "expire_members",
+    "live_members",
+    "assignments_for_update",
+    "assign_partitions",
+    "revoke_partitions",
+    "unrevoke_partitions",
+    "unassign_partitions",
+    "next_generation",
+    "record_rebalance",
+    # Topic upkeep (coordinator/retention.py).
+    "topic_names",
+    "maintain",
+    # Lag metrics (coordinator/observer.py): checked, the role is bound to every group.
+    "group_lag",
+)
+# `pgcg status`, `pgcg dlq`, `pgcg group` and `pgcg topic`.
+ADMIN_FUNCTIONS: tuple[str, ...] = (
+    # status (schema_version: it refuses to run on an older schema)
+    "schema_version",
+    "status_groups",
+    "status_leader",
+    "status_members",
+    "status_partitions",
+    "status_losses",
+    "recent_rebalances",
+    "in_flight_progress",
+    "status_topics",
+    "status_segments",
+    "segment_holders",
+    "segment_slot",
+    "dead_letter_count",
+    # dlq
+    "list_dead_letters",
+    "pick_dead_letters",
+    "replay_dead_letters",
+    "purge_dead_letters",
+    # group (create_group and group_lag are checked: the role is bound to every group)
+    "create_group",
+    "group_topic",
+    "list_groups",
+    "delete_group",
+    "seek_group",
+    "group_lag",
+    # topic
+    "create_topic",
+    "alter_topic",
+    "topic_settings",
+    "list_topics",
+)
 
-# table -> ((process, privileges), ...) for the processes that still use the tables directly;
-# they also need USAGE on schema pgcg.
-NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
-    # Coordinators read the first waiting message for the lag's age.
-    "log": (("`pgcg dlq replay`", "INSERT"), ("coordinators", "SELECT")),
-    # Maintenance counts and truncates the slots.
-    "log_<topic>_<n>": (("coordinators", "SELECT, TRUNCATE"),),
-    "ledger_<topic>_<n>": (("coordinators", "TRUNCATE"),),
-    "group_progress": (("coordinators", "SELECT, UPDATE"),),
-    "ticks": (("coordinators", "SELECT, DELETE"),),
-    "segments": (("coordinators", "SELECT, INSERT, UPDATE, DELETE"),),
-    "group_losses": (("coordinators", "INSERT"),),
-    "dead_letters": (("`pgcg dlq`", "SELECT, DELETE"),),
-    "dedup": (("coordinators", "SELECT, DELETE"),),
-    "topics": (("coordinators", "SELECT"),),
-    "groups": (("coordinators", "SELECT, UPDATE"),),
-    "consumer_groups": (("coordinators", "SELECT, DELETE"),),
-    "partition_assignments": (("coordinators", "SELECT, UPDATE"),),
-    "coordinator_leader": (("coordinators", "SELECT, INSERT, UPDATE"),),
-    "rebalances": (("coordinators", "INSERT"),),
+FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "producer": PRODUCER_FUNCTIONS,
+    "consumer": CONSUMER_FUNCTIONS,
+    "coordinator": COORDINATOR_FUNCTIONS,
+    "admin": ADMIN_FUNCTIONS,
 }
 
-_SLOT = re.compile(r"^(log|ledger)_.+_[0-9]+$")
-_TOPIC_LOG = re.compile(r"^log_.+$")
+
+# pgcg's own tables, and those `pgcg topic create` makes for each topic (`log_<topic>`, its
+# slots `log_<topic>_<n>`, `ledger_<topic>_<n>`).
+TABLES = frozenset({
+    "consumer_groups", "coordinator_leader", "dead_letters", "dedup", "group_losses",
+    "group_progress", "groups", "ledger", "log", "parked", "partition_assignments",
+    "rebalances", "role_scopes", "schema_migrations", "segments", "ticks", "topics",
+})  # fmt: skip
+_TOPIC_TABLE = re.compile(r"^(log|ledger)_.+$")
 
 
-def _family(table: str) -> str | None:
-    if table in NEEDS:
-        return table
-    if _SLOT.match(table):
-        return f"{table.split('_', 1)[0]}_<topic>_<n>"
-    if _TOPIC_LOG.match(table):
-        return "log_<topic>"
+def kinds_calling(function: str) -> list[str]:
+    """The kinds of process (`pgcg roles` kinds) that call `function`."""
+    return [kind for kind, functions in FUNCTIONS.items() if function in functions]
+
+
+def advice(kind: str, name: str) -> str | None:
+    """How to grant what a process lacks on pgcg's object `name` of `kind` (the word
+    PostgreSQL's message uses), as one clause; None for an object that is not pgcg's."""
+    if kind == "function":
+        kinds = kinds_calling(name)
+        if not kinds:
+            return None
+        how = " or ".join(f"`pgcg roles {k} <role>`" for k in kinds)
+        return f"grant it with {how} (docs/security.md lists what each needs)"
+    if kind == "table" and (name in TABLES or _TOPIC_TABLE.match(name)):
+        return (
+            "no pgcg process needs a privilege on a table: each calls functions of the "
+            "schema, granted with `pgcg roles` (a process of an older pgcg: upgrade it, "
+            "docs/security.md)"
+        )
     return None
-
-
-def advice(table: str) -> str | None:
-    """The grants pgcg's processes need on `table`, as statements; None for a table that
-    is not pgcg's."""
-    family = _family(table)
-    if family is None or family not in NEEDS:
-        return None
-    clauses = [f"{who} GRANT {privileges} ON pgcg.{table}" for who, privileges in NEEDS[family]]
-    return "what pgcg needs there: " + "; ".join(clauses)

@@ -77,7 +77,11 @@ def current_version(conn: psycopg.Connection[dict[str, object]]) -> int:
     exists = conn.execute(Q.version_table_exists).fetchone()
     if not exists or not exists["present"]:
         return 0
-    row = conn.execute(Q.current_version).fetchone()
+    callable_ = conn.execute(Q.version_function_callable).fetchone()
+    by_function = bool(callable_ and callable_["callable"])
+    row = conn.execute(
+        Q.current_version_by_function if by_function else Q.current_version
+    ).fetchone()
     return int(row["version"]) if row else 0  # type: ignore[call-overload]
 
 

@@ -4,11 +4,12 @@ needs, as a script to review or run (docs/security.md, "Roles and grants").
 - producer: EXECUTE on the producer's functions, bound to the topics it may write;
 - consumer: EXECUTE on the consumer's functions, bound to the groups it may act for and the
   topic they read; no privilege on any table;
-- coordinator: the table privileges of shared/grants.py (also on the tables of topics
-  created later, through the owner's default privileges), bound to every group for the lag
-  metrics, and pg_signal_backend to depose a silent leader of another role;
-- admin: what the administrative commands read and change (every table of the schema),
-  creating topics and groups;
+- coordinator: EXECUTE on the coordinator's functions (election, expiry, rebalances, topic
+  upkeep), bound to every group for the lag metrics, and pg_signal_backend to depose a
+  silent leader of another role; no privilege on any table;
+- admin: EXECUTE on the functions of `pgcg status`, `dlq`, `group` and `topic`, bound to
+  every group (creating groups, their lag); no privilege on any table, and the bindings
+  stay the owner's to change;
 - migrator: CREATE on the database, to run `pgcg migrate` and own what it creates.
 
 A role that does not exist yet is created without LOGIN: grant it to the login roles that
@@ -88,7 +89,6 @@ def plan(
         if context is None:
             raise SchemaNotMigrated("the pgcg schema is missing: run `pgcg migrate` first")
         present = conn.execute(Q.role_exists, {"role": role}).fetchone()
-        existing = conn.execute(Q.topics).fetchall() if kind == "coordinator" else []
     ctx = context
     who = sql.Identifier(role)
     out: list[Statement] = []
@@ -108,12 +108,7 @@ def plan(
             sql.Identifier(ctx["database"]), who))  # fmt: skip
         return [Statement(s.text + ";", s.query, s.params) for s in out]
     add(sql.SQL("GRANT USAGE ON SCHEMA pgcg TO {}").format(who))
-    functions = {
-        "producer": grants.PRODUCER_FUNCTIONS,
-        "consumer": grants.CONSUMER_FUNCTIONS,
-        "coordinator": grants.COORDINATOR_FUNCTIONS,
-        "admin": grants.ADMIN_FUNCTIONS,
-    }[kind]
+    functions = grants.FUNCTIONS[kind]
     add(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
         sql.SQL(", ").join(sql.Identifier("pgcg", f) for f in functions), who))  # fmt: skip
     if kind == "producer":
@@ -122,64 +117,22 @@ def plan(
     elif kind == "consumer":
         for group in groups:
             bind("group", group, topics[0])
-    elif kind == "coordinator":
-        _coordinator_tables(add, who, existing, sql.Identifier(ctx["owner"]))
-        add(sql.SQL("GRANT pg_signal_backend TO {}").format(who))
-        bind("group", ANY)
-    else:  # admin
+    else:
+        # Before schema version 5 these kinds held table privileges (and the owner's
+        # default privileges gave them each new topic's tables): running the script again
+        # after an upgrade takes those away.
         owner = sql.Identifier(ctx["owner"])
-        add(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {}")
-            .format(who))  # fmt: skip
-        # The bindings are the owner's to change: an admin could otherwise widen any role.
-        add(sql.SQL("REVOKE INSERT, UPDATE, DELETE ON pgcg.role_scopes FROM {}").format(who))
-        add(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {}").format(who))
-        add(
-            sql.SQL(
-                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA pgcg "
-                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}"
-            ).format(owner, who)
-        )
-        add(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA pgcg "
-                    "GRANT USAGE ON SEQUENCES TO {}").format(owner, who))  # fmt: skip
+        add(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA pgcg FROM {}").format(who))
+        add(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgcg FROM {}").format(who))
+        for objects in (sql.SQL("TABLES"), sql.SQL("SEQUENCES")):
+            add(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA pgcg "
+                        "REVOKE ALL ON {} FROM {}").format(owner, objects, who))  # fmt: skip
+        if kind == "coordinator":
+            # Deposing a silent leader whose session runs as another role.
+            add(sql.SQL("GRANT pg_signal_backend TO {}").format(who))
+        # group_lag (metrics, `pgcg group list`) and create_group check the binding.
         bind("group", ANY)
     return [Statement(s.text + ";", s.query, s.params) for s in out]
-
-
-def _coordinator_tables(add: Any, who: sql.Identifier, topics: list[Any],
-                        owner: sql.Identifier) -> None:  # fmt: skip
-    """The coordinator's table privileges (shared/grants.py), on each existing topic's own
-    tables and sequences, and on those of topics created later."""
-    by_privileges: dict[str, list[sql.Composable]] = {}
-    for table, needs in grants.NEEDS.items():
-        for who_needs, privileges in needs:
-            if who_needs != "coordinators":
-                continue
-            if "<topic>" not in table:
-                targets = [table]
-            else:
-                targets = [
-                    table.replace("<topic>", t["name"]).replace("<n>", str(n))
-                    for t in topics for n in range(t["segments"])
-                ]  # fmt: skip
-            by_privileges.setdefault(privileges, []).extend(
-                sql.Identifier("pgcg", name) for name in targets
-            )
-    for privileges, tables in by_privileges.items():
-        add(sql.SQL("GRANT {} ON TABLE {} TO {}").format(
-            sql.SQL(privileges), sql.SQL(", ").join(tables), who))  # fmt: skip
-    for t in topics:
-        offsets = [sql.Identifier("pgcg", f"log_{t['name']}_p{p}") for p in range(t["partitions"])]
-        add(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.SQL(", ").join(offsets), who))
-        add(sql.SQL("GRANT USAGE, UPDATE ON SEQUENCE {} TO {}").format(
-            sql.Identifier("pgcg", f"log_{t['name']}_segment"), who))  # fmt: skip
-    add(
-        sql.SQL(
-            "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA pgcg "
-            "GRANT SELECT, TRUNCATE ON TABLES TO {}"
-        ).format(owner, who)
-    )
-    add(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA pgcg "
-                "GRANT USAGE, UPDATE ON SEQUENCES TO {}").format(owner, who))  # fmt: skip
 
 
 def apply(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> None:

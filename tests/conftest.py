@@ -121,17 +121,6 @@ def db(dsn: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
         yield conn
 
 
-# What a pgcg process needs on today's schema when granted by hand, table by table.
-FULL_GRANTS = (
-    "GRANT USAGE ON SCHEMA pgcg TO {role}",
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgcg TO {role}",
-    "GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgcg TO {role}",
-    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgcg TO {role}",
-    "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
-    "VALUES ('group', '*', '{role}'::regrole), ('topic', '*', '{role}'::regrole)",
-)
-
-
 @pytest.fixture
 def make_role(dsn: str) -> Iterator[Callable[..., str]]:
     """make_role(*statements) -> the DSN of a new non-superuser LOGIN role in the test

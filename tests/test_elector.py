@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from pgcg.coordinator.elector import Elector
-from tests.conftest import FULL_GRANTS
+from tests.test_privileges import _documented_grants
 
 pytestmark = pytest.mark.anyio
 
@@ -108,7 +108,8 @@ async def test_coordinators_of_different_roles_need_pg_signal_backend(
     """Deposing another role's silent leader is refused without pg_signal_backend: the
     standby says so in one line and stays a standby; with it, the standby takes over."""
     caplog.set_level(logging.DEBUG, logger="pgcg.coordinator.elector")
-    first, second = make_role(*FULL_GRANTS), make_role(*FULL_GRANTS)
+    grants = _documented_grants("coordinator", "orders")  # as `pgcg roles` gives, no more
+    first, second = make_role(*grants), make_role(*grants)
     leader = Elector(first, leader_timeout=2.0)
     standby = Elector(second, leader_timeout=2.0)
     try:

@@ -1,7 +1,8 @@
 """A role missing a privilege gets one line naming the privilege and the object, exit 2,
-never a traceback: coordinator and consumer processes run as real non-superuser roles. A
-consumer holds only EXECUTE on its functions and a binding to its group; a coordinator the
-table privileges docs/security.md lists (tests/test_roles.py proves the isolation)."""
+never a traceback: coordinator and consumer processes run as real non-superuser roles. No
+process holds a privilege on any table: a consumer holds EXECUTE on its functions and a
+binding to its group, a coordinator and an administrator EXECUTE on theirs and a binding
+to every group (tests/test_roles.py proves the isolation)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from click.testing import Result
 
 from pgcg.shared.db import connect_sync
 from pgcg.shared.errors import PermissionDenied
-from pgcg.shared.grants import CONSUMER_FUNCTIONS, COORDINATOR_FUNCTIONS, NEEDS
+from pgcg.shared.grants import FUNCTIONS
 from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
-from tests.conftest import FULL_GRANTS
 from tests.helpers import FAST_ENV, assign, unfinished, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,17 +61,18 @@ def _setup(db: psycopg.Connection[Any]) -> None:
     enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"k{i}", {}) for i in range(4)])
 
 
-def test_a_coordinator_without_select_on_group_progress(
+def test_a_coordinator_without_execute_on_maintain(
     db: psycopg.Connection[Any], make_role: Callable[..., str]
 ) -> None:
-    """Topic upkeep reads every group's position before it lets a segment go."""
+    """Topic upkeep runs as the schema's owner through pgcg.maintain."""
     _setup(db)
-    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.group_progress FROM {role}")
+    dsn = make_role(*_documented_grants("coordinator", TOPIC),
+                    "REVOKE EXECUTE ON FUNCTION pgcg.maintain FROM {role}")  # fmt: skip
     code, stderr = _finish(_start(["coordinator"], dsn))
     line = _error_line(stderr)
     assert code == 2, stderr[-3000:]
-    assert "permission denied for table group_progress" in line and "docs/security.md" in line
-    assert "coordinators GRANT SELECT, UPDATE ON pgcg.group_progress" in line
+    assert "lacks EXECUTE on function maintain" in line, line
+    assert "`pgcg roles coordinator <role>`" in line and "docs/security.md" in line, line
 
 
 def test_a_consumer_without_execute_on_settle(
@@ -79,7 +80,7 @@ def test_a_consumer_without_execute_on_settle(
 ) -> None:
     """Nothing starts before its dispatch mark is in the ledger: the first one is refused."""
     _setup(db)
-    dsn = make_role(*_documented_grants("consumers", TOPIC, 8),
+    dsn = make_role(*_documented_grants("consumer", TOPIC),
                     "REVOKE EXECUTE ON FUNCTION pgcg.settle FROM {role}")  # fmt: skip
     proc = _start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler",
                    "pgcg.bench.chaos.journal:record"], dsn)  # fmt: skip
@@ -115,11 +116,15 @@ def test_status_and_dlq_without_their_grants(
     db: psycopg.Connection[Any], make_role: Callable[..., str], cli: Callable[..., Result]
 ) -> None:
     _setup(db)
-    dsn = make_role(*FULL_GRANTS, "REVOKE SELECT ON pgcg.dead_letters FROM {role}")
-    for args in (["dlq", "list"], ["dlq", "purge", "--all"]):
+    dsn = make_role(*_documented_grants("admin", TOPIC),
+                    "REVOKE EXECUTE ON FUNCTION pgcg.list_dead_letters, pgcg.purge_dead_letters "
+                    "FROM {role}")  # fmt: skip
+    for args, function in ((["dlq", "list"], "list_dead_letters"),
+                           (["dlq", "purge", "--all"], "purge_dead_letters")):  # fmt: skip
         result = cli(dsn, *args)
         assert result.exit_code == 2, result.output
-        assert "on table dead_letters" in result.output
+        assert f"lacks EXECUTE on function {function}" in result.output, result.output
+        assert "`pgcg roles admin <role>`" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
 
 
@@ -133,47 +138,37 @@ def test_no_connect_on_the_database(
     assert f"lacks CONNECT on database {database}" in str(caught.value)
 
 
-def test_the_security_guide_lists_every_table_the_errors_name() -> None:
-    """The grants an error names and the guide's table are one list."""
+def test_the_security_guide_lists_every_function_of_each_kind() -> None:
+    """The functions `pgcg roles` grants and the guide's table are one list."""
     guide = (ROOT / "docs" / "security.md").read_text()
-    rows = {line.split("`")[1] for line in guide.splitlines() if line.startswith("| `")}
-    assert set(NEEDS) <= rows
+    kinds: dict[str, set[str]] = {}
+    for line in guide.splitlines():
+        if line.startswith("| `"):
+            cells = line.split("|")
+            for function in cells[1].split("`")[1::2]:
+                kinds.setdefault(function, set()).update(k.strip() for k in cells[2].split(","))
+    for kind, functions in FUNCTIONS.items():
+        for function in functions:
+            assert kind in kinds.get(function, set()), (function, kind)
+    listed = {f for f, k in kinds.items() if k & set(FUNCTIONS)}
+    assert listed == {f for functions in FUNCTIONS.values() for f in functions}
 
 
-def _documented_grants(process: str, topic: str, segments: int) -> list[str]:
-    """The grants docs/security.md (and shared/grants.py) list for `process`, as run on a
-    database with one topic: functions and a binding for consumers, table privileges for
-    coordinators."""
-    out = ["GRANT USAGE ON SCHEMA pgcg TO {role}"]
-    if process == "consumers":
-        functions = ", ".join(f"pgcg.{f}" for f in CONSUMER_FUNCTIONS)
-        return [
-            *out,
-            f"GRANT EXECUTE ON FUNCTION {functions} TO {{role}}",
-            "INSERT INTO pgcg.role_scopes (kind, name, role_id, topic) "
-            f"VALUES ('group', '{GROUP}', '{{role}}'::regrole, '{topic}')",
-        ]
-    names = {
-        "log_<topic>_<n>": [f"log_{topic}_{n}" for n in range(segments)],
-        "ledger_<topic>_<n>": [f"ledger_{topic}_{n}" for n in range(segments)],
-    }
-    for table, needs in NEEDS.items():
-        for who, privileges in needs:
-            if who == process:
-                out += [
-                    f"GRANT {privileges} ON pgcg.{name} TO {{role}}"
-                    for name in names.get(table, [table])
-                ]
-    offsets = ", ".join(f"pgcg.log_{topic}_p{p}" for p in range(2))
-    out.append(f"GRANT USAGE ON SEQUENCE {offsets} TO {{role}}")
-    out.append(f"GRANT USAGE, UPDATE ON SEQUENCE pgcg.log_{topic}_segment TO {{role}}")
-    functions = ", ".join(f"pgcg.{f}" for f in COORDINATOR_FUNCTIONS)
-    out.append(f"GRANT EXECUTE ON FUNCTION {functions} TO {{role}}")
-    out.append(
-        "INSERT INTO pgcg.role_scopes (kind, name, role_id) "
-        "VALUES ('group', '*', '{role}'::regrole)"
+def _documented_grants(kind: str, topic: str) -> list[str]:
+    """The grants docs/security.md (and shared/grants.py) list for `kind`: USAGE on the
+    schema, EXECUTE on its functions and its binding (a consumer's to its group, a
+    coordinator's and an administrator's to every group). No table."""
+    functions = ", ".join(f"pgcg.{f}" for f in FUNCTIONS[kind])
+    bound = (
+        f"VALUES ('group', '{GROUP}', '{{role}}'::regrole, '{topic}')"
+        if kind == "consumer"
+        else "VALUES ('group', '*', '{role}'::regrole, '*')"
     )
-    return out
+    return [
+        "GRANT USAGE ON SCHEMA pgcg TO {role}",
+        f"GRANT EXECUTE ON FUNCTION {functions} TO {{role}}",
+        f"INSERT INTO pgcg.role_scopes (kind, name, role_id, topic) {bound}",
+    ]
 
 
 def test_the_documented_grants_are_enough(
@@ -187,12 +182,12 @@ def test_the_documented_grants_are_enough(
     (tmp_path / "least.py").write_text("async def handle(message):\n    return None\n")
     coordinator = _start(
         ["coordinator"],
-        make_role(*_documented_grants("coordinators", TOPIC, 8)),
+        make_role(*_documented_grants("coordinator", TOPIC)),
         PGCG_MAINTENANCE_INTERVAL="0.2",
     )
     consumer = _start(["consumer", "--group", GROUP, "--topic", TOPIC, "--handler-path",
                        str(tmp_path), "--handler", "least:handle"],
-                      make_role(*_documented_grants("consumers", TOPIC, 8)))  # fmt: skip
+                      make_role(*_documented_grants("consumer", TOPIC)))  # fmt: skip
     try:
 
         def done_or_failed() -> bool:

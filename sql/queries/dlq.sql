@@ -4,26 +4,14 @@
 -- name: list
 SELECT id, message_id, group_name, topic, partition, "offset", key, payload, headers,
        dedup_key, attempts, last_error, reason, member_id, enqueued_at, dead_at
-FROM pgcg.dead_letters
-WHERE (%(group)s::text IS NULL OR group_name = %(group)s)
-  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
-  AND (%(key)s::text IS NULL OR key = %(key)s)
-  AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
-ORDER BY id
-LIMIT %(limit)s
+FROM pgcg.list_dead_letters(%(group)s::text, %(topic)s::text, %(key)s::text,
+                            %(since)s::timestamptz, %(until)s::timestamptz, %(limit)s::bigint)
 
 -- name: pick
 -- The dead letters of one group to replay, locked until the replay commits.
-SELECT id, message_id FROM pgcg.dead_letters
-WHERE group_name = %(group)s
-  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
-  AND (%(key)s::text IS NULL OR key = %(key)s)
-  AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+SELECT id, message_id
+FROM pgcg.pick_dead_letters(%(group)s::text, %(topic)s::text, %(key)s::text,
+                            %(since)s::timestamptz, %(until)s::timestamptz, %(limit)s::bigint)
 
 -- name: replay
 -- Each dead letter goes back at the end of its topic's log for its group only (other
@@ -33,10 +21,6 @@ FOR UPDATE SKIP LOCKED
 SELECT dead_letter, id, partition FROM pgcg.replay_dead_letters(%(group)s, %(ids)s)
 
 -- name: purge
-DELETE FROM pgcg.dead_letters
-WHERE (%(group)s::text IS NULL OR group_name = %(group)s)
-  AND (%(topic)s::text IS NULL OR topic = %(topic)s)
-  AND (%(key)s::text IS NULL OR key = %(key)s)
-  AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR dead_at < %(until)s)
-RETURNING id
+SELECT id
+FROM pgcg.purge_dead_letters(%(group)s::text, %(topic)s::text, %(key)s::text,
+                             %(since)s::timestamptz, %(until)s::timestamptz)

@@ -25,3 +25,12 @@ SELECT to_regclass('pgcg.schema_migrations') IS NOT NULL AS present
 
 -- name: current_version
 SELECT coalesce(max(version), 0) AS version FROM pgcg.schema_migrations
+
+-- name: version_function_callable
+-- From version 5 a role without table privileges (an admin's) reads the version through
+-- pgcg.schema_version(); before version 5 there is no such function, and the table is read.
+SELECT coalesce(has_function_privilege(to_regprocedure('pgcg.schema_version()'), 'EXECUTE'),
+                false) AS callable
+
+-- name: current_version_by_function
+SELECT pgcg.schema_version() AS version

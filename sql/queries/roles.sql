@@ -8,9 +8,6 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %(role)s) AS present
 SELECT n.nspowner::regrole::text AS owner, current_database() AS database
 FROM pg_namespace AS n WHERE n.nspname = 'pgcg'
 
--- name: topics
-SELECT name, partitions, segments FROM pgcg.topics ORDER BY name
-
 -- name: bind
 INSERT INTO pgcg.role_scopes (kind, name, role_id, topic)
 VALUES (%(kind)s, %(name)s, %(role)s::regrole, %(topic)s)
