@@ -200,11 +200,17 @@ class Coordinator:
                         await conn.close()
 
     def _on_notify(self, payload: str) -> None:
+        # Any role that can connect may NOTIFY on this channel: a payload is a hint to
+        # look at a group (the rebalance reads the truth), and one that is not ours is
+        # ignored rather than allowed to break the loop.
         try:
             event = json.loads(payload)
             group, kind, member = event["group"], event["event"], event.get("member")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
+        if not (isinstance(group, str) and isinstance(kind, str)):
+            return
+        member = member if isinstance(member, str) else None
         self.mark(group, f"member {kind}" + (f" ({member})" if member else ""))
 
     async def _sweep_loop(self) -> None:

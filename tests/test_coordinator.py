@@ -62,3 +62,16 @@ async def test_three_consumers_balance_and_rebalance(db: psycopg.Connection[Any]
         await coord.stop()
     reasons = [o.reason for o in coord.outcomes]
     assert reasons, "rebalances were recorded"
+
+
+def test_a_notification_that_is_not_ours_is_ignored(dsn: str) -> None:
+    """Any role that can connect may NOTIFY on the coordinator's channel: what does not
+    look like pgcg's own event is dropped, and nothing raises in the listener."""
+    coordinator = Coordinator(settings(), dsn=dsn)
+    for payload in ["", "not json", "[1, 2]", '"text"', "{}",
+                    '{"group": {"a": 1}, "event": "join"}', '{"group": ["g"], "event": "join"}',
+                    '{"group": "g", "event": 7}']:  # fmt: skip
+        coordinator._on_notify(payload)
+    assert coordinator.dirty == {}
+    coordinator._on_notify('{"group": "g", "event": "join", "member": {"x": 1}}')
+    assert coordinator.dirty == {"g": "member join"}
