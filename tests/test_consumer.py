@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -693,6 +695,38 @@ async def test_a_steady_flow_is_handled_once_and_every_position_moves_on(
     assert sorted(handled) == sorted(ids), "each message handled exactly once"
 
 
+@contextlib.asynccontextmanager
+async def one_marked_message(
+    db: psycopg.Connection[Any], dsn: str
+) -> AsyncIterator[tuple[Consumer, Any]]:
+    """A consumer owning the one partition of a new topic, with its one message read and
+    marked (cleared to start) but not handed to a handler: the tests below then play the
+    writer's and the assignment's steps by hand, in the order a race would."""
+    setup_topic(db, partitions=1)
+    (mid,) = enqueue(db, ("k", "A"))
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        # A reader makes ticks at most once per tick interval: make the one that shows
+        # the message now.
+        tick_now(db, TOPIC)
+        assert await consumer.reader.read_once() == 1
+        (item,) = ctx.scheduler.take(time.monotonic(), 10)
+        assert item.id == mid
+        consumer.writer.start([item])
+        await consumer.writer.flush()  # marked: cleared to start
+        yield consumer, item
+    finally:
+        await consumer._close()
+
+
 def test_rotating_the_fetch_order_lists_each_partition_once() -> None:
     from pgcg.consumer.reader import rotated
 
@@ -712,25 +746,8 @@ async def test_a_result_that_lands_after_the_lease_came_back_is_not_handled_agai
     same epoch), and the message, read again from the position, was handled again."""
     from pgcg.consumer.writer import Result
 
-    setup_topic(db, partitions=1)
-    (mid,) = enqueue(db, ("k", "A"))
-
-    async def handler(message: Message) -> None:
-        raise AssertionError("not run here")
-
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
-    ctx = consumer.ctx
-    await ctx.membership.join()
-    try:
-        assign(db, GROUP, TOPIC, [0], ctx.member_id)
-        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
-        # A reader makes ticks at most once per tick interval: make the one that shows
-        # the message now.
-        tick_now(db, TOPIC)
-        assert await consumer.reader.read_once() == 1
-        (item,) = ctx.scheduler.take(time.monotonic(), 10)
-        consumer.writer.start([item])
-        await consumer.writer.flush()  # marked: cleared to start
+    async with one_marked_message(db, dsn) as (consumer, item):
+        ctx = consumer.ctx
         consumer.writer.submit(Result(item))  # the handler returned
         epoch = ctx.assignment.owned[0].epoch
         # Before the writer gets to it, the lease runs out: every partition is let go...
@@ -740,12 +757,10 @@ async def test_a_result_that_lands_after_the_lease_came_back_is_not_handled_agai
         assert ctx.assignment.owned[0].epoch == epoch
         await consumer.reader.read_once()
         await consumer.writer.flush()  # lands: the same member still owns that epoch
-        assert mid not in row_ids(db)
+        assert item.id not in row_ids(db)
         await consumer.reader.read_once()
         held = [i.id for k in ctx.scheduler.keys(0) for i in ctx.scheduler.items_of(k)]
         assert held == [], "a message whose completion committed is to be handled again"
-    finally:
-        await consumer._close()
 
 
 async def test_a_head_that_finishes_while_its_key_is_being_parked_is_not_handled_again(
@@ -758,32 +773,15 @@ async def test_a_head_that_finishes_while_its_key_is_being_parked_is_not_handled
     finished handler in the parked queue, which was handled again once the claim ran out."""
     from pgcg.consumer.writer import Result
 
-    setup_topic(db, partitions=1)
-    (mid,) = enqueue(db, ("k", "A"))
-
-    async def handler(message: Message) -> None:
-        raise AssertionError("not run here")
-
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
-    ctx = consumer.ctx
-    await ctx.membership.join()
-    try:
-        assign(db, GROUP, TOPIC, [0], ctx.member_id)
-        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
-        tick_now(db, TOPIC)
-        assert await consumer.reader.read_once() == 1
-        (item,) = ctx.scheduler.take(time.monotonic(), 10)
-        consumer.writer.start([item])
-        await consumer.writer.flush()  # marked: cleared to start
+    async with one_marked_message(db, dsn) as (consumer, item):
+        ctx = consumer.ctx
         consumer.writer.park_key("k", "pinned")  # the key holds the position: parked...
         consumer.writer.submit(Result(item))  # ...and its head returns before that is sent
         await consumer.writer.flush()
         await consumer.writer.flush()
         assert parked(db, GROUP) == [], "a finished message is left in the parked queue"
-        assert mid not in row_ids(db), "the completion committed"
+        assert item.id not in row_ids(db), "the completion committed"
         assert not ctx.scheduler.holds(item.uid)
-    finally:
-        await consumer._close()
 
 
 async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_again(
@@ -798,23 +796,8 @@ async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_a
     from pgcg.consumer.member import AssignmentRow
     from pgcg.consumer.writer import Result
 
-    setup_topic(db, partitions=1)
-    (mid,) = enqueue(db, ("k", "A"))
-
-    async def handler(message: Message) -> None:
-        raise AssertionError("not run here")
-
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
-    ctx = consumer.ctx
-    await ctx.membership.join()
-    try:
-        assign(db, GROUP, TOPIC, [0], ctx.member_id)
-        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
-        tick_now(db, TOPIC)
-        assert await consumer.reader.read_once() == 1
-        (item,) = ctx.scheduler.take(time.monotonic(), 10)
-        consumer.writer.start([item])
-        await consumer.writer.flush()  # marked: cleared to start
+    async with one_marked_message(db, dsn) as (consumer, item):
+        ctx = consumer.ctx
         epoch = ctx.assignment.owned[0].epoch
         # Revoked before a worker picked it up: it goes back to memory, not started...
         ctx.assignment.apply([AssignmentRow(0, epoch, "revoking", 30.0)])
@@ -832,9 +815,7 @@ async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_a
         await consumer.writer.flush()
         consumer.writer.submit(Result(item))
         await consumer.writer.flush()
-        assert mid not in row_ids(db), "the completion committed"
+        assert item.id not in row_ids(db), "the completion committed"
         await consumer.reader.read_once()
         held = [i.id for k in ctx.scheduler.keys(0) for i in ctx.scheduler.items_of(k)]
         assert held == [], "a message whose completion committed is to be handled again"
-    finally:
-        await consumer._close()
