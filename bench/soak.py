@@ -457,7 +457,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"server: PostgreSQL {server['version']} fsync={server['fsync']}",
         f"enqueued {totals['enqueued']:,} ({totals['enqueued_per_s']:,}/s); handled by group "
-        + ", ".join(f"{g}: {n:,}" for g, n in totals["handled_by_group"].items()),
+        + ", ".join(f"{g}: {n:,}" for g, n in totals["handled_by_group"].items())
+        + "; handled twice: "
+        + ", ".join(f"{g}: {n:,}" for g, n in totals["duplicates_by_group"].items()),
         f"latency commit -> handler start, whole run: p50 {totals['latency_ms']['p50']} ms, "
         f"p99 {totals['latency_ms']['p99']} ms, max {totals['latency_ms']['max']} ms",
         f"verdict: throughput last/first tenth {v['throughput_last_over_first']} "
