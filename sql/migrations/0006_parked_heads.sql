@@ -20,6 +20,7 @@
 --   new row. SKIP LOCKED: a row being deleted by an open transaction (a transactional
 --   handler's own, which completes its parked message by deleting it) is not waited for,
 --   the new row is flagged instead; the writer never waits on a handler's transaction here.
+--   A new row behind a claimed one is flagged too (see parked_flag_head).
 --   The claims, progress reports and retries only UPDATE non-key columns (FOR NO KEY UPDATE),
 --   which does not conflict with FOR KEY SHARE.
 -- - after a delete: for each key a statement deleted rows of, unless an earlier row of the
@@ -37,11 +38,12 @@ CREATE INDEX parked_heads ON pgcg.parked (group_id, partition, available_at) WHE
 CREATE FUNCTION pgcg.parked_flag_head() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pgcg AS $$
 DECLARE
-    tail pgcg.parked;
+    tail_id bigint;
+    claimed bigint;
 BEGIN
     -- Rows this statement inserted before this one are visible here (a BEFORE ROW trigger
     -- sees its command's earlier rows), so a batch of one key gets one head.
-    SELECT * INTO tail FROM pgcg.parked AS q
+    SELECT q.id INTO tail_id FROM pgcg.parked AS q
     WHERE q.group_id = NEW.group_id AND q.partition = NEW.partition
       AND hashtextextended(q.key, 0) = hashtextextended(NEW.key, 0) AND q.key = NEW.key
       AND q.id < NEW.id
@@ -49,13 +51,13 @@ BEGIN
     IF FOUND THEN
         -- Locked by id alone: if the tail is being deleted, the new row is flagged rather
         -- than looking further down the key (that could walk a whole deep key).
-        SELECT * INTO tail FROM pgcg.parked AS q WHERE q.id = tail.id
+        SELECT q.claimed_epoch INTO claimed FROM pgcg.parked AS q WHERE q.id = tail_id
         FOR KEY SHARE SKIP LOCKED;
     END IF;
     -- A claimed tail is flagged behind too: a claimed row is deleted by its result, maybe
     -- in a transactional handler's own transaction at REPEATABLE READ, whose delete
     -- trigger reads an older snapshot than this commit and would not see the new row.
-    NEW.head := NOT FOUND OR tail.claimed_epoch IS NOT NULL;
+    NEW.head := NOT FOUND OR claimed IS NOT NULL;
     RETURN NEW;
 END $$;
 
