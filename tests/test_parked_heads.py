@@ -18,10 +18,13 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.shared.migrate import MIGRATION_LOCK, migrate, migrations
+from pgcg.shared.queries import Queries
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.pg15
 
+MIGRATE = Queries("migrate")
 TOPIC, GROUP = "orders", "billing"
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -253,3 +256,48 @@ def test_deleting_the_next_row_after_the_head_went(
         deleting.result(timeout=10)
     later_tx.commit()
     assert flags(db) == {third: True}
+
+
+def test_claims_and_retries_do_not_wait_for_parking_behind_them(
+    db: Conn, group_id: int, connect: Callable[[], Conn]
+) -> None:
+    """The lock a new row holds on the row before it (FOR KEY SHARE) lets the writer
+    claim, report progress on and retry that row: those change no key column."""
+    tail = park(db, group_id, "k")
+    writer, other = connect(), connect()
+    park(writer, group_id, "k")
+    no_waiting(other)
+    other.execute(
+        "UPDATE pgcg.parked SET claimed_epoch = 2, claim_token = 't', attempts = attempts + 1, "
+        "locked_until = now(), progress = '{}', available_at = now(), last_error = 'x' "
+        "WHERE id = %s",
+        (tail,),
+    )
+    other.commit()
+    writer.commit()
+
+
+def test_the_migration_flags_the_first_row_of_each_key(empty_dsn: str) -> None:
+    """Parked messages a version 5 schema holds get their flags when version 6 comes."""
+    with psycopg.connect(empty_dsn, row_factory=dict_row) as conn, conn.transaction():
+        conn.execute(MIGRATE.lock, {"lock": MIGRATION_LOCK})
+        conn.execute(MIGRATE.create_version_table)
+        for m in migrations():
+            if m.version <= 5:
+                conn.execute(m.sql)
+                conn.execute(MIGRATE.record, {"version": m.version, "name": m.name})
+    with psycopg.connect(empty_dsn, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("SELECT pgcg.create_topic(%s, 2)", (TOPIC,))
+        conn.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
+        conn.execute(
+            """
+            INSERT INTO pgcg.parked (group_id, partition, gen, "offset", tick, key, payload,
+                                     enqueued_at, available_at, origin)
+            SELECT g.id, n % 2, 0, n, 1, 'k' || (n % 3), '{}', now(), now(), 'retry'
+            FROM pgcg.groups AS g, generate_series(1, 30) AS n
+            """
+        )
+    assert [m.version for m in migrate(empty_dsn)] == [6]
+    with psycopg.connect(empty_dsn, autocommit=True, row_factory=dict_row) as conn:
+        assert sum(flags(conn).values()) == 6
+        assert stranded(conn) == []
