@@ -715,6 +715,14 @@ class ProgressModel(RuleBasedStateMachine):
                 )
             ]
             assert by_id == by_position, f"key {key!r}: parked in order {by_id}"
+        # Each key's first parked row is flagged as its head (load_parked reads only
+        # flagged rows); more flags are allowed.
+        unflagged = self.db.execute(
+            "SELECT id FROM (SELECT DISTINCT ON (partition, key) id, head FROM pgcg.parked "
+            "WHERE group_id = %s ORDER BY partition, key, id) AS f WHERE NOT head",
+            (self.group_id,),
+        ).fetchall()
+        assert unflagged == [], f"keys' first parked rows not flagged: {unflagged}"
         dead = self.db.execute(
             'SELECT partition, "offset" FROM pgcg.dead_letters WHERE group_name = %s',
             (self.group,),
