@@ -78,6 +78,10 @@ class Item:
     # same epoch, after the lease came back) keeps in memory.
     void: bool = False
     size: int = 0  # bytes of payload and headers, as the database measured them
+    # A parked message charged for a crash: it was running when its consumer died, and it
+    # may be what killed it. Such messages run one at a time (scheduler.py), so a crash
+    # charges the one that caused it rather than every message running beside it.
+    suspect: bool = False
     progress_deadline: float = field(default=0.0)
 
     @property

@@ -332,7 +332,7 @@ class Reader:
             )
             items.append(
                 Item(message, part.epoch, now + r["due_in_ms"] / 1000, tick=r["tick"],
-                     parked_id=r["id"], size=r["bytes"])
+                     parked_id=r["id"], size=r["bytes"], suspect=r["origin"] == "interrupted")
             )  # fmt: skip
         added = ctx.scheduler.add(items, now)
         if added:

@@ -9,6 +9,12 @@ Rules, which hold from what was read alone (so also right after a hand-off):
 - Different keys are independent: a failing or slow key blocks nobody else.
 - A key can be taken out whole (it is being parked); a head handed out but not started
   (its start was refused) goes back to the front.
+- Crash suspects (`Item.suspect`: charged because their consumer died while they ran) are
+  handed out one at a time. A crash cannot say which running message caused it, so it
+  charges all of them; run together again, a message that kills its process would take
+  the healthy ones beside it to the dead letters with it. One at a time, the next crash
+  is charged to the suspect that caused it (and to fresh messages running beside it,
+  once: they become suspects in turn).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class KeyScheduler:
     def __init__(self) -> None:
         self._keys: dict[str, _KeyQueue] = {}
         self._ready: dict[str, None] = {}  # idle keys whose head is due, oldest first
+        self._held: dict[str, None] = {}  # idle keys whose due head is a suspect, waiting
+        self._suspect_out = False  # a crash suspect is handed out (one at a time)
         self._timed: list[tuple[float, int, str]] = []  # (due, head uid, key) of blocked heads
         self._known: set[int] = set()
         self._buffered_by_partition: dict[int, int] = {}
@@ -80,6 +88,7 @@ class KeyScheduler:
         return uid in self._known
 
     def _schedule(self, key: str, queue: _KeyQueue, now: float) -> None:
+        self._held.pop(key, None)
         head = queue.items[0]
         if head.due <= now:
             self._ready[key] = None
@@ -90,7 +99,8 @@ class KeyScheduler:
     # -- handing out -----------------------------------------------------------------------
 
     def ready_count(self, now: float) -> int:
-        """How many idle keys have a due head (what take() could hand out now)."""
+        """How many idle keys have a due head (what take() could hand out now, but for
+        suspects held back by the one out)."""
         self._promote(now)
         return len(self._ready)
 
@@ -114,8 +124,14 @@ class KeyScheduler:
             key = next(iter(self._ready))
             del self._ready[key]
             queue = self._keys[key]
-            queue.busy = True
             head = queue.items[0]
+            if head.suspect:
+                if self._suspect_out:
+                    self._held[key] = None
+                    continue
+                self._suspect_out = True
+            self._held.pop(key, None)
+            queue.busy = True
             self._busy_by_partition[head.partition] = (
                 self._busy_by_partition.get(head.partition, 0) + 1
             )
@@ -134,6 +150,19 @@ class KeyScheduler:
 
     def has_ready(self) -> bool:
         return bool(self._ready)
+
+    def _suspect_back(self, item: Item) -> None:
+        """A suspect out finished, did not start or was dropped: the next may go."""
+        if not item.suspect:
+            return
+        self._suspect_out = False
+        # Held keys go back to the front, in the order they waited; take() holds again
+        # all but the first suspect.
+        waiting = {
+            k: None for k in self._held if (q := self._keys.get(k)) and not q.busy and q.items
+        }
+        self._ready = {**waiting, **self._ready}
+        self._held.clear()
 
     # -- results ---------------------------------------------------------------------------
 
@@ -166,6 +195,7 @@ class KeyScheduler:
             return None  # its partition or key was dropped meanwhile
         queue.busy = False
         self._busy_by_partition[item.partition] -= 1
+        self._suspect_back(item)
         return queue
 
     def _forget(self, item: Item) -> None:
@@ -191,6 +221,7 @@ class KeyScheduler:
         if queue is None:
             return []
         self._ready.pop(key, None)
+        self._held.pop(key, None)
         if keep_busy and queue.busy:
             head = queue.items.popleft()
             dropped = list(queue.items)
@@ -198,6 +229,7 @@ class KeyScheduler:
         else:
             if queue.busy:
                 self._busy_by_partition[queue.partition] -= 1
+                self._suspect_back(queue.items[0])
             dropped = list(queue.items)
             del self._keys[key]
         for item in dropped:

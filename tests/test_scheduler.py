@@ -3,7 +3,8 @@
 The model is the rule set in consumer/scheduler.py stated as plainly as possible: a key's
 held messages form a queue in the key's order (parked ones first, by parked id; then log
 ones by position); only its first may be handed out, only when due, and only while
-nothing of the key is out. Everything the scheduler hands out or reports is checked
+nothing of the key is out; of the crash suspects (parked messages charged for a crash)
+only one is out at a time. Everything the scheduler hands out or reports is checked
 against it after every step.
 """
 
@@ -30,13 +31,14 @@ PARTITION_OF = {k: i % 3 for i, k in enumerate(KEYS)}  # a key always lives in o
 EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-def claimed(id_: int, key: str, due: float, *, parked: bool = False) -> Item:
-    """A log message at position (1, id), or (parked) the parked message with that id."""
+def claimed(id_: int, key: str, due: float, *, parked: bool = False, suspect: bool = False) -> Item:
+    """A log message at position (1, id), or (parked) the parked message with that id
+    (suspect: charged for a crash)."""
     partition = PARTITION_OF[key]
     msg = Message(id_ * 1024 + partition, "t", partition, key, {"id": id_}, {}, 1, EPOCH,
                   offset=id_)  # fmt: skip
     if parked:
-        return Item(msg, epoch=1, due=due, parked_id=id_)
+        return Item(msg, epoch=1, due=due, parked_id=id_, suspect=suspect)
     return Item(msg, epoch=1, due=due, tick=1, a_tick=0)
 
 
@@ -76,14 +78,17 @@ class SchedulerModel(RuleBasedStateMachine):
             max_size=6,
         ),
         parked=st.booleans(),
+        suspect=st.booleans(),
     )
-    def add(self, batch: list[tuple[str, float]], parked: bool) -> None:
+    def add(self, batch: list[tuple[str, float]], parked: bool, suspect: bool) -> None:
         """New messages read from the log, or (parked) loaded from the parked queue: those
         sort before every log message of their key."""
         items = []
         for key, offset in batch:
             self.next_id += 1
-            items.append(claimed(self.next_id, key, self.now + offset, parked=parked))
+            items.append(
+                claimed(self.next_id, key, self.now + offset, parked=parked, suspect=suspect)
+            )
         # One that is still held is ignored (a re-read after a revocation called off).
         if self.buffered:
             known = next(iter(self.buffered.values()))
@@ -108,10 +113,11 @@ class SchedulerModel(RuleBasedStateMachine):
     def take_all(self) -> object:
         taken = self.s.take(self.now, 10_000)
         self.check_taken(taken, 10_000)
-        # Liveness: nothing that could go was left behind.
+        # Liveness: nothing that could go was left behind (a suspect waits while one is out).
+        suspect_out = any(c.suspect for c in self.busy.values())
         for key in KEYS:
             head = self.head(key)
-            if head is not None and key not in self.busy:
+            if head is not None and key not in self.busy and not (head.suspect and suspect_out):
                 assert head.due > self.now, f"key {key}: due head {head.uid} not handed out"
         return multiple(*taken)
 
@@ -126,6 +132,8 @@ class SchedulerModel(RuleBasedStateMachine):
             assert head is c, f"key {c.key}: took {c.uid} but its head is {head and head.uid}"
             assert c.due <= self.now, f"{c.uid} taken before it was due"
             self.busy[c.key] = c
+        suspects = [c.uid for c in self.busy.values() if c.suspect]
+        assert len(suspects) <= 1, f"crash suspects {suspects} out at once"
 
     @rule(item=consumes(out))
     def finish(self, item: Item) -> None:
@@ -277,3 +285,21 @@ def test_dropping_a_key_keeps_its_running_head() -> None:
     assert s.busy() == 1 and s.buffered() == 1
     s.finish(head, 0.0)
     assert s.buffered() == 0 and s.take(0.0, 10) == []
+
+
+def test_crash_suspects_are_handed_out_one_at_a_time() -> None:
+    """A crash charges every message that was running; the ones charged run one at a time,
+    so the next crash falls on the one that caused it, not on healthy ones beside it."""
+    s = KeyScheduler()
+    p, h1, h2 = (claimed(i, k, 0.0, parked=True, suspect=True) for i, k in enumerate("abc"))
+    fresh = claimed(10, "d", 0.0)
+    s.add([p, h1, h2, fresh], now=0.0)
+    assert s.take(0.0, 10) == [p, fresh]  # messages not charged run beside a suspect
+    assert s.ready_count(0.0) == 0 and s.take(0.0, 10) == []
+    s.finish(p, 0.0)
+    assert s.take(0.0, 10) == [h1]
+    s.unstart(h1, 0.0)  # its start was refused: it waits its turn again
+    (again,) = s.take(0.0, 10)
+    # Dropped while out (its key was parked): the next may go.
+    assert s.drop_key(again.key, keep_busy=False) == [again]
+    assert s.take(0.0, 10) == [h2 if again is h1 else h1]

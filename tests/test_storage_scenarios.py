@@ -188,6 +188,49 @@ def test_a_handler_that_kills_its_process_is_dead_lettered_within_max_attempts(
     assert sorted(set(firsts)) == list(range(6))
 
 
+@pytest.mark.slow
+def test_messages_running_beside_a_crashing_one_are_not_dead_lettered_with_it(
+    db: psycopg.Connection[Any], dsn: str, tmp_path: Any
+) -> None:
+    """A crash is charged to every message that was running, since nothing tells which one
+    killed the process. Run together again, they would all reach max_attempts with the
+    crashing one; the ones charged run one at a time instead, so only the crashing message
+    is dead-lettered and the healthy ones beside it are handled."""
+    from pgcg.bench.cluster import Cluster
+
+    db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
+    healthy = [OutgoingMessage(f"good-{i}", {"seq": i}) for i in range(6)]
+    enqueue_many_sync(db, TOPIC, [OutgoingMessage("poison", {"kill": True}), *healthy])
+    db.execute(JOURNAL_DDL)
+    env = {
+        **FAST_ENV,
+        "PGCG_CONCURRENCY": "8",
+        "PGCG_MAX_ATTEMPTS": "3",
+        # Healthy handlers still running when the crashing one starts beside them.
+        "TEST_HANDLER_HOLD": "1",
+    }
+
+    def dead_letters() -> list[dict[str, Any]]:
+        return db.execute("SELECT key, attempts, reason FROM pgcg.dead_letters").fetchall()
+
+    with Cluster(dsn, tmp_path, env=env) as cluster:
+        cluster.coordinator(name="coordinator")
+        deaths = 0
+        while not dead_letters():
+            assert deaths <= 3 + len(healthy), "still no dead letter"
+            proc = cluster.consumer("g", TOPIC, "tests.handlers:kill_on_poison", name=f"c{deaths}")
+            wait_for(
+                lambda p=proc: p.popen.poll() is not None or bool(dead_letters()),
+                60,
+                "the poison message delivered (the consumer dies) or dead-lettered",
+            )
+            deaths += proc.popen.poll() is not None
+        wait_for(lambda: unfinished(db, "g") == 0, 60, "everything else handled")
+    assert [(d["key"], d["attempts"]) for d in dead_letters()] == [("poison", 3)]
+    ended = db.execute("SELECT DISTINCT seq FROM journal WHERE ended IS NOT NULL").fetchall()
+    assert sorted(r["seq"] for r in ended) == list(range(len(healthy)))
+
+
 async def test_a_revocation_called_off_mid_read_keeps_each_key_in_order(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
