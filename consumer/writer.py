@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 
 from pgcg.consumer import observer
@@ -30,7 +32,7 @@ from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item
 from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.errors import DatabaseUnavailable, StatementFailed
+from pgcg.shared.errors import DatabaseUnavailable, InvalidInput, StatementFailed
 from pgcg.shared.loops import reconnecting
 from pgcg.shared.queries import Queries
 
@@ -38,6 +40,9 @@ log = logging.getLogger("pgcg.consumer.writer")
 Q = Queries("consumer")
 
 MAX_ERROR_TEXT = 2000
+# Errors that refuse a round's content rather than say the database is not there.
+REFUSED = (psycopg.DataError, psycopg.IntegrityError, psycopg.InternalError,
+           psycopg.errors.RaiseException, InvalidInput, UnicodeError)  # fmt: skip
 SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
 
 
@@ -47,6 +52,7 @@ class Result:
     error: str | None = None  # None: handled
     dead: bool = False  # dead-letter now (the handler said so, or the payload is invalid)
     retry_after: float | None = None  # seconds, when the handler asked for it
+    error_refused: bool = False  # a result the database refused, sent as a dead letter
 
     @property
     def ok(self) -> bool:
@@ -283,9 +289,25 @@ class Writer:
                 for half in _halves(batch):
                     await self._write(half)
                 return
+            refused = self._refused_result(batch, exc)
+            if refused is not None:
+                await self._write(refused)
+                return
             self._give_up(batch, exc)
             return
         self._apply(batch, rows)
+
+    def _refused_result(self, batch: _Round, exc: StatementFailed) -> _Round | None:
+        """A single result the database refuses to record (its retry's parked row, its
+        ack), as a dead letter with the database's reason: running the handler again
+        would end the same way, with no attempt counted. None if it was that already."""
+        if not batch.results or batch.results[0].error_refused:
+            return None
+        (result,) = batch.results
+        self._retry_answered(result)
+        outcome = "handled" if result.ok else f"failed: {result.error}"
+        reason = f"the database refused to record its result ({exc}); the handler {outcome}"
+        return _Round(results=[Result(result.item, reason, dead=True, error_refused=True)])
 
     async def _settle(self, batch: _Round) -> list[dict[str, Any]]:
         ctx = self.ctx
@@ -301,7 +323,7 @@ class Writer:
         delays = [self._delay_ms(r) if k == "p" else 0 for r, k in paired]
         delays += [round(p.delay * 1000) for p in batch.parks]
         errors = [_reason(r) if k != "d" else None for r, k in paired]
-        errors += [p.error for p in batch.parks]
+        errors += [None if p.error is None else storable(p.error) for p in batch.parks]
         origins = ["retry" if k == "p" else None for k in kinds] + [p.origin for p in batch.parks]
         kinds += ["p"] * len(batch.parks)
         claimed = [False] * len(log_results) + [p.running for p in batch.parks]
@@ -337,6 +359,12 @@ class Writer:
         except DatabaseUnavailable:
             self._conn = None
             raise
+        except REFUSED as exc:
+            # Refused for what the round holds (a value the driver cannot send, a check, a
+            # trigger of the operator's, an index limit), not for want of a connection:
+            # the same round would fail again. _write finds the item it is about.
+            said = (str(exc).strip().splitlines() or [""])[0]
+            raise StatementFailed(f"{type(exc).__name__}: {said}") from exc
 
     def _log_kind(self, r: Result) -> str:
         if r.ok:
@@ -500,8 +528,9 @@ class Writer:
         )  # fmt: skip
 
     def _give_up(self, batch: _Round, exc: StatementFailed) -> None:
-        """A single item the database refuses to write: logged, and left unfinished (the
-        next owner or a restart tries again); it holds back nothing else."""
+        """A single item the database refuses to write, even as a dead letter: logged, and
+        left unfinished, tried again after the longest retry backoff (or by the next owner);
+        it holds back nothing but its key."""
         ctx = self.ctx
         items = [*batch.starts, *[r.item for r in batch.results], *[p.item for p in batch.parks]]
         self.finishing.difference_update(r.item for r in batch.results)
@@ -515,6 +544,8 @@ class Writer:
                        "epoch": item.epoch, "message_id": item.id},
             )  # fmt: skip
             item.parking = False
+            # Not at once: the same write would be refused again, in a loop.
+            item.due = time.monotonic() + ctx.settings.retry_max
             ctx.scheduler.unstart(item, time.monotonic())
         for park in batch.parks:
             self._parked_or_not(park)
@@ -523,7 +554,20 @@ class Writer:
 
 
 def _reason(r: Result) -> str | None:
-    return None if r.error is None else r.error[:MAX_ERROR_TEXT]
+    return None if r.error is None else storable(r.error[:MAX_ERROR_TEXT])
+
+
+def storable(text: str) -> str:
+    """`text` as PostgreSQL can store it: a handler's error may hold a NUL (text columns
+    refuse it) or a lone surrogate (not UTF-8), and either would make the database refuse
+    the whole round of results it rides in. Both are escaped, as repr() would."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _halves(batch: _Round) -> list[_Round]:

@@ -245,3 +245,72 @@ async def test_a_transactional_handler_gets_a_dataclass_and_its_dead_letter(
     assert letters[ids[1]]["reason"] == "nothing to ship"
     assert letters[ids[2]]["reason"].startswith("payload does not validate as Line: quantity")
     assert {r["attempts"] for r in letters.values()} == {1}
+
+
+class Unwritable:
+    """Fails with text PostgreSQL cannot store (a NUL, a lone surrogate) for `bad` keys."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Message[Any]] = []
+
+    async def __call__(self, message: Message[Any]) -> None:
+        self.deliveries.append(message)
+        if message.payload["do"] == "nul":
+            raise ValueError("bytes b'\x00\x01' in the order")
+        if message.payload["do"] == "surrogate":
+            raise ValueError("name \udcff is not UTF-8")
+
+
+async def test_an_error_text_the_database_cannot_store_is_recorded_cleaned(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A handler's error goes into the parked queue or the dead letters as text; a NUL or
+    a lone surrogate in it would make the database (or the driver) refuse the whole round
+    of results. Such characters are escaped, and the other messages are acked."""
+    setup(db)
+    handler = Unwritable()
+    ids = produce(db, {"do": "nul"}, {"do": "surrogate"}, *({"do": "ok"} for _ in range(5)))
+    consumer = Consumer(settings(max_attempts=1), group=GROUP, topic=TOPIC, handler=handler,
+                        dsn=dsn)  # fmt: skip
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: unfinished(db, GROUP) == 0, what="every message finished")
+    letters = dead(db)
+    assert sorted(letters) == ids[:2]
+    assert letters[ids[0]]["reason"].startswith("ValueError: bytes b'\\x00\x01' in the order")
+    assert letters[ids[1]]["reason"].startswith("ValueError: name \\udcff is not UTF-8")
+    assert len(handler.deliveries) == 7
+
+
+async def test_a_result_the_database_refuses_is_dead_lettered_and_holds_back_nothing(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A write the database refuses for one message (here a trigger of the operator's on
+    the parked queue rejects its key's retry) must not hold back the results beside it,
+    nor run its handler again and again: it is dead-lettered with the database's reason."""
+    setup(db)
+    db.execute(
+        """
+        CREATE FUNCTION public.refuse_key() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.key = 'refused0' THEN RAISE EXCEPTION 'parking % is not allowed', NEW.key
+                USING ERRCODE = 'P0001'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_key BEFORE INSERT ON pgcg.parked
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_key();
+        """
+    )
+    handler = Scripted()
+    (refused,) = produce(db, {"seq": 0, "do": "transient", "until": 9}, key="refused")
+    others = produce(db, *({"seq": i, "do": "ok"} for i in range(1, 6)))
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: refused in dead(db), what="the refused message dead-lettered")
+        await await_for(lambda: unfinished(db, GROUP) == 0, what="every message finished")
+    reason = dead(db)[refused]["reason"]
+    assert "parking refused0 is not allowed" in reason and "Transient: try again" in reason
+    assert handler.attempts(0) == [1]
+    assert all(handler.attempts(i) == [1] for i in range(1, 6))
+    assert len(others) == 5
