@@ -46,6 +46,10 @@ Q = Queries("coordinator")
 # their leases on them; a rebalance stuck behind a lock must give up well within a lease
 # margin (at least 1 s) rather than commit a hand-off its owners have not heard of.
 DEFAULT_LOCK_TIMEOUT = 0.5
+# The same holds for a leader that stalls between two statements of a rebalance (SIGSTOP,
+# a frozen host): the server ends the transaction once it has idled this long. Longer
+# than the lock bound, because ending it also ends the leader's session and its lock.
+DEFAULT_IDLE_TIMEOUT = 1.0
 
 
 class LostLeadership(LostOwnership):
@@ -115,6 +119,7 @@ async def rebalance(
     drain_deadline: float,
     reason: str,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     watch: MemberWatch | None = None,
 ) -> Outcome | None:
     """Run one rebalance; None when nothing needed to change.
@@ -134,6 +139,7 @@ async def rebalance(
         "leader_timeout_s": leader_timeout,
         "drain_deadline_s": drain_deadline,
         "lock_timeout_ms": max(1, round(lock_timeout * 1000)),
+        "idle_timeout_ms": max(1, round(idle_timeout * 1000)),
     }
     statements = 0
 

@@ -286,6 +286,7 @@ class Coordinator:
                         drain_deadline=self.settings.drain_deadline,
                         reason=reason,
                         lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
+                        idle_timeout=self.settings.lease_margin,
                         watch=self.watch,
                     ),
                 )

@@ -114,6 +114,9 @@ def translate(exc: BaseException, dsn: str | None = None) -> PgcgError | None:
         return Contention(f"transient conflict in the database, retrying: {str(exc).strip()}")
     if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
         return InvalidInput(f"rejected by the database: {str(exc).splitlines()[0]}")
+    if isinstance(exc, pg_errors.IdleInTransactionSessionTimeout):
+        # The server ended the session (a transaction bounded so, stalled): it is gone.
+        return _connection_error(exc, dsn, where)
     if isinstance(exc, psycopg.OperationalError) and not _connection_class(sqlstate):
         # A statement the server refused (a limit, resources of one query): retrying the
         # same statement fails the same way, so it must not read as an outage.

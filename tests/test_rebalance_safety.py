@@ -15,10 +15,10 @@ from psycopg.rows import dict_row
 from pgcg.coordinator.expiry import MemberWatch
 from pgcg.coordinator.rebalancer import Outcome, rebalance
 from pgcg.coordinator.service import Coordinator
-from pgcg.shared.db import connect
-from pgcg.shared.errors import Contention
+from pgcg.shared.db import connect, translate
+from pgcg.shared.errors import Contention, DatabaseUnavailable
 from pgcg.shared.queries import Queries
-from tests.helpers import FakeClock, assign, await_for, fast_settings, owners
+from tests.helpers import FakeClock, assign, await_for, fast_settings, owners, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -168,6 +168,37 @@ async def test_a_rebalance_stuck_on_a_lock_gives_up_without_writing(
     outcome = await run_rebalance(dsn, epoch, lock_timeout=0.2)
     assert outcome is not None and {m.kind for m in outcome.moves} == {"revoke"}
     assert state(db) != before
+
+
+def test_a_rebalance_paused_before_its_commit_is_ended_by_the_server(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A leader paused between its writes and its commit (SIGSTOP, a stalled host) holds a
+    revocation nobody sees while its drain deadline runs; committed late, it would leave the
+    owner less than a drain. The server ends the transaction once it idles past the bound."""
+    setup_group(db)
+    before = owners(db, GROUP)
+    with psycopg.connect(dsn, application_name=APP) as leader:
+        pid = leader.info.backend_pid
+        leader.execute(COORD.bound_lock_waits, {"lock_timeout_ms": 200, "idle_timeout_ms": 300})
+        leader.execute(
+            "UPDATE pgcg.partition_assignments SET state = 'revoking', target_member_id = 'b', "
+            "revoke_deadline = clock_timestamp() + interval '2 s' "
+            "WHERE group_name = %s AND partition = 0",
+            (GROUP,),
+        )
+
+        def ended() -> bool:
+            row = db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s", (pid,))
+            return row.fetchone()["n"] == 0  # type: ignore[index]
+
+        # The paused leader: no statement for longer than the bound.
+        wait_for(ended, 20, "the server to end the idle rebalance transaction")
+        with pytest.raises(psycopg.Error, match="idle-in-transaction timeout") as ended_by:
+            leader.commit()
+    # To the coordinator, a lost connection like any other: it reconnects and runs again.
+    assert isinstance(translate(ended_by.value), DatabaseUnavailable)
+    assert owners(db, GROUP) == before
 
 
 def member_ids(db: psycopg.Connection[Any]) -> set[str]:

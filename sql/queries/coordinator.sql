@@ -74,7 +74,11 @@ SELECT member_id, host, pid FROM pgcg.live_members(%(group)s)
 -- How long any one lock wait of this rebalance may last (a lock timeout aborts it, and the
 -- coordinator retries): a heartbeat reads the assignments without a lock, so until this
 -- transaction commits owners keep seeing (and renewing their lease on) the old state.
-SELECT set_config('lock_timeout', %(lock_timeout_ms)s::int::text, true)
+-- The same bound holds between statements: a leader paused mid-rebalance (SIGSTOP, a
+-- stalled host) would otherwise commit a revocation long after its drain deadline began;
+-- the server ends such a transaction instead, and nothing it wrote lands.
+SELECT set_config('lock_timeout', %(lock_timeout_ms)s::int::text, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_timeout_ms)s::int::text, true)
 
 -- name: assignments_for_update
 -- `overdue` is judged on the clock once the rows are locked (the outer query runs after
