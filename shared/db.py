@@ -290,12 +290,15 @@ def liveness(dsn: str, session_timeout: float = DEFAULT_SESSION_TIMEOUT) -> dict
     """
     given = conninfo_to_dict(dsn)
     timeout = max(session_timeout, 3.0)
+    # libpq takes whole seconds: at short timeouts fewer probes, so the sum still fits.
+    idle = max(1, int(timeout / 3))
+    interval = max(1, int(timeout / 6))
     wanted: dict[str, Any] = {
         "connect_timeout": max(2, min(10, round(timeout))),
         "keepalives": 1,
-        "keepalives_idle": max(1, int(timeout / 3)),
-        "keepalives_interval": max(1, int(timeout / 6)),
-        "keepalives_count": 3,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": max(1, min(3, int((timeout - idle) / interval))),
     }
     if psycopg.pq.version() >= 120000:  # older libpq refuses the option
         wanted["tcp_user_timeout"] = int(timeout * 1000)

@@ -46,12 +46,16 @@ def members(db: psycopg.Connection[Any]) -> set[str]:
     return {r["member_id"] for r in rows}
 
 
-def test_every_connection_probes_for_a_dead_peer_within_the_session_timeout() -> None:
-    opts = liveness("host=db dbname=x", 10)
+@pytest.mark.parametrize("timeout", [3, 3.5, 4, 5, 6, 10, 30, 300])
+def test_every_connection_probes_for_a_dead_peer_within_the_session_timeout(
+    timeout: float,
+) -> None:
+    opts = liveness("host=db dbname=x", timeout)
     assert opts["keepalives"] == 1
     probing = opts["keepalives_idle"] + opts["keepalives_count"] * opts["keepalives_interval"]
-    assert probing < 10
-    assert opts.get("tcp_user_timeout", 0) <= 10_000
+    assert probing <= timeout
+    assert opts["keepalives_count"] >= 1
+    assert opts.get("tcp_user_timeout", 0) <= timeout * 1000
     # What the URL sets itself is kept.
     assert "keepalives_idle" not in liveness("host=db keepalives_idle=60", 10)
 
