@@ -819,3 +819,58 @@ async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_a
         await consumer.reader.read_once()
         held = [i.id for k in ctx.scheduler.keys(0) for i in ctx.scheduler.items_of(k)]
         assert held == [], "a message whose completion committed is to be handled again"
+
+
+async def test_rows_read_for_a_partition_revoked_meanwhile_are_not_taken_in(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos (a revocation called off): a revocation drops what the partition
+    holds but its running heads, and a read already on its way when it came brought a later
+    message of a key in after it. Once the revocation was called off, that message ran
+    right after the head, before the key's messages the revocation had dropped (they come
+    back only when the partition is read again from its position)."""
+    from pgcg.consumer.member import AssignmentRow
+    from pgcg.consumer.reader import Q as READER_QUERIES
+
+    setup_topic(db, partitions=1)
+    first, second = enqueue(db, ("k", "A1"), ("k", "A2"))
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        tick_now(db, TOPIC)
+        assert await consumer.reader.read_once() == 2
+        (head,) = ctx.scheduler.take(time.monotonic(), 10)
+        assert head.id == first
+        consumer.writer.start([head])
+        await consumer.writer.flush()  # A1 runs; A2 waits behind it in memory
+        (third,) = enqueue(db, ("k", "A3"))
+        tick_now(db, TOPIC)
+        epoch = ctx.assignment.owned[0].epoch
+        conn = await consumer.reader._connection()
+        execute = conn.execute
+
+        async def revoked_while_reading(query: Any, *args: Any, **kwargs: Any) -> Any:
+            cur = await execute(query, *args, **kwargs)
+            if query is READER_QUERIES.fetch:
+                # The read has its rows; before it takes them in, the leader revokes.
+                ctx.assignment.apply([AssignmentRow(0, epoch, "revoking", 30.0)])
+            return cur
+
+        conn.execute = revoked_while_reading  # type: ignore[method-assign]
+        await consumer.reader.read_once()
+        conn.execute = execute  # type: ignore[method-assign]
+        # The revocation is called off: what the key holds must still be in its order.
+        ctx.assignment.apply([AssignmentRow(0, epoch, "assigned", None)])
+        held = [i.id for i in ctx.scheduler.items_of("k")]
+        assert third not in held or second in held, (
+            f"held {held}: A3 would run right after A1, before A2"
+        )
+    finally:
+        await consumer._close()
