@@ -874,3 +874,20 @@ async def test_rows_read_for_a_partition_revoked_meanwhile_are_not_taken_in(
         )
     finally:
         await consumer._close()
+
+
+async def test_a_failure_sent_again_after_its_reply_was_lost_counts_one_attempt(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The writer sends a round again when the connection broke before the answer came
+    (it cannot know whether the first one committed): a failed delivery in it must be
+    counted once, or a message would reach the dead letters early. Here the round did
+    commit, and is sent again as is."""
+    from pgcg.consumer.writer import Result, _Round
+
+    async with one_marked_message(db, dsn) as (consumer, item):
+        failed = Result(item, "boom", retry_after=3600)
+        for _ in range(2):  # the round, then the same round again: the reply was lost
+            await consumer.writer._settle(_Round(results=[failed]))
+        (row,) = parked(db, GROUP)
+        assert (row["id"], row["attempts"], row["last_error"]) == (item.id, 1, "boom")
