@@ -220,3 +220,29 @@ def test_poison_keys_reach_the_byte_limit_in_multibyte_characters() -> None:
     assert kinds == [journal.poison_of(s, 3, 10) for s in range(3000)]
     assert 200 < sum(k is not None for k in kinds) < 400
     assert {"raise", "crash"} <= set(kinds)
+
+
+def test_a_consumer_that_stops_for_no_reason_pgcg_gives_fails_the_run(tmp_path: Path) -> None:
+    """A crashing poison message (exit 13), a def handler's thread outliving its partition
+    (exit 6) and a start during a server restart (exit 4) are pgcg's own exits; any other
+    (a traceback's 1, a signal) is pgcg crashing, whatever the history says."""
+    from pgcg.bench.chaos.run import ChaosOptions, ChaosReport
+
+    def report(exits: dict[str, int]) -> ChaosReport:
+        return ChaosReport(ChaosOptions(), journal.Verdict(), [], True, 1.0, 1.0, tmp_path, exits)
+
+    meant = {"poison-crash": 4, "handler-thread-stuck": 1, "exit-4": 2}
+    assert report(meant).ok
+    crashed = report({**meant, "exit-1": 1})
+    assert not crashed.ok and crashed.unexpected_exits == {"exit-1": 1}
+    assert "UNEXPECTED (pgcg crashed): 1" in crashed.text()
+
+
+def test_a_raising_poison_message_says_what_the_database_cannot_store() -> None:
+    """Every run's raising poison carries a NUL and a lone surrogate in its error, the text
+    a handler quoting binary input can produce (the writer must escape it)."""
+    from types import SimpleNamespace
+
+    with pytest.raises(journal.PoisonError) as raised:
+        journal._poisoned(SimpleNamespace(payload={"seq": 3}), "raise")  # type: ignore[arg-type]
+    assert "\x00" in str(raised.value) and "\udcff" in str(raised.value)

@@ -92,10 +92,17 @@ CRASH_EXIT = 13  # the exit code of a consumer a crashing poison message took do
 # Test builds only (`pgcg chaos --unsafe-release-running-handlers`): a consumer lets a
 # partition go while a `def` handler's thread still runs on it, instead of exiting.
 UNSAFE_THREADS_ENV = "PGCG_CHAOS_UNSAFE_RELEASE_RUNNING_HANDLERS"
+# Test builds only (`pgcg chaos --unsafe-unstorable-errors`): a handler's error goes to the
+# database as it is, and a write the database refuses stops the consumer.
+UNSAFE_ERRORS_ENV = "PGCG_CHAOS_UNSAFE_UNSTORABLE_ERRORS"
+# What a raising poison message says: a NUL and a lone surrogate, which PostgreSQL's text
+# (and the driver) refuse, as an error quoting binary input may hold.
+UNSTORABLE = "\x00\udcff"
 
 
 class PoisonError(Exception):
-    """The recording handler always fails on a message produced as `raise` poison."""
+    """The recording handler always fails on a message produced as `raise` poison, with
+    an error text the database cannot store as it is."""
 
 
 def _unsafe_release(owned: Any, reason: str) -> None:
@@ -114,6 +121,14 @@ if os.environ.get(UNSAFE_THREADS_ENV):
     from pgcg.consumer import assignment as _assignment
 
     _assignment.halt = _unsafe_release  # type: ignore[assignment]
+
+if os.environ.get(UNSAFE_ERRORS_ENV):
+    # The writer escapes what the database cannot store and treats a refused write as
+    # that item's problem; undone here, a raising poison message stops its consumer.
+    from pgcg.consumer import writer as _writer
+
+    _writer.storable = lambda text: text  # type: ignore[assignment]
+    _writer.REFUSED = ()  # type: ignore[assignment]
 
 
 def _row(message: Message, started: datetime, finished: datetime, kind: str) -> dict[str, Any]:
@@ -142,7 +157,9 @@ def _poisoned(message: Message, poison: str) -> None:
     """After the poison delivery was journaled: fail, or take the process down."""
     if poison == "crash":
         os._exit(CRASH_EXIT)
-    raise PoisonError(f"seq {message.payload['seq']} is poison: the handler always fails on it")
+    raise PoisonError(
+        f"seq {message.payload['seq']} is poison: the handler always fails on it {UNSTORABLE}"
+    )
 
 
 async def record(message: Message) -> None:

@@ -105,6 +105,7 @@ class ChaosOptions:
     unsafe_no_fencing: bool = False
     # The consumer lets a partition go while a def handler's thread still runs on it.
     unsafe_release_running_handlers: bool = False
+    unsafe_unstorable_errors: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -131,8 +132,13 @@ class ChaosReport:
     exits: dict[str, int] = field(default_factory=dict)  # consumers that exited by themselves
 
     @property
+    def unexpected_exits(self) -> dict[str, int]:
+        """Consumers that stopped by themselves for no reason pgcg gives: pgcg crashed."""
+        return {k: n for k, n in self.exits.items() if k not in EXPECTED_EXITS}
+
+    @property
     def ok(self) -> bool:
-        return self.verdict.ok and self.drained
+        return self.verdict.ok and self.drained and not self.unexpected_exits
 
     @property
     def fault_counts(self) -> dict[str, int]:
@@ -152,6 +158,7 @@ class ChaosReport:
             "drained": self.drained,
             "fault_counts": self.fault_counts,
             "exits": self.exits,
+            "unexpected_exits": self.unexpected_exits,
             "verdict": self.verdict.as_dict(),
             "faults": [e.as_dict() for e in self.executed],
             "workdir": str(self.workdir),
@@ -169,13 +176,19 @@ class ChaosReport:
             f"partitions={o.partitions} consumers={o.consumers} groups={o.groups} "
             f"coordinators={o.coordinators}"
             + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else "")
-            + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else ""),
+            + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else "")
+            + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
             "variants: " + " ".join(f"{k}x{n}" for k, n in sorted(variants.items())),
             "consumers that exited by themselves (replaced): "
-            + (" ".join(f"{k}x{n}" for k, n in sorted(self.exits.items())) or "none"),
+            + (" ".join(f"{k}x{n}" for k, n in sorted(self.exits.items())) or "none")
+            + (
+                f"; UNEXPECTED (pgcg crashed): {sum(self.unexpected_exits.values())}"
+                if self.unexpected_exits
+                else ""
+            ),
             f"messages: produced={v.produced} handled by every group={v.handled} "
             f"pending={v.pending} dead-lettered={v.dead_lettered} "
             f"drained={'yes' if self.drained else 'NO'}",
@@ -403,6 +416,7 @@ class _Run:
             **(
                 {journal.UNSAFE_THREADS_ENV: "1"} if options.unsafe_release_running_handlers else {}
             ),
+            **({journal.UNSAFE_ERRORS_ENV: "1"} if options.unsafe_unstorable_errors else {}),
             **options.env,
         }
         # What the processes run with, --env included: the faults are sized on it.
@@ -561,6 +575,12 @@ def _self_fences(cluster: Cluster) -> list[journal.Disruption]:
 
 # Why a consumer exited by itself, by its exit code.
 EXIT_CAUSES = {journal.CRASH_EXIT: "poison-crash", EXIT_HANDLER_STUCK: "handler-thread-stuck"}
+# Exits pgcg means to make: the rest (a traceback's 1, a signal) are pgcg failing.
+EXPECTED_EXITS = {
+    "poison-crash",
+    "handler-thread-stuck",
+    "exit-4",  # could not reach PostgreSQL as it started (a server restart)
+}
 
 
 class _Supervisor:
@@ -779,13 +799,19 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Consumers let a partition go while a def handler's thread still runs on it, "
     "instead of exiting: the checks must fail.",
 )
+@click.option(
+    "--unsafe-unstorable-errors",
+    is_flag=True,
+    help="Consumers send a handler's error text to the database as it is, and stop on a "
+    "write it refuses: the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
     database_url: str | None, work_ms: float, sync_share: float, sync_work_ms: float | None,
     poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
-    unsafe_release_running_handlers: bool,
+    unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -823,6 +849,7 @@ def chaos(
         database_url=database_url,
         unsafe_no_fencing=unsafe_no_fencing,
         unsafe_release_running_handlers=unsafe_release_running_handlers,
+        unsafe_unstorable_errors=unsafe_unstorable_errors,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,
