@@ -124,19 +124,25 @@ class KeyScheduler:
             key = next(iter(self._ready))
             del self._ready[key]
             queue = self._keys[key]
-            head = queue.items[0]
-            if head.suspect:
-                if self._suspect_out:
-                    self._held[key] = None
-                    continue
-                self._suspect_out = True
-            self._held.pop(key, None)
-            queue.busy = True
-            self._busy_by_partition[head.partition] = (
-                self._busy_by_partition.get(head.partition, 0) + 1
-            )
-            taken.append(head)
+            if queue.items[0].suspect:
+                self._held[key] = None  # suspects go one at a time: chosen below
+                continue
+            taken.append(self._hand_out(queue))
+        if self._held and not self._suspect_out and len(taken) < limit:
+            # The suspect charged least often first: one that crashes its consumer on
+            # every delivery is charged at every crash, so after its first it goes last,
+            # and healthy suspects wait one takeover at most.
+            key = min(self._held, key=lambda k: self._keys[k].items[0].message.attempt)
+            del self._held[key]
+            self._suspect_out = True
+            taken.append(self._hand_out(self._keys[key]))
         return taken
+
+    def _hand_out(self, queue: _KeyQueue) -> Item:
+        queue.busy = True
+        head = queue.items[0]
+        self._busy_by_partition[head.partition] = self._busy_by_partition.get(head.partition, 0) + 1
+        return head
 
     def next_due(self) -> float | None:
         """When the earliest blocked head becomes due (monotonic), if any."""

@@ -10,6 +10,7 @@ against it after every step.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 from hypothesis import settings
@@ -294,7 +295,7 @@ def test_crash_suspects_are_handed_out_one_at_a_time() -> None:
     p, h1, h2 = (claimed(i, k, 0.0, parked=True, suspect=True) for i, k in enumerate("abc"))
     fresh = claimed(10, "d", 0.0)
     s.add([p, h1, h2, fresh], now=0.0)
-    assert s.take(0.0, 10) == [p, fresh]  # messages not charged run beside a suspect
+    assert s.take(0.0, 10) == [fresh, p]  # messages not charged run beside a suspect
     assert s.ready_count(0.0) == 0 and s.take(0.0, 10) == []
     s.finish(p, 0.0)
     assert s.take(0.0, 10) == [h1]
@@ -303,3 +304,18 @@ def test_crash_suspects_are_handed_out_one_at_a_time() -> None:
     # Dropped while out (its key was parked): the next may go.
     assert s.drop_key(again.key, keep_busy=False) == [again]
     assert s.take(0.0, 10) == [h2 if again is h1 else h1]
+
+
+def test_the_suspect_charged_least_often_goes_first() -> None:
+    """A message that crashes its consumer on every delivery is charged at every crash;
+    the healthy ones charged beside it once are not charged again while they wait. So
+    after its first crash as a suspect it goes after them."""
+    s = KeyScheduler()
+    p, h = claimed(1, "a", 0.0, parked=True, suspect=True), claimed(2, "b", 0.0, parked=True,
+                                                                     suspect=True)  # fmt: skip
+    p.message = dataclasses.replace(p.message, attempt=3)
+    h.message = dataclasses.replace(h.message, attempt=2)
+    s.add([p, h], now=0.0)
+    assert s.take(0.0, 10) == [h]
+    s.finish(h, 0.0)
+    assert s.take(0.0, 10) == [p]
