@@ -130,6 +130,26 @@ def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> N
     assert "late handler: " in output and "verdict: FAILED" in output
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_counting_a_delivery_after_its_handler_fails(tmp_path: Path) -> None:
+    """A parked message's delivery counted when its handler returned (the claim keeps no
+    count): the crashing poison message enqueued as the calm begins never returns, so it
+    is claimed, crashes its consumer and is claimed again, never dead-lettered, which the
+    poison check must report. No faults are needed: the crashes are the poison's own.
+    Without the switch the same run passes its poison check, the message dead-lettered
+    at its fourth delivery (docs/chaos.md records runs of both)."""
+    code, report, output = chaos(
+        tmp_path, "--seed", "2", "--faults", "none", "--duration", "15", "--calm", "10",
+        "--drain-timeout", "15", "--groups", "1", "--rate", "50",
+        "--unsafe-count-after-handler",
+    )  # fmt: skip
+    assert code == 1, output
+    assert report["verdict"]["violations"]["poison"] > 0, output
+    assert "crash poison" in output and "not dead-lettered" in output, output
+    assert "verdict: FAILED" in output
+
+
 # -- the checker's new rules on made-up histories (no processes, no database) ------------
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

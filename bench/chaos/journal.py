@@ -70,6 +70,9 @@ SYNC_WORK_ENV = "PGCG_JOURNAL_SYNC_WORK_MS"
 
 # Test builds only: pgcg.owned replaced by one that lets every write through.
 UNFENCED = Q.unfenced
+# Test builds only: pgcg.settle replaced by one that counts a parked message's delivery when
+# its handler returned, not when it was claimed.
+COUNT_AFTER_HANDLER = Q.count_after_handler
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.

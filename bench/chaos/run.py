@@ -106,6 +106,8 @@ class ChaosOptions:
     # The consumer lets a partition go while a def handler's thread still runs on it.
     unsafe_release_running_handlers: bool = False
     unsafe_unstorable_errors: bool = False
+    # A delivery is counted when its handler returned, not before it runs.
+    unsafe_count_after_handler: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -177,7 +179,8 @@ class ChaosReport:
             f"coordinators={o.coordinators}"
             + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else "")
             + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else "")
-            + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else ""),
+            + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else "")
+            + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -394,6 +397,8 @@ class _Run:
             journal.create(conn)
             if options.unsafe_no_fencing:
                 conn.execute(journal.UNFENCED)
+            if options.unsafe_count_after_handler:
+                conn.execute(journal.COUNT_AFTER_HANDLER)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -805,6 +810,12 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Consumers send a handler's error text to the database as it is, and stop on a "
     "write it refuses: the checks must fail.",
 )
+@click.option(
+    "--unsafe-count-after-handler",
+    is_flag=True,
+    help="Count a delivery when its handler returned, not before it runs: a message that "
+    "kills its consumer is redelivered forever; the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -812,6 +823,7 @@ def chaos(
     poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
+    unsafe_count_after_handler: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -850,6 +862,7 @@ def chaos(
         unsafe_no_fencing=unsafe_no_fencing,
         unsafe_release_running_handlers=unsafe_release_running_handlers,
         unsafe_unstorable_errors=unsafe_unstorable_errors,
+        unsafe_count_after_handler=unsafe_count_after_handler,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,

@@ -119,6 +119,52 @@ LANGUAGE sql AS $$
     SELECT w.p, w.e, true FROM unnest(p_partitions, p_epochs) AS w(p, e)
 $$
 
+-- name: count_after_handler
+-- Test builds only (`pgcg chaos --unsafe-count-after-handler`): a parked message's delivery
+-- is counted when its handler returned with a retry, not when it was claimed. The claim
+-- still answers with the delivery's number, as the consumer expects, but does not keep
+-- it: a delivery whose handler never returns (it took its process down) is never counted,
+-- so a crashing message is claimed again and again and never dead-lettered.
+CREATE OR REPLACE FUNCTION pgcg.settle(
+    p_group text, p_member text,
+    m_parts integer[], m_epochs bigint[], m_ticks bigint[], m_offsets bigint[], m_slots integer[],
+    c_ids bigint[], c_parts integer[], c_epochs bigint[], c_tokens text[], c_visibility_ms bigint,
+    l_kinds "char"[], l_parts integer[], l_epochs bigint[], l_ticks bigint[], l_offsets bigint[],
+    l_slots integer[], l_attempts integer[], l_delays_ms bigint[], l_errors text[],
+    l_origins text[], l_claimed boolean[],
+    k_kinds "char"[], k_ids bigint[], k_parts integer[], k_epochs bigint[], k_delays_ms bigint[],
+    k_errors text[]
+) RETURNS TABLE (what "char", partition integer, ref bigint, ok boolean, info bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+#variable_conflict use_column
+DECLARE
+    resent bigint[];  -- claims sent again with their token: they count nothing anyway
+    retried bigint[];
+    r record;
+BEGIN
+    PERFORM pgcg.require_group(p_group);
+    SELECT coalesce(array_agg(pk.id), '{}') INTO resent
+    FROM pgcg.parked AS pk JOIN unnest(c_ids, c_tokens) AS c(id, tok)
+      ON pk.id = c.id AND pk.claim_token = c.tok;
+    SELECT coalesce(array_agg(k.id), '{}') INTO retried
+    FROM unnest(k_kinds, k_ids) AS k(kind, id) WHERE k.kind = 'r';
+    FOR r IN SELECT * FROM pgcg.settle_unchecked(
+        p_group, p_member, m_parts, m_epochs, m_ticks, m_offsets, m_slots,
+        c_ids, c_parts, c_epochs, c_tokens, c_visibility_ms,
+        l_kinds, l_parts, l_epochs, l_ticks, l_offsets, l_slots, l_attempts, l_delays_ms,
+        l_errors, l_origins, l_claimed,
+        k_kinds, k_ids, k_parts, k_epochs, k_delays_ms, k_errors) AS s
+    LOOP
+        IF r.what = 'c' AND r.ok AND NOT r.ref = ANY (resent) THEN
+            UPDATE pgcg.parked AS pk SET attempts = pk.attempts - 1 WHERE pk.id = r.ref;
+        ELSIF r.what = 'k' AND r.ok AND r.info IS NOT NULL AND r.ref = ANY (retried) THEN
+            UPDATE pgcg.parked AS pk SET attempts = pk.attempts + 1 WHERE pk.id = r.ref;
+        END IF;
+        what := r.what; partition := r.partition; ref := r.ref; ok := r.ok; info := r.info;
+        RETURN NEXT;
+    END LOOP;
+END $$
+
 -- name: record
 INSERT INTO public.pgcg_journal
     (group_name, message_id, key, seq, partition, member_id, epoch, attempt, pid, proc,
