@@ -32,18 +32,18 @@ EXIT_HANDLER_STUCK = 6
 
 
 def halt(owned: Owned, reason: str) -> None:
-    """Stop the process: a `def` handler's thread still works on a partition that has to
-    be let go (drain deadline, lease expiry, shutdown, or it was already taken from us).
+    """Stop the process: a handler still works on a partition that has to be let go
+    (drain deadline, lease expiry, shutdown, or it was already taken from us), and cannot
+    be stopped: a `def` handler's thread, or an async handler that ignores cancellation.
 
-    A thread cannot be cancelled, and releasing the partition (or letting the lease run
-    out) while it runs would give its keys to a second member while this one still works
-    on them. Exiting now, before the lease ends, takes the thread down with the process;
-    the supervisor restarts it, and the next owner takes over after the session timeout.
+    Releasing the partition (or letting the lease run out) while it runs would give its
+    keys to a second member while this one still works on them. Exiting now, before the
+    lease ends, takes the handler down with the process; the supervisor restarts it, and
+    the next owner takes over after the session timeout.
     """
     log.critical(
-        "partition %s: a handler thread is still running after %s and cannot be "
-        "cancelled; exiting (code %s) so that no other member works on its keys "
-        "while it does",
+        "partition %s: a handler is still running after %s and cannot be stopped; "
+        "exiting (code %s) so that no other member works on its keys while it does",
         owned.partition,
         reason,
         EXIT_HANDLER_STUCK,
@@ -342,6 +342,11 @@ class Assignment:
                 )  # fmt: skip
                 if owned.threads:
                     self.on_stuck(owned, "drain deadline reached")
+                elif owned.scopes and now >= owned.revoke_by + self.margin / 2:
+                    # Cancelled, and still running half a margin later: an async handler
+                    # that ignores cancellation. The leader forces the hand-off a margin
+                    # after revoke_by; this process must be gone by then.
+                    self.on_stuck(owned, "drain deadline reached (cancellation ignored)")
                 # Released once its cancelled handlers have really returned.
                 if not owned.scopes:
                     ready.append(owned)

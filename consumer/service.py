@@ -300,6 +300,9 @@ class Consumer:
             with anyio.move_on_after(ctx.settings.lease_margin):
                 while any(o.scopes for o in ctx.assignment.owned.values()):
                     await ctx.wake.release.wait(0.05)
+            for owned in list(ctx.assignment.owned.values()):
+                if owned.scopes:  # async handlers that ignore cancellation
+                    ctx.assignment.on_stuck(owned, "the drain deadline of a shutdown")
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
                 await self.writer.flush()

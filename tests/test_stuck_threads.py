@@ -1,6 +1,7 @@
-"""A plain `def` handler's thread cannot be cancelled: while it runs, its partition is not
-released, and if it outlives the drain deadline the process exits (code 6) before its lease
-ends instead of letting a second member work on the same keys.
+"""A plain `def` handler's thread cannot be cancelled (nor an async handler that ignores its
+cancellation): while it runs, its partition is not released, and if it outlives the drain
+deadline the process exits (code 6) before its lease ends instead of letting a second
+member work on the same keys.
 
 Real `pgcg consumer` processes; the handler (tests/blocking_handlers.py) blocks until the
 test creates a file, which it does only after the process is gone.
@@ -35,13 +36,13 @@ COORD = Queries("coordinator")
 
 
 class Member:
-    def __init__(self, dsn: str, folder: Path) -> None:
+    def __init__(self, dsn: str, folder: Path, handler: str = "block") -> None:
         self.folder = folder
         self.stderr = folder / "member.err"
         with open(folder / "member.out", "w") as out, open(self.stderr, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pgcg.shared.cli", "consumer", "--group", GROUP,
-                 "--topic", TOPIC, "--handler", "tests.blocking_handlers:block"],
+                 "--topic", TOPIC, "--handler", f"tests.blocking_handlers:{handler}"],
                 cwd=ROOT,
                 env={**os.environ, "PGCG_DATABASE_URL": dsn, "PGCG_LOG_FORMAT": "json",
                      "PGCG_HEARTBEAT_INTERVAL": "0.5", "PGCG_SESSION_TIMEOUT": "4",
@@ -72,9 +73,11 @@ def stopped(member: Member) -> None:
     member.proc.wait()
 
 
-@pytest.fixture
-def member(dsn: str, tmp_path: Path) -> Iterator[Member]:
-    started = Member(dsn, tmp_path)
+@pytest.fixture(params=["block", "stubborn"])
+def member(dsn: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Member]:
+    """A member whose handler will not stop: a `def` handler's thread (block), or an
+    async handler that ignores its cancellation (stubborn)."""
+    started = Member(dsn, tmp_path, request.param)
     try:
         yield started
     finally:
