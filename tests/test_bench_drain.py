@@ -11,8 +11,15 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from pgcg.bench.cli import drain
-from pgcg.bench.drain import DrainOptions, make_workload, parse_tracing, run_drain
+from pgcg.bench.cli import _text, drain
+from pgcg.bench.drain import (
+    DrainOptions,
+    _cross_ratios,
+    make_workload,
+    parse_list,
+    parse_tracing,
+    run_drain,
+)
 
 
 def test_traced_drains_export_their_process_spans(
@@ -31,6 +38,10 @@ def test_traced_drains_export_their_process_spans(
         assert run["drain"]["handled"] >= 400
         assert run["drain"]["key_order_violations"] == 0
     assert "spans_exported" not in runs["noop"]["drain"]
+    for run in runs.values():
+        # Metrics on in every drain of a traced run, off included: the ratios are tracing's.
+        metrics = run["drain"]["metrics_exported"]
+        assert metrics["processed"] == metrics["process_durations"] == 400
     every = runs["noop+tracing-100%"]["drain"]["spans_exported"]
     assert every["process"] >= every["sampled_messages"] == 400
     sampled = sum(
@@ -47,6 +58,60 @@ def test_traced_drains_export_their_process_spans(
     }
     topics = db.execute("SELECT count(*) AS n FROM pgcg.topics WHERE name LIKE 'bench_%'")
     assert topics.fetchone() == {"n": 0}, "the bench cleans up its topics"
+
+
+def test_repeated_modes_report_the_median_and_spread(dsn: str) -> None:
+    opts = DrainOptions(
+        messages=100, keys=10, consumers=1, partitions=2, handlers=["noop"], raw=False,
+        loop=False, database_url=dsn, tracing=[None, 1.0], repeat=3, timeout=120,
+    )  # fmt: skip
+    result = run_drain(opts)
+    assert [list(r) for r in result["rounds"]] == [["noop", "noop+tracing-100%"]] * 3
+    assert result["pgcg"] == result["rounds"][0]
+    # The modes took turns: off, 100 %, off, 100 % ...
+    starts = [run["drain"]["started_at"] for r in result["rounds"] for run in r.values()]
+    assert starts == sorted(starts)
+    for round_ in result["rounds"]:
+        for run in round_.values():
+            assert run["drain"]["handled"] == 100
+            assert run["drain"]["metrics_exported"]["processed"] == 100
+    spread = result["tracing_spread"]
+    assert set(spread) == {
+        "drain_noop_tracing_100%_vs_off",
+        "consumer_cpu_per_msg_noop_tracing_100%_vs_off",
+    }
+    for name, s in spread.items():
+        assert len(s["rounds"]) == 3
+        assert s["min"] <= s["median"] == result["ratios"][name] <= s["max"]
+    assert "(median of 3 rounds," in _text(result)
+
+
+def _run(server: str, messages: int, msgs_per_s: int, per_cpu_s: int | None) -> dict[str, Any]:
+    drain = {"msgs_per_s": msgs_per_s, "cpu": {"msgs_per_cpu_s": per_cpu_s}}
+    return {"label": {"server": server, "messages": messages},
+            "pgcg": {"noop": {"tracing": "off", "drain": drain},
+                     "noop+tracing-1%": {"tracing": "1%", "drain": drain}}}  # fmt: skip
+
+
+def test_sizes_and_servers_compare_in_pairs() -> None:
+    ratios = _cross_ratios([
+        _run("pg15", 20_000, 1000, 500), _run("pg15", 1_000_000, 1500, 600),
+        _run("pg18", 20_000, 2000, None), _run("pg18", 1_000_000, 2000, 400),
+    ])  # fmt: skip
+    assert ratios == {
+        "drain_noop_pg15_1000000_vs_20000": 1.5,
+        "drain_noop_pg15_per_cpu_s_1000000_vs_20000": 1.2,
+        "drain_noop_pg18_1000000_vs_20000": 1.0,
+        "drain_noop_20000_pg15_vs_pg18": 0.5,
+        "drain_noop_1000000_pg15_vs_pg18": 0.75,
+        "drain_noop_1000000_per_cpu_s_pg15_vs_pg18": 1.5,
+    }
+    one_server = _cross_ratios([_run("pg18", 20_000, 1000, 500), _run("pg18", 5_000, 500, 500)])
+    assert one_server == {
+        "drain_noop_20000_vs_5000": 2.0,
+        "drain_noop_per_cpu_s_20000_vs_5000": 1.0,
+    }
+    assert parse_list(" 20000, 1000000 ,20000", "--messages") == ["20000", "1000000"]
 
 
 def test_every_traced_message_starts_its_own_trace() -> None:

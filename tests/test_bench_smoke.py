@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from pgcg.bench import idle, latency, soak
-from pgcg.bench.cli import _text, bench
-from pgcg.bench.drain import DrainOptions, run_drain
+from pgcg.bench.cli import _runs_text, _text, bench
+from pgcg.bench.drain import DrainOptions, run_drain, run_drains
+from pgcg.bench.throwaway import server_bin
 
 pytestmark = pytest.mark.pg15
 
@@ -71,6 +72,38 @@ def test_drain_reports_each_group_beside_one_group(db: psycopg.Connection[Any], 
     )
     assert "noop 2 groups, g1: drain" in _text(result)
     assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
+
+
+def test_drain_compares_backlog_sizes_on_one_server(db: psycopg.Connection[Any], dsn: str) -> None:
+    opts = DrainOptions(keys=20, consumers=1, partitions=2, concurrency=8, handlers=["sleep1ms"],
+                        raw=False, loop=False, database_url=dsn, timeout=120)  # fmt: skip
+    result = run_drains(opts, [100, 300], [None])
+    assert [r["label"]["messages"] for r in result["runs"]] == [100, 300]
+    for run in result["runs"]:
+        drain = run["pgcg"]["sleep1ms"]["drain"]
+        assert drain["handled"] == run["label"]["messages"] == run["config"]["messages"]
+        assert drain["key_order_violations"] == 0
+        # A 1 ms handler against what --concurrency allows at most.
+        assert run["ratios"]["drain_sleep1ms_vs_concurrency_bound"] > 0
+    # The caller's server: no server CPU to count, so throughput alone.
+    assert set(result["ratios"]) == {"drain_sleep1ms_300_vs_100"}
+    assert "ratio drain_sleep1ms_300_vs_100" in _runs_text(result)
+    assert _leftovers(db) == {"topics": 0, "groups": 0, "tables": 0}
+
+
+def test_drain_compares_servers() -> None:
+    try:
+        server_bin("15")
+    except FileNotFoundError:
+        pytest.skip("Debian's postgresql-15 is not installed")
+    opts = DrainOptions(keys=10, consumers=1, partitions=2, concurrency=8, handlers=["noop"],
+                        raw=False, loop=False, timeout=120)  # fmt: skip
+    result = run_drains(opts, [100], ["15", "18"])
+    assert [r["label"]["server"] for r in result["runs"]] == ["pg15", "pg18"]
+    assert [r["server"]["version"].split(".")[0] for r in result["runs"]] == ["15", "18"]
+    assert all(r["pgcg"]["noop"]["drain"]["handled"] == 100 for r in result["runs"])
+    # Throwaway servers: their CPU counts, so the per CPU-second ratio is there too.
+    assert set(result["ratios"]) == {"drain_noop_pg15_vs_pg18", "drain_noop_per_cpu_s_pg15_vs_pg18"}
 
 
 def test_soak_reports_intervals_and_a_verdict(db: psycopg.Connection[Any], dsn: str) -> None:
@@ -137,6 +170,19 @@ def test_the_commands_are_wired(dsn: str) -> None:
     result = runner.invoke(bench, ["soak", *soak_args, "--database-url", dsn, "--json"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["intervals"]) == 1
+    # One backlog size and no server list: the result as it has always been.
+    drain_args = ["--messages", "50", "--keys", "5", "--consumers", "1", "--partitions", "2",
+                  "--handler", "noop", "--no-raw", "--no-loop"]  # fmt: skip
+    result = runner.invoke(bench, ["drain", *drain_args, "--database-url", dsn, "--json"])
+    assert result.exit_code == 0, result.output
+    single = json.loads(result.output)
+    assert single["config"]["messages"] == 50 and "runs" not in single
+    assert single["pgcg"]["noop"]["drain"]["handled"] == 50
+    for bad in ("--messages", "20000,lots"), ("--messages", "20000,,5"), ("--server", "15,"):
+        result = runner.invoke(bench, ["drain", *bad])
+        assert result.exit_code == 2 and bad[0] in result.output, result.output
+    result = runner.invoke(bench, ["drain", "--server", "15,18", "--database-url", dsn])
+    assert result.exit_code == 1 and "drop --database-url" in result.output
     result = runner.invoke(bench, ["idle", "--server", "/nowhere", "--duration", "1"])
     assert result.exit_code == 1
     assert "no PostgreSQL server binaries in /nowhere" in result.output
