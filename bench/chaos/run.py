@@ -8,7 +8,7 @@ One run:
    by default (each group must handle every message);
 3. a seed-driven schedule of faults (nemesis.py): SIGKILL and SIGSTOP of consumers and
    of the leading coordinator, network cuts and stalls, fast and immediate server
-   restarts, members joining and leaving;
+   restarts, members joining and leaving, steps of the database server's clock;
 4. heal everything, let the group drain the queue, stop every process;
 5. check the recorded history (journal.check) and print a report; exit 1 on any
    violation, or if the queue did not drain.
