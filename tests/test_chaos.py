@@ -135,7 +135,7 @@ def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> None:
     """Coordinators that force a hand-off once the drain deadline has passed on the
     database's clock alone: the clock steps forward past the drain deadline while owners
@@ -146,14 +146,18 @@ def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> 
     the drain on its own clock, and the owners have fenced themselves by then."""
     if faketime_library() is None:
         pytest.skip("clock steps need libfaketime")
-    code, report, output = chaos(
-        tmp_path, "--seed", "37", "--faults", "clock-step", "--duration", "12", "--rate", "25",
+    args = (
+        "--seed", "37", "--faults", "clock-step", "--duration", "12", "--rate", "25",
         "--groups", "1", "--sync-share", "1", "--sync-work-ms", "1800", "--poison-every", "0",
-        "--calm", "0", "--drain-timeout", "60", "--unsafe-drain-on-database-clock",
+        "--calm", "0", "--drain-timeout", "60",
     )  # fmt: skip
+    code, report, output = chaos(tmp_path / "unsafe", *args, "--unsafe-drain-on-database-clock")
     assert code == 1, output
     assert report["verdict"]["violations"]["late_handlers"] > 0, output
     assert "late handler: " in output and "verdict: FAILED" in output
+    code, report, output = chaos(tmp_path / "safe", *args)
+    assert code == 0 and report["ok"], output
+    assert report["fault_counts"] == {"clock-step": 2}, output
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------
