@@ -11,15 +11,17 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgcg.bench.chaos import journal
 from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
-from pgcg.bench.throwaway import faketime_library
+from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.shared.producer import MAX_KEY_BYTES
 
 SAFE_SEED = 7
@@ -60,6 +62,29 @@ def test_the_schedule_follows_its_seed() -> None:
     assert all(f.hold > 3 for f in first(5, rounds) if f.kind == "net-blackhole")
     with pytest.raises(ValueError, match="unknown fault"):
         next(schedule(1, ["meteor-strike"], session_timeout=3, leader_timeout=3))
+
+
+def test_a_stepped_server_clock_moves_at_once_and_the_history_keeps_the_hosts_time(
+    stepped_server: ThrowawayPostgres, stepped_dsn: str
+) -> None:
+    """What `clock-step` relies on: every new transaction's now() and clock_timestamp()
+    follow the offset file at once, and the history's own clock takes the step back."""
+    with psycopg.connect(stepped_dsn, autocommit=True) as conn:
+        journal.create(conn)
+        journal.undo_clock_steps(conn, stepped_server.clock_file)
+        for step in (3600.0, -3600.0, 0.0):
+            stepped_server.step_clock(step)
+            row = conn.execute(
+                "SELECT extract(epoch FROM now())::float8, "
+                "extract(epoch FROM clock_timestamp())::float8, "
+                "extract(epoch FROM public.pgcg_real_clock())::float8"
+            ).fetchone()
+            assert row is not None
+            host = time.time()
+            # An hour's step against the few seconds a loaded host may take to answer.
+            assert row[0] == pytest.approx(host + step, abs=60), (step, row)
+            assert row[1] == pytest.approx(host + step, abs=60), (step, row)
+            assert row[2] == pytest.approx(host, abs=60), (step, row)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ database's stepped for real, by libfaketime in a server of the test's own)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,12 +14,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
+from pgcg.bench.throwaway import ThrowawayPostgres
 from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.expiry import MemberWatch
 from pgcg.coordinator.rebalancer import Outcome, rebalance
 from pgcg.coordinator.service import Coordinator
-from pgcg.shared import testdb
 from pgcg.shared.db import connect
 from pgcg.shared.errors import Contention
 from pgcg.shared.queries import Queries
@@ -258,25 +256,6 @@ def test_a_new_leader_waits_a_whole_session_timeout_before_expiring_anyone() -> 
 # What the revocation gives owner a to drain: the drain deadline, never less than its
 # session timeout.
 DRAIN = max(DRAIN_DEADLINE, SESSION_TIMEOUT_MS / 1000)
-
-
-@pytest.fixture(scope="module")
-def stepped_server() -> Iterator[ThrowawayPostgres]:
-    """A server of our own whose wall clock the test steps."""
-    if faketime_library() is None:
-        pytest.skip("a server with a steppable clock needs libfaketime")
-    with ThrowawayPostgres(fake_clock=True) as server:
-        testdb.migrated_template(server.url, "pgcg_stepped_template")
-        yield server
-
-
-@pytest.fixture
-def stepped_dsn(stepped_server: ThrowawayPostgres) -> Iterator[str]:
-    with testdb.fresh_database(stepped_server.url, "pgcg_stepped_template") as url:
-        try:
-            yield url
-        finally:
-            stepped_server.step_clock(0)
 
 
 def forced(outcome: Outcome | None) -> set[int]:
