@@ -545,10 +545,10 @@ class Nemesis:
 
     def _await_revocation(self, fault: Fault, record: Executed) -> tuple[str, list[Proc]]:
         """For a step while owners drain: a consumer joins a group (one leaves first if it
-        is at its largest) to cause revocations; wait for one, and stall the network of every owner
-        draining then for the step (they hear of nothing until their leases run out, as on
-        a slow network), so that only the leader's reading of the drain deadline stands
-        between the step and a hand-off onto an owner still at work."""
+        is at its largest) to cause revocations; wait for one, and stall the network of
+        every owner draining then for the step (they hear of nothing until their leases run
+        out, as on a slow network), so that only the leader's reading of the drain deadline
+        stands between the step and a hand-off onto an owner still at work."""
         groups = list(self.strength)
         group = groups[fault.victim % len(groups)]
         members = self._members(group)
