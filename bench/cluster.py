@@ -97,7 +97,12 @@ class Cluster:
         self._counter = 0
 
     def _spawn(
-        self, kind: str, args: list[str], name: str | None, env: dict[str, str] | None
+        self,
+        kind: str,
+        args: list[str],
+        name: str | None,
+        env: dict[str, str] | None,
+        module: str | None = None,
     ) -> Proc:
         self._counter += 1
         name = name or f"{kind}-{self._counter}"
@@ -105,7 +110,9 @@ class Cluster:
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         options = f"{self.env.get('PGOPTIONS', '')} -c pgcg.proc={name}".strip()
         popen = subprocess.Popen(
-            [sys.executable, "-m", "pgcg.shared.cli", kind, *args],
+            [sys.executable, "-m", module, *args]
+            if module
+            else [sys.executable, "-m", "pgcg.shared.cli", kind, *args],
             env={**self.env, "PGOPTIONS": options, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -117,9 +124,15 @@ class Cluster:
         return proc
 
     def coordinator(
-        self, *args: str, name: str | None = None, env: dict[str, str] | None = None
+        self,
+        *args: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        module: str | None = None,
     ) -> Proc:
-        return self._spawn("coordinator", list(args), name, env)
+        """A coordinator process: `pgcg coordinator`, or `python -m module` (a variant of
+        it a test run builds)."""
+        return self._spawn("coordinator", list(args), name, env, module)
 
     def consumer(
         self,

@@ -18,7 +18,14 @@ certificate (its common name must be the database user), both issued by a throwa
 (bench/tls.py, needs the `cryptography` package); `url` then connects in
 sslmode=verify-full with that CA and the `postgres` user's client certificate, and
 `tls_url(user)` gives any other user's. The embedded server is built without OpenSSL, so
-TLS runs a system server."""
+TLS runs a system server.
+
+With `fake_clock=True` the server's wall clock can be stepped (`step_clock`) while the
+host's stays put: libfaketime (Debian's `libfaketime`) is preloaded into the server
+processes, reading its offset from a file in the server's directory on every call
+(FAKETIME_NO_CACHE), so now() and clock_timestamp() of every session follow each step at
+once. Their monotonic clock is left alone (FAKETIME_DONT_FAKE_MONOTONIC): a step of the
+database host's wall clock is what is simulated, not a faster or slower machine."""
 
 from __future__ import annotations
 
@@ -112,6 +119,20 @@ def server_bin(spec: str | None) -> Path | None:
     return path
 
 
+# Where Debian's libfaketime puts its preloadable library (multiarch, or not).
+FAKETIME_GLOBS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                  "/usr/local/lib/faketime/libfaketime.so.1")  # fmt: skip
+
+
+def faketime_library() -> Path | None:
+    """libfaketime's preloadable library, or None when it is not installed."""
+    for pattern in FAKETIME_GLOBS:
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return found[0]
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,10 +150,12 @@ class ThrowawayPostgres:
         tls: bool = False,
         bin_dir: Path | str | None = None,
         system_user: str = "postgres",
+        fake_clock: bool = False,
     ) -> None:
         """`bin_dir`: a server's bin/ folder (see server_bin); None for the embedded one
         (or, with tls, a system one built with OpenSSL). `system_user`: who runs a
-        non-embedded server when we are root."""
+        non-embedded server when we are root. `fake_clock`: the server's wall clock can
+        be stepped (`step_clock`); needs libfaketime."""
         self.fsync = fsync
         self.port = port or _free_port()
         self.tls = tls
@@ -140,6 +163,14 @@ class ThrowawayPostgres:
         self.system_user = system_user
         self.embedded = self.bin_dir is None and not tls
         self.bin = self.bin_dir or (_with_openssl() if tls else _embedded())
+        self.faketime: Path | None = None
+        if fake_clock:
+            self.faketime = faketime_library()
+            if self.faketime is None:
+                raise FileNotFoundError(
+                    "a server with a steppable clock needs libfaketime "
+                    "(apt-get install libfaketime)"
+                )
         self.ca: CertificateAuthority | None = None  # with tls: the CA of every certificate
         self.base: Path | None = None
         self._user: str | None = None
@@ -170,8 +201,33 @@ class ThrowawayPostgres:
             f"?{urlencode(options)}"
         )
 
-    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    @property
+    def clock_file(self) -> Path:
+        """The offset, in seconds, libfaketime adds to the server's wall clock."""
+        assert self.base is not None, "server not started"
+        return self.base / "clock-offset"
+
+    def step_clock(self, offset: float) -> None:
+        """Set the server's wall clock to the host's plus `offset` seconds (0: back to the
+        host's), for every session at once. Written whole and renamed into place, so the
+        server never reads half an offset."""
+        assert self.faketime is not None, "server not started with fake_clock=True"
+        temporary = self.clock_file.with_suffix(".new")
+        temporary.write_text(f"{offset:+.3f}\n")
+        temporary.chmod(0o644)
+        os.replace(temporary, self.clock_file)
+
+    @property
+    def clock_offset(self) -> float:
+        return float(self.clock_file.read_text()) if self.faketime is not None else 0.0
+
+    def _run(
+        self, tool: str, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin / tool), *args]
+        if env:
+            # Through env(1): runuser need not pass the caller's environment on.
+            cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
         if self._user:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
@@ -203,6 +259,8 @@ class ThrowawayPostgres:
             ensure_folder_permissions(bin_path, 0o055)
             ensure_folder_permissions(bin_path.parent / "lib", 0o044)
             shutil.chown(self.base, self._user, self._user)
+        if self.faketime is not None:
+            self.step_clock(0.0)
         self._run(
             "initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8",
             "--no-sync", "--no-instructions",
@@ -259,9 +317,14 @@ class ThrowawayPostgres:
         ]
 
     def _pg_ctl_start(self) -> None:
+        env = None
+        if self.faketime is not None:
+            env = {"LD_PRELOAD": str(self.faketime), "FAKETIME_NO_CACHE": "1",
+                   "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
+                   "FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
         result = self._run(
             "pg_ctl", "-D", str(self.pgdata), "-l", str(self.base / "log"), "-w", "-t", "60",
-            "start", check=False,
+            "start", check=False, env=env,
         )  # fmt: skip
         if result.returncode != 0:
             log_text = (self.base / "log").read_text(errors="replace") if self.base else ""

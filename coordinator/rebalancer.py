@@ -11,7 +11,8 @@ the coordinator retries):
      - owner live, target differs         -> revoking: the owner drains and releases to
                                              the target itself (epoch + 1 then)
      - revoking past its drain deadline   -> forced: assign to the target (epoch + 1),
-                                             which fences the slow owner
+       on the database's clock and on the     which fences the slow owner
+       coordinator's own (drains.py)
      - revoking, target is the owner again -> back to assigned
   4. record the rebalance and NOTIFY the group.
 
@@ -28,11 +29,13 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pgcg.coordinator.assignor import assign
+from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.expiry import MemberWatch
 from pgcg.shared import metrics, tracing
 from pgcg.shared.db import AsyncConn, translated
@@ -81,8 +84,12 @@ class Outcome:
     trace_id: str | None = None  # of its `pgcg rebalance` span, when traced
 
 
-def plan(rows: list[dict[str, Any]], members: list[str]) -> tuple[list[Move], dict[int, str]]:
-    """The moves from the current rows to the assignor's target. Pure."""
+def plan(
+    rows: list[dict[str, Any]], members: list[str], overdue: Collection[int] = ()
+) -> tuple[list[Move], dict[int, str]]:
+    """The moves from the current rows to the assignor's target. Pure.
+
+    `overdue`: the revoking partitions whose drain deadline has passed (DrainWatch)."""
     live = set(members)
     current = {r["partition"]: r["member_id"] for r in rows if r["member_id"] in live}
     target = assign([r["partition"] for r in rows], members, current)
@@ -101,7 +108,7 @@ def plan(rows: list[dict[str, Any]], members: list[str]) -> tuple[list[Move], di
         elif owner == want:
             if state == "revoking":
                 moves.append(Move(p, owner, want, "unrevoke"))
-        elif r["overdue"]:
+        elif p in overdue:
             moves.append(Move(p, owner, want, "forced"))
         elif state == "assigned" or r["target_member_id"] != want:
             moves.append(Move(p, owner, want, "revoke"))
@@ -121,12 +128,16 @@ async def rebalance(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     watch: MemberWatch | None = None,
+    drains: DrainWatch | None = None,
 ) -> Outcome | None:
     """Run one rebalance; None when nothing needed to change.
 
     `watch`: the leader's record of its members' heartbeats (expiry.py); without one
-    nobody has been watched, so nobody is expired."""
+    nobody has been watched, so nobody is expired. `drains`: its record of when each
+    revocation started (drains.py); without one no drain is known to have run on our
+    clock, so no hand-off is forced at a drain deadline."""
     watch = watch if watch is not None else MemberWatch()
+    drains = drains if drains is not None else DrainWatch()
     started_at = datetime.now(UTC)
     t0 = time.perf_counter()
     t0_ns = time.time_ns()
@@ -155,7 +166,8 @@ async def rebalance(
             await run(Q.bound_lock_waits)
             if not await run(Q.lock_leadership):
                 raise LostLeadership(f"no longer leader of {group} at leader epoch {leader_epoch}")
-            silent = watch.observe(group, await run(Q.member_heartbeats, groups=[group]))
+            heartbeats = await run(Q.member_heartbeats, groups=[group])
+            silent = watch.observe(group, heartbeats)
             expired = []
             if silent:
                 rows = await run(
@@ -166,7 +178,12 @@ async def rebalance(
                 expired = [r["member_id"] for r in rows]
             members = [r["member_id"] for r in await run(Q.live_members)]
             rows = await run(Q.assignments_for_update)
-            moves, _ = plan(rows, members)
+            # What each owner was given to drain (the revoke statement's rule).
+            drain_of = {
+                r["member_id"]: max(drain_deadline, r["session_timeout_ms"] / 1000)
+                for r in heartbeats
+            }
+            moves, _ = plan(rows, members, drains.overdue(group, rows, drain_of))
             if not moves and not expired:
                 return None
             span = stack.enter_context(
@@ -193,6 +210,8 @@ async def rebalance(
                     partitions=[m.partition for m in revokes],
                     targets=[m.to_member for m in revokes],
                 )
+                epoch_of = {r["partition"]: r["epoch"] for r in rows}
+                drains.revoked(group, [(m.partition, epoch_of[m.partition]) for m in revokes])
             if unrevokes := by_kind.get("unrevoke"):
                 await run(Q.unrevoke, partitions=[m.partition for m in unrevokes])
             if unassigns := by_kind.get("unassign"):

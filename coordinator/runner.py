@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 
+from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.observer import CoordinatorObserver
 from pgcg.coordinator.service import Coordinator
 from pgcg.shared.health import LoopWatch, serving
@@ -11,11 +12,15 @@ from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_telemetry
 
 
-def run_coordinator(settings: Settings, *, groups: list[str] | None = None) -> None:
+def run_coordinator(
+    settings: Settings, *, groups: list[str] | None = None, drains: DrainWatch | None = None
+) -> None:
+    """`drains`: what decides when a drain deadline has passed (default: both clocks,
+    drains.py); a chaos run's unsafe variant hands in its own."""
     telemetry = setup_telemetry(settings, "pgcg-coordinator")
 
     async def main() -> None:
-        coordinator = Coordinator(settings, groups=groups)
+        coordinator = Coordinator(settings, groups=groups, drains=drains)
         observer = CoordinatorObserver(coordinator)
         # Past a leader timeout without running, a standby has taken over anyway.
         watch = LoopWatch(settings.leader_timeout)

@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 from psycopg import sql
 
+from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.elector import Elector
 from pgcg.coordinator.expiry import Clock, MemberWatch
 from pgcg.coordinator.rebalancer import (
@@ -54,10 +55,15 @@ class Coordinator:
         groups: list[str] | None = None,
         dsn: str | None = None,
         clock: Clock = time.monotonic,
+        drains: DrainWatch | None = None,
     ) -> None:
+        """`clock`: the monotonic clock members' silences and revocations' drains are
+        timed on. `drains`: what decides when a drain deadline has passed (drains.py)."""
         self.settings = settings
-        # Members are expired on this clock (expiry.py), never on the database's.
+        # Members are expired on this clock (expiry.py), never on the database's; hand-offs
+        # are forced only once a drain has run its course on it as well (drains.py).
         self.watch = MemberWatch(clock)
+        self.drains = drains if drains is not None else DrainWatch(clock)
         self.dsn = dsn or settings.dsn()
         self.only = [names.group_name(g) for g in groups] if groups else None
         # The leader lock and LISTEN need a session: PGCG_SESSION_DATABASE_URL when
@@ -148,6 +154,7 @@ class Coordinator:
                 log.warning("cannot list groups: %s", exc, extra={"action": "db_retry"})
             for group in await self.elector.tick(sorted(self.topics)):
                 self.watch.forget(group)
+                self.drains.forget(group)
                 self.mark(group, "leader elected")
             self.ready.set()
             await anyio.sleep(ELECTION_INTERVAL)
@@ -288,6 +295,7 @@ class Coordinator:
                         lock_timeout=min(DEFAULT_LOCK_TIMEOUT, self.settings.lease_margin / 2),
                         idle_timeout=self.settings.lease_margin,
                         watch=self.watch,
+                        drains=self.drains,
                     ),
                 )
         except LostLeadership as exc:

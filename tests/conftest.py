@@ -19,10 +19,12 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.shared import testdb
 from tests.chart import helm  # noqa: F401 - the helm binary, for the chart tests
 
 TEMPLATE = "pgcg_test_template"
+STEPPED_TEMPLATE = "pgcg_stepped_template"
 
 # The quick subset .ci/lowest runs against the lowest allowed dependency versions: what
 # leans hardest on psycopg, anyio, pydantic, click and SQLAlchemy, and on the OTel SDK.
@@ -119,6 +121,27 @@ def db(dsn: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
 
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def stepped_server() -> Iterator[ThrowawayPostgres]:
+    """A server of the tests' own whose wall clock a test steps (libfaketime)."""
+    if faketime_library() is None:
+        pytest.skip("a server with a steppable clock needs libfaketime")
+    with ThrowawayPostgres(fake_clock=True) as server:
+        testdb.migrated_template(server.url, STEPPED_TEMPLATE)
+        yield server
+
+
+@pytest.fixture
+def stepped_dsn(stepped_server: ThrowawayPostgres) -> Iterator[str]:
+    """A fresh database with the pgcg schema on the stepped server; its clock is put
+    right afterwards."""
+    with testdb.fresh_database(stepped_server.url, STEPPED_TEMPLATE) as url:
+        try:
+            yield url
+        finally:
+            stepped_server.step_clock(0)
 
 
 @pytest.fixture

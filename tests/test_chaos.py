@@ -11,14 +11,17 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgcg.bench.chaos import journal
-from pgcg.bench.chaos.nemesis import FAULT_KINDS, schedule
+from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
+from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.shared.producer import MAX_KEY_BYTES
 
 SAFE_SEED = 7
@@ -61,6 +64,29 @@ def test_the_schedule_follows_its_seed() -> None:
         next(schedule(1, ["meteor-strike"], session_timeout=3, leader_timeout=3))
 
 
+def test_a_stepped_server_clock_moves_at_once_and_the_history_keeps_the_hosts_time(
+    stepped_server: ThrowawayPostgres, stepped_dsn: str
+) -> None:
+    """What `clock-step` relies on: every new transaction's now() and clock_timestamp()
+    follow the offset file at once, and the history's own clock takes the step back."""
+    with psycopg.connect(stepped_dsn, autocommit=True) as conn:
+        journal.create(conn)
+        journal.undo_clock_steps(conn, stepped_server.clock_file)
+        for step in (3600.0, -3600.0, 0.0):
+            stepped_server.step_clock(step)
+            row = conn.execute(
+                "SELECT extract(epoch FROM now())::float8, "
+                "extract(epoch FROM clock_timestamp())::float8, "
+                "extract(epoch FROM public.pgcg_real_clock())::float8"
+            ).fetchone()
+            assert row is not None
+            host = time.time()
+            # An hour's step against the few seconds a loaded host may take to answer.
+            assert row[0] == pytest.approx(host + step, abs=60), (step, row)
+            assert row[1] == pytest.approx(host + step, abs=60), (step, row)
+            assert row[2] == pytest.approx(host, abs=60), (step, row)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
@@ -68,7 +94,10 @@ def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
         tmp_path, "--seed", str(SAFE_SEED), "--duration", "80", "--rate", "100", "--calm", "6"
     )
     assert code == 0 and report["ok"], output
-    assert set(report["fault_counts"]) == set(FAULT_KINDS), report["fault_counts"]
+    # Clock steps need libfaketime (.ci/install-system installs it); without it the run
+    # leaves them out, saying so.
+    kinds = set(FAULT_KINDS) - (set() if faketime_library() else CLOCK_FAULTS)
+    assert set(report["fault_counts"]) == kinds, report["fault_counts"]
     verdict = report["verdict"]
     # Half the consumers ran def handlers; poison was produced, and every one of them
     # dead-lettered in time (no violations below); healthy keys were checked for delay.
@@ -148,6 +177,32 @@ def test_counting_a_delivery_after_its_handler_fails(tmp_path: Path) -> None:
     assert report["verdict"]["violations"]["poison"] > 0, output
     assert "crash poison" in output and "not dead-lettered" in output, output
     assert "verdict: FAILED" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> None:
+    """Coordinators that force a hand-off once the drain deadline has passed on the
+    database's clock alone: the clock steps forward past the drain deadline while owners
+    drain (their network stalled, so they hear of nothing until their leases run out), the
+    hand-off is forced at once, and def handlers of 1.8 s still running on the old owner
+    finish after the next owner started, which the checker must report (8 to 10 such in
+    three runs of this seed). Without the switch the same run passes: the leader waits for
+    the drain on its own clock, and the owners have fenced themselves by then."""
+    if faketime_library() is None:
+        pytest.skip("clock steps need libfaketime")
+    args = (
+        "--seed", "37", "--faults", "clock-step", "--duration", "12", "--rate", "25",
+        "--groups", "1", "--sync-share", "1", "--sync-work-ms", "1800", "--poison-every", "0",
+        "--calm", "0", "--drain-timeout", "60",
+    )  # fmt: skip
+    code, report, output = chaos(tmp_path / "unsafe", *args, "--unsafe-drain-on-database-clock")
+    assert code == 1, output
+    assert report["verdict"]["violations"]["late_handlers"] > 0, output
+    assert "late handler: " in output and "verdict: FAILED" in output
+    code, report, output = chaos(tmp_path / "safe", *args)
+    assert code == 0 and report["ok"], output
+    assert report["fault_counts"] == {"clock-step": 2}, output
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------

@@ -1,6 +1,8 @@
 """The rebalance's own safety: its deadlines count from when it holds its locks, its lock
-waits are bounded, and members are expired on the coordinator's clock (an injected clock
-stands in for it; the database's clock step is stood in for by moving last_heartbeat)."""
+waits are bounded, members are expired on the coordinator's clock (an injected clock
+stands in for it; the database's clock step is stood in for by moving last_heartbeat), and
+hand-offs are forced only once the drain deadline has passed on both clocks (the
+database's stepped for real, by libfaketime in a server of the test's own)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.expiry import MemberWatch
 from pgcg.coordinator.rebalancer import Outcome, rebalance
 from pgcg.coordinator.service import Coordinator
@@ -78,19 +82,26 @@ def lock_assignments(dsn: str) -> psycopg.Connection[Any]:
     return holder
 
 
-async def run_rebalance(dsn: str, epoch: int, lock_timeout: float) -> Outcome | None:
+async def run_rebalance(
+    dsn: str,
+    epoch: int,
+    lock_timeout: float,
+    drains: DrainWatch | None = None,
+    leader: str = LEADER,
+) -> Outcome | None:
     conn = await connect(dsn, application_name=APP)
     try:
         return await rebalance(
             conn,
             group=GROUP,
             topic=TOPIC,
-            leader_id=LEADER,
+            leader_id=leader,
             leader_epoch=epoch,
             leader_timeout=60,
             drain_deadline=DRAIN_DEADLINE,
             reason="test",
             lock_timeout=lock_timeout,
+            drains=drains,
         )
     finally:
         await conn.close()
@@ -271,3 +282,80 @@ def test_a_new_leader_waits_a_whole_session_timeout_before_expiring_anyone() -> 
     # Leading again after a gap: what was seen before counts for nothing.
     watch.forget(GROUP)
     assert watch.observe(GROUP, silent_for_long) == []
+
+
+# What the revocation gives owner a to drain: the drain deadline, never less than its
+# session timeout.
+DRAIN = max(DRAIN_DEADLINE, SESSION_TIMEOUT_MS / 1000)
+
+
+def forced(outcome: Outcome | None) -> set[int]:
+    return {m.partition for m in outcome.moves if m.kind == "forced"} if outcome else set()
+
+
+@pytest.mark.parametrize("step", [30.0, -30.0], ids=["forward", "backward"])
+async def test_a_forced_hand_off_waits_for_the_drain_on_both_clocks(
+    stepped_server: ThrowawayPostgres, stepped_dsn: str, step: float
+) -> None:
+    """A revoked owner counts its drain down on its own clock, from the deadline as it read
+    it. The database's clock stepping forward during the drain, or put right during the
+    drain after it was behind when the revocation was issued, brings the row's deadline
+    closer by the step; forcing the hand-off then would start the next owner beside the
+    handlers the old one still runs. The leader waits for the drain on its own clock too."""
+    with psycopg.connect(stepped_dsn, autocommit=True, row_factory=dict_row) as db:
+        epoch = setup_group(db)
+        clock = FakeClock()
+        drains = DrainWatch(clock)
+        if step < 0:
+            stepped_server.step_clock(step)  # behind as the revocation is issued
+        first = await run_rebalance(stepped_dsn, epoch, 5, drains)
+        assert first is not None
+        revoked = {m.partition for m in first.moves if m.kind == "revoke"}
+        assert revoked, "some partitions are being revoked from a for b"
+        stepped_server.step_clock(max(step, 0.0))  # forward, or put right
+        due = db.execute(
+            "SELECT bool_and(revoke_deadline <= clock_timestamp()) AS due "
+            "FROM pgcg.partition_assignments WHERE group_name = %s AND state = 'revoking'",
+            (GROUP,),
+        ).fetchone()
+        assert due is not None and due["due"], "past the deadline on the database's clock"
+        before = owners(db, GROUP)
+        clock.advance(DRAIN - 0.1)
+        assert forced(await run_rebalance(stepped_dsn, epoch, 5, drains)) == set()
+        assert owners(db, GROUP) == before, "forced before the owner's drain ran its course"
+        clock.advance(0.1)
+        assert forced(await run_rebalance(stepped_dsn, epoch, 5, drains)) == revoked
+        assert {p for p, (m, _, _) in owners(db, GROUP).items() if m == "b"} == revoked
+
+
+async def test_a_new_leader_waits_a_whole_drain_before_forcing_a_hand_off(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A leader that took over during a revocation did not see it start: however long ago
+    the database's clock says it was, the owner may have heard of it only just before the
+    takeover, so the new leader counts a whole drain from when it first saw it."""
+    epoch = setup_group(db)
+    first = await run_rebalance(dsn, epoch, 5, DrainWatch(FakeClock()))
+    assert first is not None
+    revoked = {m.partition for m in first.moves if m.kind == "revoke"}
+    assert revoked
+    db.execute(
+        "UPDATE pgcg.partition_assignments SET revoke_deadline = clock_timestamp() "
+        "- interval '1 minute' WHERE group_name = %s AND state = 'revoking'",
+        (GROUP,),
+    )
+    row = db.execute(COORD.take_leadership, {"scope": GROUP, "leader": "leader-2"}).fetchone()
+    assert row is not None
+    new_epoch, clock = int(row["leader_epoch"]), FakeClock()
+    drains = DrainWatch(clock)
+    before = owners(db, GROUP)
+    assert forced(await run_rebalance(dsn, new_epoch, 5, drains, "leader-2")) == set()
+    clock.advance(DRAIN - 0.1)
+    assert forced(await run_rebalance(dsn, new_epoch, 5, drains, "leader-2")) == set()
+    assert owners(db, GROUP) == before
+    clock.advance(0.1)
+    assert forced(await run_rebalance(dsn, new_epoch, 5, drains, "leader-2")) == revoked
+    # Leading again after a gap: what was seen before counts for nothing.
+    drains.forget(GROUP)
+    row = {"partition": 0, "epoch": 9, "state": "revoking", "member_id": "a", "overdue": True}
+    assert drains.overdue(GROUP, [row], {"a": 1.0}) == set()

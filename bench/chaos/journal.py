@@ -47,10 +47,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from pgcg.consumer.message import Message
@@ -85,6 +87,12 @@ _conn_lock: anyio.Lock | None = None
 def create(conn: psycopg.Connection[Any]) -> None:
     """The journal tables and triggers; run after `pgcg migrate`."""
     conn.execute(Q.create)
+
+
+def undo_clock_steps(conn: psycopg.Connection[Any], offset_file: Path) -> None:
+    """The history's server-side timestamps take back the step of a server whose clock a
+    run steps (ThrowawayPostgres(fake_clock=True), its offset in `offset_file`)."""
+    conn.execute(sql.SQL(Q.real_clock).format(path=sql.Literal(str(offset_file))))
 
 
 # Poison messages (the producer marks them in the payload, `{"poison": kind}`): the

@@ -43,8 +43,11 @@ FAULT_KINDS = (
     "net-blackhole",  # drop every byte to and from a consumer, no reset, past its session
     "assignment-lock",  # a session holds a group's assignment rows FOR UPDATE for `hold`
     "revoke-cancel",  # a consumer joins and leaves at once: a revocation issued, called off
+    "clock-step",  # step the database server's wall clock by `step` for `hold`, then back
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
+# Needs our own server, started with a steppable clock (libfaketime).
+CLOCK_FAULTS = frozenset({"clock-step"})
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,18 @@ class Fault:
     # | lease (consumers: past the lease, within the session); net-cut: one | all
     # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
     # moved on) | lease (one, past the lease, within the session); net-blackhole: one | all;
-    # assignment-lock: some | all | join; revoke-cancel: joined | revoking; else: -
+    # assignment-lock: some | all | join; revoke-cancel: joined | revoking; clock-step:
+    # forward | backward | revoking (forward, the moment a revocation is in progress, with
+    # the draining owner's network stalled meanwhile); else: -
     variant: str
+    step: float = 0.0  # clock-step: seconds the database's clock moves (back: negative)
 
     def describe(self) -> str:
         variant = "" if self.variant == "-" else f"/{self.variant}"
-        return f"{self.kind}{variant} hold={self.hold:.1f}s gap={self.gap:.1f}s v={self.victim}"
+        step = f" step={self.step:+.1f}s" if self.step else ""
+        return (
+            f"{self.kind}{variant}{step} hold={self.hold:.1f}s gap={self.gap:.1f}s v={self.victim}"
+        )
 
 
 def schedule(
@@ -94,7 +103,7 @@ def schedule(
         order = list(kinds)
         rng.shuffle(order)
         for kind in order:
-            variant = "-"
+            variant, step = "-", 0.0
             if kind == "consumer-pause":
                 variant = rng.choice(["timed", "handoff", "lease"])
                 hold = past_lease() if variant == "lease" else session_timeout + rng.uniform(0.5, 3)
@@ -122,12 +131,24 @@ def schedule(
                 # revocation in its favour was issued (the leader then calls it off).
                 variant = rng.choice(["joined", "revoking", "revoking"])
                 hold = 0.0
+            elif kind == "clock-step":
+                # Forward past the drain deadline (not shorter than the session timeout)
+                # and the leader timeout, so a revoke_deadline or a leader's heartbeat read
+                # on the database's clock alone is overdue at once; back as far.
+                variant = rng.choice(["forward", "backward", "revoking"])
+                step = rng.uniform(session_timeout + 1.0, 3 * session_timeout)
+                step = -step if variant == "backward" else step
+                # revoking: the draining owner's network stalls as long, past its lease.
+                hold = past_lease() + 1.0 if variant == "revoking" else rng.uniform(0.5, 5.0)
             elif kind in ("consumer-kill", "leader-kill"):
                 hold = rng.uniform(0.5, 4.0)
             else:
                 hold = 0.0
             gap = rng.uniform(1.0, 3.0)
-            yield Fault(kind, round(hold, 2), round(gap, 2), rng.randrange(1 << 16), variant)
+            yield Fault(
+                kind, round(hold, 2), round(gap, 2), rng.randrange(1 << 16), variant,
+                round(step, 2),
+            )  # fmt: skip
 
 
 @dataclass
@@ -143,6 +164,7 @@ class Executed:
             "kind": self.fault.kind,
             "variant": self.fault.variant,
             "hold": self.fault.hold,
+            "step": self.fault.step,
             "victims": self.victims,
             "start": self.start.isoformat(),
             "end": self.end.isoformat() if self.end else None,
@@ -500,10 +522,72 @@ class Nemesis:
             "" if member else " (before it joined)"
         )
 
+    def _clock_step(self, fault: Fault, record: Executed) -> None:
+        if self.server is None or self.server.faketime is None:
+            record.note = "skipped: no steppable clock"
+            return
+        waited, stalled = "", []
+        if fault.variant == "revoking":
+            waited, stalled = self._await_revocation(fault, record)
+        self.server.step_clock(fault.step)
+        stepped = _now()
+        try:
+            time.sleep(fault.hold)
+        finally:
+            self.server.step_clock(0.0)
+            for proc in stalled:
+                self.proxies[proc].heal()
+        end = _now()
+        record.note = f"stepped {fault.step:+.1f}s for {fault.hold:.1f}s" + waited
+        self._hit(fault.kind, None, stepped, end)
+        for proc in stalled:
+            self._hit("net-stall", proc, stepped, end)
+
+    def _await_revocation(self, fault: Fault, record: Executed) -> tuple[str, list[Proc]]:
+        """For a step while owners drain: a consumer joins a group (one leaves first if it
+        is at its largest) to cause revocations; wait for one, and stall the network of
+        every owner draining then for the step (they hear of nothing until their leases run
+        out, as on a slow network), so that only the leader's reading of the drain deadline
+        stands between the step and a hand-off onto an owner still at work."""
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        members = self._members(group)
+        if len(members) >= self.strength[group] + 2:
+            # At its largest: one leaves first (gracefully), so the group stays in size.
+            leaver = members[fault.victim % len(members)]
+            record.victims.append(leaver.name)
+            self.ended.add(leaver)
+            leaver.terminate()
+            self._hit("member-leave", leaver, record.start, record.start)
+        joiner = self.spawn_consumer(group)
+        record.victims.append(joiner.name)
+        self._hit("member-join", joiner, record.start, record.start)
+        started = time.monotonic()
+        # A process starting on a loaded host can take many seconds to join.
+        cap = self.session_timeout + 20.0
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() - started < cap and not rows:
+            rows = self._query(
+                "SELECT DISTINCT cg.pid FROM pgcg.partition_assignments AS pa "
+                "JOIN pgcg.consumer_groups AS cg USING (group_name, member_id) "
+                "WHERE pa.state = 'revoking'"
+            )
+            if not rows:
+                time.sleep(0.01)
+        waited = f" after {time.monotonic() - started:.1f}s waiting for a revocation"
+        pids = {r["pid"] for r in rows}
+        owners = [p for p in self._consumers() if p.pid in pids and p in self.proxies]
+        for proc in owners:
+            record.victims.append(proc.name)
+            self.proxies[proc].stall(fault.hold + 30.0)
+        return waited + (f", {len(owners)} owner(s) stalled" if owners else ""), owners
+
     # -- healing ---------------------------------------------------------------------------
 
     def heal(self, coordinators: int) -> None:
         """Undo whatever is still in effect and bring every group back to strength."""
+        if self.server is not None and self.server.faketime is not None:
+            self.server.step_clock(0.0)
         for proc in self.cluster.procs:
             if proc.paused:
                 proc.resume()

@@ -8,14 +8,16 @@ One run:
    by default (each group must handle every message);
 3. a seed-driven schedule of faults (nemesis.py): SIGKILL and SIGSTOP of consumers and
    of the leading coordinator, network cuts and stalls, fast and immediate server
-   restarts, members joining and leaving;
+   restarts, members joining and leaving, steps of the database server's clock;
 4. heal everything, let the group drain the queue, stop every process;
 5. check the recorded history (journal.check) and print a report; exit 1 on any
    violation, or if the queue did not drain.
 
 `--unsafe-no-fencing` replaces the database's ownership check with one that lets every write
 through (marks, results, parks without the epoch fence): the same checks must then fail,
-which proves they can.
+which proves they can. `--unsafe-drain-on-database-clock` runs coordinators that force
+hand-offs at the drain deadline on the database's clock alone: with `clock-step` faults
+they must fail too.
 """
 
 from __future__ import annotations
@@ -46,16 +48,26 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from pgcg.bench.chaos import journal
-from pgcg.bench.chaos.nemesis import FAULT_KINDS, SERVER_FAULTS, Executed, Fault, Nemesis, schedule
+from pgcg.bench.chaos.nemesis import (
+    CLOCK_FAULTS,
+    FAULT_KINDS,
+    SERVER_FAULTS,
+    Executed,
+    Fault,
+    Nemesis,
+    schedule,
+)
 from pgcg.bench.chaos.netproxy import NetProxy, ProxyHub
 from pgcg.bench.cluster import Cluster, Proc
-from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.consumer.assignment import EXIT_HANDLER_STUCK
 from pgcg.shared.migrate import migrate
 
 log = logging.getLogger("pgcg.chaos")
 
 GROUP = "chaos"
+# A coordinator that forces hand-offs on the database's clock alone (the unsafe switch).
+UNSAFE_LEADER = "pgcg.bench.chaos.unsafe_leader"
 # Further groups on the same topic: each must get every message too, at its own pace.
 OTHER_GROUPS = ("chaos-audit", "chaos-3")
 TOPIC = "chaos"
@@ -108,6 +120,8 @@ class ChaosOptions:
     unsafe_unstorable_errors: bool = False
     # A delivery is counted when its handler returned, not before it runs.
     unsafe_count_after_handler: bool = False
+    # Coordinators force hand-offs at the drain deadline on the database's clock alone.
+    unsafe_drain_on_database_clock: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -180,7 +194,8 @@ class ChaosReport:
             + (" UNSAFE-NO-FENCING" if o.unsafe_no_fencing else "")
             + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else "")
             + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else "")
-            + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else ""),
+            + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else "")
+            + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -230,15 +245,16 @@ class _Database:
     """Where the run's database lives: our own throwaway server, or a fresh database
     created on the server the user named (and dropped afterwards)."""
 
-    def __init__(self, url: str | None) -> None:
+    def __init__(self, url: str | None, fake_clock: bool = False) -> None:
         self.admin_url = url
+        self.fake_clock = fake_clock
         self.server: ThrowawayPostgres | None = None
         self.name: str | None = None
         self.dsn = ""
 
     def __enter__(self) -> _Database:
         if self.admin_url is None:
-            self.server = ThrowawayPostgres()
+            self.server = ThrowawayPostgres(fake_clock=self.fake_clock)
             self.dsn = self.server.start()
             return self
         self.name = f"pgcg_chaos_{uuid.uuid4().hex[:10]}"
@@ -324,14 +340,24 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pgcg-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kinds = tuple(options.faults)
+    clock = False  # our server's clock can be stepped
     if options.database_url is not None and SERVER_FAULTS & set(kinds):
         echo("chaos: not our server, leaving out the server restarts")
         kinds = tuple(k for k in kinds if k not in SERVER_FAULTS)
+    if CLOCK_FAULTS & set(kinds):
+        if options.database_url is not None:
+            echo("chaos: not our server, leaving out the clock steps")
+        elif faketime_library() is None:
+            echo("chaos: libfaketime is not installed, leaving out the clock steps "
+                 "(apt-get install libfaketime)")  # fmt: skip
+        else:
+            clock = True
+        kinds = kinds if clock else tuple(k for k in kinds if k not in CLOCK_FAULTS)
     duration = options.duration
     if duration is None and options.messages is None:
         duration = 60.0
     with contextlib.ExitStack() as stack:
-        db = stack.enter_context(_Database(options.database_url))
+        db = stack.enter_context(_Database(options.database_url, fake_clock=clock))
         run = _Run(options, db, workdir, stack)
         echo(f"chaos: seed {options.seed}, logs in {workdir}")
         run.warm_up()
@@ -395,6 +421,8 @@ class _Run:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pgcg.create_topic(%s, %s)", (TOPIC, options.partitions))
             journal.create(conn)
+            if db.server is not None and db.server.faketime is not None:
+                journal.undo_clock_steps(conn, db.server.clock_file)
             if options.unsafe_no_fencing:
                 conn.execute(journal.UNFENCED)
             if options.unsafe_count_after_handler:
@@ -475,7 +503,8 @@ class _Run:
 
     def spawn_coordinator(self) -> Proc:
         n = sum(1 for p in self.cluster.procs if p.kind == "coordinator") + 1
-        return self.cluster.coordinator(name=f"coordinator-{n}")
+        module = UNSAFE_LEADER if self.options.unsafe_drain_on_database_clock else None
+        return self.cluster.coordinator(name=f"coordinator-{n}", module=module)
 
     def producing(self) -> bool:
         return self.producer.poll() is None
@@ -816,6 +845,12 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Count a delivery when its handler returned, not before it runs: a message that "
     "kills its consumer is redelivered forever; the checks must fail.",
 )
+@click.option(
+    "--unsafe-drain-on-database-clock",
+    is_flag=True,
+    help="Coordinators force a hand-off at the drain deadline on the database's clock "
+    "alone, not on their own as well: with clock-step faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -823,7 +858,7 @@ def chaos(
     poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
-    unsafe_count_after_handler: bool,
+    unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -863,6 +898,7 @@ def chaos(
         unsafe_release_running_handlers=unsafe_release_running_handlers,
         unsafe_unstorable_errors=unsafe_unstorable_errors,
         unsafe_count_after_handler=unsafe_count_after_handler,
+        unsafe_drain_on_database_clock=unsafe_drain_on_database_clock,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,

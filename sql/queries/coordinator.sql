@@ -82,7 +82,9 @@ SELECT set_config('lock_timeout', %(lock_timeout_ms)s::int::text, true),
 
 -- name: assignments_for_update
 -- `overdue` is judged on the clock once the rows are locked (the outer query runs after
--- the lock waits), not at the start of the transaction.
+-- the lock waits), not at the start of the transaction. It is the database's half of the
+-- drain deadline: the leader forces a hand-off only once the drain has run its course on
+-- its own monotonic clock as well (coordinator/drains.py), as the database's clock can step.
 SELECT partition, member_id, epoch, state, target_member_id, overdue
 FROM pgcg.assignments_for_update(%(group)s, %(topic)s)
 

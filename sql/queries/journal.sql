@@ -2,7 +2,8 @@
 -- checks over it. These tables are not part of the pgcg schema.
 --
 -- Besides what the producer and the recording handler write, AFTER triggers on pgcg's own
--- tables record what the database decided, with the server's clock_timestamp():
+-- tables record what the database decided, with the server's clock_timestamp() (as
+-- public.pgcg_real_clock(): a run that steps the server's clock undoes the step there):
 --   pgcg_completed  every completion a group's fenced write recorded (a handled log message
 --                   in the ledger, or a parked message deleted), and which process's session
 --                   wrote it (the pgcg.proc setting, see bench/cluster.py);
@@ -12,12 +13,14 @@
 -- assuming that the fencing under test works.
 
 -- name: create
+CREATE OR REPLACE FUNCTION public.pgcg_real_clock() RETURNS timestamptz
+LANGUAGE sql VOLATILE AS $$ SELECT clock_timestamp() $$;
 CREATE TABLE IF NOT EXISTS public.pgcg_produced (
     seq         bigint PRIMARY KEY,
     key         text NOT NULL,
     message_id  bigint,
     poison      text,  -- raise | crash: the recording handler never handles it
-    produced_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    produced_at timestamptz NOT NULL DEFAULT public.pgcg_real_clock()
 );
 CREATE TABLE IF NOT EXISTS public.pgcg_journal (
     id           bigserial PRIMARY KEY,
@@ -48,7 +51,7 @@ CREATE TABLE IF NOT EXISTS public.pgcg_poison (
     attempt      integer NOT NULL,
     pid          integer NOT NULL,
     kind         text NOT NULL,
-    at           timestamptz NOT NULL DEFAULT clock_timestamp()
+    at           timestamptz NOT NULL DEFAULT public.pgcg_real_clock()
 );
 CREATE INDEX IF NOT EXISTS pgcg_journal_key ON public.pgcg_journal (group_name, key, started_at);
 CREATE TABLE IF NOT EXISTS public.pgcg_completed (
@@ -57,7 +60,7 @@ CREATE TABLE IF NOT EXISTS public.pgcg_completed (
     partition     integer NOT NULL,
     epoch         bigint,
     proc          text,
-    completed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    completed_at  timestamptz NOT NULL DEFAULT public.pgcg_real_clock()
 );
 CREATE TABLE IF NOT EXISTS public.pgcg_ownership (
     id          bigserial PRIMARY KEY,
@@ -67,7 +70,7 @@ CREATE TABLE IF NOT EXISTS public.pgcg_ownership (
     member_id   text,
     epoch       bigint NOT NULL,
     state       text NOT NULL,
-    changed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    changed_at  timestamptz NOT NULL DEFAULT public.pgcg_real_clock()
 );
 CREATE OR REPLACE FUNCTION public.pgcg_journal_handled() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -163,6 +166,27 @@ BEGIN
         what := r.what; partition := r.partition; ref := r.ref; ok := r.ok; info := r.info;
         RETURN NEXT;
     END LOOP;
+END $$
+
+-- name: real_clock
+-- Runs that step the server's wall clock (libfaketime, the offset in seconds read from a
+-- file on every call, bench/throwaway.py): the history keeps the host's time, so the
+-- checker never judges with a stepped clock. The file is read before and after the clock;
+-- a step between the two reads is read again.
+CREATE OR REPLACE FUNCTION public.pgcg_real_clock() RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog AS $$
+DECLARE
+    before text;
+    after text;
+    stepped timestamptz;
+BEGIN
+    LOOP
+        before := pg_read_file({path});
+        stepped := clock_timestamp();
+        after := pg_read_file({path});
+        EXIT WHEN before = after;
+    END LOOP;
+    RETURN stepped - btrim(before)::float8 * interval '1 second';
 END $$
 
 -- name: record
