@@ -75,6 +75,7 @@ UNFENCED = Q.unfenced
 # Test builds only: pgcg.settle replaced by one that counts a parked message's delivery when
 # its handler returned, not when it was claimed.
 COUNT_AFTER_HANDLER = Q.count_after_handler
+EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.

@@ -122,6 +122,8 @@ class ChaosOptions:
     unsafe_count_after_handler: bool = False
     # Coordinators force hand-offs at the drain deadline on the database's clock alone.
     unsafe_drain_on_database_clock: bool = False
+    # Members are expired on the database's clock (every rebalance), not the leader's.
+    unsafe_expire_on_database_clock: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -195,7 +197,8 @@ class ChaosReport:
             + (" UNSAFE-RELEASE-RUNNING-HANDLERS" if o.unsafe_release_running_handlers else "")
             + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else "")
             + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else "")
-            + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else ""),
+            + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else "")
+            + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -427,6 +430,8 @@ class _Run:
                 conn.execute(journal.UNFENCED)
             if options.unsafe_count_after_handler:
                 conn.execute(journal.COUNT_AFTER_HANDLER)
+            if options.unsafe_expire_on_database_clock:
+                conn.execute(journal.EXPIRE_ON_DATABASE_CLOCK)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -851,6 +856,12 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Coordinators force a hand-off at the drain deadline on the database's clock "
     "alone, not on their own as well: with clock-step faults the checks must fail.",
 )
+@click.option(
+    "--unsafe-expire-on-database-clock",
+    is_flag=True,
+    help="Expire members whose last heartbeat is older than their session timeout by the "
+    "database's clock, not the leader's: with clock-step faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -859,6 +870,7 @@ def chaos(
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
     unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
+    unsafe_expire_on_database_clock: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -899,6 +911,7 @@ def chaos(
         unsafe_unstorable_errors=unsafe_unstorable_errors,
         unsafe_count_after_handler=unsafe_count_after_handler,
         unsafe_drain_on_database_clock=unsafe_drain_on_database_clock,
+        unsafe_expire_on_database_clock=unsafe_expire_on_database_clock,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,

@@ -326,3 +326,18 @@ SELECT topic_id, tick, snapshot::text AS snapshot, offsets, at FROM pgcg.ticks
 -- Each group's position, for a failed run's kept history (group_progress.csv).
 SELECT g.group_name, p.partition, p.tick, p.gen, p.clean_epoch, p.charged_epoch, p.updated_at
 FROM pgcg.group_progress AS p JOIN pgcg.groups AS g ON g.id = p.group_id
+-- name: expire_on_database_clock
+-- Test builds only (`pgcg chaos --unsafe-expire-on-database-clock`): members are expired as
+-- a coordinator trusting the database's clock would, in every rebalance (the leader's sweep
+-- runs one each heartbeat interval): whoever's last heartbeat is older than its session
+-- timeout by the server's clock is gone. A forward step of that clock then expires members
+-- whose leases are still valid, and their partitions go to others while they still work.
+CREATE OR REPLACE FUNCTION pgcg.live_members(p_group text)
+RETURNS TABLE (member_id text, host text, pid integer)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+    DELETE FROM pgcg.consumer_groups AS cg
+    WHERE cg.group_name = p_group
+      AND cg.last_heartbeat < clock_timestamp() - cg.session_timeout_ms * interval '1 millisecond';
+    SELECT cg.member_id, cg.host, cg.pid FROM pgcg.consumer_groups AS cg
+    WHERE cg.group_name = p_group ORDER BY cg.joined_at, cg.member_id
+$$
