@@ -188,7 +188,9 @@ def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> 
     hand-off is forced at once, and def handlers of 1.8 s still running on the old owner
     finish after the next owner started, which the checker must report (8 to 10 such in
     three runs of this seed). Without the switch the same run passes: the leader waits for
-    the drain on its own clock, and the owners have fenced themselves by then."""
+    the drain on its own clock, and the owners have fenced themselves by then (recorded in
+    docs/chaos.md; CI's own schedule, test_a_short_schedule_of_every_fault_passes, steps
+    the clock too, so the safe half is not run again here)."""
     if faketime_library() is None:
         pytest.skip("clock steps need libfaketime")
     args = (
@@ -200,9 +202,6 @@ def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> 
     assert code == 1, output
     assert report["verdict"]["violations"]["late_handlers"] > 0, output
     assert "late handler: " in output and "verdict: FAILED" in output
-    code, report, output = chaos(tmp_path / "safe", *args)
-    assert code == 0 and report["ok"], output
-    assert report["fault_counts"] == {"clock-step": 2}, output
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------
