@@ -4,6 +4,9 @@ its group's for assignment changes, shared/names.py).
 
 A notification is a hint that saves a wait: polling backs it up, and NOTIFYs sent while
 the connection was down are lost, so every subscriber hears of a reconnect and catches up.
+`listening` says whether notifications can arrive right now; a subscriber that polls less
+while they can (the reader) hears of every change of it (`on_change`), so it goes back to
+its normal polling the moment the connection is lost.
 """
 
 from __future__ import annotations
@@ -33,12 +36,24 @@ class Listener:
         self.session_timeout = session_timeout
         self._channels: dict[str, list[Notified]] = defaultdict(list)
         self._reconnected: list[Callable[[], None]] = []
+        self._changed: list[Callable[[], None]] = []
+        self.listening = False  # LISTENing on a live connection now
 
     def subscribe(self, channel: str, notified: Notified) -> None:
         self._channels[channel].append(notified)
 
     def on_reconnect(self, catch_up: Callable[[], None]) -> None:
         self._reconnected.append(catch_up)
+
+    def on_change(self, changed: Callable[[], None]) -> None:
+        """Call `changed()` (must not block) whenever `listening` turns on or off."""
+        self._changed.append(changed)
+
+    def _set_listening(self, listening: bool) -> None:
+        if listening != self.listening:
+            self.listening = listening
+            for changed in self._changed:
+                changed()
 
     @property
     def channels(self) -> list[str]:
@@ -51,6 +66,7 @@ class Listener:
                 async for attempt in reconnecting(log, "listen"):
                     with attempt:
                         conn = await self._listening()
+                self._set_listening(True)
                 # NOTIFYs sent while we were away are lost: catch up now.
                 for catch_up in self._reconnected:
                     catch_up()
@@ -64,6 +80,8 @@ class Listener:
                 log.warning("listener lost its connection: %s", exc,
                             extra={"action": "listen_lost"})  # fmt: skip
             finally:
+                # Before anything awaits: from here on a notification can be missed.
+                self._set_listening(False)
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.close()

@@ -65,6 +65,11 @@ SELECT id, partition, tick, "offset", key, payload, nullif(headers, '{}'::jsonb)
 FROM pgcg.load_parked(%(group)s, %(partitions)s::int[], %(held)s::bigint[], %(lookahead_ms)s,
                       %(limit)s, %(followers)s, '{}'::text[], '{}'::bigint[], '{}'::int[])
 
+-- name: next_parked
+-- In how many ms the first parked message of these partitions can be loaded (NULL: none),
+-- for an idle reader's wait (consumer/reader.py).
+SELECT due_in_ms FROM pgcg.next_parked(%(group)s, %(partitions)s::int[])
+
 -- name: settle
 SELECT what, partition, ref, ok, info
 FROM pgcg.settle(
