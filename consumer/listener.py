@@ -72,10 +72,13 @@ class Listener:
                     catch_up()
                 assert conn is not None
                 with translated(self.dsn):
-                    async with contextlib.aclosing(conn.notifies()) as notifies:
-                        async for note in notifies:
-                            for notified in self._channels.get(note.channel, ()):
-                                notified(note.payload)
+                    while True:
+                        await self._deliver(conn)
+                        # Waiting in notifies() itself wakes the process every 0.1 s (psycopg
+                        # looks for interrupts), ten times a second for nothing while idle;
+                        # the socket says when there is something to read. A lost connection
+                        # makes it readable too, and reading then fails.
+                        await anyio.wait_readable(conn.fileno())
             except DatabaseUnavailable as exc:
                 log.warning("listener lost its connection: %s", exc,
                             extra={"action": "listen_lost"})  # fmt: skip
@@ -85,6 +88,14 @@ class Listener:
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.close()
+
+    async def _deliver(self, conn: AsyncConn) -> None:
+        """Hand out the notifications received, without waiting for more: those psycopg
+        kept while the LISTENs ran, and what the socket has now."""
+        async with contextlib.aclosing(conn.notifies(timeout=0)) as notifies:
+            async for note in notifies:
+                for notified in self._channels.get(note.channel, ()):
+                    notified(note.payload)
 
     async def _listening(self) -> AsyncConn:
         conn = await connect(

@@ -106,3 +106,35 @@ async def test_a_delayed_message_parked_with_its_key_is_handled_when_due(
         await quiet(consumer, 1.0)
         assert handled == []
         await await_for(lambda: len(handled) == 1, DEADLINE, "the delayed message, once due")
+
+
+async def test_a_quiet_consumer_notices_its_listener_lost_and_listens_again(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The listener waits on its socket, not on a query: a backend that goes away makes
+    it reconnect (and catch up) all the same, and notifications work again after."""
+    db.execute("SELECT pgcg.create_topic(%s, 2)", (TOPIC,))
+    handled: list[Message] = []
+
+    async def handle(message: Message) -> None:
+        handled.append(message)
+
+    def listener_pids() -> set[int]:
+        rows = db.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'pgcg-listener'"
+        ).fetchall()
+        return {r["pid"] for r in rows}
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handle, dsn=dsn)
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0, 1], consumer.member_id)
+        await await_for(lambda: len(consumer.ctx.assignment.owned) == 2, 10, "assignment seen")
+        await quiet(consumer, reader.SAFETY_POLL)
+        (old,) = listener_pids()
+        db.execute("SELECT pg_terminate_backend(%s)", (old,))
+        await await_for(lambda: listener_pids() - {old}, 10, "a new listener connection")
+        await await_for(consumer.ctx.listening, 10, "listening again")
+        await quiet(consumer, reader.SAFETY_POLL)
+        enqueue_many_sync(db, TOPIC, [OutgoingMessage("k", {"n": 1})])
+        await await_for(lambda: len(handled) == 1, DEADLINE, "the notified message handled")
