@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ class Context:
     # pooler prepares nothing, and LISTEN needs session_dsn (None: poll only).
     through_pooler: bool = False
     session_dsn: str | None = None
+    # Whether a listener (ours or an App's) is LISTENing now: while it is, a new message
+    # wakes the reader, which then only needs a slow safety poll.
+    listening: Callable[[], bool] = lambda: False
 
     @property
     def group(self) -> str:

@@ -1,5 +1,6 @@
 """One heartbeat for every member of a process: one connection, one loop, and one round
-trip per interval that renews them all and answers each one's assignments.
+trip per interval that renews them all and answers each one's assignments (and, for a
+member whose readiness is judged, what the group expects of it: readiness.py).
 
 Each member stays a member of its own group with its own lease: the round trip renews a
 member's lease from the moment it was *sent* (member.py, Lease), and the member applies
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from pgcg.consumer.member import AssignmentRow
+from pgcg.consumer.readiness import Expectation
 from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import Contention, DatabaseUnavailable
 from pgcg.shared.loops import Signal
@@ -152,8 +154,15 @@ class Heartbeat:
         """Renew `members` in one statement: when it was sent, and each one's answer by
         (group, member id). Leases are the caller's to renew (Membership.renewed), in the
         same step as it applies the assignments."""
-        pairs = sorted({(m.group, m.member_id) for m in members})
+        asked = [(m, m.member_id) for m in members]
+        pairs = sorted({(m.group, member_id) for m, member_id in asked})
         params = {"groups": [g for g, _ in pairs], "members": [m for _, m in pairs]}
+        # Readiness rides along (readiness.py) when a member asks for it.
+        query = (
+            Q.heartbeat_members_expecting
+            if any(m.expecting is not None for m in members)
+            else Q.heartbeat_members
+        )
         async with self._lock:
             try:
                 conn = await self._connection()
@@ -161,7 +170,7 @@ class Heartbeat:
 
                 async def call() -> list[dict[str, Any]]:
                     with translated(self.dsn):
-                        cur = await conn.execute(Q.heartbeat_members, params)
+                        cur = await conn.execute(query, params)
                         return await cur.fetchall()
 
                 rows = await bounded(conn, self.round_trip_timeout, call)
@@ -170,6 +179,7 @@ class Heartbeat:
                 raise
         self.round_trips += 1
         answers: dict[tuple[str, str], Answer] = dict.fromkeys(pairs)
+        expected: dict[tuple[str, str], Expectation] = {}
         for row in rows:
             if not row["alive"]:
                 continue
@@ -177,10 +187,22 @@ class Heartbeat:
             got = answers[key]
             if got is None:
                 got = answers[key] = []
+                if row.get("e_partitions") is not None:
+                    expected[key] = Expectation(
+                        partitions=int(row["e_partitions"]),
+                        members=int(row["e_members"]),
+                        assigned=frozenset(row["e_assigned"]),
+                        incoming=frozenset(row["e_incoming"]),
+                    )
             if row["partition"] is not None:
                 got.append(
                     AssignmentRow(row["partition"], row["epoch"], row["state"], row["revoke_in"])
                 )
+        for membership, member_id in asked:
+            check = membership.expecting
+            expectation = expected.get((membership.group, member_id))
+            if check is not None and expectation is not None:
+                check.heard(member_id, sent, expectation)
         return sent, answers
 
     # -- the connection ------------------------------------------------------------------------

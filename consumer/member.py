@@ -18,6 +18,7 @@ from pgcg.shared.queries import Queries
 
 if TYPE_CHECKING:
     from pgcg.consumer.heartbeat import Heartbeat
+    from pgcg.consumer.readiness import AssignmentCheck
 
 log = logging.getLogger("pgcg.consumer.member")
 Q = Queries("consumer")
@@ -92,6 +93,9 @@ class Membership:
         # Joined and not known to be expelled or gone: the heartbeat renews only such.
         self.in_group = False
         self.through_pooler = False  # set by the consumer once it knows (pooler.py)
+        # Set by whoever judges readiness (observer.py): the heartbeats then bring along
+        # what the group expects of this member, and hand it over here.
+        self.expecting: AssignmentCheck | None = None
         self._owns_heartbeat = heartbeat is None
         if heartbeat is None:
             from pgcg.consumer.heartbeat import Heartbeat

@@ -170,9 +170,10 @@ class ConsumerObserver:
         self.lag_interval = lag_interval
         self.lag: dict[int, tuple[int, float]] = {}  # partition -> (messages, oldest age s)
         self.refreshed = anyio.Event()  # set after the first lag refresh (tests wait on it)
-        self.assignment_check = AssignmentCheck(
-            self.ctx.dsn, self.ctx.group, self.ctx.settings.heartbeat_interval
-        )
+        # Fed by the heartbeat's round trips (readiness.py); `wake` reads ctx each time:
+        # an App gives the consumer its shared heartbeat only when it runs.
+        self.assignment_check = AssignmentCheck(lambda: self.ctx.wake.heartbeat.set())
+        self.ctx.membership.expecting = self.assignment_check
         self._conn: AsyncConn | None = None
         self._stop = [
             metrics.add_source("pgcg.consumer.lag", self._lag_messages),
@@ -186,6 +187,8 @@ class ConsumerObserver:
         for stop in self._stop:
             stop()
         self._stop = []
+        if self.ctx.membership.expecting is self.assignment_check:
+            self.ctx.membership.expecting = None
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -245,11 +248,8 @@ class ConsumerObserver:
     # -- lag refresh ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Refresh the lag of owned partitions every lag_interval, and what the group
-        expects of this member (readiness) every heartbeat interval; cancel to stop."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.assignment_check.run, lambda: self.ctx.member_id)
-            await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
+        """Refresh the lag of owned partitions every lag_interval; cancel to stop."""
+        await refresh_forever(self.refresh, self._drop, self.lag_interval, log)
 
     async def refresh(self) -> None:
         ctx = self.ctx

@@ -89,6 +89,7 @@ class Progress:
         self.writer = writer
         self._live: dict[int, Delivery] = {}
         self._wake = Signal()
+        self._started = Signal()  # a delivery began: the watchdog has deadlines to watch
         self._conn: AsyncConn | None = None
 
     @property
@@ -110,6 +111,7 @@ class Progress:
         object.__setattr__(item.message, "reporter", report)
         delivery.message = item.message
         self._live[item.id] = delivery
+        self._started.set()
         return delivery
 
     def end(self, item: Item) -> None:
@@ -163,6 +165,11 @@ class Progress:
     async def watch(self) -> None:
         """Cancel the handlers past their deadline (stuck() then says why)."""
         while True:
+            if not self._live:
+                # Nothing running, no deadline to pass: an idle consumer is not woken
+                # every second for nothing. A deadline is a visibility timeout after
+                # its start, so looking a watch interval after that is in time.
+                await self._started.wait()
             await anyio.sleep(min(WATCH_INTERVAL, self.visibility / 4))
             now = time.monotonic()
             for delivery in list(self._live.values()):

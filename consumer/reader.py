@@ -3,6 +3,14 @@ position order (woken by NOTIFY, else adaptive polling) and the group's parked m
 that are due. Reading is never fenced: nothing read starts before the writer's fenced
 mark or claim.
 
+Polling backs off to `poll_interval` while nothing comes. A member with nothing in hand
+whose listener is LISTENing (a new message wakes it) waits longer: until the next parked
+message of its partitions can be loaded (a retry's backoff, a delay, an abandoned claim:
+nothing notifies those), at most SAFETY_POLL, which covers a notification that never came
+(NOTIFY is a hint: a missed one delays a message until then, never loses it). Without a
+working LISTEN (PGCG_LISTEN=false, a pooler without a session URL, the listener
+reconnecting) it keeps to `poll_interval`.
+
 When a member starts a partition it adopts it first (`pgcg.adopt`): the group's position
 and what it finished above it come back, and deliveries an earlier owner started and
 never finished are charged (see docs/design/storage.md).
@@ -37,6 +45,7 @@ Q = Queries("consumer")
 T = TypeVar("T")
 
 MIN_POLL = 0.05
+SAFETY_POLL = 30.0  # seconds between polls of an idle member while LISTEN works
 PARKED_LOAD_INTERVAL = 0.5  # seconds between looks at the parked queue, unless woken
 PARKED_LOOKAHEAD = 1.0  # parked messages due within this many seconds are loaded
 FOLLOWERS = 16  # messages of a parked key loaded after its first one
@@ -57,6 +66,7 @@ class Reader:
         self._conn: AsyncConn | None = None
         self._parked_at = 0.0
         self._pin_checked = 0.0
+        self.waiting: float | None = None  # how long the wait under way may last (tests)
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
@@ -76,20 +86,70 @@ class Reader:
         ctx = self.ctx
         poll = MIN_POLL
         while not ctx.stopping:
+            failed = False
             try:
                 got = await self.read_once()
             except DatabaseUnavailable as exc:
                 log.warning("read failed: %s", exc, extra={"action": "read_failed", **ctx.fields})
                 self._conn = None
-                got = 0
+                got, failed = 0, True
                 poll = min(max(poll * 2, 0.5), ctx.settings.poll_interval)
             if got:
                 poll = MIN_POLL
                 continue
-            if await ctx.wake.fetch.wait(poll):
-                poll = MIN_POLL
-            else:
-                poll = min(poll * 2, ctx.settings.poll_interval)
+            wait = poll
+            # Only once backed off all the way: right after a notification the rows it
+            # announced may not be readable yet (ticks), and quick polls pick them up.
+            if not failed and poll >= ctx.settings.poll_interval and self._quiet():
+                wait = await self._quiet_wait()
+            self.waiting = wait
+            woken = await ctx.wake.fetch.wait(wait)
+            self.waiting = None
+            poll = MIN_POLL if woken else min(poll * 2, ctx.settings.poll_interval)
+
+    def _quiet(self) -> bool:
+        """Whether only a new message, which a notification announces, or a parked message
+        becoming due can give this member work: LISTEN works, and nothing is in hand that
+        the reader must come back for on its own (the position check of pinned keys,
+        partitions still to adopt)."""
+        ctx = self.ctx
+        return (
+            ctx.listening()
+            and ctx.membership.lease.valid()
+            and not ctx.scheduler.buffered()
+            and not ctx.scheduler.busy()
+            and not ctx.running
+            and self.writer.quiet
+            and all(p.adopted for p in ctx.assignment.claimable())
+        )
+
+    async def _quiet_wait(self) -> float:
+        """How long a quiet member may wait for a notification: until the next parked
+        message of its partitions comes within the loading lookahead, at most SAFETY_POLL.
+        The parked messages due by then were loaded by the round just made."""
+        ctx = self.ctx
+        partitions = [o.partition for o in ctx.assignment.claimable() if o.adopted]
+        if not partitions:
+            return SAFETY_POLL
+        try:
+            conn = await self._connection()
+            with translated(ctx.dsn):
+                cur = await conn.execute(Q.next_parked, ctx.params(partitions=partitions))
+                row = await cur.fetchone()
+        except DatabaseUnavailable as exc:
+            log.warning("read failed: %s", exc, extra={"action": "read_failed", **ctx.fields})
+            self._conn = None
+            return ctx.settings.poll_interval
+        if row is None or row["due_in_ms"] is None:
+            return SAFETY_POLL
+        due_in = row["due_in_ms"] / 1000
+        if due_in <= 0:
+            # Due, and the round just made did not load it (a claim that ran out in
+            # between): the normal poll, never a spin on something that stays put.
+            return ctx.settings.poll_interval
+        # Woken with half the lookahead to spare: that round loads it, and the scheduler
+        # starts it when due.
+        return min(SAFETY_POLL, max(due_in - PARKED_LOOKAHEAD / 2, MIN_POLL))
 
     async def read_once(self) -> int:
         """One round: adopt new partitions, load due parked messages, read the log, and

@@ -13,22 +13,18 @@ the database expects of it:
     More members than partitions makes that 0: the group has nothing for it, and an idle
     standby is ready.
 
-`holds_assignment` is the rule (pure); `AssignmentCheck` reads the expectation from the
-database every heartbeat interval on its own connection, so /readyz never waits on a query.
+`holds_assignment` is the rule (pure); `AssignmentCheck` keeps the latest expectation,
+which the heartbeat's round trip brings along (heartbeat.py) for a member that asks for it
+(`Membership.expecting`): no connection or query of its own, and /readyz never waits on one.
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from pgcg.shared.db import AsyncConn, connect, translated
-from pgcg.shared.loops import refresh_forever
-from pgcg.shared.queries import Queries
-
-log = logging.getLogger("pgcg.consumer.readiness")
-Q = Queries("readiness")
+import anyio
 
 
 @dataclass(frozen=True)
@@ -68,15 +64,16 @@ def holds_assignment(owned: Mapping[int, str], expected: Expectation) -> tuple[b
 
 
 class AssignmentCheck:
-    """The latest Expectation of one member; `run` refreshes it until cancelled."""
+    """The latest Expectation of one member, as its heartbeats answer it (`heard`).
 
-    def __init__(self, dsn: str, group: str, interval: float) -> None:
-        self.dsn = dsn
-        self.group = group
-        self.interval = interval
+    `wake` asks the heartbeat for a round trip now (all it takes to `refresh`)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
         self.expected: Expectation | None = None
         self.member_id: str | None = None  # whom `expected` is about (changes on rejoin)
-        self._conn: AsyncConn | None = None
+        self.sent = 0.0  # when the round trip that answered it was sent (monotonic)
+        self._heard = anyio.Event()
 
     def verdict(self, member_id: str, owned: Mapping[int, str]) -> tuple[bool, str]:
         expected = self.expected
@@ -84,33 +81,25 @@ class AssignmentCheck:
             return False, "assignment not checked yet"
         return holds_assignment(owned, expected)
 
-    async def run(self, member_id: Callable[[], str]) -> None:
-        """Refresh every interval for whoever `member_id()` is then; cancel to stop."""
+    def heard(self, member_id: str, sent: float, expected: Expectation) -> None:
+        """A heartbeat sent at `sent` answered for `member_id` (called by its loop, must not
+        block). An answer older than the one kept is dropped."""
+        if sent < self.sent:
+            return
+        self.expected, self.member_id, self.sent = expected, member_id, sent
+        self._heard.set()
+        self._heard = anyio.Event()
 
-        async def refresh() -> None:
-            await self.refresh(member_id())
-
-        await refresh_forever(refresh, self._drop, self.interval, log)
-
-    async def refresh(self, member_id: str) -> Expectation:
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.dsn, application_name="pgcg-readiness")
-        with translated(self.dsn):
-            cur = await self._conn.execute(
-                Q.member_expectation, {"group": self.group, "member": member_id}
-            )
-            row = await cur.fetchone()
-        assert row is not None  # an aggregate-only SELECT always answers one row
-        self.expected = Expectation(
-            partitions=int(row["partitions"]),
-            members=int(row["members"]),
-            assigned=frozenset(row["assigned"]),
-            incoming=frozenset(row["incoming"]),
-        )
-        self.member_id = member_id
-        return self.expected
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+    async def refresh(self, member_id: str, timeout: float = 30.0) -> Expectation:
+        """The expectation of `member_id` as of a heartbeat sent from now on (tests, and
+        whoever cannot wait for the next interval). TimeoutError if none came by
+        `timeout` (heartbeats failing, or the member rejoined as another id)."""
+        asked = time.monotonic()
+        with anyio.fail_after(timeout):
+            while True:
+                heard = self._heard
+                expected = self.expected
+                if expected is not None and self.member_id == member_id and self.sent >= asked:
+                    return expected
+                self.wake()
+                await heard.wait()

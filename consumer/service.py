@@ -176,6 +176,9 @@ class Consumer:
         listener.subscribe(names.topic_channel(ctx.topic), new_messages)
         listener.subscribe(names.group_channel(ctx.group), lambda _: ctx.wake.heartbeat.set())
         listener.on_reconnect(catch_up)
+        ctx.listening = lambda: listener.listening
+        # Lost: the reader goes back to polling at once, not after its safety poll.
+        listener.on_change(ctx.wake.fetch.set)
 
     @property
     def member_id(self) -> str:

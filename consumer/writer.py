@@ -211,6 +211,12 @@ class Writer:
         n = self._next
         return len(n.starts) + len(n.results) + len(n.parks)
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing handed in waits to be written or answered: no write of ours can still
+        park a message or free a key (each such write wakes the reader when it lands)."""
+        return not (self.pending or self.finishing or self._parking or self._retrying)
+
     # -- the loop ---------------------------------------------------------------------------
 
     async def _connection(self) -> AsyncConn:

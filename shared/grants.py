@@ -27,6 +27,7 @@ CONSUMER_FUNCTIONS: tuple[str, ...] = (
     "adopt",
     "fetch",
     "load_parked",
+    "next_parked",
     "settle",
     "report_progress",
     "save_position",

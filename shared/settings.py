@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     poll_interval: float = Field(
         2.0,
         gt=0,
-        description="Seconds: longest wait between polls when no NOTIFY arrives (adaptive).",
+        description="Seconds: longest wait between polls when no NOTIFY arrives (adaptive); "
+        "an idle consumer whose LISTEN works polls every 30 s instead.",
     )
     http_port: int = Field(
         0,

@@ -337,6 +337,35 @@ def test_loading_parked_messages_reads_by_index(backlog: Backlog) -> None:
         assert "parked_heads" in names, (mode, names)
 
 
+def test_the_next_due_parked_message_is_found_by_index(backlog: Backlog) -> None:
+    """When an idle reader next has a parked message to load: per partition, the first
+    loadable flagged head in parked_heads order, and the running heads' claims it passed
+    over, not every parked message. The due heads make it due now."""
+    params = backlog.params(partitions=list(range(PARTITIONS)))
+    plans = assert_nested_index_driven(backlog, Q.next_parked, params)
+    for mode, found in plans.items():
+        names = index_names(statement(found, "firsts AS"))
+        assert "parked_heads" in names, (mode, names)
+    row = backlog.db.execute(Q.next_parked, params).fetchone()
+    assert row == {"due_in_ms": 0}
+    with backlog.db.transaction(force_rollback=True):
+        # Nothing unclaimed due for an hour: the first claim to run out (a minute) decides.
+        backlog.db.execute(
+            "UPDATE pgcg.parked SET available_at = now() + interval '1 hour' "
+            "WHERE claimed_epoch IS NULL"
+        )
+        row = backlog.db.execute(Q.next_parked, params).fetchone()
+        assert row is not None and 30_000 < row["due_in_ms"] <= 60_000
+        backlog.db.execute(
+            "UPDATE pgcg.parked SET claimed_epoch = NULL, locked_until = NULL, "
+            "available_at = now() + interval '1 hour'"
+        )
+        row = backlog.db.execute(Q.next_parked, params).fetchone()
+        assert row is not None and 3_000_000 < row["due_in_ms"] <= 3_600_000
+        backlog.db.execute("DELETE FROM pgcg.parked")
+        assert backlog.db.execute(Q.next_parked, params).fetchone() == {"due_in_ms": None}
+
+
 def settle_params(
     backlog: Backlog,
     *,

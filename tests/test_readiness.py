@@ -170,3 +170,38 @@ async def test_not_ready_after_a_rejoin_until_checked_for_the_new_member_id(
             assert not ok and why.endswith("assignment not checked yet")
     finally:
         a_obs.close()
+
+
+@pytest.mark.anyio
+async def test_readiness_follows_the_heartbeat_without_a_connection_of_its_own(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The expectation comes back on the heartbeat's round trip: with nobody refreshing it
+    (the observer's loop not even running), readiness turns as the assignment does, and
+    the member opens no connection to ask."""
+    group = "riding"
+    db.execute("SELECT pgcg.create_topic(%s, 2)", (TOPIC,))
+    a, a_obs = consumer(dsn, group)
+    try:
+        async with running(a):
+            await await_for(
+                lambda: a_obs.ready()[1].endswith(
+                    "holds 0 of at least 2 partitions (2 over 1 members): waiting for a rebalance"
+                ),
+                10,
+                "not ready, by the heartbeat alone",
+            )
+            beats = a.heartbeat.round_trips
+            assign(db, group, TOPIC, [0, 1], a.member_id)
+            await await_for(lambda: a_obs.ready()[0], 10, "ready once it holds both")
+            assert a.heartbeat.round_trips > beats
+            names = {
+                r["application_name"]
+                for r in db.execute(
+                    "SELECT application_name FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name LIKE 'pgcg-%%'"
+                ).fetchall()
+            }
+            assert names and not any("readiness" in n for n in names), names
+    finally:
+        a_obs.close()

@@ -6,10 +6,12 @@ handled once, in key order, with its attempts kept; the dead letter keeps its gr
 from __future__ import annotations
 
 import collections
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from pgcg.consumer.message import Message
@@ -131,3 +133,34 @@ async def test_pending_messages_survive_the_upgrade_in_key_order(empty_dsn: str)
     }, "a message lost, handled twice, or out of its key's order"
     assert attempts[("retrying", 0)] == 3, "the retries spent before the upgrade were forgotten"
     assert len(ids) == 5
+
+
+def test_a_consumer_role_of_version_6_may_ask_for_its_next_parked_message(
+    empty_dsn: str,
+) -> None:
+    """Version 7 adds next_parked, which a consumer calls when idle: a role `pgcg roles`
+    made before (it may call load_parked) is granted it by the migration, or its consumers
+    would fail after the upgrade until someone ran `pgcg roles` again."""
+    migrate_to(empty_dsn, 6)
+    role, other = (f"pgcg_v6_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        try:
+            for name in (role, other):
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL(
+                    "GRANT EXECUTE ON FUNCTION pgcg.load_parked(text, integer[], bigint[], "
+                    "bigint, integer, integer, text[], bigint[], integer[]) TO {}"
+                ).format(sql.Identifier(role))
+            )
+            assert [m.version for m in migrate(empty_dsn)] == [7]
+            may = (
+                "SELECT has_function_privilege(%s, 'pgcg.next_parked(text, integer[])', 'EXECUTE')"
+            )
+            assert conn.execute(may, (role,)).fetchone() == (True,)
+            assert conn.execute(may, (other,)).fetchone() == (False,)
+            assert conn.execute(may, ("public",)).fetchone() == (False,)
+        finally:
+            for name in (role, other):
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

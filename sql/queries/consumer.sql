@@ -28,6 +28,23 @@ SELECT alive, partition, epoch, state, revoke_in FROM pgcg.heartbeat(%(group)s, 
 SELECT group_name AS "group", member_id AS member, alive, partition, epoch, state, revoke_in
 FROM pgcg.heartbeat_members(%(groups)s::text[], %(members)s::text[])
 
+-- name: heartbeat_members_expecting
+-- heartbeat_members, and on each row what the group expects of that member, for its
+-- readiness (consumer/readiness.py), in the same round trip: asked once per live member.
+WITH beat AS MATERIALIZED (
+    SELECT * FROM pgcg.heartbeat_members(%(groups)s::text[], %(members)s::text[])
+), expected AS (
+    SELECT m.group_name, m.member_id, e.partitions, e.members, e.assigned, e.incoming
+    FROM (SELECT DISTINCT b.group_name, b.member_id FROM beat AS b WHERE b.alive) AS m
+    CROSS JOIN LATERAL pgcg.member_expectation(m.group_name, m.member_id) AS e
+)
+SELECT b.group_name AS "group", b.member_id AS member, b.alive, b.partition, b.epoch, b.state,
+       b.revoke_in, x.partitions AS e_partitions, x.members AS e_members,
+       x.assigned AS e_assigned, x.incoming AS e_incoming
+FROM beat AS b
+LEFT JOIN expected AS x ON x.group_name = b.group_name AND x.member_id = b.member_id
+ORDER BY b.group_name, b.member_id, b.partition
+
 -- name: leave
 SELECT pgcg.leave_group(%(group)s, %(member)s)
 
@@ -47,6 +64,11 @@ SELECT id, partition, tick, "offset", key, payload, nullif(headers, '{}'::jsonb)
        enqueued_at, attempts, due_in_ms, origin, bytes
 FROM pgcg.load_parked(%(group)s, %(partitions)s::int[], %(held)s::bigint[], %(lookahead_ms)s,
                       %(limit)s, %(followers)s, '{}'::text[], '{}'::bigint[], '{}'::int[])
+
+-- name: next_parked
+-- In how many ms the first parked message of these partitions can be loaded (NULL: none),
+-- for an idle reader's wait (consumer/reader.py).
+SELECT due_in_ms FROM pgcg.next_parked(%(group)s, %(partitions)s::int[])
 
 -- name: settle
 SELECT what, partition, ref, ok, info
