@@ -98,8 +98,10 @@ class Owned:
 
     def position(self) -> int:
         """The tick up to which every batch of this partition is finished."""
-        waiting = [a for a, n in self.unfinished.items() if n > 0]
-        return min(waiting) if waiting else self.done
+        # Never past the cursor: messages held across a revocation called off are counted
+        # when the partition is read back, and may belong to batches after the ones the
+        # revocation dropped, which the cursor has yet to read again.
+        return min([self.done, *(a for a, n in self.unfinished.items() if n > 0)])
 
     def read_log(self, item: Item) -> None:
         """A log message of batch `item.a_tick` is held: the position waits for it."""

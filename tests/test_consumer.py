@@ -821,6 +821,65 @@ async def test_a_message_finished_while_its_partition_is_read_back_is_not_read_a
         assert held == [], "a message whose completion committed is to be handled again"
 
 
+async def test_a_message_held_across_a_revocation_called_off_does_not_move_the_position(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Found by pgcg chaos (a message lost after a revocation called off, then a lease
+    that ran out): a later batch's message held in memory across the revocation counted
+    when the partition was read back, so before the cursor read again what the revocation
+    had dropped (an earlier batch), the position was that later batch's and was saved. The
+    next reading started there, and the dropped message was never handled."""
+    from pgcg.consumer.member import AssignmentRow
+    from pgcg.consumer.writer import Result
+
+    setup_topic(db, partitions=1)
+    first, second = enqueue(db, ("a", "A1"), ("a", "A2"))
+    tick_now(db, TOPIC)
+    (other,) = enqueue(db, ("b", "B1"))  # a batch after A2's
+    tick_now(db, TOPIC)
+
+    async def handler(message: Message) -> None:
+        raise AssertionError("not run here")
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    ctx = consumer.ctx
+    await ctx.membership.join()
+    try:
+        assign(db, GROUP, TOPIC, [0], ctx.member_id)
+        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
+        assert await consumer.reader.read_once() == 3
+        heads = {i.id: i for i in ctx.scheduler.take(time.monotonic(), 10)}
+        assert sorted(heads) == sorted([first, other])
+        consumer.writer.start([heads[first]])
+        await consumer.writer.flush()  # A1 runs; A2 waits behind it in memory
+        consumer.writer.start([heads[other]])  # B1's mark is on its way...
+        # ...when the leader revokes: the mark is refused, and the revocation drops A2.
+        db.execute(
+            "UPDATE pgcg.partition_assignments SET state = 'revoking', "
+            "revoke_deadline = now() + interval '30 seconds' WHERE group_name = %s",
+            (GROUP,),
+        )
+        epoch = ctx.assignment.owned[0].epoch
+        ctx.assignment.apply([AssignmentRow(0, epoch, "revoking", 30.0)])
+        consumer.writer.submit(Result(heads[first]))
+        await consumer.writer.flush()
+        assert [i.id for i in ctx.scheduler.items_of("b")] == [other], "B1 back in memory"
+        # The revocation is called off; the partition is read back, and its position saved
+        # before the cursor gets to A2 again (memory full, a slow read).
+        db.execute(
+            "UPDATE pgcg.partition_assignments SET state = 'assigned', revoke_deadline = NULL "
+            "WHERE group_name = %s",
+            (GROUP,),
+        )
+        ctx.assignment.apply([AssignmentRow(0, epoch, "assigned", None)])
+        part = ctx.assignment.owned[0]
+        await consumer.reader._adopt(await consumer.reader._connection(), part)
+        await consumer.writer.save_positions()
+        assert second in row_ids(db), "the saved position passed A2, never handled"
+    finally:
+        await consumer._close()
+
+
 async def test_rows_read_for_a_partition_revoked_meanwhile_are_not_taken_in(
     db: psycopg.Connection[Any], dsn: str
 ) -> None:
