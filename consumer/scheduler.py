@@ -244,9 +244,13 @@ class KeyScheduler:
 
     def reidentify(self, item: Item, parked_id: int) -> None:
         """A busy log message was parked while it runs: from now on it is the parked one."""
+        held = item.uid in self._known
         self._known.discard(item.uid)
         item.parked_id = parked_id
-        self._known.add(item.uid)
+        if held:
+            # Only what is held is known: a parked id known but not held would never be
+            # loaded from the parked queue again.
+            self._known.add(item.uid)
 
     def drop_partition(self, partition: int, *, keep_busy: bool = False) -> list[Item]:
         """Forget a partition's messages (revoked or lost). Returns what was dropped.

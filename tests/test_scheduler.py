@@ -319,3 +319,14 @@ def test_the_suspect_charged_least_often_goes_first() -> None:
     assert s.take(0.0, 10) == [h]
     s.finish(h, 0.0)
     assert s.take(0.0, 10) == [p]
+
+
+def test_a_message_parked_after_its_key_was_dropped_can_be_loaded_again() -> None:
+    s = KeyScheduler()
+    a1 = claimed(1, "a", 0.0)
+    s.add([a1], now=0.0)
+    (head,) = s.take(0.0, 10)
+    assert s.drop_key("a", keep_busy=False) == [head]
+    s.reidentify(head, 77)  # the park's answer came after the key left memory
+    assert not s.holds(-77)
+    assert s.add([claimed(77, "a", 0.0, parked=True)], now=0.0) == 1
