@@ -297,7 +297,7 @@ def test_the_migration_flags_the_first_row_of_each_key(empty_dsn: str) -> None:
             FROM pgcg.groups AS g, generate_series(1, 30) AS n
             """
         )
-    assert [m.version for m in migrate(empty_dsn)] == [6]
+    assert [m.version for m in migrate(empty_dsn)] == [m.version for m in migrations()][5:]
     with psycopg.connect(empty_dsn, autocommit=True, row_factory=dict_row) as conn:
         assert sum(flags(conn).values()) == 6
         assert stranded(conn) == []
