@@ -2,13 +2,15 @@
 and the same checker must fail when the consumers run without fencing.
 
 These are CI's chaos runs (about three minutes together); long runs are for humans:
-`pgcg chaos --messages 100000`.
+`pgcg chaos --messages 100000`. Each other unsafe switch has its proof here too, run with
+PGCG_UNSAFE_CHAOS=1 (a minute or more each, past what CI's time allows).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +25,14 @@ from pgcg.bench.chaos import journal
 from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
 from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.shared.producer import MAX_KEY_BYTES
+
+# The checker's proofs that each unsafe switch fails a run take a minute or more each,
+# more than CI's time allows for all of them: CI runs the fencing one, and
+# PGCG_UNSAFE_CHAOS=1 runs the others too (docs/chaos.md records their runs).
+unsafe_proof = pytest.mark.skipif(
+    not os.environ.get("PGCG_UNSAFE_CHAOS"),
+    reason="an unsafe switch's proof run; set PGCG_UNSAFE_CHAOS=1 to run it",
+)
 
 SAFE_SEED = 7
 # Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a
@@ -140,6 +150,7 @@ def test_without_fencing_the_checker_fails(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@unsafe_proof
 @pytest.mark.timeout(450)
 def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> None:
     """Consumers that let a partition go while a def handler's thread still runs on it
@@ -160,6 +171,7 @@ def test_releasing_a_partition_under_a_running_thread_fails(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@unsafe_proof
 @pytest.mark.timeout(300)
 def test_counting_a_delivery_after_its_handler_fails(tmp_path: Path) -> None:
     """A parked message's delivery counted when its handler returned (the claim keeps no
@@ -180,6 +192,7 @@ def test_counting_a_delivery_after_its_handler_fails(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@unsafe_proof
 @pytest.mark.timeout(600)
 def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> None:
     """Coordinators that force a hand-off once the drain deadline has passed on the
