@@ -490,7 +490,10 @@ def _drain(
         with members:
             member_ids = members.wait_joined(conn)
             if opts.profile_dir:
-                members.start_profilers(Path(opts.profile_dir))
+                # One file set per drain: the modes and rounds of a run would overwrite
+                # each other's under the handler's name alone.
+                mode = "" if tracing is None else f"-tracing-{tracing:g}"
+                members.start_profilers(Path(opts.profile_dir), f"{handler}{mode}-{group}")
             if opts.statement_stats:
                 conn.execute("SELECT pg_stat_statements_reset()")
             meter = CpuMeter(

@@ -129,14 +129,16 @@ class ConsumerProcesses:
                 raise BenchError(f"only {len(by_pid)} of {len(pids)} consumers joined in time")
             time.sleep(0.05)
 
-    def start_profilers(self, folder: Path, rate: int = 250) -> None:
-        """py-spy on every consumer until stop_profilers(); collapsed stacks, one file each."""
+    def start_profilers(self, folder: Path, label: str | None = None, rate: int = 250) -> None:
+        """py-spy on every consumer until stop_profilers(); collapsed stacks, one file each,
+        named after `label` (default: the handler), so drains of one run keep their own."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(py_spy).exists():
             raise BenchError("--profile needs py-spy: pip install py-spy")
         folder.mkdir(parents=True, exist_ok=True)
         for n, proc in enumerate(self.procs):
-            out = folder / f"{self.handler.rsplit(':', 1)[-1]}-consumer-{n}.txt"
+            name = label or self.handler.rsplit(":", 1)[-1]
+            out = folder / f"{name}-consumer-{n}.txt"
             self._profilers.append(
                 subprocess.Popen(
                     [py_spy, "record", "--pid", str(proc.pid), "--rate", str(rate),
