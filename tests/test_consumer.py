@@ -696,14 +696,16 @@ async def test_a_steady_flow_is_handled_once_and_every_position_moves_on(
 
 
 @contextlib.asynccontextmanager
-async def one_marked_message(
-    db: psycopg.Connection[Any], dsn: str
-) -> AsyncIterator[tuple[Consumer, Any]]:
-    """A consumer owning the one partition of a new topic, with its one message read and
-    marked (cleared to start) but not handed to a handler: the tests below then play the
-    writer's and the assignment's steps by hand, in the order a race would."""
+async def marked_head(
+    db: psycopg.Connection[Any], dsn: str, bodies: tuple[str, ...] = ("A",)
+) -> AsyncIterator[tuple[Consumer, Any, list[int]]]:
+    """A consumer owning the one partition of a new topic, with one key's messages (one per
+    body) read, and the first marked (cleared to start) but not handed to a handler; the
+    others wait behind it in memory. The tests below then play the writer's and the
+    assignment's steps by hand, in the order a race would. Yields the consumer, the head's
+    item and the ids of every message enqueued."""
     setup_topic(db, partitions=1)
-    (mid,) = enqueue(db, ("k", "A"))
+    ids = enqueue(db, *(("k", body) for body in bodies))
 
     async def handler(message: Message) -> None:
         raise AssertionError("not run here")
@@ -715,16 +717,25 @@ async def one_marked_message(
         assign(db, GROUP, TOPIC, [0], ctx.member_id)
         ctx.assignment.apply(await ctx.membership.heartbeat() or [])
         # A reader makes ticks at most once per tick interval: make the one that shows
-        # the message now.
+        # the messages now.
         tick_now(db, TOPIC)
-        assert await consumer.reader.read_once() == 1
+        assert await consumer.reader.read_once() == len(bodies)
         (item,) = ctx.scheduler.take(time.monotonic(), 10)
-        assert item.id == mid
+        assert item.id == ids[0]
         consumer.writer.start([item])
         await consumer.writer.flush()  # marked: cleared to start
-        yield consumer, item
+        yield consumer, item, ids
     finally:
         await consumer._close()
+
+
+@contextlib.asynccontextmanager
+async def one_marked_message(
+    db: psycopg.Connection[Any], dsn: str
+) -> AsyncIterator[tuple[Consumer, Any]]:
+    """marked_head with a single message."""
+    async with marked_head(db, dsn) as (consumer, item, _):
+        yield consumer, item
 
 
 def test_rotating_the_fetch_order_lists_each_partition_once() -> None:
@@ -891,24 +902,9 @@ async def test_rows_read_for_a_partition_revoked_meanwhile_are_not_taken_in(
     from pgcg.consumer.member import AssignmentRow
     from pgcg.consumer.reader import Q as READER_QUERIES
 
-    setup_topic(db, partitions=1)
-    first, second = enqueue(db, ("k", "A1"), ("k", "A2"))
-
-    async def handler(message: Message) -> None:
-        raise AssertionError("not run here")
-
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
-    ctx = consumer.ctx
-    await ctx.membership.join()
-    try:
-        assign(db, GROUP, TOPIC, [0], ctx.member_id)
-        ctx.assignment.apply(await ctx.membership.heartbeat() or [])
-        tick_now(db, TOPIC)
-        assert await consumer.reader.read_once() == 2
-        (head,) = ctx.scheduler.take(time.monotonic(), 10)
-        assert head.id == first
-        consumer.writer.start([head])
-        await consumer.writer.flush()  # A1 runs; A2 waits behind it in memory
+    async with marked_head(db, dsn, ("A1", "A2")) as (consumer, _, (_, second)):
+        # A1 runs; A2 waits behind it in memory.
+        ctx = consumer.ctx
         (third,) = enqueue(db, ("k", "A3"))
         tick_now(db, TOPIC)
         epoch = ctx.assignment.owned[0].epoch
@@ -931,8 +927,6 @@ async def test_rows_read_for_a_partition_revoked_meanwhile_are_not_taken_in(
         assert third not in held or second in held, (
             f"held {held}: A3 would run right after A1, before A2"
         )
-    finally:
-        await consumer._close()
 
 
 async def test_a_failure_sent_again_after_its_reply_was_lost_counts_one_attempt(
