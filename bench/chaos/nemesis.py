@@ -33,8 +33,10 @@ from pgcg.shared.queries import Queries
 log = logging.getLogger("pgcg.nemesis")
 # A member's own statements, for a member with no process behind it (revoke-cancel-fetch).
 MEMBER = Queries("consumer")
-# The advisory lock a held fetch waits for (sql/queries/journal.sql, hold_fetches).
+# The advisory locks a held fetch waits for (sql/queries/journal.sql, hold_fetches): with
+# the rows it read, and before it reads.
 FETCH_HOLD_LOCK = (1885825895, 1)
+FETCH_GATE_LOCK = (1885825895, 2)
 
 FAULT_KINDS = (
     "consumer-kill",  # SIGKILL a consumer; a replacement joins after `hold`
@@ -191,6 +193,18 @@ def _one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
     """The first column of the first row of `sql`'s answer."""
     row = conn.execute(sql, params).fetchone()
     return None if row is None else next(iter(row.values()))
+
+
+def _waiting(conn: psycopg.Connection[Any], lock: tuple[int, int]) -> int:
+    """How many sessions wait for the advisory lock `lock` (two int4 keys)."""
+    return int(
+        _one(
+            conn,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND classid = %s AND objid = %s AND objsubid = 2",
+            lock,
+        )
+    )
 
 
 class Nemesis:
@@ -541,12 +555,14 @@ class Nemesis:
 
     def _revoke_cancel_fetch(self, fault: Fault, record: Executed) -> None:
         """A revocation issued and called off while a group's fetches are in flight, with
-        the rows they read before it: the group's fetches that read rows wait for a lock
-        this session holds (journal.HOLD_FETCHES); a member with no process behind it
-        joins, so the leader revokes partitions in its favour; once their owners have
-        heard (a heartbeat since), the fetches are let go, and the member leaves, so the
-        leader calls off what is still revoking. Rows taken in by a reader then, a key's
-        later messages, must not run before the earlier ones the revocation dropped."""
+        the rows they read before it (journal.HOLD_FETCHES): the group's fetches wait
+        before they read, so messages of most keys pile up behind them; then they read
+        and wait again, rows in hand. A member with no process behind it joins, so the
+        leader revokes partitions in its favour; once their owners have heard (a heartbeat
+        since), the fetches are let go, and the member leaves, so the leader calls off
+        what still revokes. The rows reach readers whose partitions are revoking: a key's
+        later messages among them must not run before the earlier ones the revocation
+        dropped."""
         groups = list(self.strength)
         group = groups[fault.victim % len(groups)]
         member = f"chaos-nemesis-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -555,22 +571,16 @@ class Nemesis:
             "session_timeout_ms": round(self.session_timeout * 1000),
         }  # fmt: skip
         record.victims.append(group)
-        waiting = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-            "AND classid = %s AND objid = %s AND objsubid = 2"
-        )
         try:
             with psycopg.connect(
                 self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=5
             ) as conn:
-                held, revoked, heard = self._hold_fetches(conn, group, params, waiting)
+                held, revoked, heard = self._hold_fetches(conn, group, params)
                 if not held:
                     record.note = "skipped: no fetch with rows came"
                     return
                 started = time.monotonic()
-                while time.monotonic() - started < 2.0:
-                    if not _one(conn, waiting, FETCH_HOLD_LOCK):
-                        break
+                while _waiting(conn, FETCH_HOLD_LOCK) and time.monotonic() - started < 2.0:
                     time.sleep(0.005)
                 # Their readers take the rows in (or leave them out) before the leader
                 # calls the revocation off.
@@ -608,30 +618,26 @@ class Nemesis:
         )
 
     def _hold_fetches(
-        self, conn: psycopg.Connection[Any], group: str, params: dict[str, Any], waiting: str
+        self, conn: psycopg.Connection[Any], group: str, params: dict[str, Any]
     ) -> tuple[int, list[dict[str, Any]], bool]:
-        """Holds the group's fetches, joins the member and waits for revocations in its
-        favour and for their owners to hear of them; lets the fetches go. Returns how many
-        fetches waited, the partitions revoked (partition, epoch, member_id) and whether
-        every owner heard."""
+        """Holds the group's fetches, first before they read, then with their rows; joins
+        the member and waits for revocations in its favour and for their owners to hear of
+        them; lets the fetches go. Returns how many fetches waited with rows, the
+        partitions revoked (partition, epoch, member_id) and whether every owner heard."""
         held, revoked, heard = 0, [], False
         conn.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_HOLD_LOCK)
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_GATE_LOCK)
         try:
             conn.execute(
                 "INSERT INTO public.pgcg_chaos_fetch_hold VALUES (%s) ON CONFLICT DO NOTHING",
                 (group,),
             )
             readers = len(self._members(group))
-            started = time.monotonic()
-            first: float | None = None
-            # Every reader of the group held, or a second past the first one.
-            while time.monotonic() - started < self.session_timeout:
-                held = _one(conn, waiting, FETCH_HOLD_LOCK)
-                if held and first is None:
-                    first = time.monotonic()
-                if held >= readers or (first is not None and time.monotonic() - first > 1.0):
-                    break
-                time.sleep(0.005)
+            gated = self._await_waiters(conn, FETCH_GATE_LOCK, readers)
+            # Messages pile up behind the gate, so each read brings some of most keys.
+            time.sleep(0.5)
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", FETCH_GATE_LOCK)
+            held = self._await_waiters(conn, FETCH_HOLD_LOCK, max(gated, 1))
             if not held:
                 return held, revoked, heard
             with conn.transaction():
@@ -667,7 +673,22 @@ class Nemesis:
             return held, revoked, bool(heard)
         finally:
             conn.execute("DELETE FROM public.pgcg_chaos_fetch_hold WHERE group_name = %s", (group,))
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", FETCH_HOLD_LOCK)
+            conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def _await_waiters(self, conn: psycopg.Connection[Any], lock: tuple[int, int], n: int) -> int:
+        """How many sessions wait for `lock` once `n` do, or a second after the first did
+        (at most the session timeout)."""
+        started = time.monotonic()
+        first: float | None = None
+        waiting = 0
+        while time.monotonic() - started < self.session_timeout:
+            waiting = _waiting(conn, lock)
+            if waiting and first is None:
+                first = time.monotonic()
+            if waiting >= n or (first is not None and time.monotonic() - first > 1.0):
+                break
+            time.sleep(0.005)
+        return waiting
 
     def _leave(self, params: dict[str, Any]) -> None:
         """The member with no process behind it leaves (after a server restart)."""

@@ -344,10 +344,11 @@ $$
 
 -- name: hold_fetches
 -- For the fault revoke-cancel-fetch (`pgcg chaos`): pgcg.fetch as migrated, but a fetch of
--- a group listed in public.pgcg_chaos_fetch_hold that read rows then waits, with those rows
--- in hand, for an advisory lock the chaos tool holds meanwhile (bench/chaos/nemesis.py,
--- FETCH_HOLD_LOCK). While it waits, the fault issues a revocation and calls it off: the
--- rows reach their reader as they were read before the revocation.
+-- a group listed in public.pgcg_chaos_fetch_hold waits twice for advisory locks the chaos
+-- tool holds meanwhile (bench/chaos/nemesis.py): before it reads (FETCH_GATE_LOCK), so the
+-- log fills up behind it and its read brings messages of most keys, and, if it read rows,
+-- with those rows in hand (FETCH_HOLD_LOCK). While it waits there, the fault issues a
+-- revocation and calls it off: the rows reach their reader as read before the revocation.
 CREATE TABLE public.pgcg_chaos_fetch_hold (group_name text PRIMARY KEY);
 CREATE OR REPLACE FUNCTION pgcg.fetch(
     p_group        text,
@@ -365,6 +366,9 @@ DECLARE
     n bigint;
 BEGIN
     PERFORM pgcg.require_group(p_group);
+    IF EXISTS (SELECT FROM public.pgcg_chaos_fetch_hold AS h WHERE h.group_name = p_group) THEN
+        PERFORM pg_advisory_xact_lock_shared(1885825895, 2);
+    END IF;
     RETURN QUERY SELECT * FROM pgcg.fetch_unchecked(p_group, p_partitions, p_done, p_cur,
                                                     p_cur_offsets, p_limit, p_limit_bytes);
     GET DIAGNOSTICS n = ROW_COUNT;
