@@ -77,7 +77,8 @@ UNFENCED = Q.unfenced
 COUNT_AFTER_HANDLER = Q.count_after_handler
 EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
 # For the fault revoke-cancel-fetch: pgcg.fetch replaced by one that a fetch of a group the
-# fault lists waits in, with the rows it read, for the lock the fault holds meanwhile.
+# fault lists waits in for the locks the fault holds meanwhile, before it reads and with
+# the rows it read.
 HOLD_FETCHES = Q.hold_fetches
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
