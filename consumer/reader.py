@@ -271,12 +271,9 @@ class Reader:
             if (
                 ctx.assignment.current(part.partition, part.epoch) is not part
                 or not part.adopted
-                or part.state != "assigned"
+                or not taking_in(part)
             ):
-                # Lost or reset while we read: its cursor starts over. Revoked: the
-                # revocation dropped the earlier messages it held; a later one taken in
-                # now would run before them if the revocation is called off.
-                continue
+                continue  # lost or reset while we read (its cursor starts over), or revoked
             if r["state"] == "e":
                 part.done = max(part.done, r["tick"])
                 if part.cur is not None and part.cur <= part.done:
@@ -372,7 +369,7 @@ class Reader:
             if (
                 part is None
                 or ctx.assignment.current(part.partition, part.epoch) is not part
-                or part.state != "assigned"
+                or not taking_in(part)
             ):
                 continue  # lost, or revoked (its parked messages were dropped) while we read
             part.parked_keys.add(r["key"])
@@ -460,6 +457,15 @@ class Reader:
             return
         for due, key in ctx.scheduler.waiting_keys(now)[: max(prefetch // 10, 1)]:
             self.writer.park_key(key, "delay", head_delay=due - now)
+
+
+def taking_in(part: Owned) -> bool:
+    """Whether rows read for `part` are taken in as they arrive: not once it is being
+    revoked, even if the read began before. The revocation dropped the messages it held
+    but the running ones; a later message of a key, read before that and taken in now,
+    would run before the key's dropped ones if the revocation is called off (those come
+    back only when the partition is read again from its position)."""
+    return part.state == "assigned"
 
 
 def rotated(items: list[T], start: int) -> list[T]:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgcg.bench.chaos import journal
 from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
@@ -215,6 +217,92 @@ def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> 
     assert code == 1, output
     assert report["verdict"]["violations"]["late_handlers"] > 0, output
     assert "late handler: " in output and "verdict: FAILED" in output
+
+
+@pytest.mark.slow
+@unsafe_proof
+@pytest.mark.timeout(600)
+def test_taking_in_a_read_of_a_partition_revoked_meanwhile_fails(tmp_path: Path) -> None:
+    """Consumers that take in the rows of a read in flight though the partition was
+    revoked meanwhile: each revoke-cancel-fetch fault holds the group's fetches, with the
+    rows they read, while a revocation is issued and heard, lets them go, and calls the
+    revocation off. A key's later message taken in then runs before the earlier ones the
+    revocation dropped, which the checker must report as out of order. Handlers of 1 s on
+    keys with a backlog (40 messages a second on 32 keys) keep a message of each key
+    buffered behind its running head, and a revoked partition draining past the moment
+    the revocation is called off. Without the switch the same run passes."""
+    args = (
+        "--seed", "1", "--faults", "revoke-cancel-fetch", "--duration", "20", "--calm", "0",
+        "--poison-every", "0", "--groups", "1", "--rate", "40", "--keys", "32",
+        "--work-ms", "1000", "--sync-share", "0", "--drain-timeout", "60",
+    )  # fmt: skip
+    code, report, output = chaos(tmp_path / "unsafe", *args, "--unsafe-take-in-revoked-reads")
+    assert code == 1, output
+    assert report["verdict"]["violations"]["order"] > 0, output
+    assert "order: " in output and "verdict: FAILED" in output
+    code, report, output = chaos(tmp_path / "safe", *args)
+    assert code == 0 and report["ok"], output
+    # The window was hit: fetches were held, and revocations called off while they were.
+    notes = [f["note"] for f in report["faults"] if f["kind"] == "revoke-cancel-fetch"]
+    assert any("fetch(es) held" in n and not n.endswith(" 0 called off") for n in notes), notes
+
+
+def test_a_fetch_of_a_held_group_waits_before_it_reads_and_with_its_rows(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """revoke-cancel-fetch's seam: with pgcg.fetch replaced in the run's database, a fetch
+    of a group the fault lists waits for the fault's gate before it reads (what is
+    enqueued meanwhile is read), then, rows read, for its hold, and returns those rows
+    once let go; other groups' fetches, and every fetch once the group is no longer
+    listed, go through."""
+    from pgcg.bench.chaos.nemesis import FETCH_GATE_LOCK, FETCH_HOLD_LOCK, MEMBER, _waiting
+    from pgcg.consumer.reader import Q as READER_QUERIES
+    from pgcg.shared.producer import OutgoingMessage, enqueue_many_sync
+    from tests.helpers import wait_for
+    from tests.logclient import tick_now
+
+    db.execute(journal.HOLD_FETCHES)
+    db.execute("SELECT pgcg.create_topic('t', 1)")
+    for group in ("held", "free"):
+        db.execute(MEMBER.create_group, {"group": group, "topic": "t"})
+
+    ticks = []
+
+    def enqueue() -> None:
+        enqueue_many_sync(db, "t", [OutgoingMessage("k", {})])
+        ticks.append(tick_now(db, "t"))
+
+    def fetch(group: str) -> list[Any]:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute(READER_QUERIES.fetch, {
+                "group": group, "partitions": [0], "done": [0], "cur": [None],
+                "cur_offsets": [None], "limit": 10, "limit_bytes": 1 << 20,
+            }).fetchall()  # fmt: skip
+
+    enqueue()
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as fault:
+        fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_HOLD_LOCK)
+        fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_GATE_LOCK)
+        fault.execute("INSERT INTO public.pgcg_chaos_fetch_hold VALUES ('held')")
+        assert fetch("free")
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(fetch("held")))
+        reader.start()
+        try:
+            wait_for(lambda: _waiting(fault, FETCH_GATE_LOCK) == 1, what="held at the gate")
+            enqueue()  # read once the gate opens
+            fault.execute("SELECT pg_advisory_unlock(%s, %s)", FETCH_GATE_LOCK)
+            wait_for(lambda: _waiting(fault, FETCH_HOLD_LOCK) == 1, what="held with rows")
+            assert got == [] and reader.is_alive()
+        finally:
+            fault.execute("DELETE FROM public.pgcg_chaos_fetch_hold")
+            fault.execute("SELECT pg_advisory_unlock_all()")
+            reader.join(10)
+        # Read once the gate opened: it reached the tick made meanwhile.
+        assert got and max(r[3] for r in got) == ticks[-1], (got, ticks)
+        fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_HOLD_LOCK)
+        fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_GATE_LOCK)
+        assert fetch("held")  # no longer listed: not held
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------

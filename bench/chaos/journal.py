@@ -76,6 +76,10 @@ UNFENCED = Q.unfenced
 # its handler returned, not when it was claimed.
 COUNT_AFTER_HANDLER = Q.count_after_handler
 EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
+# For the fault revoke-cancel-fetch: pgcg.fetch replaced by one that a fetch of a group the
+# fault lists waits in for the locks the fault holds meanwhile, before it reads and with
+# the rows it read.
+HOLD_FETCHES = Q.hold_fetches
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.
@@ -107,6 +111,9 @@ UNSAFE_THREADS_ENV = "PGCG_CHAOS_UNSAFE_RELEASE_RUNNING_HANDLERS"
 # Test builds only (`pgcg chaos --unsafe-unstorable-errors`): a handler's error goes to the
 # database as it is, and a write the database refuses stops the consumer.
 UNSAFE_ERRORS_ENV = "PGCG_CHAOS_UNSAFE_UNSTORABLE_ERRORS"
+# Test builds only (`pgcg chaos --unsafe-take-in-revoked-reads`): rows of a read in flight
+# are taken in though their partition was revoked meanwhile.
+UNSAFE_READS_ENV = "PGCG_CHAOS_UNSAFE_TAKE_IN_REVOKED_READS"
 # What a raising poison message says: a NUL and a lone surrogate, which PostgreSQL's text
 # (and the driver) refuse, as an error quoting binary input may hold.
 UNSTORABLE = "\x00\udcff"
@@ -141,6 +148,30 @@ if os.environ.get(UNSAFE_ERRORS_ENV):
 
     _writer.storable = lambda text: text  # type: ignore[assignment]
     _writer.REFUSED = ()  # type: ignore[assignment]
+
+if os.environ.get(UNSAFE_READS_ENV):
+    # The reader leaves out rows read for a partition revoked while they were on their
+    # way (reader.taking_in); taken in here, a revocation called off then runs a key's
+    # later message before the earlier ones the revocation dropped.
+    import logging
+
+    from pgcg.consumer import reader as _reader
+
+    _taken: set[tuple[int, int, float | None]] = set()  # once per revocation
+
+    def _take_in_anyway(part: Any) -> bool:
+        revocation = (part.partition, part.epoch, part.revoke_by)
+        if part.state != "assigned" and revocation not in _taken:
+            _taken.add(revocation)
+            logging.getLogger("pgcg.chaos.unsafe").warning(
+                "UNSAFE: rows read for partition %s taken in while it is %s",
+                part.partition, part.state,
+                extra={"action": "unsafe_take_in", "partition": part.partition,
+                       "epoch": part.epoch},
+            )  # fmt: skip
+        return True
+
+    _reader.taking_in = _take_in_anyway  # type: ignore[assignment]
 
 
 def _row(message: Message, started: datetime, finished: datetime, kind: str) -> dict[str, Any]:

@@ -12,8 +12,10 @@ same times; that is as reproducible as real processes allow.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +28,15 @@ from pgcg.bench.chaos.journal import Disruption
 from pgcg.bench.chaos.netproxy import NetProxy
 from pgcg.bench.cluster import Cluster, Proc
 from pgcg.bench.throwaway import ThrowawayPostgres
+from pgcg.shared.queries import Queries
 
 log = logging.getLogger("pgcg.nemesis")
+# A member's own statements, for a member with no process behind it (revoke-cancel-fetch).
+MEMBER = Queries("consumer")
+# The advisory locks a held fetch waits for (sql/queries/journal.sql, hold_fetches): with
+# the rows it read, and before it reads.
+FETCH_HOLD_LOCK = (1885825895, 1)
+FETCH_GATE_LOCK = (1885825895, 2)
 
 FAULT_KINDS = (
     "consumer-kill",  # SIGKILL a consumer; a replacement joins after `hold`
@@ -44,6 +53,8 @@ FAULT_KINDS = (
     "assignment-lock",  # a session holds a group's assignment rows FOR UPDATE for `hold`
     "revoke-cancel",  # a consumer joins and leaves at once: a revocation issued, called off
     "clock-step",  # step the database server's wall clock by `step` for `hold`, then back
+    # fetches held in flight while a revocation is issued and called off (see journal.sql)
+    "revoke-cancel-fetch",
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
 # Needs our own server, started with a steppable clock (libfaketime).
@@ -131,6 +142,8 @@ def schedule(
                 # revocation in its favour was issued (the leader then calls it off).
                 variant = rng.choice(["joined", "revoking", "revoking"])
                 hold = 0.0
+            elif kind == "revoke-cancel-fetch":
+                hold = 0.0
             elif kind == "clock-step":
                 # Forward past the drain deadline (not shorter than the session timeout)
                 # and the leader timeout, so a revoke_deadline or a leader's heartbeat read
@@ -174,6 +187,24 @@ class Executed:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
+    """The first column of the first row of `sql`'s answer."""
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else next(iter(row.values()))
+
+
+def _waiting(conn: psycopg.Connection[Any], lock: tuple[int, int]) -> int:
+    """How many sessions wait for the advisory lock `lock` (two int4 keys)."""
+    return int(
+        _one(
+            conn,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND classid = %s AND objid = %s AND objsubid = 2",
+            lock,
+        )
+    )
 
 
 class Nemesis:
@@ -521,6 +552,152 @@ class Nemesis:
         record.note = f"left {time.monotonic() - started:.2f}s after starting" + (
             "" if member else " (before it joined)"
         )
+
+    def _revoke_cancel_fetch(self, fault: Fault, record: Executed) -> None:
+        """A revocation issued and called off while a group's fetches are in flight, with
+        the rows they read before it (journal.HOLD_FETCHES): the group's fetches wait
+        before they read, so messages of most keys pile up behind them; then they read
+        and wait again, rows in hand. A member with no process behind it joins, so the
+        leader revokes partitions in its favour; once their owners have heard (a heartbeat
+        since), the fetches are let go, and the member leaves, so the leader calls off
+        what still revokes. The rows reach readers whose partitions are revoking: a key's
+        later messages among them must not run before the earlier ones the revocation
+        dropped."""
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        member = f"chaos-nemesis-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        params = {
+            "group": group, "member": member, "host": "chaos-nemesis", "pid": os.getpid(),
+            "session_timeout_ms": round(self.session_timeout * 1000),
+        }  # fmt: skip
+        record.victims.append(group)
+        try:
+            with psycopg.connect(
+                self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=5
+            ) as conn:
+                held, revoked, heard = self._hold_fetches(conn, group, params)
+                if not held:
+                    record.note = "skipped: no fetch with rows came"
+                    return
+                started = time.monotonic()
+                while _waiting(conn, FETCH_HOLD_LOCK) and time.monotonic() - started < 2.0:
+                    time.sleep(0.005)
+                # Their readers take the rows in (or leave them out) before the leader
+                # calls the revocation off.
+                time.sleep(0.1)
+                left = _now()
+                with conn.transaction():
+                    conn.execute(MEMBER.leave, params | {"event": "leave"})
+                    conn.execute(MEMBER.notify_coordinator, params | {"event": "leave"})
+                started = time.monotonic()
+                rows: list[dict[str, Any]] = revoked
+                while rows and time.monotonic() - started < self.session_timeout + 5:
+                    rows = conn.execute(
+                        "SELECT partition FROM pgcg.partition_assignments "
+                        "WHERE group_name = %s AND state = 'revoking' AND target_member_id = %s",
+                        (group, member),
+                    ).fetchall()
+                    time.sleep(0.02)
+                kept = _one(
+                    conn,
+                    "SELECT count(*) FROM pgcg.partition_assignments AS pa "
+                    "JOIN unnest(%s::int[], %s::bigint[], %s::text[]) AS r(p, e, m) "
+                    "ON pa.partition = r.p AND pa.epoch = r.e AND pa.member_id = r.m "
+                    "WHERE pa.group_name = %s AND pa.state = 'assigned'",
+                    ([r["partition"] for r in revoked], [r["epoch"] for r in revoked],
+                     [r["member_id"] for r in revoked], group),
+                )  # fmt: skip
+        except psycopg.OperationalError as exc:  # a server restart meanwhile
+            record.note = f"interrupted: {exc}".splitlines()[0]
+            self._leave(params)
+            return
+        self._hit("member-join", None, record.start, left)
+        record.note = (
+            f"{held} fetch(es) held; {len(revoked)} partition(s) revoked, owners heard "
+            f"{'yes' if heard else 'NO'}; {kept} called off"
+        )
+
+    def _hold_fetches(
+        self, conn: psycopg.Connection[Any], group: str, params: dict[str, Any]
+    ) -> tuple[int, list[dict[str, Any]], bool]:
+        """Holds the group's fetches, first before they read, then with their rows; joins
+        the member and waits for revocations in its favour and for their owners to hear of
+        them; lets the fetches go. Returns how many fetches waited with rows, the
+        partitions revoked (partition, epoch, member_id) and whether every owner heard."""
+        held, revoked, heard = 0, [], False
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_HOLD_LOCK)
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_GATE_LOCK)
+        try:
+            conn.execute(
+                "INSERT INTO public.pgcg_chaos_fetch_hold VALUES (%s) ON CONFLICT DO NOTHING",
+                (group,),
+            )
+            readers = len(self._members(group))
+            gated = self._await_waiters(conn, FETCH_GATE_LOCK, readers)
+            # Messages pile up behind the gate, so each read brings some of most keys.
+            time.sleep(0.5)
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", FETCH_GATE_LOCK)
+            held = self._await_waiters(conn, FETCH_HOLD_LOCK, max(gated, 1))
+            if not held:
+                return held, revoked, heard
+            with conn.transaction():
+                conn.execute(MEMBER.join, params)
+                conn.execute(MEMBER.notify_coordinator, params | {"event": "join"})
+            started = time.monotonic()
+            while time.monotonic() - started < self.session_timeout and not revoked:
+                revoked = conn.execute(
+                    "SELECT partition, epoch, member_id, clock_timestamp() AS seen "
+                    "FROM pgcg.partition_assignments "
+                    "WHERE group_name = %s AND state = 'revoking' AND target_member_id = %s",
+                    (group, params["member"]),
+                ).fetchall()
+                if not revoked:
+                    time.sleep(0.005)
+            # An owner heard of its revocation in a heartbeat that began after it: its
+            # answer carried it (applied as it arrives).
+            started = time.monotonic()
+            while revoked and time.monotonic() - started < 2 * self.session_timeout:
+                heard = _one(
+                    conn,
+                    "SELECT bool_and(cg.last_heartbeat > r.seen) "
+                    "FROM unnest(%s::text[], %s::timestamptz[]) AS r(m, seen) "
+                    "JOIN pgcg.consumer_groups AS cg "
+                    "ON cg.group_name = %s AND cg.member_id = r.m",
+                    ([r["member_id"] for r in revoked], [r["seen"] for r in revoked], group),
+                )
+                if heard:
+                    break
+                time.sleep(0.005)
+            # Applied as the answer arrives: a moment for that.
+            time.sleep(0.05)
+            return held, revoked, bool(heard)
+        finally:
+            conn.execute("DELETE FROM public.pgcg_chaos_fetch_hold WHERE group_name = %s", (group,))
+            conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def _await_waiters(self, conn: psycopg.Connection[Any], lock: tuple[int, int], n: int) -> int:
+        """How many sessions wait for `lock` once `n` do, or a second after the first did
+        (at most the session timeout)."""
+        started = time.monotonic()
+        first: float | None = None
+        waiting = 0
+        while time.monotonic() - started < self.session_timeout:
+            waiting = _waiting(conn, lock)
+            if waiting and first is None:
+                first = time.monotonic()
+            if waiting >= n or (first is not None and time.monotonic() - first > 1.0):
+                break
+            time.sleep(0.005)
+        return waiting
+
+    def _leave(self, params: dict[str, Any]) -> None:
+        """The member with no process behind it leaves (after a server restart)."""
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(MEMBER.leave, params | {"event": "leave"})
+                conn.execute(MEMBER.notify_coordinator, params | {"event": "leave"})
+        except psycopg.OperationalError:
+            pass  # its session times out, and the leader expels it
 
     def _clock_step(self, fault: Fault, record: Executed) -> None:
         if self.server is None or self.server.faketime is None:

@@ -124,6 +124,8 @@ class ChaosOptions:
     unsafe_drain_on_database_clock: bool = False
     # Members are expired on the database's clock (every rebalance), not the leader's.
     unsafe_expire_on_database_clock: bool = False
+    # Rows of a read in flight are taken in though their partition was revoked meanwhile.
+    unsafe_take_in_revoked_reads: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -198,7 +200,8 @@ class ChaosReport:
             + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else "")
             + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else "")
             + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else "")
-            + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else ""),
+            + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else "")
+            + (" UNSAFE-TAKE-IN-REVOKED-READS" if o.unsafe_take_in_revoked_reads else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -432,6 +435,8 @@ class _Run:
                 conn.execute(journal.COUNT_AFTER_HANDLER)
             if options.unsafe_expire_on_database_clock:
                 conn.execute(journal.EXPIRE_ON_DATABASE_CLOCK)
+            if "revoke-cancel-fetch" in options.faults:
+                conn.execute(journal.HOLD_FETCHES)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -455,6 +460,7 @@ class _Run:
                 {journal.UNSAFE_THREADS_ENV: "1"} if options.unsafe_release_running_handlers else {}
             ),
             **({journal.UNSAFE_ERRORS_ENV: "1"} if options.unsafe_unstorable_errors else {}),
+            **({journal.UNSAFE_READS_ENV: "1"} if options.unsafe_take_in_revoked_reads else {}),
             **options.env,
         }
         # What the processes run with, --env included: the faults are sized on it.
@@ -862,6 +868,12 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Expire members whose last heartbeat is older than their session timeout by the "
     "database's clock, not the leader's: with clock-step faults the checks must fail.",
 )
+@click.option(
+    "--unsafe-take-in-revoked-reads",
+    is_flag=True,
+    help="Consumers take in the rows of a read in flight though the partition was revoked "
+    "meanwhile: with revoke-cancel-fetch faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -870,7 +882,7 @@ def chaos(
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
     unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
-    unsafe_expire_on_database_clock: bool,
+    unsafe_expire_on_database_clock: bool, unsafe_take_in_revoked_reads: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -912,6 +924,7 @@ def chaos(
         unsafe_count_after_handler=unsafe_count_after_handler,
         unsafe_drain_on_database_clock=unsafe_drain_on_database_clock,
         unsafe_expire_on_database_clock=unsafe_expire_on_database_clock,
+        unsafe_take_in_revoked_reads=unsafe_take_in_revoked_reads,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,

@@ -341,3 +341,39 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
     SELECT cg.member_id, cg.host, cg.pid FROM pgcg.consumer_groups AS cg
     WHERE cg.group_name = p_group ORDER BY cg.joined_at, cg.member_id
 $$
+
+-- name: hold_fetches
+-- For the fault revoke-cancel-fetch (`pgcg chaos`): pgcg.fetch as migrated, but a fetch of
+-- a group listed in public.pgcg_chaos_fetch_hold waits twice for advisory locks the chaos
+-- tool holds meanwhile (bench/chaos/nemesis.py): before it reads (FETCH_GATE_LOCK), so the
+-- log fills up behind it and its read brings messages of most keys, and, if it read rows,
+-- with those rows in hand (FETCH_HOLD_LOCK). While it waits there, the fault issues a
+-- revocation and calls it off: the rows reach their reader as read before the revocation.
+CREATE TABLE public.pgcg_chaos_fetch_hold (group_name text PRIMARY KEY);
+CREATE OR REPLACE FUNCTION pgcg.fetch(
+    p_group        text,
+    p_partitions   integer[],
+    p_done         bigint[],
+    p_cur          bigint[],
+    p_cur_offsets  bigint[],
+    p_limit        integer,
+    p_limit_bytes  bigint
+) RETURNS TABLE (partition integer, state "char", a_tick bigint, tick bigint, "offset" bigint,
+                 slot integer, key text, payload jsonb, headers jsonb, dedup_key text,
+                 enqueued_at timestamptz, due_in_ms bigint, bytes integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM pgcg.require_group(p_group);
+    IF EXISTS (SELECT FROM public.pgcg_chaos_fetch_hold AS h WHERE h.group_name = p_group) THEN
+        PERFORM pg_advisory_xact_lock_shared(1885825895, 2);
+    END IF;
+    RETURN QUERY SELECT * FROM pgcg.fetch_unchecked(p_group, p_partitions, p_done, p_cur,
+                                                    p_cur_offsets, p_limit, p_limit_bytes);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND EXISTS (SELECT FROM public.pgcg_chaos_fetch_hold AS h
+                         WHERE h.group_name = p_group) THEN
+        PERFORM pg_advisory_xact_lock_shared(1885825895, 1);
+    END IF;
+END $$
