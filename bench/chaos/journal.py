@@ -76,6 +76,11 @@ UNFENCED = Q.unfenced
 # its handler returned, not when it was claimed.
 COUNT_AFTER_HANDLER = Q.count_after_handler
 EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
+# `rebalance-lock` faults: a rebalance that read a member's join waits on the group's gate.
+REBALANCE_GATE = Q.rebalance_gate
+# Test builds only: revoke deadlines from the rebalance transaction's start, lock waits
+# unbounded (install after REBALANCE_GATE, whose function it alters).
+DEADLINE_FROM_TRANSACTION_START = Q.deadline_from_transaction_start
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.

@@ -44,6 +44,7 @@ FAULT_KINDS = (
     "assignment-lock",  # a session holds a group's assignment rows FOR UPDATE for `hold`
     "revoke-cancel",  # a consumer joins and leaves at once: a revocation issued, called off
     "clock-step",  # step the database server's wall clock by `step` for `hold`, then back
+    "rebalance-lock",  # a rebalance that read a member's join waits on a lock for `hold`
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
 # Needs our own server, started with a steppable clock (libfaketime).
@@ -62,7 +63,8 @@ class Fault:
     # moved on) | lease (one, past the lease, within the session); net-blackhole: one | all;
     # assignment-lock: some | all | join; revoke-cancel: joined | revoking; clock-step:
     # forward | backward | revoking (forward, the moment a revocation is in progress, with
-    # the draining owner's network stalled meanwhile); else: -
+    # the draining owner's network stalled meanwhile); rebalance-lock: join | stalled (the
+    # owners' network stalled as the lock is let go, past their leases); else: -
     variant: str
     step: float = 0.0  # clock-step: seconds the database's clock moves (back: negative)
 
@@ -140,6 +142,11 @@ def schedule(
                 step = -step if variant == "backward" else step
                 # revoking: the draining owner's network stalls as long, past its lease.
                 hold = past_lease() + 1.0 if variant == "revoking" else rng.uniform(0.5, 5.0)
+            elif kind == "rebalance-lock":
+                # Past the drain deadline (not shorter than the session timeout), so a
+                # deadline counted from the rebalance's start has passed when it lands.
+                variant = rng.choice(["join", "stalled"])
+                hold = session_timeout + rng.uniform(0.5, 2.0)
             elif kind in ("consumer-kill", "leader-kill"):
                 hold = rng.uniform(0.5, 4.0)
             else:
@@ -490,6 +497,95 @@ class Nemesis:
             record.note = f"lock lost: {exc}".splitlines()[0]
             return
         record.note = f"held {fault.hold:.1f}s"
+
+    def _rebalance_lock(self, fault: Fault, record: Executed) -> None:
+        """A consumer joins a group while a session holds the group's gate
+        (public.pgcg_chaos_gate, journal.REBALANCE_GATE): every rebalance that has read the
+        join, and so revokes partitions for the joiner, waits on that lock before it locks
+        the assignment rows and writes the revocation, until the gate is let go `hold`
+        after the join. Meanwhile the owners' heartbeats still see their partitions
+        assigned and renew their leases. `stalled`: the network of every other member of
+        the group stalls as the gate is let go, past their leases, so they hear of the
+        revocation only once their leases have run out and work on until then."""
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        members = self._members(group)
+        if len(members) >= self.strength[group] + 2:
+            # At its largest: one leaves first (gracefully), so the group stays in size.
+            leaver = members[fault.victim % len(members)]
+            record.victims.append(leaver.name)
+            self.ended.add(leaver)
+            leaver.terminate()
+            self._hit("member-leave", leaver, record.start, record.start)
+            members.remove(leaver)
+        waits: dict[tuple[int, datetime], float] = {}
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(
+                    "INSERT INTO public.pgcg_chaos_gate (group_name) VALUES (%s) "
+                    "ON CONFLICT (group_name) DO UPDATE SET since = clock_timestamp()",
+                    (group,),
+                )
+                with conn.transaction():
+                    conn.execute(
+                        "SELECT 1 FROM public.pgcg_chaos_gate WHERE group_name = %s FOR UPDATE",
+                        (group,),
+                    )
+                    gate_pid = conn.info.backend_pid
+                    joiner = self.spawn_consumer(group)
+                    record.victims.append(joiner.name)
+                    self._hit("member-join", joiner, record.start, record.start)
+                    started = time.monotonic()
+                    # A process starting on a loaded host can take many seconds to join.
+                    cap = self.session_timeout + 20.0
+                    joined = False
+                    while not joined and time.monotonic() - started < cap and joiner.alive:
+                        joined = bool(self._query(
+                            "SELECT 1 FROM pgcg.consumer_groups WHERE group_name = %s "
+                            "AND pid = %s", (group, joiner.pid),
+                        ))  # fmt: skip
+                        time.sleep(0 if joined else 0.02)
+                    joined_after = time.monotonic() - started
+                    release = time.monotonic() + fault.hold
+                    while time.monotonic() < release:
+                        # Who waits on the gate, and since when: the proof that a
+                        # rebalance really waited on a lock after it read the join.
+                        for row in self._query(
+                            "SELECT pid, query_start, "
+                            "extract(epoch FROM clock_timestamp() - query_start) AS s "
+                            "FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                            (gate_pid,),
+                        ):
+                            waits[(row["pid"], row["query_start"])] = float(row["s"])
+                        time.sleep(0.05)
+                    stalled: list[Proc] = []
+                    if fault.variant == "stalled":
+                        stall = self.session_timeout + 1.0
+                        for proc in self._members(group):
+                            if proc is not joiner and proc in self.proxies:
+                                record.victims.append(proc.name)
+                                self.proxies[proc].stall(stall)
+                                stalled.append(proc)
+                    conn.execute("DELETE FROM public.pgcg_chaos_gate WHERE group_name = %s",
+                                 (group,))  # fmt: skip
+                let_go = _now()
+            if stalled:
+                time.sleep(self.session_timeout + 1.0)
+                end = _now()
+                for proc in stalled:
+                    self.proxies[proc].heal()
+                    self._hit("net-stall", proc, let_go, end)
+        except psycopg.OperationalError as exc:  # a server restart meanwhile
+            record.note = f"gate lost: {exc}".splitlines()[0]
+            return
+        longest = max(waits.values(), default=0.0)
+        record.note = (
+            f"joined after {joined_after:.1f}s, held {fault.hold:.1f}s more; "
+            f"{len(waits)} wait(s) on the gate, longest seen {longest:.1f}s"
+            + (f"; {len(stalled)} owner(s) stalled" if stalled else "")
+        )
+        if not joined:
+            record.note += " (the joiner never joined)"
 
     def _revoke_cancel(self, fault: Fault, record: Executed) -> None:
         groups = list(self.strength)

@@ -124,6 +124,9 @@ class ChaosOptions:
     unsafe_drain_on_database_clock: bool = False
     # Members are expired on the database's clock (every rebalance), not the leader's.
     unsafe_expire_on_database_clock: bool = False
+    # Revoke deadlines from the rebalance transaction's start, lock waits unbounded, hand-offs
+    # forced at the database's deadline alone.
+    unsafe_deadline_from_transaction_start: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -198,7 +201,12 @@ class ChaosReport:
             + (" UNSAFE-UNSTORABLE-ERRORS" if o.unsafe_unstorable_errors else "")
             + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else "")
             + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else "")
-            + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else ""),
+            + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else "")
+            + (
+                " UNSAFE-DEADLINE-FROM-TRANSACTION-START"
+                if o.unsafe_deadline_from_transaction_start
+                else ""
+            ),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -432,6 +440,10 @@ class _Run:
                 conn.execute(journal.COUNT_AFTER_HANDLER)
             if options.unsafe_expire_on_database_clock:
                 conn.execute(journal.EXPIRE_ON_DATABASE_CLOCK)
+            if "rebalance-lock" in options.faults:
+                conn.execute(journal.REBALANCE_GATE)
+            if options.unsafe_deadline_from_transaction_start:
+                conn.execute(journal.DEADLINE_FROM_TRANSACTION_START)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -508,7 +520,11 @@ class _Run:
 
     def spawn_coordinator(self) -> Proc:
         n = sum(1 for p in self.cluster.procs if p.kind == "coordinator") + 1
-        module = UNSAFE_LEADER if self.options.unsafe_drain_on_database_clock else None
+        unsafe = (
+            self.options.unsafe_drain_on_database_clock
+            or self.options.unsafe_deadline_from_transaction_start
+        )
+        module = UNSAFE_LEADER if unsafe else None
         return self.cluster.coordinator(name=f"coordinator-{n}", module=module)
 
     def producing(self) -> bool:
@@ -862,6 +878,13 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Expire members whose last heartbeat is older than their session timeout by the "
     "database's clock, not the leader's: with clock-step faults the checks must fail.",
 )
+@click.option(
+    "--unsafe-deadline-from-transaction-start",
+    is_flag=True,
+    help="Count revoke deadlines from the start of the rebalance's transaction, wait for "
+    "locks without bound, and force hand-offs at that deadline alone: with rebalance-lock "
+    "faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -870,7 +893,7 @@ def chaos(
     report_json: Path | None, workdir: Path | None, keep_logs: bool, unsafe_no_fencing: bool,
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
     unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
-    unsafe_expire_on_database_clock: bool,
+    unsafe_expire_on_database_clock: bool, unsafe_deadline_from_transaction_start: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -912,6 +935,7 @@ def chaos(
         unsafe_count_after_handler=unsafe_count_after_handler,
         unsafe_drain_on_database_clock=unsafe_drain_on_database_clock,
         unsafe_expire_on_database_clock=unsafe_expire_on_database_clock,
+        unsafe_deadline_from_transaction_start=unsafe_deadline_from_transaction_start,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,
