@@ -76,7 +76,7 @@ UNFENCED = Q.unfenced
 # its handler returned, not when it was claimed.
 COUNT_AFTER_HANDLER = Q.count_after_handler
 EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
-# `rebalance-lock` faults: a rebalance that read a member's join waits on the group's gate.
+# `assignment-lock` faults: a rebalance that read a member's join waits on the group's gate.
 REBALANCE_GATE = Q.rebalance_gate
 # Test builds only: revoke deadlines from the rebalance transaction's start, lock waits
 # unbounded (install after REBALANCE_GATE, whose function it alters).

@@ -44,7 +44,6 @@ FAULT_KINDS = (
     "assignment-lock",  # a session holds a group's assignment rows FOR UPDATE for `hold`
     "revoke-cancel",  # a consumer joins and leaves at once: a revocation issued, called off
     "clock-step",  # step the database server's wall clock by `step` for `hold`, then back
-    "rebalance-lock",  # a rebalance that read a member's join waits on a lock for `hold`
 )
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
 # Needs our own server, started with a steppable clock (libfaketime).
@@ -61,10 +60,11 @@ class Fault:
     # | lease (consumers: past the lease, within the session); net-cut: one | all
     # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
     # moved on) | lease (one, past the lease, within the session); net-blackhole: one | all;
-    # assignment-lock: some | all | join; revoke-cancel: joined | revoking; clock-step:
-    # forward | backward | revoking (forward, the moment a revocation is in progress, with
-    # the draining owner's network stalled meanwhile); rebalance-lock: join | stalled (the
-    # owners' network stalled as the lock is let go, past their leases); else: -
+    # assignment-lock: some | all | join | rebalance (a rebalance that read a join waits on
+    # a lock) | rebalance-stall (and the owners' network stalls as it is let go, past their
+    # leases); revoke-cancel: joined | revoking; clock-step: forward | backward | revoking
+    # (forward, the moment a revocation is in progress, with the draining owner's network
+    # stalled meanwhile); else: -
     variant: str
     step: float = 0.0  # clock-step: seconds the database's clock moves (back: negative)
 
@@ -125,9 +125,15 @@ def schedule(
                 hold = session_timeout + rng.uniform(0.5, 3.0)
             elif kind == "assignment-lock":
                 # some: a few partitions' rows; all: every row of the group; join: every
-                # row, while a consumer joins, so the rebalance it causes waits on them.
-                variant = rng.choice(["some", "all", "join"])
-                hold = rng.uniform(0.5, session_timeout + 2.0)
+                # row, while a consumer joins; rebalance: a rebalance that read a join
+                # waits on a lock (the one the join causes runs only once the rows are
+                # free, so `join` does not do it), past the drain deadline, so that a
+                # deadline counted from the rebalance's start has passed when it lands.
+                variant = rng.choice(["some", "all", "join", "rebalance", "rebalance-stall"])
+                if variant.startswith("rebalance"):
+                    hold = session_timeout + rng.uniform(0.5, 2.0)
+                else:
+                    hold = rng.uniform(0.5, session_timeout + 2.0)
             elif kind == "revoke-cancel":
                 # joined: it leaves the moment it has joined; revoking: the moment a
                 # revocation in its favour was issued (the leader then calls it off).
@@ -142,11 +148,6 @@ def schedule(
                 step = -step if variant == "backward" else step
                 # revoking: the draining owner's network stalls as long, past its lease.
                 hold = past_lease() + 1.0 if variant == "revoking" else rng.uniform(0.5, 5.0)
-            elif kind == "rebalance-lock":
-                # Past the drain deadline (not shorter than the session timeout), so a
-                # deadline counted from the rebalance's start has passed when it lands.
-                variant = rng.choice(["join", "stalled"])
-                hold = session_timeout + rng.uniform(0.5, 2.0)
             elif kind in ("consumer-kill", "leader-kill"):
                 hold = rng.uniform(0.5, 4.0)
             else:
@@ -465,6 +466,9 @@ class Nemesis:
             self._hit(fault.kind, proc, record.start, end)
 
     def _assignment_lock(self, fault: Fault, record: Executed) -> None:
+        if fault.variant.startswith("rebalance"):
+            self._rebalance_lock(fault, record)
+            return
         groups = list(self.strength)
         group = groups[fault.victim % len(groups)]
         rows = self._query(
@@ -504,7 +508,7 @@ class Nemesis:
         join, and so revokes partitions for the joiner, waits on that lock before it locks
         the assignment rows and writes the revocation, until the gate is let go `hold`
         after the join. Meanwhile the owners' heartbeats still see their partitions
-        assigned and renew their leases. `stalled`: the network of every other member of
+        assigned and renew their leases. `rebalance-stall`: the network of every other member of
         the group stalls as the gate is let go, past their leases, so they hear of the
         revocation only once their leases have run out and work on until then."""
         groups = list(self.strength)
@@ -559,7 +563,7 @@ class Nemesis:
                             waits[(row["pid"], row["query_start"])] = float(row["s"])
                         time.sleep(0.05)
                     stalled: list[Proc] = []
-                    if fault.variant == "stalled":
+                    if fault.variant == "rebalance-stall":
                         stall = self.session_timeout + 1.0
                         for proc in self._members(group):
                             if proc is not joiner and proc in self.proxies:

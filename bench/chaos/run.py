@@ -440,7 +440,7 @@ class _Run:
                 conn.execute(journal.COUNT_AFTER_HANDLER)
             if options.unsafe_expire_on_database_clock:
                 conn.execute(journal.EXPIRE_ON_DATABASE_CLOCK)
-            if "rebalance-lock" in options.faults:
+            if "assignment-lock" in options.faults:
                 conn.execute(journal.REBALANCE_GATE)
             if options.unsafe_deadline_from_transaction_start:
                 conn.execute(journal.DEADLINE_FROM_TRANSACTION_START)
@@ -882,7 +882,7 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "--unsafe-deadline-from-transaction-start",
     is_flag=True,
     help="Count revoke deadlines from the start of the rebalance's transaction, wait for "
-    "locks without bound, and force hand-offs at that deadline alone: with rebalance-lock "
+    "locks without bound, and force hand-offs at that deadline alone: with assignment-lock "
     "faults the checks must fail.",
 )
 def chaos(

@@ -343,7 +343,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
 $$
 
 -- name: rebalance_gate
--- A chaos run with `rebalance-lock` faults: pgcg.assignments_for_update, which a rebalance
+-- A chaos run with `assignment-lock` faults (variants `rebalance`, `rebalance-stall`): pgcg.assignments_for_update, which a rebalance
 -- calls right after it read the group's members, first waits on the group's row of
 -- public.pgcg_chaos_gate while a fault holds it, but only if a member joined the group
 -- after the fault set the gate (so only a rebalance that read the join, and revokes
@@ -383,8 +383,8 @@ $$
 -- name: deadline_from_transaction_start
 -- Test builds only (`pgcg chaos --unsafe-deadline-from-transaction-start`): a revocation's
 -- deadline is counted from the start of the rebalance's transaction (now()), not from when
--- it holds the rows, and the rebalance waits for the rows (and a `rebalance-lock` fault's
--- gate) without bound, as pgcg did before it bounded its lock waits. Owners' heartbeats
+-- it holds the rows, and the rebalance waits for the rows (and an `assignment-lock`
+-- fault's gate) without bound, as pgcg did before it bounded its lock waits. Owners' heartbeats
 -- read the assignments without a lock, so during a long wait they still see `assigned`
 -- and renew their leases; the revocation then lands with its deadline already spent.
 CREATE OR REPLACE FUNCTION pgcg.revoke_partitions(p_group text, p_topic text,
