@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -215,6 +216,39 @@ def test_forcing_hand_offs_on_the_database_clock_alone_fails(tmp_path: Path) -> 
     assert code == 1, output
     assert report["verdict"]["violations"]["late_handlers"] > 0, output
     assert "late handler: " in output and "verdict: FAILED" in output
+
+
+@pytest.mark.slow
+@unsafe_proof
+@pytest.mark.timeout(600)
+def test_a_revoke_deadline_from_the_rebalance_start_fails(tmp_path: Path) -> None:
+    """Revoke deadlines counted from the start of the rebalance's transaction, lock waits
+    unbounded, hand-offs forced at that deadline alone: a consumer joins while the gate of
+    `assignment-lock/rebalance-stall` is held, the rebalance that read the join waits on it
+    for seconds while the owners' heartbeats still renew their leases, and its revocation
+    lands with its deadline spent. The hand-off is forced at once, onto owners cut off
+    until their leases run out, and def handlers of 1.8 s they still run finish after the
+    joiner started: late handlers (3 in each of two runs of this seed). Without the switch
+    the same run passes: the waits are bounded (0.5 s, retried), the deadline is counted
+    once the rows are held, and the leader waits the drain on its own clock (docs/chaos.md
+    records both runs). The leader timeout is raised so that the leader's own round-trip
+    bound outlasts the gate."""
+    args = (
+        "--seed", "5", "--faults", "assignment-lock", "--duration", "12", "--rate", "25",
+        "--groups", "1", "--sync-share", "1", "--sync-work-ms", "1800", "--poison-every", "0",
+        "--calm", "0", "--drain-timeout", "60", "--env", "PGCG_LEADER_TIMEOUT=10",
+    )  # fmt: skip
+    code, report, output = chaos(
+        tmp_path / "unsafe", *args, "--unsafe-deadline-from-transaction-start"
+    )
+    assert code == 1, output
+    assert report["verdict"]["violations"]["late_handlers"] > 0, output
+    assert "late handler: " in output and "verdict: FAILED" in output
+    # The rebalance really waited on the gate after it read the join.
+    gated = [f for f in report["faults"] if f["variant"] == "rebalance-stall"]
+    assert gated, report["faults"]
+    waits = re.search(r"(\d+) wait\(s\) on the gate, longest seen ([\d.]+)s", gated[0]["note"])
+    assert waits and int(waits[1]) >= 1 and float(waits[2]) >= 3.0, gated[0]["note"]
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------
