@@ -17,7 +17,9 @@ One run:
 through (marks, results, parks without the epoch fence): the same checks must then fail,
 which proves they can. `--unsafe-drain-on-database-clock` runs coordinators that force
 hand-offs at the drain deadline on the database's clock alone: with `clock-step` faults
-they must fail too.
+they must fail too, and so must `--unsafe-deadline-from-transaction-start` (those
+coordinators, revoke deadlines from the rebalance's start, lock waits unbounded) with the
+`assignment-lock` faults that hold a rebalance after it read a join.
 """
 
 from __future__ import annotations
