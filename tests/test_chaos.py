@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -26,7 +28,12 @@ from psycopg.rows import dict_row
 from pgcg.bench.chaos import journal
 from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
 from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
+from pgcg.coordinator.rebalancer import Outcome, rebalance
+from pgcg.shared.db import connect
+from pgcg.shared.errors import Contention
 from pgcg.shared.producer import MAX_KEY_BYTES
+from pgcg.shared.queries import Queries
+from tests.helpers import assign, await_for
 
 # The checker's proofs that each unsafe switch fails a run take a minute or more each,
 # more than CI's time allows for all of them: CI runs the fencing one, and
@@ -303,6 +310,146 @@ def test_a_fetch_of_a_held_group_waits_before_it_reads_and_with_its_rows(
         fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_HOLD_LOCK)
         fault.execute("SELECT pg_advisory_lock(%s, %s)", FETCH_GATE_LOCK)
         assert fetch("held")  # no longer listed: not held
+
+
+@pytest.mark.slow
+@unsafe_proof
+@pytest.mark.timeout(600)
+def test_a_revoke_deadline_from_the_rebalance_start_fails(tmp_path: Path) -> None:
+    """Revoke deadlines counted from the start of the rebalance's transaction, lock waits
+    unbounded, hand-offs forced at that deadline alone: a consumer joins while the gate of
+    `assignment-lock/rebalance-stall` is held, the rebalance that read the join waits on it
+    for seconds while the owners' heartbeats still renew their leases, and its revocation
+    lands with its deadline spent. The hand-off is forced at once, onto owners cut off
+    until their leases run out, and def handlers of 1.8 s they still run finish after the
+    joiner started: late handlers (3 in each of two runs of this seed). Without the switch
+    the same run passes: the waits are bounded (0.5 s, retried), the deadline is counted
+    once the rows are held, and the leader waits the drain on its own clock (docs/chaos.md
+    records both runs). The leader timeout is raised so that the leader's own round-trip
+    bound outlasts the gate."""
+    args = (
+        "--seed", "5", "--faults", "assignment-lock", "--duration", "12", "--rate", "25",
+        "--groups", "1", "--sync-share", "1", "--sync-work-ms", "1800", "--poison-every", "0",
+        "--calm", "0", "--drain-timeout", "60", "--env", "PGCG_LEADER_TIMEOUT=10",
+    )  # fmt: skip
+    code, report, output = chaos(
+        tmp_path / "unsafe", *args, "--unsafe-deadline-from-transaction-start"
+    )
+    assert code == 1, output
+    assert report["verdict"]["violations"]["late_handlers"] > 0, output
+    assert "late handler: " in output and "verdict: FAILED" in output
+    # The rebalance really waited on the gate after it read the join.
+    gated = [f for f in report["faults"] if f["variant"] == "rebalance-stall"]
+    assert gated, report["faults"]
+    waits = re.search(r"(\d+) wait\(s\) on the gate, longest seen ([\d.]+)s", gated[0]["note"])
+    assert waits and int(waits[1]) >= 1 and float(waits[2]) >= 3.0, gated[0]["note"]
+
+
+# -- the gate of assignment-lock's rebalance variants, on a database of the test's own -----
+
+GATE_GROUP, GATE_TOPIC, GATE_APP = "g1", "orders", "pgcg-test-gate"
+
+
+def _gate_join(db: psycopg.Connection[Any], member: str) -> None:
+    db.execute(
+        Queries("consumer").join,
+        {"group": GATE_GROUP, "member": member, "host": "test", "pid": 1,
+         "session_timeout_ms": 3000},
+    )  # fmt: skip
+
+
+async def _gate_rebalance(dsn: str, epoch: int) -> Outcome | None:
+    conn = await connect(dsn, application_name=GATE_APP)
+    try:
+        return await rebalance(
+            conn, group=GATE_GROUP, topic=GATE_TOPIC, leader_id="leader-1", leader_epoch=epoch,
+            leader_timeout=60, drain_deadline=2.0, reason="test", lock_timeout=0.2,
+        )  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def _waited_on_gate(db: psycopg.Connection[Any], seconds: float) -> bool:
+    row = db.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s "
+        "AND wait_event_type = 'Lock' AND clock_timestamp() - query_start > %s",
+        (GATE_APP, timedelta(seconds=seconds)),
+    ).fetchone()
+    return bool(row and row["n"])
+
+
+def _gate_group(db: psycopg.Connection[Any], dsn: str) -> tuple[int, psycopg.Connection[Any]]:
+    """Member a owns four partitions; the gate is set and held by the session returned."""
+    db.execute("SELECT pgcg.create_topic(%s, 4)", (GATE_TOPIC,))
+    db.execute("SELECT pgcg.create_group(%s, %s, 'earliest')", (GATE_GROUP, GATE_TOPIC))
+    _gate_join(db, "a")
+    assign(db, GATE_GROUP, GATE_TOPIC, [0, 1, 2, 3], "a")
+    params = {"scope": GATE_GROUP, "leader": "leader-1"}
+    db.execute(Queries("coordinator").ensure_leader_row, params)
+    row = db.execute(Queries("coordinator").take_leadership, params).fetchone()
+    assert row is not None
+    db.execute(journal.REBALANCE_GATE)
+    db.execute("INSERT INTO public.pgcg_chaos_gate (group_name) VALUES (%s)", (GATE_GROUP,))
+    holder = psycopg.connect(dsn, row_factory=dict_row)
+    holder.execute("SELECT 1 FROM public.pgcg_chaos_gate FOR UPDATE").fetchall()
+    return int(row["leader_epoch"]), holder
+
+
+@pytest.mark.anyio
+async def test_the_gate_holds_only_a_rebalance_that_read_a_join_within_its_lock_bound(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """What the `rebalance` variants rely on: a rebalance passes the held gate until a
+    member joins after it was set; then it waits on a real lock, which the rebalance's own
+    lock_timeout cuts off; once the gate is let go, the revocation for the joiner lands."""
+    epoch, holder = _gate_group(db, dsn)
+    try:
+        assert await _gate_rebalance(dsn, epoch) is None  # nothing to do, and no wait
+        _gate_join(db, "b")
+        with pytest.raises(Contention, match="pgcg_chaos_gate"):
+            await _gate_rebalance(dsn, epoch)
+        holder.execute("DELETE FROM public.pgcg_chaos_gate")
+        holder.commit()
+    finally:
+        holder.close()
+    outcome = await _gate_rebalance(dsn, epoch)
+    assert outcome is not None and {m.kind for m in outcome.moves} == {"revoke"}
+
+
+@pytest.mark.anyio
+async def test_the_unsafe_rebalance_waits_past_its_bound_and_dates_its_deadline_back(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """`--unsafe-deadline-from-transaction-start` in the database: the rebalance waits on
+    the gate past its lock_timeout, and the revocation's deadline counts from before the
+    wait, so less of it is left than an owner's heartbeat during the wait was promised."""
+    epoch, holder = _gate_group(db, dsn)
+    db.execute(journal.DEADLINE_FROM_TRANSACTION_START)
+    _gate_join(db, "b")
+    result: list[Outcome | None] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def go() -> None:
+                result.append(await _gate_rebalance(dsn, epoch))
+
+            tg.start_soon(go)
+            # Past the rebalance's own bound of 0.2 s: the wait is unbounded.
+            await await_for(lambda: _waited_on_gate(db, 0.5), 20, "a wait past the bound")
+            row = holder.execute("SELECT clock_timestamp() AS t").fetchone()
+            assert row is not None
+            holder.execute("DELETE FROM public.pgcg_chaos_gate")
+            holder.commit()
+    finally:
+        holder.close()
+    assert result and result[0] is not None
+    assert {m.kind for m in result[0].moves} == {"revoke"}
+    deadlines = db.execute(
+        "SELECT revoke_deadline FROM pgcg.partition_assignments WHERE state = 'revoking'"
+    ).fetchall()
+    assert deadlines
+    # The owner's session timeout (3 s) is the longer of the two drains it is given.
+    assert all(r["revoke_deadline"] < row["t"] + timedelta(seconds=3) for r in deadlines)
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------

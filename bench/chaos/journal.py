@@ -80,6 +80,11 @@ EXPIRE_ON_DATABASE_CLOCK = Q.expire_on_database_clock
 # fault lists waits in for the locks the fault holds meanwhile, before it reads and with
 # the rows it read.
 HOLD_FETCHES = Q.hold_fetches
+# `assignment-lock` faults: a rebalance that read a member's join waits on the group's gate.
+REBALANCE_GATE = Q.rebalance_gate
+# Test builds only: revoke deadlines from the rebalance transaction's start, lock waits
+# unbounded (install after REBALANCE_GATE, whose function it alters).
+DEADLINE_FROM_TRANSACTION_START = Q.deadline_from_transaction_start
 # Per group and partition of a topic: what the group has not finished, and who owns it.
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.

@@ -71,9 +71,11 @@ class Fault:
     # | lease (consumers: past the lease, within the session); net-cut: one | all
     # (consumers); net-stall: one | all | handoff (one, healed the moment its partitions
     # moved on) | lease (one, past the lease, within the session); net-blackhole: one | all;
-    # assignment-lock: some | all | join; revoke-cancel: joined | revoking; clock-step:
-    # forward | backward | revoking (forward, the moment a revocation is in progress, with
-    # the draining owner's network stalled meanwhile); else: -
+    # assignment-lock: some | all | join | rebalance (a rebalance that read a join waits on
+    # a lock) | rebalance-stall (and the owners' network stalls as it is let go, past their
+    # leases); revoke-cancel: joined | revoking; clock-step: forward | backward | revoking
+    # (forward, the moment a revocation is in progress, with the draining owner's network
+    # stalled meanwhile); else: -
     variant: str
     step: float = 0.0  # clock-step: seconds the database's clock moves (back: negative)
 
@@ -134,9 +136,15 @@ def schedule(
                 hold = session_timeout + rng.uniform(0.5, 3.0)
             elif kind == "assignment-lock":
                 # some: a few partitions' rows; all: every row of the group; join: every
-                # row, while a consumer joins, so the rebalance it causes waits on them.
-                variant = rng.choice(["some", "all", "join"])
-                hold = rng.uniform(0.5, session_timeout + 2.0)
+                # row, while a consumer joins; rebalance: a rebalance that read a join
+                # waits on a lock (the one the join causes runs only once the rows are
+                # free, so `join` does not do it), past the drain deadline, so that a
+                # deadline counted from the rebalance's start has passed when it lands.
+                variant = rng.choice(["some", "all", "join", "rebalance", "rebalance-stall"])
+                if variant.startswith("rebalance"):
+                    hold = session_timeout + rng.uniform(0.5, 2.0)
+                else:
+                    hold = rng.uniform(0.5, session_timeout + 2.0)
             elif kind == "revoke-cancel":
                 # joined: it leaves the moment it has joined; revoking: the moment a
                 # revocation in its favour was issued (the leader then calls it off).
@@ -489,6 +497,9 @@ class Nemesis:
             self._hit(fault.kind, proc, record.start, end)
 
     def _assignment_lock(self, fault: Fault, record: Executed) -> None:
+        if fault.variant.startswith("rebalance"):
+            self._rebalance_lock(fault, record)
+            return
         groups = list(self.strength)
         group = groups[fault.victim % len(groups)]
         rows = self._query(
@@ -521,6 +532,95 @@ class Nemesis:
             record.note = f"lock lost: {exc}".splitlines()[0]
             return
         record.note = f"held {fault.hold:.1f}s"
+
+    def _rebalance_lock(self, fault: Fault, record: Executed) -> None:
+        """A consumer joins a group while a session holds the group's gate
+        (public.pgcg_chaos_gate, journal.REBALANCE_GATE): every rebalance that has read the
+        join, and so revokes partitions for the joiner, waits on that lock before it locks
+        the assignment rows and writes the revocation, until the gate is let go `hold`
+        after the join. Meanwhile the owners' heartbeats still see their partitions
+        assigned and renew their leases. `rebalance-stall`: the network of every other member of
+        the group stalls as the gate is let go, past their leases, so they hear of the
+        revocation only once their leases have run out and work on until then."""
+        groups = list(self.strength)
+        group = groups[fault.victim % len(groups)]
+        members = self._members(group)
+        if len(members) >= self.strength[group] + 2:
+            # At its largest: one leaves first (gracefully), so the group stays in size.
+            leaver = members[fault.victim % len(members)]
+            record.victims.append(leaver.name)
+            self.ended.add(leaver)
+            leaver.terminate()
+            self._hit("member-leave", leaver, record.start, record.start)
+            members.remove(leaver)
+        waits: dict[tuple[int, datetime], float] = {}
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(
+                    "INSERT INTO public.pgcg_chaos_gate (group_name) VALUES (%s) "
+                    "ON CONFLICT (group_name) DO UPDATE SET since = clock_timestamp()",
+                    (group,),
+                )
+                with conn.transaction():
+                    conn.execute(
+                        "SELECT 1 FROM public.pgcg_chaos_gate WHERE group_name = %s FOR UPDATE",
+                        (group,),
+                    )
+                    gate_pid = conn.info.backend_pid
+                    joiner = self.spawn_consumer(group)
+                    record.victims.append(joiner.name)
+                    self._hit("member-join", joiner, record.start, record.start)
+                    started = time.monotonic()
+                    # A process starting on a loaded host can take many seconds to join.
+                    cap = self.session_timeout + 20.0
+                    joined = False
+                    while not joined and time.monotonic() - started < cap and joiner.alive:
+                        joined = bool(self._query(
+                            "SELECT 1 FROM pgcg.consumer_groups WHERE group_name = %s "
+                            "AND pid = %s", (group, joiner.pid),
+                        ))  # fmt: skip
+                        time.sleep(0 if joined else 0.02)
+                    joined_after = time.monotonic() - started
+                    release = time.monotonic() + fault.hold
+                    while time.monotonic() < release:
+                        # Who waits on the gate, and since when: the proof that a
+                        # rebalance really waited on a lock after it read the join.
+                        for row in self._query(
+                            "SELECT pid, query_start, "
+                            "extract(epoch FROM clock_timestamp() - query_start) AS s "
+                            "FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                            (gate_pid,),
+                        ):
+                            waits[(row["pid"], row["query_start"])] = float(row["s"])
+                        time.sleep(0.05)
+                    stalled: list[Proc] = []
+                    if fault.variant == "rebalance-stall":
+                        stall = self.session_timeout + 1.0
+                        for proc in self._members(group):
+                            if proc is not joiner and proc in self.proxies:
+                                record.victims.append(proc.name)
+                                self.proxies[proc].stall(stall)
+                                stalled.append(proc)
+                    conn.execute("DELETE FROM public.pgcg_chaos_gate WHERE group_name = %s",
+                                 (group,))  # fmt: skip
+                let_go = _now()
+            if stalled:
+                time.sleep(self.session_timeout + 1.0)
+                end = _now()
+                for proc in stalled:
+                    self.proxies[proc].heal()
+                    self._hit("net-stall", proc, let_go, end)
+        except psycopg.OperationalError as exc:  # a server restart meanwhile
+            record.note = f"gate lost: {exc}".splitlines()[0]
+            return
+        longest = max(waits.values(), default=0.0)
+        record.note = (
+            f"joined after {joined_after:.1f}s, held {fault.hold:.1f}s more; "
+            f"{len(waits)} wait(s) on the gate, longest seen {longest:.1f}s"
+            + (f"; {len(stalled)} owner(s) stalled" if stalled else "")
+        )
+        if not joined:
+            record.note += " (the joiner never joined)"
 
     def _revoke_cancel(self, fault: Fault, record: Executed) -> None:
         groups = list(self.strength)

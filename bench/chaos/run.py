@@ -17,7 +17,9 @@ One run:
 through (marks, results, parks without the epoch fence): the same checks must then fail,
 which proves they can. `--unsafe-drain-on-database-clock` runs coordinators that force
 hand-offs at the drain deadline on the database's clock alone: with `clock-step` faults
-they must fail too.
+they must fail too, and so must `--unsafe-deadline-from-transaction-start` (those
+coordinators, revoke deadlines from the rebalance's start, lock waits unbounded) with the
+`assignment-lock` faults that hold a rebalance after it read a join.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ class ChaosOptions:
     unsafe_expire_on_database_clock: bool = False
     # Rows of a read in flight are taken in though their partition was revoked meanwhile.
     unsafe_take_in_revoked_reads: bool = False
+    # Revoke deadlines from the rebalance transaction's start, lock waits unbounded, hand-offs
+    # forced at the database's deadline alone.
+    unsafe_deadline_from_transaction_start: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -201,7 +206,12 @@ class ChaosReport:
             + (" UNSAFE-COUNT-AFTER-HANDLER" if o.unsafe_count_after_handler else "")
             + (" UNSAFE-DRAIN-ON-DATABASE-CLOCK" if o.unsafe_drain_on_database_clock else "")
             + (" UNSAFE-EXPIRE-ON-DATABASE-CLOCK" if o.unsafe_expire_on_database_clock else "")
-            + (" UNSAFE-TAKE-IN-REVOKED-READS" if o.unsafe_take_in_revoked_reads else ""),
+            + (" UNSAFE-TAKE-IN-REVOKED-READS" if o.unsafe_take_in_revoked_reads else "")
+            + (
+                " UNSAFE-DEADLINE-FROM-TRANSACTION-START"
+                if o.unsafe_deadline_from_transaction_start
+                else ""
+            ),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -437,6 +447,10 @@ class _Run:
                 conn.execute(journal.EXPIRE_ON_DATABASE_CLOCK)
             if "revoke-cancel-fetch" in options.faults:
                 conn.execute(journal.HOLD_FETCHES)
+            if "assignment-lock" in options.faults:
+                conn.execute(journal.REBALANCE_GATE)
+            if options.unsafe_deadline_from_transaction_start:
+                conn.execute(journal.DEADLINE_FROM_TRANSACTION_START)
         env = {
             "PGCG_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "PGCG_SESSION_TIMEOUT": str(SESSION_TIMEOUT),
@@ -514,7 +528,11 @@ class _Run:
 
     def spawn_coordinator(self) -> Proc:
         n = sum(1 for p in self.cluster.procs if p.kind == "coordinator") + 1
-        module = UNSAFE_LEADER if self.options.unsafe_drain_on_database_clock else None
+        unsafe = (
+            self.options.unsafe_drain_on_database_clock
+            or self.options.unsafe_deadline_from_transaction_start
+        )
+        module = UNSAFE_LEADER if unsafe else None
         return self.cluster.coordinator(name=f"coordinator-{n}", module=module)
 
     def producing(self) -> bool:
@@ -874,6 +892,13 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     help="Consumers take in the rows of a read in flight though the partition was revoked "
     "meanwhile: with revoke-cancel-fetch faults the checks must fail.",
 )
+@click.option(
+    "--unsafe-deadline-from-transaction-start",
+    is_flag=True,
+    help="Count revoke deadlines from the start of the rebalance's transaction, wait for "
+    "locks without bound, and force hand-offs at that deadline alone: with assignment-lock "
+    "faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -883,6 +908,7 @@ def chaos(
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
     unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
     unsafe_expire_on_database_clock: bool, unsafe_take_in_revoked_reads: bool,
+    unsafe_deadline_from_transaction_start: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -925,6 +951,7 @@ def chaos(
         unsafe_drain_on_database_clock=unsafe_drain_on_database_clock,
         unsafe_expire_on_database_clock=unsafe_expire_on_database_clock,
         unsafe_take_in_revoked_reads=unsafe_take_in_revoked_reads,
+        unsafe_deadline_from_transaction_start=unsafe_deadline_from_transaction_start,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,

@@ -3,6 +3,12 @@ forces a hand-off the moment the drain deadline has passed on the database's clo
 pgcg did before drains.py. A forward step of that clock while an owner drains then starts
 the next owner beside the handlers the old one still runs, which the checker must report.
 
+`pgcg chaos --unsafe-deadline-from-transaction-start` runs it too: with the revoke deadline
+counted from the start of the rebalance's transaction (in the run's database), the
+database's deadline alone is how pgcg forced hand-offs before its own clock's count. The
+leader's own count starts when it issued the revocation, after any lock wait, so it alone
+would still keep a forced hand-off past the owners' leases (docs/chaos.md).
+
 Run as `python -m pgcg.bench.chaos.unsafe_leader`, configured like `pgcg coordinator`
 (PGCG_* variables); `pgcg coordinator` itself has no such switch.
 """

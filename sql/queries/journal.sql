@@ -377,3 +377,68 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared(1885825895, 1);
     END IF;
 END $$
+
+-- name: rebalance_gate
+-- A chaos run with `assignment-lock` faults (variants `rebalance`, `rebalance-stall`): pgcg.assignments_for_update, which a rebalance
+-- calls right after it read the group's members, first waits on the group's row of
+-- public.pgcg_chaos_gate while a fault holds it, but only if a member joined the group
+-- after the fault set the gate (so only a rebalance that read the join, and revokes
+-- partitions for it, waits; the periodic sweeps before the join pass). It is a row lock
+-- like the rebalance's own on the assignment rows, so the rebalance's lock_timeout bounds
+-- it. The fault deletes the row as it lets go: the waiter then finds no row and goes on.
+CREATE TABLE IF NOT EXISTS public.pgcg_chaos_gate (
+    group_name text PRIMARY KEY,
+    since      timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE OR REPLACE FUNCTION pgcg.assignments_for_update(p_group text, p_topic text)
+RETURNS TABLE (partition integer, member_id text, epoch bigint, state text,
+               target_member_id text, overdue boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+BEGIN
+    PERFORM 1 FROM public.pgcg_chaos_gate AS g
+    WHERE g.group_name = p_group
+      AND EXISTS (SELECT 1 FROM pgcg.consumer_groups AS cg
+                  WHERE cg.group_name = p_group AND cg.joined_at >= g.since)
+    FOR SHARE OF g;
+    RETURN QUERY
+    SELECT locked.partition, locked.member_id, locked.epoch, locked.state,
+           locked.target_member_id,
+           locked.revoke_deadline IS NOT NULL AND locked.revoke_deadline <= clock_timestamp()
+    FROM (
+        SELECT pa.partition, pa.member_id, pa.epoch, pa.state, pa.target_member_id,
+               pa.revoke_deadline
+        FROM pgcg.partition_assignments AS pa
+        WHERE pa.group_name = p_group AND pa.topic = p_topic
+        ORDER BY pa.partition
+        FOR UPDATE
+    ) AS locked
+    ORDER BY locked.partition;
+END
+$$
+
+-- name: deadline_from_transaction_start
+-- Test builds only (`pgcg chaos --unsafe-deadline-from-transaction-start`): a revocation's
+-- deadline is counted from the start of the rebalance's transaction (now()), not from when
+-- it holds the rows, and the rebalance waits for the rows (and an `assignment-lock`
+-- fault's gate) without bound, as pgcg did before it bounded its lock waits. Owners' heartbeats
+-- read the assignments without a lock, so during a long wait they still see `assigned`
+-- and renew their leases; the revocation then lands with its deadline already spent.
+CREATE OR REPLACE FUNCTION pgcg.revoke_partitions(p_group text, p_topic text,
+                                                  p_partitions integer[], p_targets text[],
+                                                  p_drain_deadline_s float8)
+RETURNS TABLE (partition integer)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgcg AS $$
+    UPDATE pgcg.partition_assignments AS pa
+    SET state = 'revoking', target_member_id = a.target,
+        revoke_deadline = coalesce(
+            pa.revoke_deadline,
+            now() + greatest(
+                p_drain_deadline_s * interval '1 second',
+                (SELECT cg.session_timeout_ms * interval '1 millisecond'
+                 FROM pgcg.consumer_groups AS cg
+                 WHERE cg.group_name = pa.group_name AND cg.member_id = pa.member_id)))
+    FROM unnest(p_partitions, p_targets) AS a(partition, target)
+    WHERE pa.group_name = p_group AND pa.topic = p_topic AND pa.partition = a.partition
+    RETURNING pa.partition
+$$;
+ALTER FUNCTION pgcg.assignments_for_update(text, text) SET lock_timeout = 0
