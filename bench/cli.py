@@ -55,11 +55,13 @@ def bench() -> None:
 @click.option(
     "--handler",
     "handler",
-    type=click.Choice(["noop", "sleep1ms", "both"]),
+    type=click.Choice(["noop", "sleep1ms", "both", "parked"]),
     default="both",
     show_default=True,
     help="Handler(s) to drain with. sleep1ms (1 ms of async sleep) is also compared with "
-    "the most its concurrency allows: consumers x concurrency x 1000/s.",
+    "the most its concurrency allows: consumers x concurrency x 1000/s. parked drains "
+    "with noop, then again with each key's first delivery failing once, so the rest of "
+    "the key drains from the parked queue, and compares the two.",
 )
 @click.option(
     "--batch-size",
@@ -149,6 +151,7 @@ def drain(
       pgcg bench drain --handler noop --groups 2
       pgcg bench drain --handler noop --messages 20000,1000000 --server 15,18
       pgcg bench drain --handler noop --no-raw --no-loop --tracing off,1% --repeat 5
+      pgcg bench drain --handler parked --messages 20000 --keys 16 --no-raw --no-loop
     """
     from pgcg.bench.drain import DrainOptions, parse_list, parse_tracing, run_drains
     from pgcg.bench.members import BenchError
@@ -174,7 +177,9 @@ def drain(
     if any(mode is not None for mode in modes):
         require_or_exit("otel", "opentelemetry.sdk", "pgcg bench drain --tracing")
     opts = DrainOptions(
-        handlers=["noop", "sleep1ms"] if handler == "both" else [handler],
+        handlers={"both": ["noop", "sleep1ms"], "parked": ["noop", "parked"]}.get(
+            handler, [handler]
+        ),
         raw=not no_raw,
         loop=not no_loop,
         tracing=modes,

@@ -69,6 +69,8 @@ from pgcg.shared.queries import Queries
 
 COORD = Queries("coordinator")
 
+PARKED_RETRY_BASE = 0.5  # seconds (full jitter): the parked handler's first retry
+
 TARGETS = {"drain_noop_msgs_per_s": 20_000, "enqueue_msgs_per_s": 100_000}
 
 
@@ -249,7 +251,7 @@ def _run_on(db: BenchDatabase, opts: DrainOptions) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = [{} for _ in range(opts.repeat)]
     with OtlpSink() if traced else nullcontext() as sink:
         for handler in opts.handlers:
-            if opts.loop:
+            if opts.loop and handler != "parked":
                 result["loop"][handler] = _loop_run(db, opts, handler)
             for round_ in rounds:
                 for mode in opts.tracing:
@@ -478,7 +480,11 @@ def _drain(
     tracing: float | None = None,
     sink: OtlpSink | None = None,
 ) -> dict[str, Any]:
-    settings = {"concurrency": opts.concurrency, "prefetch": opts.prefetch}
+    settings: dict[str, Any] = {"concurrency": opts.concurrency, "prefetch": opts.prefetch}
+    if handler == "parked":
+        # The failed first deliveries come back soon: the drain is the parked queue's, not
+        # a backoff's.
+        settings["retry_base"] = PARKED_RETRY_BASE
     with (
         tempfile.TemporaryDirectory(prefix="pgcg-bench-") as workdir,
         connect_sync(db.dsn) as conn,
@@ -582,6 +588,7 @@ def _summarise(
             seen[key] = seen.get(key, 0) + 1
     handled = sum(r["handled"] for r in reports)
     last_at = max((r["last_at"] for r in reports), default=wall_started)
+    first_at = min((r["first_at"] for r in reports if r["first_at"]), default=wall_started)
     return {
         "messages": opts.messages,
         "seconds": round(elapsed, 3),
@@ -589,6 +596,9 @@ def _summarise(
         # When the last handler finished, from the handlers' own clocks: the end-of-drain
         # poll adds up to one poll interval plus the last completion write on top of this.
         "handled_in_s": round(last_at - wall_started, 3),
+        # From the first handled message to the last: without the start, and for the parked
+        # handler without the failed first deliveries' backoff.
+        "handling_msgs_per_s": round(handled / max(last_at - first_at, 0.001)),
         "handled": handled,
         "key_order_violations": sum(r["violations"] for r in reports),
         "duplicates": sum(r["duplicates"] for r in reports),
@@ -620,6 +630,7 @@ def _ratios(result: dict[str, Any]) -> dict[str, float]:
     ratios.update(_loop_ratios(result))
     ratios.update(_bound_ratios(result))
     ratios.update(_group_ratios(result))
+    ratios.update(_parked_ratios(result))
     raw = result.get("raw")
     if not raw:
         return ratios
@@ -676,6 +687,22 @@ def _group_ratios(result: dict[str, Any]) -> dict[str, float]:
             if ours and theirs:
                 ratios[f"consumer_cpu_per_msg_{label}_vs_one_group"] = round(theirs / ours, 3)
     return ratios
+
+
+def _parked_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """The drain whose keys wait in the parked queue against the same backlog read from the
+    log (noop), in the same run."""
+    parked, noop = result["pgcg"].get("parked"), result["pgcg"].get("noop")
+    if parked is None or noop is None:
+        return {}
+    return {
+        "drain_parked_vs_noop": round(
+            parked["drain"]["msgs_per_s"] / noop["drain"]["msgs_per_s"], 3
+        ),
+        "handling_parked_vs_noop": round(
+            parked["drain"]["handling_msgs_per_s"] / noop["drain"]["handling_msgs_per_s"], 3
+        ),
+    }
 
 
 def _bound_ratios(result: dict[str, Any]) -> dict[str, float]:

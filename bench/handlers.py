@@ -104,4 +104,22 @@ async def sleep1ms(message: Message) -> None:
         CHECK.end(message)
 
 
-HANDLERS = {"noop": "pgcg.bench.handlers:noop", "sleep1ms": "pgcg.bench.handlers:sleep1ms"}
+_failed_once: set[str] = set()
+
+
+async def parked(message: Message) -> None:
+    """A no-op, but a key's first delivery fails once: its retry parks the key, and the
+    key's later messages, read meanwhile, follow it to the parked queue, as behind a
+    poison message. The drain is then mostly the parked queue's."""
+    if message.attempt == 1 and message.key not in _failed_once:
+        _failed_once.add(message.key)
+        raise RuntimeError("a key's first delivery fails once (bench: parks the key)")
+    CHECK.begin(message)
+    CHECK.end(message)
+
+
+HANDLERS = {
+    "noop": "pgcg.bench.handlers:noop",
+    "sleep1ms": "pgcg.bench.handlers:sleep1ms",
+    "parked": "pgcg.bench.handlers:parked",
+}

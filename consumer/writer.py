@@ -487,6 +487,13 @@ class Writer:
             ctx.scheduler.finish(item, now)
             if item.parked and owned is not None:
                 owned.parked_left(item.key, row["info"])
+                if row["info"] and not any(i.parked for i in ctx.scheduler.items_of(item.key)):
+                    # The last of the key's loaded parked messages: the key's next ones can
+                    # be loaded now. Left to the reader's next look at the parked queue, a
+                    # deep key would stand idle for part of that interval every FOLLOWERS
+                    # messages.
+                    ctx.wake.parked.set()
+                    ctx.wake.fetch.set()
             if kind == "x":
                 log.warning(
                     "message %s dead-lettered after %s attempts: %s",

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgcg.consumer import reader
 from pgcg.consumer.handlers import RetryPolicy
 from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
@@ -502,6 +503,39 @@ async def test_a_waiting_key_resumes_in_order_without_extra_attempts(
     assert hot_handled[0].attempt == 2
     assert all(m.attempt == 1 for m in hot_handled[1:]), "put-back messages counted an attempt"
     assert {m.id for m in handled} >= set(others)
+
+
+async def test_a_deep_parked_key_loads_its_next_messages_as_its_last_loaded_one_settles(
+    db: psycopg.Connection[Any], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parked key is loaded FOLLOWERS messages at a time. Found by pgcg bench drain
+    --handler parked: a key whose loaded messages were all handled stood idle until the
+    reader's next look at the parked queue, so a deep key drained several times slower
+    than from the log. Once the key's first batch is in memory the periodic look is put
+    an hour off: the rest of the key is handled only if each batch's last settle loads the
+    next."""
+    setup_topic(db, partitions=1)
+    hot = key_in(0, 1, "hot")
+    ids = enqueue(db, *[(hot, {"seq": i}) for i in range(3 * (reader.FOLLOWERS + 1) + 1)])
+    handled: list[Message] = []
+
+    async def handler(message: Message) -> None:
+        if message.id == ids[0] and message.attempt == 1:
+            raise RuntimeError("downstream is down")  # the key goes to the parked queue
+        handled.append(message)
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    consumer.ctx.retry = FixedRetry(max_attempts=3, delay=0.5)
+    scheduler = consumer.ctx.scheduler
+    async with running(consumer):
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(
+            lambda: any(i.parked for i in scheduler.items_of(hot)), what="the key's first batch"
+        )
+        monkeypatch.setattr(reader, "PARKED_LOAD_INTERVAL", 3600.0)
+        await await_for(lambda: len(handled) == len(ids), 20, "the whole key handled")
+    assert [m.id for m in handled] == ids
+    assert parked(db, GROUP) == []
 
 
 async def test_a_retry_is_the_next_attempt_until_dead_lettered(
