@@ -568,3 +568,39 @@ def test_a_raising_poison_message_says_what_the_database_cannot_store() -> None:
     with pytest.raises(journal.PoisonError) as raised:
         journal._poisoned(SimpleNamespace(payload={"seq": 3}), "raise")  # type: ignore[arg-type]
     assert "\x00" in str(raised.value) and "\udcff" in str(raised.value)
+
+
+def test_a_pause_ends_in_the_history_before_its_process_is_resumed() -> None:
+    """The checker excuses a handler that a paused process started after SIGCONT only if
+    the start comes after the pause's recorded end. Stamped after SIGCONT, that end came
+    after such starts on a loaded host (a run reported them as stale work)."""
+    from pgcg.bench.chaos.nemesis import Fault, Nemesis
+
+    class Frozen:
+        pid = 4242
+        name = "consumer-1"
+        paused = False
+        resumed_at: datetime | None = None
+
+        def pause(self) -> None:
+            self.paused = True
+
+        def resume(self) -> None:
+            self.paused = False
+            self.resumed_at = datetime.now(UTC)
+
+    proc = Frozen()
+
+    class Cluster:
+        def live(self, role: str) -> list[Any]:
+            return [proc] if role == "consumer" else []
+
+    nemesis = Nemesis(
+        cluster=Cluster(), dsn="", strength={"g": 1}, group_of={}, proxies={}, server=None,  # type: ignore[arg-type]
+        spawn_consumer=lambda group: proc, spawn_coordinator=lambda: proc,  # type: ignore[arg-type, return-value]
+        session_timeout=3.0, leader_timeout=3.0,
+    )  # fmt: skip
+    nemesis.inject(Fault("consumer-pause", hold=0.01, gap=0.0, victim=0, variant="timed"))
+    (pause,) = nemesis.disruptions
+    assert proc.resumed_at is not None and pause.end is not None
+    assert pause.end <= proc.resumed_at

@@ -364,8 +364,12 @@ class Nemesis:
         else:
             time.sleep(fault.hold)
             record.note = f"resumed after {fault.hold:.1f}s"
+        # The end is stamped before SIGCONT: on a loaded host the resumed process can start
+        # a handler dispatched before the stop ahead of this thread's next clock reading,
+        # and the checker excuses such a start only if it comes after the pause's end.
+        resumed = _now()
         victim.resume()
-        self._hit(fault.kind, victim, record.start, _now())
+        self._hit(fault.kind, victim, record.start, resumed)
 
     def _leader_kill(self, fault: Fault, record: Executed) -> None:
         leader, _ = self._leader()
@@ -401,8 +405,9 @@ class Nemesis:
         else:
             time.sleep(fault.hold)
             record.note = f"resumed after {fault.hold:.1f}s"
+        resumed = _now()  # before SIGCONT, as for a consumer's pause
         leader.resume()
-        self._hit(fault.kind, leader, record.start, _now())
+        self._hit(fault.kind, leader, record.start, resumed)
 
     def _network_victims(self, fault: Fault) -> list[Proc]:
         if fault.variant == "all":
