@@ -17,7 +17,10 @@ One run:
 through (marks, results, parks without the epoch fence): the same checks must then fail,
 which proves they can. `--unsafe-drain-on-database-clock` runs coordinators that force
 hand-offs at the drain deadline on the database's clock alone: with `clock-step` faults
-they must fail too.
+they must fail too. `--unsafe-no-connection-timeouts` connects the consumers without
+keepalives, tcp_user_timeout and connect_timeout: with `net-blackhole-kernel` faults (the
+kernel drops packets, in a network namespace the run makes for itself) a member cut off
+does not come back in time, which the run must report.
 """
 
 from __future__ import annotations
