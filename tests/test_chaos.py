@@ -257,7 +257,11 @@ for client in clients_of(port):
 holes.lift(rules)
 b.sendall(b"z")
 old_still_silent = silent(a)
-fresh = socket.create_connection(("127.0.0.1", port), timeout=5); c, _ = server.accept()
+fresh = socket.create_connection(("127.0.0.1", port), timeout=5)
+server.settimeout(5)
+c, peer = server.accept()
+while peer[1] != fresh.getsockname()[1]:  # `late`, if its connect was answered
+    c, peer = server.accept()
 fresh.sendall(b"w"); c.settimeout(5); fresh_passes = c.recv(10) == b"w"
 holes.reap(everything=True)
 rules_left = subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"],
