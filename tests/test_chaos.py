@@ -25,8 +25,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgcg.bench.chaos import journal
-from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, schedule
+from pgcg.bench.chaos import journal, kernelhole
+from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, OPT_IN_KINDS, schedule
 from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.coordinator.rebalancer import Outcome, rebalance
 from pgcg.shared.db import connect
@@ -79,6 +79,14 @@ def test_the_schedule_follows_its_seed() -> None:
         assert sorted(f.kind for f in chunk) == sorted(FAULT_KINDS)
     # A black hole outlasts the session timeout: the member must fence itself and rejoin.
     assert all(f.hold > 3 for f in first(5, rounds) if f.kind == "net-blackhole")
+    # A kernel black hole only when named: every seed's plan of `all` stays as it was.
+    assert not set(OPT_IN_KINDS) & set(FAULT_KINDS)
+    kernel = list(
+        itertools.islice(
+            schedule(5, OPT_IN_KINDS, session_timeout=3, leader_timeout=3), len(OPT_IN_KINDS) * 4
+        )
+    )
+    assert {f.kind for f in kernel} == set(OPT_IN_KINDS) and all(f.hold > 3 for f in kernel)
     with pytest.raises(ValueError, match="unknown fault"):
         next(schedule(1, ["meteor-strike"], session_timeout=3, leader_timeout=3))
 
@@ -312,6 +320,75 @@ def test_a_fetch_of_a_held_group_waits_before_it_reads_and_with_its_rows(
         assert fetch("held")  # no longer listed: not held
 
 
+# What the kernel black hole's test runs in a namespace of its own: a connection through a
+# dropped port goes silent both ways (a connect gets no answer), one whose flow is kept
+# dropped stays silent after the port's rules are lifted while a new one passes, and no
+# rule is left once the flows are reaped.
+KERNEL_HOLE_PROBE = """
+import json, socket, subprocess
+from pgcg.bench.chaos.kernelhole import KernelHoles, clients_of
+
+def silent(sock):
+    sock.settimeout(1.5)
+    try:
+        return sock.recv(10) == b"never"
+    except TimeoutError:
+        return True
+
+holes = KernelHoles()
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen()
+port = server.getsockname()[1]
+a = socket.create_connection(("127.0.0.1", port)); b, _ = server.accept()
+rules = holes.drop_port(port)
+late = socket.socket(); late.settimeout(1.5)
+try:
+    late.connect(("127.0.0.1", port)); connect_answered = True
+except TimeoutError:
+    connect_answered = False
+a.sendall(b"x"); b.sendall(b"y")
+both_silent = silent(b) and silent(a)
+for client in clients_of(port):
+    holes.drop_flow(client, port)
+holes.lift(rules)
+b.sendall(b"z")
+old_still_silent = silent(a)
+fresh = socket.create_connection(("127.0.0.1", port), timeout=5)
+server.settimeout(5)
+c, peer = server.accept()
+while peer[1] != fresh.getsockname()[1]:  # `late`, if its connect was answered
+    c, peer = server.accept()
+fresh.sendall(b"w"); c.settimeout(5); fresh_passes = c.recv(10) == b"w"
+holes.reap(everything=True)
+rules_left = subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"],
+                            capture_output=True, text=True).stdout.strip()
+print(json.dumps({"connect_answered": connect_answered, "both_silent": both_silent,
+                  "old_still_silent": old_still_silent, "fresh_passes": fresh_passes,
+                  "rules_left": rules_left}))
+"""
+
+
+def test_a_kernel_black_hole_silences_a_connection_and_leaves_no_rule() -> None:
+    why = kernelhole.unavailable()
+    if why is not None:
+        pytest.skip(f"kernel black holes: {why}")
+    probe = subprocess.run(
+        ["unshare", "-n", "--", sys.executable, "-c", KERNEL_HOLE_PROBE],
+        env={**os.environ, kernelhole.NETNS_ENV: str(os.stat("/proc/self/ns/net").st_ino)},
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    seen = json.loads(probe.stdout)
+    assert seen == {
+        "connect_answered": False, "both_silent": True, "old_still_silent": True,
+        "fresh_passes": True, "rules_left": "",
+    }, seen  # fmt: skip
+
+
+def test_kernel_black_holes_are_never_made_in_the_machines_namespace() -> None:
+    with pytest.raises(RuntimeError, match="own namespace"):
+        kernelhole.KernelHoles()
+
+
 @pytest.mark.slow
 @unsafe_proof
 @pytest.mark.timeout(600)
@@ -450,6 +527,36 @@ async def test_the_unsafe_rebalance_waits_past_its_bound_and_dates_its_deadline_
     assert deadlines
     # The owner's session timeout (3 s) is the longer of the two drains it is given.
     assert all(r["revoke_deadline"] < row["t"] + timedelta(seconds=3) for r in deadlines)
+
+
+@pytest.mark.slow
+@unsafe_proof
+@pytest.mark.timeout(600)
+def test_without_connection_timeouts_a_member_cut_off_does_not_come_back(tmp_path: Path) -> None:
+    """Consumers without keepalives, tcp_user_timeout and connect_timeout (set off in
+    their URL, which wins over what pgcg adds): a kernel black hole past the session
+    timeout, after which the connections open then stay dead. The heartbeat's bounded
+    round trip fences the member in time, but the connect it retries with goes unanswered
+    for as long as the kernel retries a SYN, so it is not back (heartbeating and handling)
+    within the recovery bound, which the run must report. With pgcg's timeouts the same
+    run passes, every victim back within seconds (docs/chaos.md records the runs)."""
+    why = kernelhole.unavailable()
+    if why is not None:
+        pytest.skip(f"kernel black holes: {why}")
+    args = (
+        "--seed", "1", "--faults", "net-blackhole-kernel", "--duration", "30", "--groups",
+        "1", "--rate", "50", "--calm", "5",
+    )  # fmt: skip
+    code, report, output = chaos(
+        tmp_path / "unsafe", *args, "--drain-timeout", "20", "--unsafe-no-connection-timeouts"
+    )
+    assert code == 1, output
+    assert report["unrecovered"], output
+    assert "not back" in output and "verdict: FAILED" in output
+    code, report, output = chaos(tmp_path / "safe", *args, "--drain-timeout", "60")
+    assert code == 0 and report["ok"], output
+    assert report["fault_counts"].get("net-blackhole-kernel", 0) > 0, output
+    assert report["unrecovered"] == [], output
 
 
 # -- the checker's new rules on made-up histories (no processes, no database) ------------

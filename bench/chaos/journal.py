@@ -420,13 +420,22 @@ REDELIVERY_CAUSES = frozenset(
         "net-cut",
         "net-stall",
         "net-blackhole",
+        "net-blackhole-kernel",
         "pg-restart-fast",
         "pg-restart-immediate",
     }
 )
 # Faults during which a consumer cannot act on what it owns.
 OWNER_DOWN = frozenset(
-    {"consumer-kill", "consumer-crash", "consumer-pause", "net-cut", "net-stall", "net-blackhole"}
+    {
+        "consumer-kill",
+        "consumer-crash",
+        "consumer-pause",
+        "net-cut",
+        "net-stall",
+        "net-blackhole",
+        "net-blackhole-kernel",
+    }
 )
 # A handler task dispatched just before SIGSTOP stamps its start after SIGCONT.
 RESUME_GRACE = timedelta(seconds=1)

@@ -25,6 +25,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgcg.bench.chaos.journal import Disruption
+from pgcg.bench.chaos.kernelhole import KernelHoles, clients_of
 from pgcg.bench.chaos.netproxy import NetProxy
 from pgcg.bench.cluster import Cluster, Proc
 from pgcg.bench.throwaway import ThrowawayPostgres
@@ -56,6 +57,14 @@ FAULT_KINDS = (
     # fetches held in flight while a revocation is issued and called off (see journal.sql)
     "revoke-cancel-fetch",
 )
+# Kinds a run injects only when named in --faults (not in `all`): they need what not every
+# machine gives (root, a private network namespace), and would change every seed's plan.
+OPT_IN_KINDS = (
+    # the kernel drops every packet to and from a consumer for `hold` (no ACK, no
+    # keepalive answer, no RST); then new connections pass, the old ones stay dead
+    "net-blackhole-kernel",
+)
+ALL_KINDS = FAULT_KINDS + OPT_IN_KINDS
 SERVER_FAULTS = frozenset({"pg-restart-fast", "pg-restart-immediate"})
 # Needs our own server, started with a steppable clock (libfaketime).
 CLOCK_FAULTS = frozenset({"clock-step"})
@@ -101,7 +110,7 @@ def schedule(
     `lease_margin` (default: what Settings derives from the session timeout) sizes the
     `lease` variants: a consumer frozen or cut off past its lease but not its session
     fences itself, then gets its partitions back under the same epoch."""
-    unknown = set(kinds) - set(FAULT_KINDS)
+    unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
         raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
     if not kinds:
@@ -129,7 +138,7 @@ def schedule(
             elif kind == "net-stall":
                 variant = rng.choice(["one", "handoff", "handoff", "lease", "all"])
                 hold = past_lease() if variant == "lease" else rng.uniform(0.3, session_timeout + 2)
-            elif kind == "net-blackhole":
+            elif kind in ("net-blackhole", "net-blackhole-kernel"):
                 # Past the session timeout: the member must notice the silence, fence itself
                 # and rejoin on a new connection once the link is back.
                 variant = "all" if rng.random() < 0.2 else "one"
@@ -236,6 +245,8 @@ class Nemesis:
         spawn_coordinator: Callable[[], Proc],
         session_timeout: float,
         leader_timeout: float,
+        holes: KernelHoles | None = None,
+        recovery_bound: float = 0.0,
     ) -> None:
         self.cluster = cluster
         self.dsn = dsn
@@ -248,6 +259,12 @@ class Nemesis:
         self.spawn_coordinator = spawn_coordinator
         self.session_timeout = session_timeout
         self.leader_timeout = leader_timeout
+        # Drop rules in the run's own network namespace (None: not available here).
+        self.holes = holes
+        # Seconds within which a consumer cut off by a kernel black hole must heartbeat
+        # and handle again once the link is back; who did not, with how long it took.
+        self.recovery_bound = recovery_bound
+        self.unrecovered: list[str] = []
         self.executed: list[Executed] = []
         self.disruptions: list[Disruption] = []
         # Consumers a fault killed or stopped on purpose (the others exited by themselves).
@@ -500,6 +517,74 @@ class Nemesis:
         end = _now()
         for proc in victims:
             self._hit(fault.kind, proc, record.start, end)
+
+    def _net_blackhole_kernel(self, fault: Fault, record: Executed) -> None:
+        """The kernel drops every packet to and from the victims' proxies for `hold`: no
+        ACK, no keepalive answer, no RST, new connections unanswered. Then the link is back
+        for new connections, but every connection open then stays dead for good, as when
+        the host it reached is gone (a failover to another host under the same address):
+        its client learns of it only by its own timeouts. The proxy drops its side and
+        the server's sessions (the server's own view of a vanished peer, sooner)."""
+        victims = self._network_victims(fault)
+        if self.holes is None:
+            record.note = "skipped: no private network namespace"
+            return
+        rules: list[int] = []
+        for proc in victims:
+            record.victims.append(proc.name)
+            rules += self.holes.drop_port(self.proxies[proc].port)
+        time.sleep(fault.hold)
+        dead = 0
+        for proc in victims:
+            proxy = self.proxies[proc]
+            for client_port in clients_of(proxy.port):
+                self.holes.drop_flow(client_port, proxy.port)
+                dead += 1
+            proxy.cut()  # its resets are dropped with the rest of those flows
+        self.holes.lift(rules)
+        back = _now()
+        record.note = f"{dead} connection(s) left dead; " + self._await_recovery(victims, back)
+        for proc in victims:
+            self._hit(fault.kind, proc, record.start, _now())
+
+    def _await_recovery(self, victims: list[Proc], back: datetime) -> str:
+        """Wait until every victim heartbeats as a member and journals a handling started
+        after `back`, for at most the recovery bound; a victim that did not is recorded.
+        One that exited meanwhile is the supervisor's to replace, and counts as back."""
+        assert self.holes is not None
+        started = time.monotonic()
+        waiting = {p: (False, False) for p in victims}
+        took: list[float] = []
+        while waiting and time.monotonic() - started < self.recovery_bound:
+            self.holes.reap()
+            for proc in list(waiting):
+                if not proc.alive:
+                    del waiting[proc]
+                    continue
+                rows = self._query(
+                    "SELECT EXISTS (SELECT FROM pgcg.consumer_groups WHERE pid = %(pid)s "
+                    "AND last_heartbeat >= %(back)s) AS member, EXISTS (SELECT FROM "
+                    "public.pgcg_journal WHERE pid = %(pid)s AND started_at >= %(back)s) "
+                    "AS handling",
+                    {"pid": proc.pid, "back": back},
+                )
+                seen = (rows[0]["member"], rows[0]["handling"])
+                if all(seen):
+                    del waiting[proc]
+                    took.append(time.monotonic() - started)
+                else:
+                    waiting[proc] = seen
+            time.sleep(0.1)
+        for proc, (member, handling) in waiting.items():
+            self.unrecovered.append(
+                f"{proc.name} (pid {proc.pid}) not back {self.recovery_bound:g}s after its "
+                f"link returned at {back:%T}: "
+                + ("heartbeating" if member else "no heartbeat")
+                + (", handling" if handling else ", no handling")
+            )
+        if waiting:
+            return f"NOT back within {self.recovery_bound:g}s: " + ",".join(p.name for p in waiting)
+        return f"back within {max(took, default=0.0):.1f}s"
 
     def _assignment_lock(self, fault: Fault, record: Executed) -> None:
         if fault.variant.startswith("rebalance"):
@@ -875,6 +960,8 @@ class Nemesis:
                 proc.resume()
         for proxy in self.proxies.values():
             proxy.heal()
+        if self.holes is not None:
+            self.holes.reap(everything=True)
         while len(self.cluster.live("coordinator")) < coordinators:
             self.spawn_coordinator()
         for group, n in self.strength.items():

