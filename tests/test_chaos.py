@@ -43,7 +43,10 @@ unsafe_proof = pytest.mark.skipif(
     reason="an unsafe switch's proof run; set PGCG_UNSAFE_CHAOS=1 to run it",
 )
 
-SAFE_SEED = 7
+# A schedule whose first round (every kind once) fits in the run's 80 s of faults on a
+# loaded host: its holds and gaps add up to 50 s, and its faults that wait for a consumer
+# to start are few.
+SAFE_SEED = 84
 # Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a
 # chance for a held ack to land after its partition moved on.
 UNSAFE_SEEDS = (61, 74, 72)

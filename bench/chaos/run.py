@@ -990,7 +990,7 @@ def chaos(
 
     \b
     Examples:
-      pgcg chaos --seed 7 --duration 90                 # what CI runs
+      pgcg chaos --seed 84 --duration 80                # what CI runs
       pgcg chaos --messages 100000 --rate 300           # a long run
       pgcg chaos --faults consumer-pause --unsafe-no-fencing   # must fail
     """
