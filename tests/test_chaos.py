@@ -43,9 +43,8 @@ unsafe_proof = pytest.mark.skipif(
     reason="an unsafe switch's proof run; set PGCG_UNSAFE_CHAOS=1 to run it",
 )
 
-# A schedule whose first round (every kind once) fits in the run's 80 s of faults on a
-# loaded host: its holds and gaps add up to 50 s, and its faults that wait for a consumer
-# to start are few.
+# The seed of the short schedule CI runs: one round, every kind once (holds and gaps add
+# up to 61 s).
 SAFE_SEED = 84
 # Seeds whose first 40 s hold the most hand-off variants (6 of 8 or 9 faults), each a
 # chance for a held ack to land after its partition moved on.
@@ -121,13 +120,14 @@ def test_a_stepped_server_clock_moves_at_once_and_the_history_keeps_the_hosts_ti
 @pytest.mark.timeout(450)
 def test_a_short_schedule_of_every_fault_passes(tmp_path: Path) -> None:
     code, report, output = chaos(
-        tmp_path, "--seed", str(SAFE_SEED), "--duration", "80", "--rate", "100", "--calm", "6"
+        tmp_path, "--seed", str(SAFE_SEED), "--rounds", "1", "--rate", "100", "--calm", "6"
     )
     assert code == 0 and report["ok"], output
     # Clock steps need libfaketime (.ci/install-system installs it); without it the run
     # leaves them out, saying so.
     kinds = set(FAULT_KINDS) - (set() if faketime_library() else CLOCK_FAULTS)
-    assert set(report["fault_counts"]) == kinds, report["fault_counts"]
+    # A whole round however long it took, and no fault skipped.
+    assert report["fault_counts"] == dict.fromkeys(kinds, 1), report["fault_counts"]
     verdict = report["verdict"]
     # Half the consumers ran def handlers; poison was produced, and every one of them
     # dead-lettered in time (no violations below); healthy keys were checked for delay.

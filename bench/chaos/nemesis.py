@@ -495,14 +495,17 @@ class Nemesis:
         self._hit(fault.kind, proc, record.start, record.start)
 
     def _member_leave(self, fault: Fault, record: Executed) -> None:
-        victim = self._pick(fault)
-        if victim is None:
-            record.note = "skipped: no consumer"
+        # Only from a group above its smallest size: a small group can be there for a
+        # moment while a consumer a poison message took down is being replaced, and the
+        # fault is not to be lost to that moment.
+        candidates = [
+            p for p in self._consumers()
+            if len(self._members(self.group_of[p])) > max(1, self.strength[self.group_of[p]] // 2)
+        ]  # fmt: skip
+        if not candidates:
+            record.note = "skipped: every group at its smallest"
             return
-        group = self.group_of[victim]
-        if len(self._members(group)) <= max(1, self.strength[group] // 2):
-            record.note = f"skipped: {group} at its smallest"
-            return
+        victim = candidates[fault.victim % len(candidates)]
         record.victims.append(victim.name)
         self.ended.add(victim)
         victim.terminate()

@@ -29,6 +29,7 @@ does not come back in time, which the run must report.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -130,6 +131,9 @@ class ChaosOptions:
     seed: int = 1
     duration: float | None = 60.0  # seconds of faults; None: until `messages` are produced
     messages: int | None = None  # stop producing after this many
+    # Faults end after this many whole rounds (every enabled kind this many times), however
+    # long they take; with `duration` too, at whichever comes first.
+    rounds: int | None = None
     rate: float = 200.0  # messages a second
     keys: int = 64
     partitions: int = 16
@@ -418,7 +422,7 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
                  "makes one when it can), leaving out the kernel black holes")  # fmt: skip
             kinds = tuple(k for k in kinds if k not in KERNEL_FAULTS)
     duration = options.duration
-    if duration is None and options.messages is None:
+    if duration is None and options.messages is None and options.rounds is None:
         duration = 60.0
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_Database(options.database_url, fake_clock=clock))
@@ -426,11 +430,11 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
         echo(f"chaos: seed {options.seed}, logs in {workdir}")
         run.warm_up()
         window_start = datetime.now(UTC)
-        fault_phase = run.inject(
-            schedule(options.seed, kinds, session_timeout=run.session_timeout,
-                     leader_timeout=run.leader_timeout),
-            duration,
-        )  # fmt: skip
+        plan = schedule(options.seed, kinds, session_timeout=run.session_timeout,
+                        leader_timeout=run.leader_timeout)  # fmt: skip
+        if options.rounds is not None:
+            plan = itertools.islice(plan, options.rounds * len(kinds))
+        fault_phase = run.inject(plan, duration)
         echo(f"chaos: {len(run.nemesis.executed)} faults in {fault_phase:.0f}s; healing")
         t = time.monotonic()
         drained = run.heal_and_drain(options.drain_timeout)
@@ -614,7 +618,8 @@ class _Run:
         )
 
     def inject(self, plan: Iterator[Fault], duration: float | None) -> float:
-        """Faults until `duration` has passed or the producer is done; the seconds it took."""
+        """Faults until the plan ends, `duration` has passed or the producer is done; the
+        seconds it took."""
         began = time.monotonic()
 
         def more() -> bool:
@@ -631,7 +636,9 @@ class _Run:
                 break
             self.nemesis.inject(fault)
             self.calm(fault.gap)
-        while more():  # the plan ran out (no faults enabled): keep producing
+        # A plan with no faults in it (none enabled) keeps producing; one cut to whole rounds
+        # ends the run when its last round does.
+        while self.options.rounds is None and more():
             self.calm(0.5)
         return time.monotonic() - began
 
@@ -815,9 +822,15 @@ def _parse_faults(text: str) -> tuple[str, ...]:
 @click.option(
     "--duration",
     type=float,
-    help="Seconds of faults (default 60, or until --messages are produced).",
+    help="Seconds of faults (default 60 unless --messages or --rounds ends them).",
 )
 @click.option("--messages", type=int, help="Stop producing after this many messages.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    help="Stop the faults after this many whole rounds, each every enabled fault kind once "
+    "in the seed's order, however long they take (with --duration: whichever comes first).",
+)
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Messages a second.")
 @click.option("--keys", type=int, default=64, show_default=True, help="Ordering keys.")
 @click.option("--partitions", type=int, default=16, show_default=True)
@@ -969,7 +982,8 @@ def _parse_faults(text: str) -> tuple[str, ...]:
     "net-blackhole-kernel faults the checks must fail.",
 )
 def chaos(
-    seed: int | None, duration: float | None, messages: int | None, rate: float, keys: int,
+    seed: int | None, duration: float | None, messages: int | None, rounds: int | None,
+    rate: float, keys: int,
     partitions: int, consumers: int, groups: int, coordinators: int, faults_: str,
     database_url: str | None, work_ms: float, sync_share: float, sync_work_ms: float | None,
     poison_every: int, big_keys: bool, calm: float, drain_timeout: float, env_: tuple[str, ...],
@@ -990,7 +1004,7 @@ def chaos(
 
     \b
     Examples:
-      pgcg chaos --seed 84 --duration 80                # what CI runs
+      pgcg chaos --seed 84 --rounds 1                  # what CI runs
       pgcg chaos --messages 100000 --rate 300           # a long run
       pgcg chaos --faults consumer-pause --unsafe-no-fencing   # must fail
     """
@@ -1013,6 +1027,7 @@ def chaos(
         seed=seed if seed is not None else random.randrange(1 << 31),
         duration=duration,
         messages=messages,
+        rounds=rounds,
         rate=rate,
         keys=keys,
         partitions=partitions,
