@@ -34,7 +34,7 @@ from pgcg.consumer.listener import Listener
 from pgcg.consumer.outcomes import Backoff, ExceptionTypes
 from pgcg.consumer.rebalance import PartitionsCallback
 from pgcg.consumer.service import Consumer
-from pgcg.shared import names, pooler
+from pgcg.shared import names, pooler, taskdump
 from pgcg.shared.db import AsyncConn, open_pool
 from pgcg.shared.errors import ConfigError
 from pgcg.shared.settings import Settings
@@ -258,6 +258,7 @@ class App:
             async with anyio.create_task_group() as tg:
                 if signals:
                     tg.start_soon(self._signals)
+                    tg.start_soon(taskdump.serve)
                 tg.start_soon(heartbeat.run)
                 if listener is not None:
                     tg.start_soon(listener.run)

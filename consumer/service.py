@@ -43,7 +43,7 @@ from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
 from pgcg.consumer.writer import Writer
-from pgcg.shared import names, pooler
+from pgcg.shared import names, pooler, taskdump
 from pgcg.shared.db import connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
@@ -199,6 +199,7 @@ class Consumer:
             async with anyio.create_task_group() as outer:
                 if install_signal_handlers:
                     outer.start_soon(self._signals, outer)
+                    outer.start_soon(taskdump.serve)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     self.workers._tg = tg

@@ -31,7 +31,7 @@ from pgcg.coordinator.rebalancer import (
     rebalance,
 )
 from pgcg.coordinator.retention import Retention
-from pgcg.shared import names, pooler
+from pgcg.shared import names, pooler, taskdump
 from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import ConfigError, DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
@@ -102,6 +102,7 @@ class Coordinator:
             self._tg = tg
             if install_signal_handlers:
                 tg.start_soon(self._signals)
+                tg.start_soon(taskdump.serve)
             tg.start_soon(self._election_loop)
             tg.start_soon(self._listener_loop)
             tg.start_soon(self._sweep_loop)

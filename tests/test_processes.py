@@ -182,3 +182,27 @@ def test_sigterm_finishes_in_flight_work_releases_and_leaves(
     assert all(line["reason"] == "shutdown" and not line["fenced"] for line in released)
     assert all(line.get("member_id") == member_id for line in released)
     assert not [line for line in logged if line["level"] in ("error", "critical")]
+
+
+def test_sigusr1_logs_where_every_task_waits_and_the_member_goes_on(
+    db: psycopg.Connection[Any], members: Any
+) -> None:
+    setup(db, partitions=2)
+    enqueue_many_sync(db, TOPIC, [OutgoingMessage(f"key-{i}", {"seq": i}) for i in range(4)])
+    member = members(TEST_HANDLER_HOLD="30")
+    member_id = member.joined(db)
+    assign(db, GROUP, TOPIC, [0, 1], member_id)
+    wait_for(lambda: journaled(db, "ended IS NULL") > 0, what="a handler in flight")
+
+    member.proc.send_signal(signal.SIGUSR1)
+
+    def stacks() -> list[str]:
+        return [r["stack"] for r in member.logs() if r.get("action") == "task_stack"]
+
+    dumped = wait_for(lambda: [s for s in stacks() if "Reader.run" in s], what="task stacks")
+    # The chain of awaits, not just the task's own frame: the reader's loop and, in
+    # another task, the handler itself where it waits.
+    assert any("\n" in s for s in dumped)
+    assert any("tests/handlers.py" in s for s in stacks())
+    assert member.member_id(db) == member_id  # a dump changes nothing
+    assert member.stop() == 0
