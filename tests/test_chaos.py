@@ -8,6 +8,7 @@ PGCG_UNSAFE_CHAOS=1 (a minute or more each, past what CI's time allows).
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ from psycopg.rows import dict_row
 
 from pgcg.bench.chaos import journal, kernelhole
 from pgcg.bench.chaos.nemesis import CLOCK_FAULTS, FAULT_KINDS, OPT_IN_KINDS, schedule
+from pgcg.bench.chaos.run import dump_stall
 from pgcg.bench.throwaway import ThrowawayPostgres, faketime_library
 from pgcg.coordinator.rebalancer import Outcome, rebalance
 from pgcg.shared.db import connect
@@ -64,6 +66,38 @@ def chaos(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     output = result.stdout + result.stderr
     assert report.exists(), output
     return result.returncode, json.loads(report.read_text()), output
+
+
+def test_a_stalled_drain_records_who_waits_on_whom(dsn: str, tmp_path: Path) -> None:
+    """A drain that does not finish is recorded as it stands: a session waiting on a lock
+    is listed with its blocker, and the first parked message of every key is listed."""
+    with psycopg.connect(dsn, autocommit=True) as holder, psycopg.connect(dsn) as waiter:
+        holder.execute("CREATE TABLE public.chaos_stall (id int PRIMARY KEY)")
+        holder.execute("INSERT INTO public.chaos_stall VALUES (1)")
+        holder_pid = holder.info.backend_pid
+        waiter_pid = waiter.info.backend_pid
+        with holder.transaction():
+            holder.execute("SELECT * FROM public.chaos_stall FOR UPDATE")
+            # The waiter blocks in its own thread until the holder's transaction ends.
+            blocked = threading.Thread(
+                target=waiter.execute, args=("UPDATE public.chaos_stall SET id = 2",)
+            )
+            blocked.start()
+            deadline = time.monotonic() + 20
+            while holder.execute(
+                "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity "
+                "WHERE pid = %s", (waiter_pid,)
+            ).fetchone()[0]:  # fmt: skip
+                assert time.monotonic() < deadline, "the waiter never waited on the lock"
+                time.sleep(0.02)
+            dump_stall(dsn, tmp_path)
+        blocked.join(20)
+    rows = {int(r["pid"]): r for r in csv.DictReader((tmp_path / "activity.csv").open())}
+    assert rows[waiter_pid]["wait_event_type"] == "Lock"
+    assert rows[waiter_pid]["blocked_by"] == f"{{{holder_pid}}}"
+    assert "UPDATE public.chaos_stall" in rows[waiter_pid]["query"]
+    with (tmp_path / "parked_heads.csv").open() as f:
+        assert next(csv.reader(f))[:3] == ["group_name", "partition", "key"]
 
 
 def test_the_schedule_follows_its_seed() -> None:

@@ -89,6 +89,8 @@ DEADLINE_FROM_TRANSACTION_START = Q.deadline_from_transaction_start
 PENDING_BY_PARTITION = Q.pending_by_partition
 # pgcg's own state, kept with a failed run's history.
 DUMP_LEDGER, DUMP_TICKS, DUMP_PROGRESS = Q.dump_ledger, Q.dump_ticks, Q.dump_progress
+# A drain that did not finish, seen while its processes still run.
+DUMP_ACTIVITY, DUMP_PARKED_HEADS = Q.dump_activity, Q.dump_parked_heads
 
 _conn: psycopg.AsyncConnection[Any] | None = None
 _conn_lock: anyio.Lock | None = None

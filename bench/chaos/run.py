@@ -443,6 +443,10 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
             f"{time.monotonic() - t:.0f}s; stopping"
         )
         window_end = datetime.now(UTC)
+        if not drained:
+            # Seen now, while every process still runs: who holds what and waits on whom.
+            dump_stall(run.dsn, workdir)
+            ask_where_tasks_wait(run.cluster.live())
         run.supervisor.stop()
         run.cluster.stop_all()
         self_fences = _self_fences(run.cluster)
@@ -783,7 +787,37 @@ def _dump_history(dsn: str, workdir: Path) -> None:
         ("ticks", f"({journal.DUMP_TICKS})"),
         ("group_progress", f"({journal.DUMP_PROGRESS})"),
     ]
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    _copy_out(dsn, workdir, sources)
+
+
+def dump_stall(dsn: str, workdir: Path) -> None:
+    """What a drain that did not finish left behind, taken before the processes stop:
+    every session's statement, wait and blockers (activity.csv) and the first parked
+    message of every key (parked_heads.csv). A stalled owner's sessions tell whether it
+    waits on the database or on itself."""
+    try:
+        _copy_out(dsn, workdir, [("activity", f"({journal.DUMP_ACTIVITY})"),
+                                 ("parked_heads", f"({journal.DUMP_PARKED_HEADS})")])  # fmt: skip
+    except psycopg.Error as exc:  # the history is still dumped; this is a bonus
+        log.warning("could not record the stalled drain: %s", exc,
+                    extra={"action": "stall_dump_failed"})  # fmt: skip
+
+
+def ask_where_tasks_wait(procs: list[Proc], timeout: float = 5.0) -> None:
+    """SIGUSR1 to each process, which logs where every one of its tasks waits
+    (`task_stack` records); returns once each has, or after `timeout`."""
+    for proc in procs:
+        proc.send(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    waiting = list(procs)
+    while waiting and time.monotonic() < deadline:
+        waiting = [p for p in waiting if p.alive and not p.actions("task_stack")]
+        time.sleep(0.1)
+
+
+def _copy_out(dsn: str, workdir: Path, sources: list[tuple[str, str]]) -> None:
+    """Each (name, table or parenthesised query) as workdir/name.csv, with a header."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         for name, source in sources:
             with (
                 open(workdir / f"{name}.csv", "wb") as out,
