@@ -36,7 +36,7 @@ from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item, Message, message_id
 from pgcg.consumer.writer import Writer
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.queries import Queries
 
@@ -49,6 +49,8 @@ SAFETY_POLL = 30.0  # seconds between polls of an idle member while LISTEN works
 PARKED_LOAD_INTERVAL = 0.5  # seconds between looks at the parked queue, unless woken
 PARKED_LOOKAHEAD = 1.0  # parked messages due within this many seconds are loaded
 FOLLOWERS = 16  # messages of a parked key loaded after its first one
+# How long one read may go unanswered, at least (see Reader.round_trip_bound).
+MIN_ROUND_TRIP_BOUND = 10.0
 
 
 def _headers(raw: Any) -> dict[str, str]:
@@ -67,6 +69,14 @@ class Reader:
         self._parked_at = 0.0
         self._pin_checked = 0.0
         self.waiting: float | None = None  # how long the wait under way may last (tests)
+        # A read that gets no answer in this long is given up and the connection dropped.
+        # Keepalives and tcp_user_timeout find a dead network; they cannot see a server
+        # process that has stopped answering on a live connection (seen: a backend hung
+        # for good), and the reader would then wait forever while the heartbeat, on its
+        # own connection, keeps the member and its partitions. Generous, because a read
+        # can be slow on a loaded server, and cutting one off only costs a retry: every
+        # read is read-only but the adopt, which charges its deliveries once.
+        self.round_trip_bound = max(MIN_ROUND_TRIP_BOUND, 3 * ctx.settings.session_timeout)
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
@@ -82,6 +92,21 @@ class Reader:
         if self._conn is not None:
             await self._conn.close()
 
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def _query(self, conn: AsyncConn, query: str, params: dict[str, Any]) -> list[Any]:
+        """One read's rows, or DatabaseUnavailable if none came within the bound."""
+
+        async def call() -> list[Any]:
+            with translated(self.ctx.dsn):
+                cur = await conn.execute(query, params)
+                return await cur.fetchall()
+
+        return await bounded(conn, self.round_trip_bound, call)
+
     async def run(self) -> None:
         ctx = self.ctx
         poll = MIN_POLL
@@ -91,7 +116,7 @@ class Reader:
                 got = await self.read_once()
             except DatabaseUnavailable as exc:
                 log.warning("read failed: %s", exc, extra={"action": "read_failed", **ctx.fields})
-                self._conn = None
+                await self._drop_connection()
                 got, failed = 0, True
                 poll = min(max(poll * 2, 0.5), ctx.settings.poll_interval)
             if got:
@@ -133,13 +158,12 @@ class Reader:
             return SAFETY_POLL
         try:
             conn = await self._connection()
-            with translated(ctx.dsn):
-                cur = await conn.execute(Q.next_parked, ctx.params(partitions=partitions))
-                row = await cur.fetchone()
+            rows = await self._query(conn, Q.next_parked, ctx.params(partitions=partitions))
         except DatabaseUnavailable as exc:
             log.warning("read failed: %s", exc, extra={"action": "read_failed", **ctx.fields})
-            self._conn = None
+            await self._drop_connection()
             return ctx.settings.poll_interval
+        row = rows[0] if rows else None
         if row is None or row["due_in_ms"] is None:
             return SAFETY_POLL
         due_in = row["due_in_ms"] / 1000
@@ -189,17 +213,17 @@ class Reader:
 
     async def _adopt(self, conn: AsyncConn, part: Owned) -> None:
         ctx = self.ctx
-        with translated(ctx.dsn):
-            cur = await conn.execute(
-                Q.adopt,
-                ctx.params(
-                    partition=part.partition,
-                    epoch=part.epoch,
-                    max_attempts=ctx.retry.max_attempts,
-                    retry_delay_ms=round(ctx.retry.delay(1) * 1000),
-                ),
-            )
-            row = await cur.fetchone()
+        rows = await self._query(
+            conn,
+            Q.adopt,
+            ctx.params(
+                partition=part.partition,
+                epoch=part.epoch,
+                max_attempts=ctx.retry.max_attempts,
+                retry_delay_ms=round(ctx.retry.delay(1) * 1000),
+            ),
+        )
+        row = rows[0] if rows else None
         if row is None:
             # Not ours at this epoch any more: the heartbeat will tell.
             ctx.wake.heartbeat.set()
@@ -248,19 +272,18 @@ class Reader:
         # Rotate who goes first, so a byte budget that runs out does not always starve the
         # same partitions.
         owned = rotated(owned, int(time.monotonic() * 1000))
-        with translated(ctx.dsn):
-            cur = await conn.execute(
-                Q.fetch,
-                ctx.params(
-                    partitions=[o.partition for o in owned],
-                    done=[o.done for o in owned],
-                    cur=[o.cur for o in owned],
-                    cur_offsets=[o.cur_offset for o in owned],
-                    limit=max(1, room // len(owned)),
-                    limit_bytes=room_bytes,
-                ),
-            )
-            rows = await cur.fetchall()
+        rows = await self._query(
+            conn,
+            Q.fetch,
+            ctx.params(
+                partitions=[o.partition for o in owned],
+                done=[o.done for o in owned],
+                cur=[o.cur for o in owned],
+                cur_offsets=[o.cur_offset for o in owned],
+                limit=max(1, room // len(owned)),
+                limit_bytes=room_bytes,
+            ),
+        )
         now = time.monotonic()
         by_partition = {o.partition: o for o in owned}
         fresh: list[Item] = []
@@ -347,18 +370,17 @@ class Reader:
         if room <= 0:
             return 0
         partitions = [o.partition for o in owned]
-        with translated(ctx.dsn):
-            cur = await conn.execute(
-                Q.load_parked,
-                ctx.params(
-                    partitions=partitions,
-                    held=ctx.scheduler.held_parked(partitions),
-                    lookahead_ms=round(PARKED_LOOKAHEAD * 1000),
-                    limit=max(1, room // (FOLLOWERS + 1)),
-                    followers=FOLLOWERS,
-                ),
-            )
-            rows = await cur.fetchall()
+        rows = await self._query(
+            conn,
+            Q.load_parked,
+            ctx.params(
+                partitions=partitions,
+                held=ctx.scheduler.held_parked(partitions),
+                lookahead_ms=round(PARKED_LOOKAHEAD * 1000),
+                limit=max(1, room // (FOLLOWERS + 1)),
+                followers=FOLLOWERS,
+            ),
+        )
         if not rows:
             return 0
         now = time.monotonic()

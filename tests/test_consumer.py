@@ -978,3 +978,35 @@ async def test_a_failure_sent_again_after_its_reply_was_lost_counts_one_attempt(
             await consumer.writer._settle(_Round(results=[failed]))
         (row,) = parked(db, GROUP)
         assert (row["id"], row["attempts"], row["last_error"]) == (item.id, 1, "boom")
+
+
+async def test_a_read_the_server_never_answers_is_given_up_and_the_reader_goes_on(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server process that stops answering (seen: a backend hung for good) holds the
+    reader only for its bound: then the read is given up, the connection dropped and the
+    read made again. Unbounded, the reader waited forever while the heartbeat, on its own
+    connection, kept the member and its partitions."""
+    caplog.set_level(logging.WARNING, logger="pgcg.consumer.reader")
+    setup_topic(db, partitions=1)
+    ids = produce(db, 5, 5)
+    recorder = Recorder()
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn)
+    consumer.reader.round_trip_bound = 1.0
+    with psycopg.connect(dsn, autocommit=True) as locker:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+            await consumer.joined.wait()
+            with locker.transaction():
+                # Every read (the adopt first) waits on the parked queue while this lock
+                # is held, and gets no answer; the heartbeat never touches that table.
+                locker.execute("LOCK TABLE pgcg.parked IN ACCESS EXCLUSIVE MODE")
+                assign(db, GROUP, TOPIC, [0], consumer.member_id)
+                given_up = await await_for(
+                    lambda: actions(caplog, "read_failed"), 20, "the unanswered read given up"
+                )
+                assert "no answer from PostgreSQL within 1s" in given_up[0].getMessage()
+                assert not recorder.handled
+            await await_for(lambda: len(recorder.handled) == len(ids), 30, "every message handled")
+            consumer.stop()
+    assert sorted(m.id for m in recorder.handled) == sorted(ids)
