@@ -258,7 +258,7 @@ class App:
             async with anyio.create_task_group() as tg:
                 if signals:
                     tg.start_soon(self._signals)
-                    tg.start_soon(taskdump.serve)
+                    taskdump.install()
                 tg.start_soon(heartbeat.run)
                 if listener is not None:
                     tg.start_soon(listener.run)

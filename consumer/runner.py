@@ -9,6 +9,7 @@ from pgcg.consumer.app import App
 from pgcg.consumer.handlers import Handler
 from pgcg.consumer.observer import ConsumerObserver
 from pgcg.consumer.service import Consumer
+from pgcg.shared import taskdump
 from pgcg.shared.health import LoopWatch, serving
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_telemetry
@@ -65,6 +66,7 @@ def run_consumer(
         finally:
             observer.close()
 
+    taskdump.install()  # from the start: a connect or join that hangs shows too
     anyio.run(main)
 
 
@@ -95,6 +97,7 @@ def run_app(app: App) -> None:
             for observer in observers:
                 observer.close()
 
+    taskdump.install()  # from the start: a connect or join that hangs shows too
     anyio.run(main)
 
 

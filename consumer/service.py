@@ -199,7 +199,7 @@ class Consumer:
             async with anyio.create_task_group() as outer:
                 if install_signal_handlers:
                     outer.start_soon(self._signals, outer)
-                    outer.start_soon(taskdump.serve)
+                    taskdump.install()
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     self.workers._tg = tg

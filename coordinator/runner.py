@@ -7,6 +7,7 @@ import anyio
 from pgcg.coordinator.drains import DrainWatch
 from pgcg.coordinator.observer import CoordinatorObserver
 from pgcg.coordinator.service import Coordinator
+from pgcg.shared import taskdump
 from pgcg.shared.health import LoopWatch, serving
 from pgcg.shared.settings import Settings
 from pgcg.shared.telemetry import setup_telemetry
@@ -39,4 +40,5 @@ def run_coordinator(
         finally:
             observer.close()
 
+    taskdump.install()  # from the start: a connect or join that hangs shows too
     anyio.run(main)

@@ -102,7 +102,7 @@ class Coordinator:
             self._tg = tg
             if install_signal_handlers:
                 tg.start_soon(self._signals)
-                tg.start_soon(taskdump.serve)
+                taskdump.install()
             tg.start_soon(self._election_loop)
             tg.start_soon(self._listener_loop)
             tg.start_soon(self._sweep_loop)

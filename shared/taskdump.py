@@ -17,21 +17,34 @@ import signal
 from types import FrameType
 from typing import Any
 
-import anyio
-
 log = logging.getLogger("pgcg.tasks")
 
 # Not on every platform (Windows has none): there, no dump.
 SIGNAL: signal.Signals | None = getattr(signal, "SIGUSR1", None)
 
 
-async def serve() -> None:
-    """Log every task's awaits each time the process gets SIGUSR1, until cancelled."""
-    if SIGNAL is None:
+def install() -> None:
+    """Log every task's awaits each time the process gets SIGUSR1, from now on.
+
+    Installed once and never taken back (idempotent): SIGUSR1's default action ends the
+    process, so a handler that came and went with a task group would leave the start (a
+    connect, a join that hangs: when an operator most wants a dump) and the shutdown
+    open to it. The handler runs in the main thread between bytecodes and only schedules
+    the dump on the running event loop.
+    """
+    if SIGNAL is None or signal.getsignal(SIGNAL) is _on_signal:
         return
-    with anyio.open_signal_receiver(SIGNAL) as received:
-        async for _ in received:
-            log_tasks()
+    signal.signal(SIGNAL, _on_signal)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        log.warning("no event loop is running yet: no tasks to show",
+                    extra={"action": "task_stack", "task": None, "stack": ""})  # fmt: skip
+        return
+    loop.call_soon_threadsafe(log_tasks)
 
 
 def log_tasks() -> int:
@@ -40,6 +53,7 @@ def log_tasks() -> int:
     tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
     for task in tasks:
         stack = "\n".join(_describe(frame) for frame in awaits(task.get_coro()))
+        # A warning although nothing failed: it was asked for, and must show at any level.
         log.warning(
             "task %s waits in:\n%s", task.get_name(), stack or "(not started or finished)",
             extra={"action": "task_stack", "task": task.get_name(), "stack": stack},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -206,3 +207,25 @@ def test_sigusr1_logs_where_every_task_waits_and_the_member_goes_on(
     assert any("tests/handlers.py" in s for s in stacks())
     assert member.member_id(db) == member_id  # a dump changes nothing
     assert member.stop() == 0
+
+
+def test_sigusr1_while_a_consumer_is_still_connecting_shows_it_and_ends_nothing(
+    members: Any,
+) -> None:
+    # A server that accepts and never answers: the consumer stays in its first connect,
+    # which is when an operator most wants to see where it waits.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        port = silent.getsockname()[1]
+        member = members(PGCG_DATABASE_URL=f"postgresql://pgcg@127.0.0.1:{port}/pgcg")
+        accepted, _ = silent.accept()  # it is past its start-up: connecting
+        with accepted:
+            member.proc.send_signal(signal.SIGUSR1)
+            dumped = wait_for(
+                lambda: [r for r in member.logs() if r.get("action") == "task_stack"],
+                what="task stacks while connecting",
+            )
+            assert member.proc.poll() is None  # SIGUSR1's default action would have ended it
+            assert any("connect" in (r.get("stack") or "") for r in dumped)
