@@ -129,7 +129,8 @@ def recovery_bound(session_timeout: float, drain_deadline: float, retry_max: flo
 @dataclass
 class ChaosOptions:
     seed: int = 1
-    duration: float | None = 60.0  # seconds of faults; None: until `messages` are produced
+    # Seconds of faults; with none of duration, messages and rounds given, 60.
+    duration: float | None = None
     messages: int | None = None  # stop producing after this many
     # Faults end after this many whole rounds (every enabled kind this many times), however
     # long they take; with `duration` too, at whichever comes first.
@@ -422,7 +423,9 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
                  "makes one when it can), leaving out the kernel black holes")  # fmt: skip
             kinds = tuple(k for k in kinds if k not in KERNEL_FAULTS)
     duration = options.duration
-    if duration is None and options.messages is None and options.rounds is None:
+    # Rounds of no kinds at all (none enabled, or all left out) would end at once.
+    rounds = options.rounds if kinds else None
+    if duration is None and options.messages is None and rounds is None:
         duration = 60.0
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_Database(options.database_url, fake_clock=clock))
@@ -432,9 +435,9 @@ def run(options: ChaosOptions, echo: Callable[[str], None] = print) -> ChaosRepo
         window_start = datetime.now(UTC)
         plan = schedule(options.seed, kinds, session_timeout=run.session_timeout,
                         leader_timeout=run.leader_timeout)  # fmt: skip
-        if options.rounds is not None:
-            plan = itertools.islice(plan, options.rounds * len(kinds))
-        fault_phase = run.inject(plan, duration)
+        if rounds is not None:
+            plan = itertools.islice(plan, rounds * len(kinds))
+        fault_phase = run.inject(plan, duration, whole_rounds=rounds is not None)
         echo(f"chaos: {len(run.nemesis.executed)} faults in {fault_phase:.0f}s; healing")
         t = time.monotonic()
         drained = run.heal_and_drain(options.drain_timeout)
@@ -621,7 +624,9 @@ class _Run:
             "every partition of every group assigned and a first message handled in each",
         )
 
-    def inject(self, plan: Iterator[Fault], duration: float | None) -> float:
+    def inject(
+        self, plan: Iterator[Fault], duration: float | None, *, whole_rounds: bool = False
+    ) -> float:
         """Faults until the plan ends, `duration` has passed or the producer is done; the
         seconds it took."""
         began = time.monotonic()
@@ -642,7 +647,7 @@ class _Run:
             self.calm(fault.gap)
         # A plan with no faults in it (none enabled) keeps producing; one cut to whole rounds
         # ends the run when its last round does.
-        while self.options.rounds is None and more():
+        while not whole_rounds and more():
             self.calm(0.5)
         return time.monotonic() - began
 
@@ -817,7 +822,9 @@ def ask_where_tasks_wait(procs: list[Proc], timeout: float = 5.0) -> None:
 
 def _copy_out(dsn: str, workdir: Path, sources: list[tuple[str, str]]) -> None:
     """Each (name, table or parenthesised query) as workdir/name.csv, with a header."""
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+    # Bounded: a record of a stalled run must not stall the run itself.
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10,
+                         options="-c statement_timeout=60s") as conn:  # fmt: skip
         for name, source in sources:
             with (
                 open(workdir / f"{name}.csv", "wb") as out,

@@ -330,21 +330,27 @@ FROM pgcg.group_progress AS p JOIN pgcg.groups AS g ON g.id = p.group_id
 -- Every session of the run's server as a drain that did not finish left it, taken while
 -- the processes still run (activity.csv): which statement each waits in, on what, and
 -- behind whom. A consumer that holds partitions and does nothing shows here as a statement
--- waiting on a lock (and its blocker), or as no statement at all (it waits on itself).
+-- waiting on a lock (and its blocker), as a statement active with no wait (a server
+-- process stuck), or as every session idle (it waits on itself).
 SELECT a.pid, a.application_name, a.backend_type, a.state, a.wait_event_type, a.wait_event,
        pg_blocking_pids(a.pid) AS blocked_by, a.backend_start, a.xact_start, a.query_start,
        a.state_change, clock_timestamp() AS taken_at, a.query
-FROM pg_stat_activity AS a WHERE a.pid <> pg_backend_pid()
+FROM pg_stat_activity AS a
+WHERE a.pid <> pg_backend_pid() AND (a.datname = current_database() OR a.datname IS NULL)
 -- name: dump_parked_heads
 -- The first parked message of every key, as a drain that did not finish left it
 -- (parked_heads.csv): whether it is flagged, due, claimed, and by whom.
 SELECT g.group_name, p.partition, p.key, p.id, p.head, p.attempts, p.origin,
        p.claimed_epoch, p.claimed_by, p.locked_until, p.available_at, p.parked_at,
        (SELECT count(*) FROM pgcg.parked AS q
-        WHERE q.group_id = p.group_id AND q.partition = p.partition AND q.key = p.key) AS depth
+        WHERE q.group_id = p.group_id AND q.partition = p.partition
+          AND hashtextextended(q.key, 0) = hashtextextended(p.key, 0) AND q.key = p.key) AS depth
 FROM pgcg.parked AS p JOIN pgcg.groups AS g ON g.id = p.group_id
+-- By key through parked_key's hash, as pgcg's own queries go: by partition alone, a
+-- deep parked queue is read once per row.
 WHERE p.id = (SELECT min(q.id) FROM pgcg.parked AS q
-              WHERE q.group_id = p.group_id AND q.partition = p.partition AND q.key = p.key)
+              WHERE q.group_id = p.group_id AND q.partition = p.partition
+                AND hashtextextended(q.key, 0) = hashtextextended(p.key, 0) AND q.key = p.key)
 -- name: expire_on_database_clock
 -- Test builds only (`pgcg chaos --unsafe-expire-on-database-clock`): members are expired as
 -- a coordinator trusting the database's clock would, in every rebalance (the leader's sweep
