@@ -35,7 +35,7 @@ from pgcg.shared.db import connect
 from pgcg.shared.errors import Contention
 from pgcg.shared.producer import MAX_KEY_BYTES
 from pgcg.shared.queries import Queries
-from tests.helpers import assign, await_for
+from tests.helpers import assign, await_for, wait_for
 
 # The checker's proofs that each unsafe switch fails a run take a minute or more each,
 # more than CI's time allows for all of them: CI runs the fencing one, and
@@ -83,13 +83,13 @@ def test_a_stalled_drain_records_who_waits_on_whom(dsn: str, tmp_path: Path) -> 
                 target=waiter.execute, args=("UPDATE public.chaos_stall SET id = 2",)
             )
             blocked.start()
-            deadline = time.monotonic() + 20
-            while holder.execute(
-                "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity "
-                "WHERE pid = %s", (waiter_pid,)
-            ).fetchone()[0]:  # fmt: skip
-                assert time.monotonic() < deadline, "the waiter never waited on the lock"
-                time.sleep(0.02)
+            wait_for(
+                lambda: holder.execute(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                    (waiter_pid,),
+                ).fetchone()[0],
+                what="the waiter waiting on the lock",
+            )
             dump_stall(dsn, tmp_path)
         blocked.join(20)
     rows = {int(r["pid"]): r for r in csv.DictReader((tmp_path / "activity.csv").open())}
