@@ -317,8 +317,15 @@ class Writer:
 
     async def _settle(self, batch: _Round) -> list[dict[str, Any]]:
         ctx = self.ctx
-        marks = [i for i in batch.starts if not i.parked]
-        claims = [i for i in batch.starts if i.parked]
+        # Starts of a holding that is gone are not sent (answered as refused): a claim of
+        # a lost holding beside the same message's claim under the new one would ask the
+        # database to claim one row twice. The fence refuses the stale one too.
+        starts = [
+            i for i in batch.starts
+            if not i.void and ctx.assignment.current(i.partition, i.epoch) is not None
+        ]  # fmt: skip
+        marks = [i for i in starts if not i.parked]
+        claims = [i for i in starts if i.parked]
         log_results = [r for r in batch.results if not r.item.parked]
         parked_results = [r for r in batch.results if r.item.parked]
         kinds = [self._log_kind(r) for r in log_results]
@@ -399,7 +406,7 @@ class Writer:
     def _apply(self, batch: _Round, rows: list[dict[str, Any]]) -> None:
         ctx = self.ctx
         now = time.monotonic()
-        marks = {r["partition"]: r["ok"] for r in rows if r["what"] == "m"}
+        marks = {(r["partition"], r["ref"]): r["ok"] for r in rows if r["what"] == "m"}
         claims = {r["ref"]: r for r in rows if r["what"] == "c"}
         logs = {(r["partition"], r["ref"]): r for r in rows if r["what"] == "l"}
         parked = {r["ref"]: r for r in rows if r["what"] == "k"}
@@ -414,7 +421,7 @@ class Writer:
                 if ok and row is not None:
                     item.message = replace(item.message, attempt=int(row["info"]))
             else:
-                ok = bool(marks.get(item.partition))
+                ok = bool(marks.get((item.partition, item.epoch)))
             if ok and owned is not None and owned.state == "assigned":
                 cleared.append(item)
                 continue

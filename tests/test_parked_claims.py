@@ -4,6 +4,7 @@ same epoch, or could not start what it claimed) must not keep the key from ever 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -74,3 +75,72 @@ def test_an_abandoned_claim_is_claimed_again_past_its_deadline(
     again = claim(owner, parked_id, epoch, "third", visibility_ms=60_000)
     assert again["ok"] and again["info"] == 3
     assert due(owner) == []
+
+
+def round_of(
+    owner: Owner,
+    *,
+    claims: Sequence[tuple[int, int, str]] = (),
+    marks: Sequence[tuple[Any, int]] = (),
+    done: Sequence[tuple[int, int]] = (),
+) -> list[dict[str, Any]]:
+    """One writer round: claims (parked id, epoch, token), marks (row, epoch) and parked
+    results 'd' (parked id, epoch), all of partition 0."""
+    return owner.conn.execute(
+        Q.settle,
+        owner.params(
+            m_parts=[r.partition for r, _ in marks], m_epochs=[e for _, e in marks],
+            m_ticks=[r.tick for r, _ in marks], m_offsets=[r.offset for r, _ in marks],
+            m_slots=[r.slot for r, _ in marks],
+            c_ids=[i for i, _, _ in claims], c_parts=[0] * len(claims),
+            c_epochs=[e for _, e, _ in claims], c_tokens=[t for _, _, t in claims],
+            visibility_ms=60_000,
+            l_kinds=[], l_parts=[], l_epochs=[], l_ticks=[], l_offsets=[], l_slots=[],
+            l_attempts=[], l_delays=[], l_errors=[], l_origins=[], l_claimed=[],
+            k_kinds=["d"] * len(done), k_ids=[i for i, _ in done], k_parts=[0] * len(done),
+            k_epochs=[e for _, e in done], k_delays=[0] * len(done), k_errors=[None] * len(done),
+        ),
+    ).fetchall()  # fmt: skip
+
+
+def test_a_start_left_over_from_an_earlier_epoch_is_refused_beside_the_current_one(
+    db: psycopg.Connection[Any],
+) -> None:
+    """A member lost a partition with a claim still waiting to be written (the network was
+    down), rejoined and got the partition back at a later epoch, and claimed the same
+    parked message again: both claims went out in one round. The stale one must not pass
+    the fence because the partition is owned at the other epoch: it would leave the row
+    claimed under the old epoch, the current delivery's result would then not delete it,
+    the key would move on past it, and the next owner would run it again, out of order."""
+    db.execute("SELECT pgcg.create_topic(%s, 1)", (TOPIC,))
+    db.execute("SELECT pgcg.create_group(%s, %s)", (GROUP, TOPIC))
+    enqueue(db, TOPIC, ["k", "k"])
+    tick_now(db, TOPIC)
+    owner = Owner(db, GROUP, "member")
+    (old,) = give(db, GROUP, owner.member, [0]).values()
+    assert owner.adopt(0, old) is not None
+    first, second = owner.fetch()
+    owner.settle(park=[first])
+    (parked_id,) = due(owner)
+    (new,) = give(db, GROUP, owner.member, [0]).values()
+    assert owner.adopt(0, new) is not None
+
+    rows = round_of(owner, claims=[(parked_id, old, "stale"), (parked_id, new, "current")],
+                    marks=[(second, old), (second, new)])  # fmt: skip
+    answers = {(r["what"], r["ref"], r["ok"]) for r in rows}
+    # Claims are answered by parked id, marks by epoch: the stale one of each is refused.
+    claimed = db.execute(
+        "SELECT claimed_epoch, claim_token, attempts FROM pgcg.parked WHERE id = %s",
+        (parked_id,),
+    ).fetchone()
+    assert claimed == {"claimed_epoch": new, "claim_token": "current", "attempts": 2}
+    assert ("m", old, False) in answers and ("m", new, True) in answers
+    marked = db.execute(
+        "SELECT array_agg(DISTINCT epoch) AS epochs FROM pgcg.ledger WHERE kind = 'm'"
+    ).fetchone()
+    assert marked == {"epochs": [new]}
+
+    # The current delivery's result finishes the message.
+    (result,) = round_of(owner, done=[(parked_id, new)])
+    assert result["ok"]
+    assert db.execute("SELECT count(*) AS n FROM pgcg.parked").fetchone() == {"n": 0}

@@ -153,7 +153,7 @@ def test_a_consumer_role_of_version_6_may_ask_for_its_next_parked_message(
                     "bigint, integer, integer, text[], bigint[], integer[]) TO {}"
                 ).format(sql.Identifier(role))
             )
-            assert [m.version for m in migrate(empty_dsn)] == [7]
+            assert [m.version for m in migrate(empty_dsn)] == [m.version for m in migrations()][6:]
             may = (
                 "SELECT has_function_privilege(%s, 'pgcg.next_parked(text, integer[])', 'EXECUTE')"
             )
