@@ -13,6 +13,9 @@ from pgcg.consumer.scheduler import KeyScheduler
 from pgcg.shared.loops import Signal
 from pgcg.shared.settings import Settings
 
+# How long one statement of the consumer's reader or writer may go unanswered, at least.
+MIN_ROUND_TRIP_BOUND = 10.0
+
 
 @dataclass
 class Wakeups:
@@ -58,6 +61,18 @@ class Context:
     @property
     def fields(self) -> dict[str, Any]:
         return self.membership.fields
+
+    @property
+    def round_trip_bound(self) -> float:
+        """How long a read or a write may go unanswered before it is given up, its
+        connection dropped and the statement made again. Keepalives and tcp_user_timeout
+        find a dead network; they cannot see a server process that has stopped answering
+        on a live connection (seen: a backend hung for good), and the loop would then wait
+        forever while the heartbeat, on its own connection, keeps the member and its
+        partitions. Generous, because a statement can be slow on a loaded server, and
+        cutting one off only costs a retry: every read is read-only but the adopt, which
+        charges its deliveries once, and a round of writes may be written twice."""
+        return max(MIN_ROUND_TRIP_BOUND, 3 * self.settings.session_timeout)
 
     def params(self, **extra: Any) -> dict[str, Any]:
         """The (group, topic, member) every fenced statement carries, plus its own values."""

@@ -49,8 +49,6 @@ SAFETY_POLL = 30.0  # seconds between polls of an idle member while LISTEN works
 PARKED_LOAD_INTERVAL = 0.5  # seconds between looks at the parked queue, unless woken
 PARKED_LOOKAHEAD = 1.0  # parked messages due within this many seconds are loaded
 FOLLOWERS = 16  # messages of a parked key loaded after its first one
-# How long one read may go unanswered, at least (see Reader.round_trip_bound).
-MIN_ROUND_TRIP_BOUND = 10.0
 
 
 def _headers(raw: Any) -> dict[str, str]:
@@ -69,14 +67,7 @@ class Reader:
         self._parked_at = 0.0
         self._pin_checked = 0.0
         self.waiting: float | None = None  # how long the wait under way may last (tests)
-        # A read that gets no answer in this long is given up and the connection dropped.
-        # Keepalives and tcp_user_timeout find a dead network; they cannot see a server
-        # process that has stopped answering on a live connection (seen: a backend hung
-        # for good), and the reader would then wait forever while the heartbeat, on its
-        # own connection, keeps the member and its partitions. Generous, because a read
-        # can be slow on a loaded server, and cutting one off only costs a retry: every
-        # read is read-only but the adopt, which charges its deliveries once.
-        self.round_trip_bound = max(MIN_ROUND_TRIP_BOUND, 3 * ctx.settings.session_timeout)
+        self.round_trip_bound = ctx.round_trip_bound  # a read unanswered this long is given up
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:

@@ -31,7 +31,7 @@ from pgcg.consumer import observer
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item
-from pgcg.shared.db import AsyncConn, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable, InvalidInput, StatementFailed
 from pgcg.shared.loops import reconnecting
 from pgcg.shared.queries import Queries
@@ -87,6 +87,10 @@ class Writer:
         self._started = started
         self._next = _Round()
         self._conn: AsyncConn | None = None
+        # A round unanswered this long is given up and written again on a new connection:
+        # a hung server process would otherwise hold every result, and with them the
+        # member's keys, while the heartbeat keeps its partitions (see Context).
+        self.round_trip_bound = ctx.round_trip_bound
         self._lock = anyio.Lock()  # one round at a time
         self._saved_at = time.monotonic()
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
@@ -233,6 +237,11 @@ class Writer:
         if self._conn is not None:
             await self._conn.close()
 
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
     async def run(self) -> None:
         while True:
             timeout = max(self._saved_at + SAVE_INTERVAL - time.monotonic(), 0.0)
@@ -263,20 +272,22 @@ class Writer:
         if not due:
             return
         positions = {o.partition: o.position() for o in due}
+        params = ctx.params(
+            partitions=[o.partition for o in due],
+            epochs=[o.epoch for o in due],
+            ticks=[positions[o.partition] for o in due],
+        )
         try:
             conn = await self._connection()
-            with translated(ctx.dsn):
-                cur = await conn.execute(
-                    Q.save_position,
-                    ctx.params(
-                        partitions=[o.partition for o in due],
-                        epochs=[o.epoch for o in due],
-                        ticks=[positions[o.partition] for o in due],
-                    ),
-                )
-                saved = {r["partition"] for r in await cur.fetchall()}
+
+            async def call() -> set[int]:
+                with translated(ctx.dsn):
+                    cur = await conn.execute(Q.save_position, params)
+                    return {r["partition"] for r in await cur.fetchall()}
+
+            saved = await bounded(conn, self.round_trip_bound, call)
         except DatabaseUnavailable as exc:
-            self._conn = None
+            await self._drop_connection()
             log.warning("could not save positions: %s", exc,
                         extra={"action": "position_failed", **ctx.fields})  # fmt: skip
             return
@@ -365,12 +376,16 @@ class Writer:
         )  # fmt: skip
         try:
             conn = await self._connection()
-            with translated(ctx.dsn):
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(Q.settle, params)
-                    return await cur.fetchall()
+
+            async def call() -> list[dict[str, Any]]:
+                with translated(ctx.dsn):
+                    async with conn.cursor(row_factory=dict_row) as cur:
+                        await cur.execute(Q.settle, params)
+                        return await cur.fetchall()
+
+            return await bounded(conn, self.round_trip_bound, call)
         except DatabaseUnavailable:
-            self._conn = None
+            await self._drop_connection()
             raise
         except REFUSED as exc:
             # Refused for what the round holds (a value the driver cannot send, a check, a

@@ -1010,3 +1010,48 @@ async def test_a_read_the_server_never_answers_is_given_up_and_the_reader_goes_o
             await await_for(lambda: len(recorder.handled) == len(ids), 30, "every message handled")
             consumer.stop()
     assert sorted(m.id for m in recorder.handled) == sorted(ids)
+
+
+async def test_a_write_the_server_never_answers_is_given_up_and_written_again(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a read: a round of results that gets no answer holds the writer only for its
+    bound; then the connection is dropped and the round written again. Unbounded, every
+    result (and with them the member's keys) waited forever while the heartbeat kept the
+    member and its partitions."""
+    caplog.set_level(logging.WARNING, logger="pgcg.consumer.writer")
+    setup_topic(db, partitions=1)
+    ids = produce(db, 4, 4)
+    release = anyio.Event()
+    handled: list[int] = []
+    started: set[int] = set()
+
+    async def handler(message: Message) -> None:
+        started.add(message.id)
+        await release.wait()
+        handled.append(message.id)
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+    consumer.writer.round_trip_bound = 1.0
+    with psycopg.connect(dsn, autocommit=True) as locker:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+            await consumer.joined.wait()
+            assign(db, GROUP, TOPIC, [0], consumer.member_id)
+            await await_for(lambda: started == set(ids), 30, "every message running")
+            with locker.transaction():
+                # The results go in the ledger, which this lock holds: the round that
+                # carries them gets no answer. The heartbeat never touches that table.
+                locker.execute("LOCK TABLE pgcg.ledger IN ACCESS EXCLUSIVE MODE")
+                release.set()
+                given_up = await await_for(
+                    lambda: [
+                        r for r in actions(caplog, "db_retry") if "no answer" in r.getMessage()
+                    ],
+                    20,
+                    "the unanswered round given up",
+                )
+                assert "no answer from PostgreSQL within 1s" in given_up[0].getMessage()
+            await await_for(lambda: not unfinished_ids(db, GROUP), 30, "every result written")
+            consumer.stop()
+    assert sorted(handled) == sorted(ids)
