@@ -44,7 +44,7 @@ from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.workers import Workers
 from pgcg.consumer.writer import Writer
 from pgcg.shared import names, pooler, taskdump
-from pgcg.shared.db import bounded, connect, translated
+from pgcg.shared.db import connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.loops import Signal, reconnecting
 from pgcg.shared.queries import Queries
@@ -470,29 +470,26 @@ class Consumer:
             through_pooler=ctx.through_pooler,
             session_timeout=ctx.settings.session_timeout,
         )
-        params = ctx.params(
-            partitions=[p.partition for p in parts],
-            epochs=[p.epoch for p in parts],
-            # The next owner reads from the position; `clean`: nothing of this epoch is
-            # still running, so it charges no delivery.
-            ticks=[p.position() if p.adopted else p.saved for p in parts],
-            clean=[
-                p.clean and not p.handlers_cancelled and ctx.scheduler.busy(p.partition) == 0
-                for p in parts
-            ],
-            revoked_only=revoked_only,
-        )
-
-        async def call() -> dict[int, Any]:
-            with translated(ctx.dsn):
-                cur = await conn.execute(Q.release, params)
-                return {r["partition"]: r for r in await cur.fetchall()}
-
         try:
-            with ctx.assignment.handing_off(parts):
-                # Bounded as every read and write (see Context.round_trip_bound): a release
-                # the server never answers would hold every later release of this member.
-                rows = await bounded(conn, ctx.round_trip_bound, call)
+            with ctx.assignment.handing_off(parts), translated(ctx.dsn):
+                cur = await conn.execute(
+                    Q.release,
+                    ctx.params(
+                        partitions=[p.partition for p in parts],
+                        epochs=[p.epoch for p in parts],
+                        # The next owner reads from the position; `clean`: nothing of this
+                        # epoch is still running, so it charges no delivery.
+                        ticks=[p.position() if p.adopted else p.saved for p in parts],
+                        clean=[
+                            p.clean
+                            and not p.handlers_cancelled
+                            and ctx.scheduler.busy(p.partition) == 0
+                            for p in parts
+                        ],
+                        revoked_only=revoked_only,
+                    ),
+                )
+                rows = {r["partition"]: r for r in await cur.fetchall()}
         finally:
             await conn.close()
         for part in parts:

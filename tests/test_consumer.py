@@ -15,7 +15,6 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgcg.consumer import reader
-from pgcg.consumer.context import Context
 from pgcg.consumer.handlers import RetryPolicy
 from pgcg.consumer.message import Message
 from pgcg.consumer.service import Consumer
@@ -1056,56 +1055,3 @@ async def test_a_write_the_server_never_answers_is_given_up_and_written_again(
             await await_for(lambda: not unfinished_ids(db, GROUP), 30, "every result written")
             consumer.stop()
     assert sorted(handled) == sorted(ids)
-
-
-async def test_a_release_the_server_never_answers_is_given_up_and_made_again(
-    db: psycopg.Connection[Any],
-    dsn: str,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The release of a revoked partition is bounded as reads and writes are: unanswered,
-    it is given up and made again, instead of holding this member's every later release.
-    (Unbounded, it waited as long as the lock was held.)"""
-    monkeypatch.setattr(Context, "round_trip_bound", property(lambda self: 1.0))
-    caplog.set_level(logging.INFO, logger="pgcg")
-    setup_topic(db, partitions=1)
-    ids = produce(db, 2, 2)
-    recorder = Recorder()
-    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn)
-    with psycopg.connect(dsn, autocommit=True) as locker:
-        async with running(consumer):
-            assign(db, GROUP, TOPIC, [0], consumer.member_id)
-            await await_for(lambda: len(recorder.handled) == len(ids), 30, "both handled")
-            with locker.transaction():
-                # The release saves the partition's position in group_progress, which this
-                # lock holds; the heartbeat never touches that table.
-                locker.execute("LOCK TABLE pgcg.group_progress IN ACCESS EXCLUSIVE MODE")
-                db.execute(
-                    "UPDATE pgcg.partition_assignments SET state = 'revoking', "
-                    "revoke_deadline = now() + interval '60 seconds' WHERE group_name = %s",
-                    (GROUP,),
-                )
-                db.execute("SELECT pg_notify('pgcg.g.' || %s, 'assignment')", (GROUP,))
-                failed = await await_for(
-                    lambda: [
-                        r
-                        for r in actions(caplog, "release_failed")
-                        if "no answer" in r.getMessage()
-                    ],
-                    20,
-                    "the unanswered release given up",
-                )
-                assert "no answer from PostgreSQL within 1s" in failed[0].getMessage()
-                assert owners(db, GROUP)[0][2] == "revoking"
-            # Given up is not undone: the statement still waits on the server and goes
-            # through once the lock is gone (the member then finds the partition gone),
-            # or the release made again does. Either way the hand-off completes.
-            await await_for(
-                lambda: (
-                    owners(db, GROUP)[0] == (None, 2, "unassigned")
-                    and not consumer.ctx.assignment.owned
-                ),
-                30,
-                "the partition handed off",
-            )
