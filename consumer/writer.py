@@ -18,9 +18,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
@@ -44,6 +44,9 @@ MAX_ERROR_TEXT = 2000
 REFUSED = (psycopg.DataError, psycopg.IntegrityError, psycopg.InternalError,
            psycopg.errors.RaiseException, InvalidInput, UnicodeError)  # fmt: skip
 SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
+APPLICATION_NAME = "pgcg-writer"  # the end_abandoned statement looks for it
+END_WAIT = 5.0  # seconds to wait for an abandoned server process to end, at most
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,10 @@ class Writer:
         # a hung server process would otherwise hold every result, and with them the
         # member's keys, while the heartbeat keeps its partitions (see Context).
         self.round_trip_bound = ctx.round_trip_bound
+        # The server process of a connection given up with a statement on it: ended
+        # before anything is written again (see _end_abandoned).
+        self._abandoned: int | None = None
+        self._pid: int | None = None  # the server process of _conn, read when it opened
         self._lock = anyio.Lock()  # one round at a time
         self._saved_at = time.monotonic()
         self.rounds = 0  # completed rounds: a fetch started after round n sees its parks
@@ -225,22 +232,66 @@ class Writer:
 
     async def _connection(self) -> AsyncConn:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(
+            conn = await connect(
                 self.ctx.dsn,
-                application_name="pgcg-writer",
+                application_name=APPLICATION_NAME,
                 through_pooler=self.ctx.through_pooler,
                 session_timeout=self.ctx.settings.session_timeout,
             )
+            try:
+                await self._end_abandoned(conn)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+                raise
+            self._conn, self._pid = conn, conn.info.backend_pid
         return self._conn
+
+    async def _end_abandoned(self, conn: AsyncConn) -> None:
+        """A statement given up on the client can still run on the server, and commit after
+        the same round made again and rounds after it: a late retry or park of a message
+        would then undo a later claim or completion of it (its key moving on while it is
+        still parked, to run again after the key's later messages). So the server process
+        of a connection dropped with a statement on it is ended, and waited for, before
+        anything is written again; until it is gone, writing waits (DatabaseUnavailable,
+        retried). Through a transaction pooler the process is not known: rounds there are
+        not bounded, and a failed connection is trusted to have ended its statement."""
+        pid = self._abandoned
+        if pid is None:
+            return
+
+        async def call() -> list[dict[str, Any]]:
+            with translated(self.ctx.dsn):
+                wait_ms = round(min(END_WAIT, self.round_trip_bound / 2) * 1000)
+                cur = await conn.execute(Q.end_abandoned, {"pid": pid, "wait_ms": wait_ms})
+                return await cur.fetchall()
+
+        rows = await bounded(conn, self.round_trip_bound, call)
+        if rows and not rows[0]["ended"]:
+            raise DatabaseUnavailable(
+                f"the server process {pid} of a write given up has not ended yet; writing "
+                "again once it has"
+            )
+        log.info(
+            "server process %s of a write given up: %s", pid, "ended" if rows else "gone",
+            extra={"action": "write_abandoned", **self.ctx.fields, "pid": pid},
+        )  # fmt: skip
+        self._abandoned = None
+
+    async def _abandon(self) -> None:
+        """The connection failed with a statement on it: dropped, its server process noted
+        (see _end_abandoned)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if not self.ctx.through_pooler and self._pid:
+            # Read when it opened: a connection that failed may no longer say.
+            self._abandoned = self._pid
+        await conn.close()
 
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
 
     async def run(self) -> None:
         while True:
@@ -285,9 +336,9 @@ class Writer:
                     cur = await conn.execute(Q.save_position, params)
                     return {r["partition"] for r in await cur.fetchall()}
 
-            saved = await bounded(conn, self.round_trip_bound, call)
+            saved = await self._round_trip(conn, call)
         except DatabaseUnavailable as exc:
-            await self._drop_connection()
+            await self._abandon()
             log.warning("could not save positions: %s", exc,
                         extra={"action": "position_failed", **ctx.fields})  # fmt: skip
             return
@@ -383,9 +434,9 @@ class Writer:
                         await cur.execute(Q.settle, params)
                         return await cur.fetchall()
 
-            return await bounded(conn, self.round_trip_bound, call)
+            return await self._round_trip(conn, call)
         except DatabaseUnavailable:
-            await self._drop_connection()
+            await self._abandon()
             raise
         except REFUSED as exc:
             # Refused for what the round holds (a value the driver cannot send, a check, a
@@ -393,6 +444,11 @@ class Writer:
             # the same round would fail again. _write finds the item it is about.
             said = (str(exc).strip().splitlines() or [""])[0]
             raise StatementFailed(f"{type(exc).__name__}: {said}") from exc
+
+    async def _round_trip(self, conn: AsyncConn, call: Callable[[], Awaitable[T]]) -> T:
+        if self.ctx.through_pooler:
+            return await call()  # see _end_abandoned
+        return await bounded(conn, self.round_trip_bound, call)
 
     def _log_kind(self, r: Result) -> str:
         if r.ok:

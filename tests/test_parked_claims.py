@@ -129,6 +129,7 @@ def test_a_start_left_over_from_an_earlier_epoch_is_refused_beside_the_current_o
                     marks=[(second, old), (second, new)])  # fmt: skip
     answers = {(r["what"], r["ref"], r["ok"]) for r in rows}
     # Claims are answered by parked id, marks by epoch: the stale one of each is refused.
+    assert sorted(r["ok"] for r in rows if r["what"] == "c") == [False, True]
     claimed = db.execute(
         "SELECT claimed_epoch, claim_token, attempts FROM pgcg.parked WHERE id = %s",
         (parked_id,),

@@ -9,8 +9,8 @@
 -- epoch. The current delivery's result, fenced by its epoch, then did not delete the
 -- row; the consumer took the answer for "written before", moved the key on, and the next
 -- owner ran the message again after the key's later ones. Now a start needs (partition,
--- epoch) to be startable, a claim is answered by the epoch its row is claimed under, and a
--- mark is answered per (partition, epoch), its epoch in `ref`.
+-- epoch) to be startable, a claim is answered by the claim its row holds (epoch and
+-- token), and a mark is answered per (partition, epoch), its epoch in `ref`.
 --
 -- The body is version 3's settle (renamed settle_unchecked by version 4) with those three
 -- changes; the checked pgcg.settle still calls it.
@@ -93,11 +93,11 @@ BEGIN
           -- A claim past its deadline is abandoned (see load_parked): claimed again.
           AND (pk.claimed_epoch IS NULL OR pk.claim_token = c.tok
                OR pk.locked_until < clock_timestamp())
-        RETURNING pk.id, pk.partition, pk.attempts, pk.claimed_epoch
+        RETURNING pk.id, pk.partition, pk.attempts, pk.claimed_epoch, pk.claim_token
     )
     SELECT 'c'::"char", c.p, c.id, cl.id IS NOT NULL, cl.attempts::bigint
-    FROM unnest(c_ids, c_parts, c_epochs) AS c(id, p, e)
-    LEFT JOIN claimed AS cl ON cl.id = c.id AND cl.claimed_epoch = c.e;
+    FROM unnest(c_ids, c_parts, c_epochs, c_tokens) AS c(id, p, e, tok)
+    LEFT JOIN claimed AS cl ON cl.id = c.id AND cl.claimed_epoch = c.e AND cl.claim_token = c.tok;
 
     -- Log results. Parked and dead-lettered messages are copies of the log rows.
     FOR r IN

@@ -116,3 +116,14 @@ SELECT coalesce(current_setting('pgcg.tx_token', true) = %(token)s, false) AS in
        c.owned, c.completed, c.parked_left
 FROM pgcg.tx_complete(%(group)s, %(member)s, %(partition)s, %(epoch)s, %(tick)s, %(offset)s,
                       %(slot)s, %(parked_id)s) AS c
+
+-- name: end_abandoned
+-- The writer's server process of a connection it gave up on (no answer within its bound,
+-- or the connection failed while a round was on it): ended, and waited for, before a
+-- round is written again. Still running, its statement could commit after the one made
+-- again, and a late retry or park would undo what later rounds wrote. Only a process of
+-- this role and of a writer is ended; no row: it is gone already. `ended` false: still
+-- there after the wait.
+SELECT pg_terminate_backend(a.pid, %(wait_ms)s) AS ended
+FROM pg_stat_activity AS a
+WHERE a.pid = %(pid)s AND a.usename = current_user AND a.application_name = 'pgcg-writer'
