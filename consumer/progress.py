@@ -71,13 +71,18 @@ class Delivery:
     """One message in a handler: its deadline and its latest progress report."""
 
     item: Item
-    deadline: anyio.CancelScope  # the handler runs inside it; the watchdog cancels it
+    # The scope the handler runs in (its worker's, which outlives the delivery: a scope
+    # per delivery cost a no-op consumer more CPU than its handler); the watchdog cancels
+    # it, having marked the delivery stuck, so the worker can tell that from a lost
+    # partition, which cancels the same scope.
+    scope: anyio.CancelScope
     due: float  # time.monotonic() past which the handler is stuck; a report moves it
     message: Message = field(init=False)
     percent: float | None = None
     text: str = ""
     reports: int = 0
     dirty: bool = False  # a report not yet written
+    stuck: bool = False  # cancelled by the watchdog past `due`
     written_at: float = -math.inf  # monotonic
 
 
@@ -98,9 +103,10 @@ class Progress:
 
     # -- the handler's side ---------------------------------------------------------------
 
-    def start(self, item: Item) -> Delivery:
-        """A handler is about to run on `item`: its deadline, and the message it gets."""
-        delivery = Delivery(item, anyio.CancelScope(), time.monotonic() + self.visibility)
+    def start(self, item: Item, scope: anyio.CancelScope) -> Delivery:
+        """A handler is about to run on `item` in `scope`: its deadline, and the message it
+        gets."""
+        delivery = Delivery(item, scope, time.monotonic() + self.visibility)
 
         async def report(percent: float, text: str = "") -> None:
             await self.report(delivery, percent, text)
@@ -173,10 +179,11 @@ class Progress:
             await anyio.sleep(min(WATCH_INTERVAL, self.visibility / 4))
             now = time.monotonic()
             for delivery in list(self._live.values()):
-                if delivery.due <= now:
-                    # Its scope has caught the cancellation once the handler returns to it;
-                    # one that finished meanwhile is not affected.
-                    delivery.deadline.cancel()
+                if delivery.due <= now and not delivery.stuck:
+                    # Still live: its handler has not returned (a delivery leaves _live
+                    # before its worker moves on), so the cancellation reaches it.
+                    delivery.stuck = True
+                    delivery.scope.cancel()
 
     # -- the writer loop --------------------------------------------------------------------
 

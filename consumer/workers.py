@@ -9,9 +9,10 @@ wakes it, and more workers are started only while every one is busy.
 
 Cancellation: a worker's CancelScope is in its partition's `Owned.scopes` only while it
 runs a handler of that partition, so `cancel_handlers()` reaches exactly those handlers;
-the worker then writes no result, opens a new scope and goes on. Each delivery also runs
-under its own deadline (progress.py): past the visibility timeout without a progress
-report the handler is stuck, cancelled, and its result is a failure.
+the worker then writes no result, opens a new scope and goes on. Each delivery also has a
+deadline (progress.py): past the visibility timeout without a progress report the handler
+is stuck, and the watchdog cancels the same scope, marking the delivery stuck; its result
+is then a failure.
 
 Transactional handlers (`handle(message, tx)`) write their own completion in the handler's
 transaction (transactional.py); a fenced one raises LostOwnership and the partition is
@@ -36,7 +37,7 @@ from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item, Message
 from pgcg.consumer.outcomes import describe
 from pgcg.consumer.payloads import decode
-from pgcg.consumer.progress import Progress
+from pgcg.consumer.progress import Delivery, Progress
 from pgcg.consumer.transactional import Transactional
 from pgcg.consumer.writer import MAX_ERROR_TEXT, Result
 from pgcg.shared.errors import LostOwnership
@@ -51,6 +52,7 @@ class _Worker:
     scope: anyio.CancelScope | None = None
     item: Item | None = None  # the message whose handler runs now
     owned: Owned | None = None
+    delivery: Delivery | None = None  # its deadline and progress
     handled: int = 0
 
 
@@ -144,7 +146,13 @@ class Workers:
                 self._end(worker)
 
     async def _work(self, worker: _Worker) -> None:
+        assert worker.scope is not None
         while True:
+            if worker.scope.cancel_called:
+                # Cancelled while a handler ran, which swallowed it and returned: the next
+                # message must not start in a cancelled scope (it would be cancelled at its
+                # first await, with no result). _run opens a new one.
+                return
             ready = self._next_ready(time.monotonic())
             if ready is None:
                 idle = anyio.Event()
@@ -155,27 +163,22 @@ class Workers:
             self._begin(worker, item, owned)
             result: Result | None = None
             fenced = False
-            # The deadline moves with each progress report; past it the handler is stuck.
-            delivery = self._progress.start(item)
+            # The deadline moves with each progress report; past it the handler is stuck,
+            # and the watchdog cancels the worker's scope (see _cancelled).
+            delivery = worker.delivery = self._progress.start(item, worker.scope)
             if self._threaded:
                 owned.threads += 1
             try:
-                with delivery.deadline:
-                    message = delivery.message
-                    if self._payload_type is not None:
-                        # Raises PayloadValidationError, a DeadLetter: never retried.
-                        message = replace(
-                            message, payload=decode(message.payload, self._payload_type)
-                        )
-                    if self._transactional is None:
-                        await self._call(message)
-                        result = Result(item)
-                    else:
-                        # Acked in the handler's own transaction: no result to write.
-                        await self._transactional.handle(item, message)
-                if delivery.deadline.cancelled_caught:
-                    # Stuck: a plain failure, retried with the backoff until the last attempt.
-                    result = Result(item, self._progress.stuck(delivery))
+                message = delivery.message
+                if self._payload_type is not None:
+                    # Raises PayloadValidationError, a DeadLetter: never retried.
+                    message = replace(message, payload=decode(message.payload, self._payload_type))
+                if self._transactional is None:
+                    await self._call(message)
+                    result = Result(item)
+                else:
+                    # Acked in the handler's own transaction: no result to write.
+                    await self._transactional.handle(item, message)
             except LostOwnership:
                 fenced = True
             except Exception as exc:
@@ -224,12 +227,21 @@ class Workers:
     def _end(self, worker: _Worker) -> None:
         assert worker.owned is not None and worker.scope is not None
         worker.owned.scopes.discard(worker.scope)
-        worker.item = worker.owned = None
+        worker.item = worker.owned = worker.delivery = None
         self.ctx.running -= 1
 
     def _cancelled(self, worker: _Worker) -> None:
         """The worker's scope was cancelled while its handler ran: the partition went (no
-        result to write)."""
+        result to write), or the handler was stuck past its deadline (a plain failure,
+        retried with the backoff until the last attempt)."""
         if worker.item is None or worker.owned is None:
             return  # the handler swallowed the cancellation and finished normally
+        item, delivery = worker.item, worker.delivery
         self._end(worker)
+        if (
+            delivery is not None
+            and delivery.stuck
+            and not item.void
+            and self.ctx.assignment.current(item.partition, item.epoch) is not None
+        ):
+            self._submit(Result(item, self._progress.stuck(delivery)))

@@ -159,6 +159,44 @@ async def test_a_handler_that_stops_reporting_is_stuck(
     assert "handler stuck" in retry.getMessage() and "last progress 10%" in retry.getMessage()
 
 
+async def test_a_stuck_handler_that_swallows_its_cancellation_leaves_the_next_one_alone(
+    db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog cancels a stuck handler through its worker's scope, which the worker
+    keeps from one message to the next. A handler that swallows that cancellation and
+    returns is handled, not stuck, and the worker goes on with the next message in a
+    fresh scope (in the cancelled one, that message would be cancelled at its first
+    await, with no result, and its key stuck)."""
+    caplog.set_level(logging.INFO, logger="pgcg")
+    enqueue(db, "swallows", "next")
+    done: list[str] = []
+
+    async def handler(message: Message) -> None:
+        if message.key == "swallows":
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                # Ignores its cancellation and returns (any await in a cancelled scope
+                # would raise it again).
+                done.append(message.key)
+                return
+        await anyio.sleep(0.01)
+        done.append(message.key)
+
+    # One worker: the message after the stuck one runs on the same worker.
+    consumer = Consumer(
+        settings(visibility_timeout=1.0, concurrency=1),
+        group=GROUP, topic=TOPIC, handler=handler, dsn=dsn,
+    )  # fmt: skip
+
+    async def nothing() -> None:
+        pass
+
+    await run_until_drained(db, consumer, nothing)
+    assert sorted(done) == ["next", "swallows"]
+    assert len(actions(caplog, "handler_stuck")) == 0  # it returned: handled, not stuck
+
+
 async def test_a_report_after_the_epoch_moved_is_fenced(
     db: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
