@@ -52,11 +52,16 @@ FOLLOWERS = 16  # messages of a parked key loaded after its first one
 
 
 def _headers(raw: Any) -> dict[str, str]:
-    if raw is None:
+    if not raw:
         return {}
     if isinstance(raw, str):
         raw = json.loads(raw)
-    return {str(k): str(v) for k, v in (raw or {}).items()}
+    # Per message, and traced messages all carry one: the decoded object (JSON keys are
+    # strings) is kept as it is unless a value is not a string, rather than copied.
+    for value in raw.values():
+        if type(value) is not str:
+            return {str(k): str(v) for k, v in raw.items()}
+    return raw  # type: ignore[no-any-return]
 
 
 class Reader:

@@ -83,6 +83,7 @@ class Workers:
         self._cleared: deque[Item] = deque()
         self.pending = 0  # handed to the writer to be marked or claimed
         self._tg: TaskGroup | None = None
+        self._new_event: Callable[[], anyio.Event] | None = None  # see _event_class
 
     @property
     def size(self) -> int:
@@ -155,7 +156,9 @@ class Workers:
                 return
             ready = self._next_ready(time.monotonic())
             if ready is None:
-                idle = anyio.Event()
+                if self._new_event is None:
+                    self._new_event = _event_class()
+                idle = self._new_event()
                 self._idle.append(idle)
                 await idle.wait()
                 continue
@@ -245,3 +248,13 @@ class Workers:
             and self.ctx.assignment.current(item.partition, item.epoch) is not None
         ):
             self._submit(Result(item, self._progress.stuck(delivery)))
+
+
+def _event_class() -> Callable[[], anyio.Event]:
+    """What makes the running backend's events. A worker waits on a new event each time it
+    runs out of work, about once a message, and anyio.Event() asks which async library
+    is running on every call (5 % of a no-op consumer's CPU); the backend's own class,
+    taken once from an event made the usual way, skips that. anyio.Event itself when that
+    class is not a subclass (an anyio that makes events some other way)."""
+    made = type(anyio.Event())
+    return made if made is not anyio.Event and issubclass(made, anyio.Event) else anyio.Event

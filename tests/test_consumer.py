@@ -1074,3 +1074,13 @@ async def test_a_write_the_server_never_answers_is_given_up_and_written_again(
             await await_for(lambda: not unfinished_ids(db, GROUP), 30, "every result written")
             consumer.stop()
     assert sorted(handled) == sorted(ids)
+
+
+def test_headers_are_strings_whatever_the_row_holds() -> None:
+    """Headers reach a handler as strings; the common case (all strings already, as every
+    traced message's are) is not copied."""
+    assert reader._headers(None) == {} and reader._headers({}) == {}
+    traced = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    assert reader._headers(traced) is traced
+    assert reader._headers({"n": 1, "t": "x", "b": None}) == {"n": "1", "t": "x", "b": "None"}
+    assert reader._headers('{"a": "b"}') == {"a": "b"}
