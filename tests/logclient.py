@@ -9,6 +9,7 @@ statement the functions it calls ran, so plan checks reach inside pgcg's functio
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,3 +250,40 @@ def logged(conn: psycopg.Connection[Any], topic: str) -> list[dict[str, Any]]:
             'WHERE t.name = %s ORDER BY l.partition, l."offset"',
             (topic,),
         ).fetchall()
+
+
+def settle_round(
+    owner: Owner,
+    *,
+    marks: Iterable[tuple[Row, int]] = (),
+    claims: Iterable[tuple[int, int, int] | tuple[int, int, int, str]] = (),
+    logs: Iterable[tuple[str, Row, int, int, str | None]] = (),
+    parked: Iterable[tuple[str, int, int, int]] = (),
+) -> list[dict[str, Any]]:
+    """One round of writes, as the consumer's writer sends it: marks (row, epoch); claims
+    (parked id, partition, epoch, and the claim's token, a fresh one if left out); log
+    results (kind d/p/x, row, epoch, attempts, origin); parked results (kind d/r/x, parked
+    id, partition, epoch)."""
+    marks, claims, logs, parked = list(marks), list(claims), list(logs), list(parked)
+    return owner.conn.execute(
+        Q.settle,
+        owner.params(
+            m_parts=[r.partition for r, _ in marks], m_epochs=[e for _, e in marks],
+            m_ticks=[r.tick for r, _ in marks], m_offsets=[r.offset for r, _ in marks],
+            m_slots=[r.slot for r, _ in marks],
+            c_ids=[c[0] for c in claims], c_parts=[c[1] for c in claims],
+            c_epochs=[c[2] for c in claims],
+            c_tokens=[c[3] if len(c) > 3 else uuid.uuid4().hex for c in claims],
+            visibility_ms=60_000,
+            l_kinds=[x[0] for x in logs], l_parts=[x[1].partition for x in logs],
+            l_epochs=[x[2] for x in logs], l_ticks=[x[1].tick for x in logs],
+            l_offsets=[x[1].offset for x in logs], l_slots=[x[1].slot for x in logs],
+            l_attempts=[x[3] for x in logs], l_delays=[0] * len(logs),
+            l_errors=[None if x[0] == "d" else "boom" for x in logs],
+            l_origins=[x[4] for x in logs], l_claimed=[False] * len(logs),
+            k_kinds=[k[0] for k in parked], k_ids=[k[1] for k in parked],
+            k_parts=[k[2] for k in parked], k_epochs=[k[3] for k in parked],
+            k_delays=[0] * len(parked),
+            k_errors=[None if k[0] == "d" else "boom" for k in parked],
+        ),
+    ).fetchall()  # fmt: skip

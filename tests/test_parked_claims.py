@@ -4,7 +4,6 @@ same epoch, or could not start what it claimed) must not keep the key from ever 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -12,7 +11,7 @@ import pytest
 
 from pgcg.shared.queries import Queries
 from tests.helpers import wait_for
-from tests.logclient import Owner, enqueue, give, tick_now
+from tests.logclient import Owner, enqueue, give, settle_round, tick_now
 
 pytestmark = pytest.mark.pg15
 
@@ -77,32 +76,6 @@ def test_an_abandoned_claim_is_claimed_again_past_its_deadline(
     assert due(owner) == []
 
 
-def round_of(
-    owner: Owner,
-    *,
-    claims: Sequence[tuple[int, int, str]] = (),
-    marks: Sequence[tuple[Any, int]] = (),
-    done: Sequence[tuple[int, int]] = (),
-) -> list[dict[str, Any]]:
-    """One writer round: claims (parked id, epoch, token), marks (row, epoch) and parked
-    results 'd' (parked id, epoch), all of partition 0."""
-    return owner.conn.execute(
-        Q.settle,
-        owner.params(
-            m_parts=[r.partition for r, _ in marks], m_epochs=[e for _, e in marks],
-            m_ticks=[r.tick for r, _ in marks], m_offsets=[r.offset for r, _ in marks],
-            m_slots=[r.slot for r, _ in marks],
-            c_ids=[i for i, _, _ in claims], c_parts=[0] * len(claims),
-            c_epochs=[e for _, e, _ in claims], c_tokens=[t for _, _, t in claims],
-            visibility_ms=60_000,
-            l_kinds=[], l_parts=[], l_epochs=[], l_ticks=[], l_offsets=[], l_slots=[],
-            l_attempts=[], l_delays=[], l_errors=[], l_origins=[], l_claimed=[],
-            k_kinds=["d"] * len(done), k_ids=[i for i, _ in done], k_parts=[0] * len(done),
-            k_epochs=[e for _, e in done], k_delays=[0] * len(done), k_errors=[None] * len(done),
-        ),
-    ).fetchall()  # fmt: skip
-
-
 def test_a_start_left_over_from_an_earlier_epoch_is_refused_beside_the_current_one(
     db: psycopg.Connection[Any],
 ) -> None:
@@ -125,8 +98,11 @@ def test_a_start_left_over_from_an_earlier_epoch_is_refused_beside_the_current_o
     (new,) = give(db, GROUP, owner.member, [0]).values()
     assert owner.adopt(0, new) is not None
 
-    rows = round_of(owner, claims=[(parked_id, old, "stale"), (parked_id, new, "current")],
-                    marks=[(second, old), (second, new)])  # fmt: skip
+    rows = settle_round(
+        owner,
+        claims=[(parked_id, 0, old, "stale"), (parked_id, 0, new, "current")],
+        marks=[(second, old), (second, new)],
+    )
     answers = {(r["what"], r["ref"], r["ok"]) for r in rows}
     # Claims are answered by parked id, marks by epoch: the stale one of each is refused.
     assert sorted(r["ok"] for r in rows if r["what"] == "c") == [False, True]
@@ -142,6 +118,6 @@ def test_a_start_left_over_from_an_earlier_epoch_is_refused_beside_the_current_o
     assert marked == {"epochs": [new]}
 
     # The current delivery's result finishes the message.
-    (result,) = round_of(owner, done=[(parked_id, new)])
+    (result,) = settle_round(owner, parked=[("d", parked_id, 0, new)])
     assert result["ok"]
     assert db.execute("SELECT count(*) AS n FROM pgcg.parked").fetchone() == {"n": 0}

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import psycopg
 import pytest
 
@@ -180,7 +181,7 @@ async def test_a_stuck_handler_that_swallows_its_cancellation_leaves_the_next_on
                 # would raise it again).
                 done.append(message.key)
                 return
-        await anyio.sleep(0.01)
+        await anyio.lowlevel.checkpoint()  # an await, which a cancelled scope would cancel
         done.append(message.key)
 
     # One worker: the message after the stuck one runs on the same worker.

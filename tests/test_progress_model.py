@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +39,7 @@ from hypothesis.stateful import (
 )
 from psycopg.rows import dict_row
 
-from tests.logclient import Owner, Q, Row, enqueue, give, tick_now
+from tests.logclient import Owner, Q, Row, enqueue, give, settle_round, tick_now
 
 TOPIC = "model"
 PARTITIONS = 2
@@ -113,41 +112,6 @@ def step(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
-
-
-def settle(
-    owner: Owner,
-    *,
-    marks: Iterable[tuple[Row, int]] = (),
-    claims: Iterable[tuple[int, int, int]] = (),
-    logs: Iterable[tuple[str, Row, int, int, str | None]] = (),
-    parked: Iterable[tuple[str, int, int, int]] = (),
-) -> list[dict[str, Any]]:
-    """One round of writes, as the consumer's writer sends it: marks (row, epoch); claims
-    (parked id, partition, epoch); log results (kind d/p/x, row, epoch, attempts, origin);
-    parked results (kind d/r/x, parked id, partition, epoch)."""
-    marks, claims, logs, parked = list(marks), list(claims), list(logs), list(parked)
-    return owner.conn.execute(
-        Q.settle,
-        owner.params(
-            m_parts=[r.partition for r, _ in marks], m_epochs=[e for _, e in marks],
-            m_ticks=[r.tick for r, _ in marks], m_offsets=[r.offset for r, _ in marks],
-            m_slots=[r.slot for r, _ in marks],
-            c_ids=[c[0] for c in claims], c_parts=[c[1] for c in claims],
-            c_epochs=[c[2] for c in claims], c_tokens=[uuid.uuid4().hex for _ in claims],
-            visibility_ms=60_000,
-            l_kinds=[x[0] for x in logs], l_parts=[x[1].partition for x in logs],
-            l_epochs=[x[2] for x in logs], l_ticks=[x[1].tick for x in logs],
-            l_offsets=[x[1].offset for x in logs], l_slots=[x[1].slot for x in logs],
-            l_attempts=[x[3] for x in logs], l_delays=[0] * len(logs),
-            l_errors=[None if x[0] == "d" else "boom" for x in logs],
-            l_origins=[x[4] for x in logs], l_claimed=[False] * len(logs),
-            k_kinds=[k[0] for k in parked], k_ids=[k[1] for k in parked],
-            k_parts=[k[2] for k in parked], k_epochs=[k[3] for k in parked],
-            k_delays=[0] * len(parked),
-            k_errors=[None if k[0] == "d" else "boom" for k in parked],
-        ),
-    ).fetchall()  # fmt: skip
 
 
 class ProgressModel(RuleBasedStateMachine):
@@ -416,7 +380,7 @@ class ProgressModel(RuleBasedStateMachine):
             for r in behind:
                 self.msgs[r.id].state = "parked"
         logs += [("p", r, inc.owner.parts[r.partition].epoch, 0, "follow") for r in follow]
-        answer = settle(inc.owner, logs=logs)
+        answer = settle_round(inc.owner, logs=logs)
         for a in answer:
             assert a["ok"], f"{inc.name}: park of {a['ref']} in {a['partition']} refused"
         for _kind, r, _, attempts, _ in logs:
@@ -456,7 +420,7 @@ class ProgressModel(RuleBasedStateMachine):
             assert not self.has_parked(row.key), f"{row.id} held while its key is parked"
             self.check_may_start(self.msgs[row.id])
         marks = [(r, inc.owner.parts[r.partition].epoch) for r in chosen]
-        answer = settle(inc.owner, marks=marks)
+        answer = settle_round(inc.owner, marks=marks)
         assert all(a["ok"] for a in answer), answer
         for row, epoch in marks:
             inc.held[row.partition].remove(row)
@@ -507,7 +471,7 @@ class ProgressModel(RuleBasedStateMachine):
         for r in chosen:
             self.check_may_start(self.msgs[r["offset"] * 1024 + r["partition"]])
         claims = [(r["id"], r["partition"], inc.owner.parts[r["partition"]].epoch) for r in chosen]
-        answer = settle(inc.owner, claims=claims)
+        answer = settle_round(inc.owner, claims=claims)
         by_id = {a["ref"]: a for a in answer}
         for r, (pid, partition, epoch) in zip(chosen, claims, strict=True):
             m = self.msgs[r["offset"] * 1024 + r["partition"]]
@@ -548,7 +512,7 @@ class ProgressModel(RuleBasedStateMachine):
                 kind = {"done": "d", "fail": "r", "dead": "x"}[outcome]
                 parked.append((kind, s.parked_id, s.partition, s.epoch))
         if logs or parked:
-            answer = settle(inc.owner, logs=logs, parked=parked)
+            answer = settle_round(inc.owner, logs=logs, parked=parked)
             assert all(a["ok"] for a in answer), answer
         for s, outcome in zip(items, outcomes, strict=True):
             del inc.started[s.msg.id]
@@ -653,7 +617,7 @@ class ProgressModel(RuleBasedStateMachine):
         before = self.footprint()
         stale = [s for s in inc.zombie if inc.stale_epochs.get(s.partition) == s.epoch]
         kind = {"done": "d", "fail": "p", "dead": "x"}[outcome]
-        answer = settle(
+        answer = settle_round(
             inc.owner,
             marks=[(r, e) for r, e in ((s.row, s.epoch) for s in stale) if r is not None],
             claims=[(m.parked_id, m.partition, inc.stale_epochs[m.partition])
@@ -772,7 +736,7 @@ class ProgressModel(RuleBasedStateMachine):
                 self.check_may_start(self.msgs[row.id])
             if heads:
                 marks = [(r, drainer.owner.parts[r.partition].epoch) for r in heads]
-                assert all(a["ok"] for a in settle(drainer.owner, marks=marks))
+                assert all(a["ok"] for a in settle_round(drainer.owner, marks=marks))
                 for row, epoch in marks:
                     drainer.held[row.partition].remove(row)
                     drainer.started[row.id] = Started(self.msgs[row.id], row.partition, epoch,
