@@ -136,15 +136,20 @@ def _message_fields(ctx: Context, message: Message, action: str) -> dict[str, An
 def record_results(
     ctx: Context,
     batch: Iterable[Result],
-    logs: dict[tuple[int, int], dict[str, Any]],
-    parked: dict[int, dict[str, Any]],
+    logs: dict[tuple[int, int], tuple[bool, Any]],
+    parked: dict[int, tuple[bool, Any]],
 ) -> None:
-    """Count the results a fenced write accepted (rejected ones were never written)."""
+    """Count the results a fenced write accepted (rejected ones were never written):
+    `logs` and `parked` hold the write's answers, (accepted, info)."""
     ok = retries = dead = 0
     for result in batch:
         item = result.item
-        row = parked.get(item.parked_id) if item.parked else logs.get((item.partition, item.offset))
-        if row is None or not row["ok"]:
+        answer = (
+            parked.get(item.parked_id)  # type: ignore[arg-type]
+            if item.parked
+            else logs.get((item.partition, item.offset))
+        )
+        if answer is None or not answer[0]:
             continue
         if result.ok:
             ok += 1

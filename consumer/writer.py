@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import psycopg
 import psycopg.errors
-from psycopg.rows import dict_row
+from psycopg.rows import tuple_row
 
 from pgcg.consumer import observer
 from pgcg.consumer.assignment import Owned
@@ -47,6 +47,10 @@ SAVE_INTERVAL = 2.0  # seconds between writes of a partition's position
 APPLICATION_NAME = "pgcg-writer"  # the end_abandoned statement looks for it
 END_WAIT = 5.0  # seconds to wait for an abandoned server process to end, at most
 T = TypeVar("T")
+# What the settle statement said of one write: whether it was accepted, and what it adds
+# (a claim's attempt, a parked message's id, how many parked messages a key has left).
+Answer = tuple[bool, Any]
+UNANSWERED: Answer = (False, None)  # left out of the answer: rejected by the fence
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +381,7 @@ class Writer:
         reason = f"the database refused to record its result ({exc}); the handler {outcome}"
         return _Round(results=[Result(result.item, reason, dead=True, error_refused=True)])
 
-    async def _settle(self, batch: _Round) -> list[dict[str, Any]]:
+    async def _settle(self, batch: _Round) -> list[tuple[str, int, int, bool, Any]]:
         ctx = self.ctx
         # Starts of a holding that is gone are not sent (answered as refused): a claim of
         # a lost holding beside the same message's claim under the new one would ask the
@@ -428,9 +432,10 @@ class Writer:
         try:
             conn = await self._connection()
 
-            async def call() -> list[dict[str, Any]]:
+            async def call() -> list[tuple[str, int, int, bool, Any]]:
                 with translated(ctx.dsn):
-                    async with conn.cursor(row_factory=dict_row) as cur:
+                    # Tuples, built by the driver in C: a round answers once per message.
+                    async with conn.cursor(row_factory=tuple_row) as cur:
                         await cur.execute(Q.settle, params)
                         return await cur.fetchall()
 
@@ -474,23 +479,34 @@ class Writer:
 
     # -- what the answer means --------------------------------------------------------------
 
-    def _apply(self, batch: _Round, rows: list[dict[str, Any]]) -> None:
+    def _apply(self, batch: _Round, rows: list[tuple[str, int, int, bool, Any]]) -> None:
         ctx = self.ctx
         now = time.monotonic()
-        marks = {(r["partition"], r["ref"]): r["ok"] for r in rows if r["what"] == "m"}
-        claims = {r["ref"]: r for r in rows if r["what"] == "c"}
-        logs = {(r["partition"], r["ref"]): r for r in rows if r["what"] == "l"}
-        parked = {r["ref"]: r for r in rows if r["what"] == "k"}
+        # The settle statement's answers (what, partition, ref, ok, info), by what they
+        # answer: marks by (partition, epoch), claims and parked results by parked id,
+        # log results by (partition, offset).
+        marks: dict[tuple[int, int], bool] = {}
+        claims: dict[int, Answer] = {}
+        logs: dict[tuple[int, int], Answer] = {}
+        parked: dict[int, Answer] = {}
+        for what, partition, ref, ok, info in rows:
+            if what == "l":
+                logs[(partition, ref)] = (ok, info)
+            elif what == "k":
+                parked[ref] = (ok, info)
+            elif what == "m":
+                marks[(partition, ref)] = ok
+            elif what == "c":
+                claims[ref] = (ok, info)
         lost: collections.Counter[tuple[int, int]] = collections.Counter()
 
         cleared: list[Item] = []
         for item in batch.starts:
             owned = None if item.void else ctx.assignment.current(item.partition, item.epoch)
             if item.parked:
-                row = claims.get(item.parked_id)
-                ok = bool(row and row["ok"])
-                if ok and row is not None:
-                    item.message = replace(item.message, attempt=int(row["info"]))
+                ok, info = claims.get(item.parked_id, UNANSWERED)  # type: ignore[arg-type]
+                if ok:
+                    item.message = replace(item.message, attempt=int(info))
             else:
                 ok = bool(marks.get((item.partition, item.epoch)))
             if ok and owned is not None and owned.state == "assigned":
@@ -515,22 +531,22 @@ class Writer:
             self._retry_answered(result)
             item = result.item
             if item.parked:
-                row = parked.get(item.parked_id)
+                ok, info = parked.get(item.parked_id, UNANSWERED)  # type: ignore[arg-type]
             else:
-                row = logs.get((item.partition, item.offset))
-            if row is None or not row["ok"]:
+                ok, info = logs.get((item.partition, item.offset), UNANSWERED)
+            if not ok:
                 lost[(item.partition, item.epoch)] += 1
                 continue
-            self._settled(result, row, now)
+            self._settled(result, info, now)
 
         for park in batch.parks:
             self._parked_or_not(park)
-            row = logs.get((park.item.partition, park.item.offset))
-            if row is None or not row["ok"]:
+            ok, info = logs.get((park.item.partition, park.item.offset), UNANSWERED)
+            if not ok:
                 lost[(park.item.partition, park.item.epoch)] += 1
                 park.item.parking = False
                 continue
-            self._parked(park, row, now)
+            self._parked(park, info, now)
 
         for (partition, epoch), count in lost.items():
             owned = ctx.assignment.current(partition, epoch)
@@ -548,7 +564,7 @@ class Writer:
         observer.record_results(ctx, batch.results, logs, parked)
         wake_after_results(ctx)
 
-    def _settled(self, result: Result, row: dict[str, Any], now: float) -> None:
+    def _settled(self, result: Result, info: Any, now: float) -> None:
         ctx = self.ctx
         item = result.item
         owned = ctx.assignment.current(item.partition, item.epoch)
@@ -564,8 +580,8 @@ class Writer:
         if kind in ("d", "x"):
             ctx.scheduler.finish(item, now)
             if item.parked and owned is not None:
-                owned.parked_left(item.key, row["info"])
-                if row["info"] and not any(i.parked for i in ctx.scheduler.items_of(item.key)):
+                owned.parked_left(item.key, info)
+                if info and not any(i.parked for i in ctx.scheduler.items_of(item.key)):
                     # The last of the key's loaded parked messages: the key's next ones can
                     # be loaded now. Left to the reader's next look at the parked queue, a
                     # deep key would stand idle for part of that interval every FOLLOWERS
@@ -593,7 +609,7 @@ class Writer:
                    "attempt": item.message.attempt},
         )  # fmt: skip
 
-    def _parked(self, park: _Park, row: dict[str, Any], now: float) -> None:
+    def _parked(self, park: _Park, info: Any, now: float) -> None:
         ctx = self.ctx
         item = park.item
         item.parking = False
@@ -607,8 +623,8 @@ class Writer:
         owned.finished_log(item)
         owned.parked_keys.add(item.key)
         owned.recent_parks[item.key] = self.rounds + 1
-        if park.running and row["info"] is not None:
-            ctx.scheduler.reidentify(item, int(row["info"]))
+        if park.running and info is not None:
+            ctx.scheduler.reidentify(item, int(info))
             return
         if ctx.scheduler.holds(item.uid):
             ctx.scheduler.drop_key(item.key)

@@ -772,6 +772,24 @@ async def one_marked_message(
         yield consumer, item
 
 
+async def test_the_fetch_returns_its_columns_in_the_order_the_reader_unpacks_them(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The fetch's rows are plain tuples, unpacked by position: a statement edited out of
+    step with its reader is an error, not fields silently mixed up."""
+    async with one_marked_message(db, dsn) as (consumer, _):
+        conn = await consumer.reader._connection()
+        part = consumer.ctx.assignment.owned[0]
+        params = consumer.ctx.params(
+            partitions=[part.partition], done=[part.done], cur=[None], cur_offsets=[None],
+            limit=10, limit_bytes=1 << 20,
+        )  # fmt: skip
+        await consumer.reader._query(conn, reader.Q.fetch, params, reader.FETCHED)
+        swapped = ("state", "partition", *reader.FETCHED[2:])
+        with pytest.raises(RuntimeError, match="the reader expects"):
+            await consumer.reader._query(conn, reader.Q.fetch, params, swapped)
+
+
 def test_rotating_the_fetch_order_lists_each_partition_once() -> None:
     from pgcg.consumer.reader import rotated
 
