@@ -275,3 +275,31 @@ async def test_progress_rejects_bad_input(db: psycopg.Connection[Any], dsn: str)
 async def test_progress_outside_a_consumer_does_nothing() -> None:
     message = Message(1, TOPIC, 0, "k", {}, {}, 1, datetime.datetime.now(datetime.UTC))
     await message.progress(50, "unit tests call handlers directly")
+
+
+async def test_a_report_after_the_handler_returned_does_nothing(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A task the handler left behind may report after the handler returned. The message
+    is finished by then: the report neither fails nor parks the key, whose next message
+    may be running (here it is the one reporting for its predecessor)."""
+    enqueue(db, "same-key", "same-key")
+    handled: list[Message] = []
+    parking_after_late_report: list[bool] = []
+
+    async def handler(message: Message) -> None:
+        if handled:
+            await handled[0].progress(50, "late")
+            parking_after_late_report.append(consumer.writer.parking(0, message.key))
+            with pytest.raises(Exception, match="0 to 100"):
+                await handled[0].progress(101)  # still checked, for the caller's sake
+        handled.append(message)
+
+    consumer = Consumer(settings(), group=GROUP, topic=TOPIC, handler=handler, dsn=dsn)
+
+    async def nothing() -> None:
+        pass
+
+    await run_until_drained(db, consumer, nothing)
+    assert [m.attempt for m in handled] == [1, 1]
+    assert parking_after_late_report == [False]
