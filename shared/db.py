@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -314,12 +315,9 @@ async def bounded(conn: AsyncConn, seconds: float, call: Callable[[], Awaitable[
     timeouts (10 s) before giving up.
     """
     timed_out = False
-    failed: BaseException | None = None
-    result: T | None = None
 
-    async def sever() -> None:
+    def sever() -> None:
         nonlocal timed_out
-        await anyio.sleep(seconds)
         timed_out = True
         with contextlib.suppress(OSError, psycopg.Error):
             sock = socket.socket(fileno=conn.pgconn.socket)
@@ -328,22 +326,20 @@ async def bounded(conn: AsyncConn, seconds: float, call: Callable[[], Awaitable[
             finally:
                 sock.detach()  # the descriptor stays libpq's
 
-    # The call's own error is kept out of the task group, which would wrap it in a group.
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sever)
-        try:
-            result = await call()
-        except (PgcgError, psycopg.Error, OSError) as exc:
-            failed = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failed is not None:
+    # A timer on the loop rather than a task to sleep and be cancelled: this runs for
+    # every round trip of the reader and the writer, and the task cost more than the round
+    # trip's own Python work. psycopg's async connections run on asyncio alone.
+    timer = asyncio.get_running_loop().call_later(seconds, sever)
+    try:
+        return await call()
+    except (PgcgError, psycopg.Error, OSError) as exc:
         if timed_out:
             raise DatabaseUnavailable(
                 f"no answer from PostgreSQL within {seconds:g}s: connection dropped"
-            ) from failed
-        raise failed
-    return result  # type: ignore[return-value]
+            ) from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 async def connect(
