@@ -125,9 +125,12 @@ class Progress:
         self._started.set()
         return delivery
 
-    def end(self, item: Item) -> None:
+    def end(self, delivery: Delivery) -> None:
         """The handler is done (whatever the outcome): nothing more to write for it."""
-        self._live.pop(item.id, None)
+        # Only this delivery: should another of the same message ever be live, its reports
+        # must keep counting.
+        if self._live.get(delivery.item.id) is delivery:
+            del self._live[delivery.item.id]
 
     async def report(self, delivery: Delivery | None, percent: float, text: str = "") -> None:
         if isinstance(percent, bool) or not isinstance(percent, int | float):

@@ -39,7 +39,7 @@ from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item, Message, message_id
 from pgcg.consumer.writer import Writer
-from pgcg.shared.db import AsyncConn, bounded, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, check_columns, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable
 from pgcg.shared.queries import Queries
 
@@ -59,14 +59,6 @@ FETCHED = (
     "partition", "state", "a_tick", "tick", "offset", "slot", "key", "payload", "headers",
     "enqueued_at", "due_in_ms", "bytes",
 )  # fmt: skip
-
-
-def _check_columns(description: Sequence[Any] | None, columns: Sequence[str]) -> None:
-    """Rows unpacked by position must come in the order the code expects: a statement
-    edited out of step with its reader would otherwise mix up fields silently."""
-    names = tuple(c.name for c in description or ())
-    if names != tuple(columns):
-        raise RuntimeError(f"the statement returned columns {names}, the reader expects {columns}")
 
 
 def _headers(raw: Any) -> dict[str, str]:
@@ -132,7 +124,7 @@ class Reader:
                     return await cur.fetchall()
                 async with conn.cursor(row_factory=tuple_row) as tuples:
                     await tuples.execute(query, params)
-                    _check_columns(tuples.description, columns)
+                    check_columns(tuples.description, columns)
                     return await tuples.fetchall()
 
         return await bounded(conn, self.round_trip_bound, call)

@@ -117,5 +117,7 @@ def _freeze_startup_objects() -> None:
     """Keep what start-up made (modules, the SDK, the handler's code) out of the garbage
     collector's full passes: those walk every object, and a busy consumer makes one every
     few thousand messages. Only in processes pgcg owns: an application embedding a
-    consumer keeps its collector as it set it."""
+    consumer keeps its collector as it set it. Start-up's own garbage is collected first,
+    or it would be kept for good."""
+    gc.collect()
     gc.freeze()

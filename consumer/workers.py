@@ -189,7 +189,7 @@ class Workers:
             finally:
                 if self._threaded:
                     owned.threads -= 1
-                self._progress.end(item)
+                self._progress.end(delivery)
             self._end(worker)
             if fenced and self.ctx.assignment.current(item.partition, item.epoch) is not None:
                 # Rolled back by the epoch fence: the partition's other handlers stop too

@@ -31,7 +31,7 @@ from pgcg.consumer import observer
 from pgcg.consumer.assignment import Owned
 from pgcg.consumer.context import Context
 from pgcg.consumer.message import Item
-from pgcg.shared.db import AsyncConn, bounded, connect, translated
+from pgcg.shared.db import AsyncConn, bounded, check_columns, connect, translated
 from pgcg.shared.errors import DatabaseUnavailable, InvalidInput, StatementFailed
 from pgcg.shared.loops import reconnecting
 from pgcg.shared.queries import Queries
@@ -51,6 +51,7 @@ T = TypeVar("T")
 # (a claim's attempt, a parked message's id, how many parked messages a key has left).
 Answer = tuple[bool, Any]
 UNANSWERED: Answer = (False, None)  # left out of the answer: rejected by the fence
+SETTLED = ("what", "partition", "ref", "ok", "info")  # the settle statement's columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,7 @@ class Writer:
                     # Tuples, built by the driver in C: a round answers once per message.
                     async with conn.cursor(row_factory=tuple_row) as cur:
                         await cur.execute(Q.settle, params)
+                        check_columns(cur.description, SETTLED)
                         return await cur.fetchall()
 
             return await self._round_trip(conn, call)

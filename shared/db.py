@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -304,6 +304,14 @@ def liveness(dsn: str, session_timeout: float = DEFAULT_SESSION_TIMEOUT) -> dict
     if psycopg.pq.version() >= 120000:  # older libpq refuses the option
         wanted["tcp_user_timeout"] = int(timeout * 1000)
     return {k: v for k, v in wanted.items() if k not in given}
+
+
+def check_columns(description: Sequence[Any] | None, columns: Sequence[str]) -> None:
+    """Rows unpacked by position must come in the order the code expects: a statement
+    edited out of step with the code that reads it would otherwise mix up fields silently."""
+    names = tuple(c.name for c in description or ())
+    if names != tuple(columns):
+        raise RuntimeError(f"the statement returned columns {names}, the reader expects {columns}")
 
 
 async def bounded(conn: AsyncConn, seconds: float, call: Callable[[], Awaitable[T]]) -> T:
