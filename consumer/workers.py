@@ -21,11 +21,12 @@ dropped here, with no result for the writer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -54,6 +55,11 @@ class _Worker:
     owned: Owned | None = None
     delivery: Delivery | None = None  # its deadline and progress
     handled: int = 0
+    # Set to wake the worker when it ran out of work. One per worker, cleared before each
+    # wait: a fresh event per wait took a lock the first time it was awaited (asyncio binds
+    # an event to its loop then), about once a message, 7 % of a no-op consumer's CPU. The
+    # consumer runs on asyncio alone (psycopg's async connections do).
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Workers:
@@ -78,12 +84,11 @@ class Workers:
         self._progress = progress
         self._transactional = transactional
         self._workers: set[_Worker] = set()
-        self._idle: list[anyio.Event] = []
+        self._idle: list[asyncio.Event] = []  # workers waiting for work
         self._starting = 0
         self._cleared: deque[Item] = deque()
         self.pending = 0  # handed to the writer to be marked or claimed
         self._tg: TaskGroup | None = None
-        self._new_event: Callable[[], anyio.Event] | None = None  # see _event_class
 
     @property
     def size(self) -> int:
@@ -106,7 +111,10 @@ class Workers:
     def wake(self) -> None:
         wanted = len(self._cleared)
         while wanted > 0 and self._idle:
-            self._idle.pop().set()
+            idle = self._idle.pop()
+            if idle.is_set():
+                continue  # listed twice (its worker was cancelled while it waited): woken
+            idle.set()
             wanted -= 1
         while wanted > 0 and self.size < self.ctx.settings.concurrency and self._tg is not None:
             self._starting += 1
@@ -156,11 +164,9 @@ class Workers:
                 return
             ready = self._next_ready(time.monotonic())
             if ready is None:
-                if self._new_event is None:
-                    self._new_event = _event_class()
-                idle = self._new_event()
-                self._idle.append(idle)
-                await idle.wait()
+                worker.idle.clear()
+                self._idle.append(worker.idle)
+                await worker.idle.wait()
                 continue
             item, owned = ready
             self._begin(worker, item, owned)
@@ -248,13 +254,3 @@ class Workers:
             and self.ctx.assignment.current(item.partition, item.epoch) is not None
         ):
             self._submit(Result(item, self._progress.stuck(delivery)))
-
-
-def _event_class() -> Callable[[], anyio.Event]:
-    """What makes the running backend's events. A worker waits on a new event each time it
-    runs out of work, about once a message, and anyio.Event() asks which async library
-    is running on every call (5 % of a no-op consumer's CPU); the backend's own class,
-    taken once from an event made the usual way, skips that. anyio.Event itself when that
-    class is not a subclass (an anyio that makes events some other way)."""
-    made = type(anyio.Event())
-    return made if made is not anyio.Event and issubclass(made, anyio.Event) else anyio.Event
