@@ -201,6 +201,11 @@ class Workers:
                 # Rolled back by the epoch fence: the partition's other handlers stop too
                 # (after _end, so this worker's own scope is not among those cancelled).
                 self.ctx.assignment.lose(item.partition, "ack rejected by the epoch fence")
+            # A slot is free: the head of another key may start now. Woken before the
+            # writer, the dispatcher hands its start over in time for it to go in the same
+            # round as this result; woken by the result's commit, as before, each start of
+            # a consumer with few handlers waited for two round trips.
+            self.ctx.wake.dispatch.set()
             if result is not None:
                 self._submit(result)
             # A handler that never awaits must not starve the fetcher, the acker and the

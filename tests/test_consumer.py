@@ -106,6 +106,32 @@ async def test_drains_in_key_order(db: psycopg.Connection[Any], dsn: str) -> Non
     assert sorted(m.id for m in recorder.handled) == sorted(ids)
 
 
+async def test_a_free_handler_slot_starts_the_next_key_in_the_same_write_as_the_result(
+    db: psycopg.Connection[Any], dsn: str
+) -> None:
+    """Every start is marked in the database before its handler runs (the epoch fence).
+    With one handler, the next key's start goes in the same write round as the result
+    that freed the slot: waiting for that result's commit to start it cost two round
+    trips per message, and a consumer with few handlers ran at a fraction of their pace."""
+    setup_topic(db, 1)
+    ids = produce(db, 40, 40)  # every message its own key: none waits for another
+    recorder = Recorder(delay=0.001)
+    consumer = Consumer(
+        settings(concurrency=1), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
+        await consumer.joined.wait()
+        assign(db, GROUP, TOPIC, [0], consumer.member_id)
+        await await_for(lambda: len(recorder.handled) == len(ids), 30, "all messages handled")
+        await await_for(lambda: pending(db, TOPIC) == 0, 10, "every result written")
+        rounds = consumer.writer.rounds
+        consumer.stop()
+    # A round per message and a few more (the first start, a position saved); two rounds
+    # per message without the shared round.
+    assert rounds <= len(ids) * 1.25, f"{rounds} write rounds for {len(ids)} messages"
+
+
 # -- more scenarios --------------------------------------------------------------------------
 
 
