@@ -6,6 +6,7 @@ and index-driven plans at a large backlog."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 
@@ -456,3 +457,46 @@ def test_the_hot_statements_stay_index_driven_at_a_large_backlog(
             assert not problems, f"{plan['Query Text'][:200]}\n{problems}\n{render(plan)}"
             checked += 1
     assert checked > 3
+
+
+def test_first_late_answers_as_its_first_version_did(db: psycopg.Connection[Any]) -> None:
+    """The fetch's per-tick helper was rewritten in PL/pgSQL (a SQL function re-planned its
+    body on every call before PostgreSQL 18). Its answers must not change: compared with
+    the first version's body, taken from the migration that made it, on random pairs of
+    snapshots (with and without the earlier tick's own xid, and one past the plausible
+    span, where it answers from the snapshot alone)."""
+    from pgcg.shared.migrate import migrations
+
+    (source,) = [m.sql for m in migrations() if m.name == "topic_logs"]
+    start = source.index("CREATE FUNCTION pgcg.first_late(")
+    end = source.index("$$;", source.index("AS $$", start)) + 3
+    db.execute(source[start:end].replace("pgcg.first_late(", "pg_temp.first_late_v3(", 1))
+
+    rng = random.Random(7)
+
+    def snapshot(xmin: int, xmax: int, running: set[int]) -> str:
+        return f"{xmin}:{xmax}:{','.join(map(str, sorted(running)))}"
+
+    cases = []
+    for _ in range(2000):
+        xmin = rng.randint(100, 200)
+        xmax = xmin + rng.randint(0, 20)
+        running = {x for x in range(xmin, xmax) if rng.random() < 0.4}
+        b_xmin = xmin + rng.randint(0, 10)
+        b_xmax = max(b_xmin, xmax + rng.randint(0, 20))
+        b_running = {x for x in range(b_xmin, b_xmax) if rng.random() < 0.3}
+        a_xid = rng.choice([None, xmax, xmax + rng.randint(1, 5), xmax + 70_000])
+        cases.append((snapshot(xmin, xmax, running), a_xid, snapshot(b_xmin, b_xmax, b_running)))
+    db.execute("CREATE TEMPORARY TABLE late_cases (a pg_snapshot, a_xid xid8, b pg_snapshot)")
+    with db.cursor().copy("COPY late_cases FROM STDIN") as copy:
+        for a, a_xid, b in cases:
+            copy.write_row((a, None if a_xid is None else str(a_xid), b))
+    row = db.execute(
+        "SELECT count(*) FILTER (WHERE pgcg.first_late(a, a_xid, b)"
+        "                        IS DISTINCT FROM pg_temp.first_late_v3(a, a_xid, b)) AS differ,"
+        "       count(pgcg.first_late(a, a_xid, b)) AS answered "
+        "FROM late_cases"
+    ).fetchone()
+    assert row is not None
+    assert row["differ"] == 0
+    assert 0 < row["answered"] < len(cases)  # both kinds of answer were compared
