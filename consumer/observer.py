@@ -133,27 +133,13 @@ def _message_fields(ctx: Context, message: Message, action: str) -> dict[str, An
     }
 
 
-def record_results(
-    ctx: Context,
-    batch: Iterable[Result],
-    logs: dict[tuple[int, int], tuple[bool, Any]],
-    parked: dict[int, tuple[bool, Any]],
-) -> None:
-    """Count the results a fenced write accepted (rejected ones were never written):
-    `logs` and `parked` hold the write's answers, (accepted, info)."""
+def record_results(ctx: Context, accepted: Iterable[Result]) -> None:
+    """Count the results a fenced write accepted (rejected ones were never written)."""
     ok = retries = dead = 0
-    for result in batch:
-        item = result.item
-        answer = (
-            parked.get(item.parked_id)  # type: ignore[arg-type]
-            if item.parked
-            else logs.get((item.partition, item.offset))
-        )
-        if answer is None or not answer[0]:
-            continue
+    for result in accepted:
         if result.ok:
             ok += 1
-        elif result.dead or ctx.retry.exhausted(item.message.attempt):
+        elif result.dead or ctx.retry.exhausted(result.item.message.attempt):
             dead += 1
         else:
             retries += 1

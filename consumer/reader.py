@@ -345,8 +345,9 @@ class Reader:
                 follow.append(item)  # its key has parked messages: it goes after them
             else:
                 fresh.append(item)
-                if item.due - now > ctx.settings.park_after:
-                    late[key] = item.due - now
+                delay = item.due - now
+                if delay > ctx.settings.park_after:
+                    late[key] = delay
         added = ctx.scheduler.add(fresh, now)
         for o in owned:
             o.recent_parks = {k: v for k, v in o.recent_parks.items() if v > seen_rounds}

@@ -529,6 +529,7 @@ class Writer:
         if batch.starts:
             self._started(cleared, len(batch.starts))
 
+        accepted: list[Result] = []
         for result in batch.results:
             self._retry_answered(result)
             item = result.item
@@ -539,6 +540,7 @@ class Writer:
             if not ok:
                 lost[(item.partition, item.epoch)] += 1
                 continue
+            accepted.append(result)
             self._settled(result, info, now)
 
         for park in batch.parks:
@@ -563,7 +565,7 @@ class Writer:
             ctx.assignment.lose(partition, "write rejected by the epoch fence")
             ctx.wake.heartbeat.set()
         self.finishing.difference_update(r.item for r in batch.results)
-        observer.record_results(ctx, batch.results, logs, parked)
+        observer.record_results(ctx, accepted)
         wake_after_results(ctx)
 
     def _settled(self, result: Result, info: Any, now: float) -> None:
