@@ -91,12 +91,9 @@ async def test_drains_in_key_order(db: psycopg.Connection[Any], dsn: str) -> Non
     consumer = Consumer(
         settings(concurrency=8), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
     )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
-        await consumer.joined.wait()
+    async with running(consumer):
         assign(db, GROUP, TOPIC, [0, 1, 2, 3], consumer.member_id)
         await await_for(lambda: len(recorder.handled) == len(ids), 30, "all messages handled")
-        consumer.stop()
     assert pending(db, TOPIC) == 0
     assert not recorder.overlaps
     by_key: dict[str, list[int]] = collections.defaultdict(list)
@@ -119,14 +116,11 @@ async def test_a_free_handler_slot_starts_the_next_key_in_the_same_write_as_the_
     consumer = Consumer(
         settings(concurrency=1), group=GROUP, topic=TOPIC, handler=recorder, dsn=dsn
     )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: consumer.run(install_signal_handlers=False))
-        await consumer.joined.wait()
+    async with running(consumer):
         assign(db, GROUP, TOPIC, [0], consumer.member_id)
         await await_for(lambda: len(recorder.handled) == len(ids), 30, "all messages handled")
         await await_for(lambda: pending(db, TOPIC) == 0, 10, "every result written")
         rounds = consumer.writer.rounds
-        consumer.stop()
     # A round per message and a few more (the first start, a position saved); two rounds
     # per message without the shared round.
     assert rounds <= len(ids) * 1.25, f"{rounds} write rounds for {len(ids)} messages"

@@ -133,16 +133,26 @@ async def test_a_handler_that_stops_reporting_is_stuck(
     caplog.set_level(logging.INFO, logger="pgcg")
     _, stuck_id = enqueue(db, "slow", "stuck")
     done: list[tuple[str, int]] = []
+    stuck_retried = anyio.Event()
 
     async def handler(message: Message) -> None:
         if message.key == "slow":
-            # Runs for well over the visibility timeout, reporting all along.
-            for step in range(16):
-                await message.progress(step * 6, f"step {step}")
-                await anyio.sleep(0.2)
+            # Runs, reporting all along, until the silent one beside it has been cancelled
+            # as stuck and retried: longer than the visibility timeout, which only a
+            # handler that stops reporting outlives. Past the deadline it fails, and the
+            # test with it.
+            with anyio.fail_after(30):
+                step = 0
+                while not stuck_retried.is_set():
+                    await message.progress(min(step, 99), f"step {step}")
+                    with anyio.move_on_after(0.2):  # the next report is due by then
+                        await stuck_retried.wait()
+                    step += 1
         elif message.attempt == 1:
             await message.progress(10, "then silence")
             await anyio.sleep_forever()
+        else:
+            stuck_retried.set()
         done.append((message.key, message.attempt))
 
     consumer = Consumer(
